@@ -1,0 +1,1 @@
+"""tokenledger's ledger: a pure domain (decide/evolve) and its PostgreSQL event store."""

@@ -1,0 +1,21 @@
+"""Bounds on every input. Each name ends with its unit."""
+
+id_chars_max = 128
+"""tenant, user, conversation and reservation ids."""
+idempotency_key_chars_max = 128
+model_chars_max = 128
+reason_chars_max = 512
+
+amount_tokens_max = 100_000_000
+"""One reservation or one usage kind; far above any model's context window."""
+limit_tokens_max = 10**15
+
+ttl_s_default = 600
+reservation_ttl_s_max = 86_400
+
+labels_count_max = 16
+label_key_chars_max = 64
+label_value_chars_max = 256
+
+expire_batch_max = 256
+"""Overdue holds expired in one transaction, so a backlog cannot make a call slow."""

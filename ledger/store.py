@@ -1,0 +1,624 @@
+"""The PostgreSQL event store: appends events and updates the inline projections in one
+transaction, so a balance read is never behind the log.
+
+Concurrency: every write locks the account rows it touches with SELECT ... FOR UPDATE, always
+the tenant row first (the rows are locked in key order and the tenant's key sorts first). Since
+every writer of a tenant takes the tenant row first, writers of one tenant never deadlock, and
+a writer that holds it may lock any other row of that tenant (to expire someone else's overdue
+hold) in any order. Reservation rows are locked only after account rows. The (stream, version)
+primary key of the events table is the backstop should two writers ever race on one stream.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from ledger import codec, errors, limits
+from ledger.domain import (
+    Decidable,
+    Snapshot,
+    affected,
+    commit_outcome,
+    decide,
+    evolve_account,
+    evolve_reservation,
+)
+from ledger.model import (
+    Account,
+    AccountKey,
+    BalanceResult,
+    Commit,
+    CommitResult,
+    Context,
+    Event,
+    Expire,
+    Period,
+    RecordUsage,
+    Reservation,
+    Reserve,
+    ReserveResult,
+    Rollback,
+    RollbackResult,
+    SetQuota,
+    State,
+    Usage,
+)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+_ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, held, used_total,
+    used_day, day_start, used_month, month_start, stream_version, head_hash"""
+_RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, model, amount,
+    state, created_at, expires_at, labels, input_tokens, output_tokens, cached_input_tokens,
+    late, ended_at, ended_balance"""
+_TRANSIENT = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
+_ATTEMPTS_MAX = 3
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_reservation_id() -> str:
+    return "rsv_" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class CallMeta:
+    """Who made the call and under which trace; recorded with every event it appends."""
+
+    actor: str = ""
+    trace_id: str = ""
+
+
+class LedgerStore:
+    """The ledger's application service over a PostgreSQL connection pool."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Conn],
+        clock: Callable[[], datetime] = utc_now,
+        new_id: Callable[[], str] = new_reservation_id,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._new_id = new_id
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def reserve(self, cmd: Reserve, meta: CallMeta = CallMeta()) -> ReserveResult:
+        async def work(tx: _Tx) -> ReserveResult | errors.LedgerError:
+            await tx.lock_lineage(cmd.key)
+            request = _request_json(cmd)
+            stored = await tx.idempotent_response(cmd.idempotency_key, "Reserve", request)
+            if stored is not None:
+                return ReserveResult(
+                    reservation=codec.reservation_from_json(stored["reservation"]),
+                    balance=codec.account_from_json(stored["balance"]),
+                )
+            await tx.expire_overdue()
+            try:
+                events = decide(tx.snapshot(cmd.key), cmd, tx.context(self._new_id()))
+            except errors.LedgerError as exc:
+                return exc
+            res = tx.apply(events)
+            assert res is not None
+            result = ReserveResult(reservation=res, balance=tx.accounts[cmd.key])
+            await tx.remember(
+                cmd.idempotency_key,
+                "Reserve",
+                request,
+                {
+                    "reservation": codec.reservation_to_json(res),
+                    "balance": codec.account_to_json(result.balance),
+                },
+            )
+            return result
+
+        return await self._run(work, meta)
+
+    async def commit(self, cmd: Commit, meta: CallMeta = CallMeta()) -> CommitResult:
+        async def work(tx: _Tx) -> CommitResult | errors.LedgerError:
+            outcome = await self._end_reservation(tx, cmd)
+            if isinstance(outcome, errors.LedgerError):
+                return outcome
+            res, balance = outcome
+            return commit_outcome(res, balance)
+
+        return await self._run(work, meta)
+
+    async def rollback(self, cmd: Rollback, meta: CallMeta = CallMeta()) -> RollbackResult:
+        async def work(tx: _Tx) -> RollbackResult | errors.LedgerError:
+            outcome = await self._end_reservation(tx, cmd)
+            if isinstance(outcome, errors.LedgerError):
+                return outcome
+            res, balance = outcome
+            return RollbackResult(reservation=res, released=res.amount, balance=balance)
+
+        return await self._run(work, meta)
+
+    async def _end_reservation(
+        self, tx: _Tx, cmd: Commit | Rollback
+    ) -> tuple[Reservation, Account] | errors.LedgerError:
+        """Commit or roll back; a repeat of the call that ended the reservation writes nothing
+        and returns the balance recorded when it ended."""
+        key = await tx.reservation_key(cmd.tenant_id, cmd.reservation_id)
+        if key is None:
+            return errors.ReservationNotFound(cmd.tenant_id, cmd.reservation_id)
+        await tx.lock_lineage(key)
+        res, ended_balance = await tx.lock_reservation(cmd.tenant_id, cmd.reservation_id)
+        if res.state is not State.HELD:
+            try:
+                if not decide(tx.snapshot(key, res), cmd, tx.context()):
+                    assert ended_balance is not None
+                    return res, ended_balance
+            except errors.LedgerError as exc:
+                return exc
+        await tx.expire_overdue(also=res.reservation_id)
+        res = tx.reservations[res.reservation_id]
+        try:
+            events = decide(tx.snapshot(key, res), cmd, tx.context())
+        except errors.LedgerError as exc:
+            return exc
+        res_after = tx.apply(events)
+        assert res_after is not None
+        tx.ended_balances[res.reservation_id] = tx.accounts[key]
+        return res_after, tx.accounts[key]
+
+    async def set_quota(self, cmd: SetQuota, meta: CallMeta = CallMeta()) -> Account:
+        return await self._simple(cmd, "SetQuota", meta)
+
+    async def record_usage(self, cmd: RecordUsage, meta: CallMeta = CallMeta()) -> Account:
+        return await self._simple(cmd, "RecordUsage", meta)
+
+    async def _simple(
+        self, cmd: SetQuota | RecordUsage, operation: str, meta: CallMeta
+    ) -> Account:
+        """A write whose response is the balance of its account after it."""
+
+        async def work(tx: _Tx) -> Account | errors.LedgerError:
+            await tx.lock_lineage(cmd.key)
+            request = _request_json(cmd)
+            stored = await tx.idempotent_response(cmd.idempotency_key, operation, request)
+            if stored is not None:
+                return codec.account_from_json(stored["balance"])
+            await tx.expire_overdue()
+            tx.apply(decide(tx.snapshot(cmd.key), cmd, tx.context()))
+            balance = tx.accounts[cmd.key]
+            await tx.remember(
+                cmd.idempotency_key,
+                operation,
+                request,
+                {"balance": codec.account_to_json(balance)},
+            )
+            return balance
+
+        return await self._run(work, meta)
+
+    async def expire_overdue(self, batch_max: int = limits.expire_batch_max) -> int:
+        """End overdue holds (the sweeper's pass); returns how many expired."""
+        now = self._clock()
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                """SELECT DISTINCT tenant_id FROM reservations
+                   WHERE state = 'held' AND expires_at <= %s LIMIT %s""",
+                (now, batch_max),
+            )
+            tenants = [row["tenant_id"] for row in await cur.fetchall()]
+        expired = 0
+        for tenant_id in tenants:
+
+            async def work(tx: _Tx, tenant_id: str = tenant_id) -> int:
+                await tx.lock_lineage(AccountKey(tenant_id))
+                return await tx.expire_overdue(batch_max)
+
+            expired += await self._run(work, CallMeta(actor="system:expiry"))
+        return expired
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def get_reservation(self, tenant_id: str, reservation_id: str) -> Reservation:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+                "WHERE tenant_id = %s AND reservation_id = %s",
+                (tenant_id, reservation_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise errors.ReservationNotFound(tenant_id, reservation_id)
+        return _reservation_from_row(row)
+
+    async def get_balance(self, key: AccountKey) -> BalanceResult:
+        now = self._clock()
+        lineage = key.lineage()
+        async with self._connection() as conn:
+            cur = await conn.execute(*_select_accounts_sql(lineage, lock=False))
+            rows = {_key(row): _account_from_row(row) for row in await cur.fetchall()}
+        accounts = [rows.get(k, Account(k)).rolled(now) for k in lineage]
+        return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def _connection(self) -> _Connection:
+        return _Connection(self._pool)
+
+    async def _run(
+        self, work: Callable[[_Tx], Awaitable[T | errors.LedgerError]], meta: CallMeta
+    ) -> T:
+        """Run `work` in one transaction, retrying transient conflicts. A LedgerError that
+        `work` returns is raised after its transaction commits, so expiries it made stand."""
+        for attempt in range(_ATTEMPTS_MAX):
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    tx = _Tx(conn, self._clock(), meta)
+                    result = await work(tx)
+                    await tx.flush()
+            except (*_TRANSIENT, pg_errors.UniqueViolation):
+                if attempt == _ATTEMPTS_MAX - 1:
+                    raise
+                continue
+            if isinstance(result, errors.LedgerError):
+                raise result
+            return result
+        raise AssertionError("unreachable")
+
+
+class _Connection:
+    """A pooled connection whose connectivity failures become StoreUnavailable."""
+
+    def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
+        self._cm = pool.connection()
+
+    async def __aenter__(self) -> Conn:
+        try:
+            return await self._cm.__aenter__()
+        except PoolTimeout as exc:
+            raise errors.StoreUnavailable(f"no database connection available: {exc}") from exc
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._cm.__aexit__(*exc_info)
+        except psycopg.OperationalError as exc:
+            raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
+        if isinstance(exc_info[1], psycopg.OperationalError):
+            raise errors.StoreUnavailable(f"database unavailable: {exc_info[1]}") from exc_info[1]
+
+
+class _Tx:
+    """One transaction's unit of work: the rows it locked, the events it will append and the
+    projection rows it will write, all flushed together before the commit."""
+
+    def __init__(self, conn: Conn, now: datetime, meta: CallMeta) -> None:
+        self.conn = conn
+        self.now = now
+        self.meta = meta
+        self.accounts: dict[AccountKey, Account] = {}
+        self.streams: dict[AccountKey, tuple[int, bytes]] = {}
+        self.reservations: dict[str, Reservation] = {}
+        self.ended_balances: dict[str, Account] = {}
+        self._dirty_accounts: set[AccountKey] = set()
+        self._dirty_reservations: set[str] = set()
+        self._new_reservations: set[str] = set()
+        self._rows: list[dict[str, Any]] = []
+
+    def context(self, new_id: str = "") -> Context:
+        return Context(
+            now=self.now, new_id=new_id, actor=self.meta.actor, trace_id=self.meta.trace_id
+        )
+
+    def snapshot(self, key: AccountKey, res: Reservation | None = None) -> Snapshot:
+        return Snapshot(accounts={k: self.accounts[k] for k in key.lineage()}, reservation=res)
+
+    async def lock_lineage(self, key: AccountKey) -> None:
+        """Lock (creating when missing) the account rows of `key` and its ancestors."""
+        wanted = [k for k in key.lineage() if k not in self.accounts]
+        if not wanted:
+            return
+        found = await self._select_accounts(wanted)
+        missing = [k for k in wanted if k not in found]
+        if missing:
+            async with self.conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO accounts (tenant_id, user_id, conversation_id) "
+                    "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    [(k.tenant_id, k.user_id, k.conversation_id) for k in missing],
+                )
+            found |= await self._select_accounts(missing)
+        for k in wanted:
+            acc, version, head = found[k]
+            self.accounts[k] = acc
+            self.streams[k] = (version, head)
+
+    async def _select_accounts(
+        self, keys: list[AccountKey]
+    ) -> dict[AccountKey, tuple[Account, int, bytes]]:
+        cur = await self.conn.execute(*_select_accounts_sql(keys, lock=True))
+        return {
+            _key(row): (_account_from_row(row), row["stream_version"], bytes(row["head_hash"]))
+            for row in await cur.fetchall()
+        }
+
+    async def reservation_key(self, tenant_id: str, reservation_id: str) -> AccountKey | None:
+        cur = await self.conn.execute(
+            "SELECT user_id, conversation_id FROM reservations "
+            "WHERE tenant_id = %s AND reservation_id = %s",
+            (tenant_id, reservation_id),
+        )
+        row = await cur.fetchone()
+        return None if row is None else AccountKey(tenant_id, *row.values())
+
+    async def lock_reservation(
+        self, tenant_id: str, reservation_id: str
+    ) -> tuple[Reservation, Account | None]:
+        cur = await self.conn.execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+            "WHERE tenant_id = %s AND reservation_id = %s FOR UPDATE",
+            (tenant_id, reservation_id),
+        )
+        row = await cur.fetchone()
+        assert row is not None, "reservations are never deleted"
+        res = _reservation_from_row(row)
+        self.reservations[reservation_id] = res
+        ended = row["ended_balance"]
+        return res, None if ended is None else codec.account_from_json(ended)
+
+    async def expire_overdue(
+        self, batch_max: int = limits.expire_batch_max, also: str = ""
+    ) -> int:
+        """Expire the tenant's overdue holds (oldest first, at most `batch_max`, plus `also`).
+        The caller must hold the tenant's row lock."""
+        tenant_id = next(iter(self.accounts)).tenant_id
+        cur = await self.conn.execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+            "WHERE tenant_id = %s AND state = 'held' AND expires_at <= %s "
+            "AND reservation_id <> %s ORDER BY expires_at LIMIT %s FOR UPDATE",
+            (tenant_id, self.now, also, batch_max),
+        )
+        overdue = [_reservation_from_row(row) for row in await cur.fetchall()]
+        if also:
+            overdue.append(self.reservations[also])
+        count = 0
+        for res in overdue:
+            self.reservations[res.reservation_id] = res
+            await self.lock_lineage(res.key)
+            events = decide(
+                self.snapshot(res.key, res),
+                Expire(tenant_id, res.reservation_id),
+                Context(now=self.now, actor="system:expiry", trace_id=self.meta.trace_id),
+            )
+            self.apply(events)
+            count += len(events)
+        return count
+
+    def apply(self, events: list[Event]) -> Reservation | None:
+        """Evolve the locked state by `events` and queue their rows; returns the reservation
+        the events concern, if any."""
+        res: Reservation | None = None
+        for event in events:
+            for k in affected(event):
+                self.accounts[k] = evolve_account(self.accounts[k], event)
+                self._dirty_accounts.add(k)
+            rid = getattr(event, "reservation_id", "")
+            if rid:
+                res = evolve_reservation(self.reservations.get(rid), event)
+                assert res is not None
+                if rid not in self.reservations:
+                    self._new_reservations.add(rid)
+                self.reservations[rid] = res
+                self._dirty_reservations.add(rid)
+            version, head = self.streams[event.key]
+            row = codec.event_row(event, version + 1, head)
+            self.streams[event.key] = (version + 1, row["hash"])
+            self._dirty_accounts.add(event.key)
+            self._rows.append(row)
+        return res
+
+    async def idempotent_response(
+        self, key: str, operation: str, request: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The first response to this key, or None when the key is new. A different request
+        under the same key is refused, naming the first field that differs."""
+        tenant_id = next(iter(self.accounts)).tenant_id
+        cur = await self.conn.execute(
+            "SELECT operation, request, response FROM idempotency_keys "
+            "WHERE tenant_id = %s AND idempotency_key = %s",
+            (tenant_id, key),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        first = {"operation": row["operation"], **row["request"]}
+        now = {"operation": operation, **request}
+        for name in sorted(first.keys() | now.keys(), key=lambda n: (n != "operation", n)):
+            if first.get(name) != now.get(name):
+                raise errors.IdempotencyKeyReused(key, name, first.get(name), now.get(name))
+        response: dict[str, Any] = row["response"]
+        return response
+
+    async def remember(
+        self, key: str, operation: str, request: dict[str, Any], response: dict[str, Any]
+    ) -> None:
+        tenant_id = next(iter(self.accounts)).tenant_id
+        await self.conn.execute(
+            "INSERT INTO idempotency_keys "
+            "(tenant_id, idempotency_key, operation, request, response) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (tenant_id, key, operation, Jsonb(request), Jsonb(response)),
+        )
+
+    async def flush(self) -> None:
+        if not self._rows:
+            return
+        async with self.conn.cursor() as cur:
+            await cur.executemany(
+                """INSERT INTO events (tenant_id, user_id, conversation_id, version, event_type,
+                       occurred_at, model, reservation_id, amount, input_tokens, output_tokens,
+                       cached_input_tokens, idempotency_key, actor, trace_id, data, prev_hash,
+                       hash)
+                   VALUES (%(tenant_id)s, %(user_id)s, %(conversation_id)s, %(version)s,
+                       %(event_type)s, %(occurred_at)s, %(model)s, %(reservation_id)s,
+                       %(amount)s, %(input_tokens)s, %(output_tokens)s,
+                       %(cached_input_tokens)s, %(idempotency_key)s, %(actor)s, %(trace_id)s,
+                       %(data)s, %(prev_hash)s, %(hash)s)""",
+                [{**row, "data": Jsonb(row["data"])} for row in self._rows],
+            )
+            await cur.executemany(
+                """UPDATE accounts SET quota_limit = %s, period = %s, held = %s,
+                       used_total = %s, used_day = %s, day_start = %s, used_month = %s,
+                       month_start = %s, stream_version = %s, head_hash = %s,
+                       updated_at = now()
+                   WHERE tenant_id = %s AND user_id = %s AND conversation_id = %s""",
+                [self._account_params(k) for k in sorted(self._dirty_accounts)],
+            )
+            new = [self._reservation_params(r) for r in sorted(self._new_reservations)]
+            if new:
+                await cur.executemany(
+                    f"INSERT INTO reservations ({_RESERVATION_COLUMNS}) VALUES ("  # noqa: S608
+                    + ", ".join(f"%({c.strip()})s" for c in _RESERVATION_COLUMNS.split(","))
+                    + ")",
+                    new,
+                )
+            changed = sorted(self._dirty_reservations - self._new_reservations)
+            if changed:
+                await cur.executemany(
+                    """UPDATE reservations SET state = %(state)s,
+                           input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s,
+                           cached_input_tokens = %(cached_input_tokens)s, late = %(late)s,
+                           ended_at = %(ended_at)s, ended_balance = %(ended_balance)s
+                       WHERE tenant_id = %(tenant_id)s AND reservation_id = %(reservation_id)s""",
+                    [self._reservation_params(r) for r in changed],
+                )
+
+    def _account_params(self, k: AccountKey) -> tuple[Any, ...]:
+        acc = self.accounts[k]
+        version, head = self.streams[k]
+        return (
+            acc.limit,
+            acc.period.value,
+            acc.held,
+            acc.used_total,
+            acc.used_day,
+            acc.day_start,
+            acc.used_month,
+            acc.month_start,
+            version,
+            head,
+            k.tenant_id,
+            k.user_id,
+            k.conversation_id,
+        )
+
+    def _reservation_params(self, rid: str) -> dict[str, Any]:
+        res = self.reservations[rid]
+        usage = res.usage
+        ended = self.ended_balances.get(rid)
+        return {
+            "tenant_id": res.key.tenant_id,
+            "reservation_id": rid,
+            "user_id": res.key.user_id,
+            "conversation_id": res.key.conversation_id,
+            "model": res.model,
+            "amount": res.amount,
+            "state": res.state.value,
+            "created_at": res.created_at,
+            "expires_at": res.expires_at,
+            "labels": Jsonb(dict(res.labels)),
+            "input_tokens": None if usage is None else usage.input_tokens,
+            "output_tokens": None if usage is None else usage.output_tokens,
+            "cached_input_tokens": None if usage is None else usage.cached_input_tokens,
+            "late": res.late,
+            "ended_at": res.ended_at,
+            "ended_balance": None if ended is None else Jsonb(codec.account_to_json(ended)),
+        }
+
+
+# --- row mapping ----------------------------------------------------------------------------
+
+
+def _select_accounts_sql(
+    keys: Sequence[AccountKey], *, lock: bool
+) -> tuple[str, tuple[str, ...]]:
+    """Accounts of one tenant by key; with `lock`, row-locked in key order (tenant first)."""
+    placeholders = ", ".join(["(%s, %s)"] * len(keys))
+    sql = (
+        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "  # noqa: S608 (placeholders only)
+        f"WHERE tenant_id = %s AND (user_id, conversation_id) IN ({placeholders}) "
+        "ORDER BY user_id, conversation_id"
+    )
+    params = [keys[0].tenant_id]
+    for k in keys:
+        params += [k.user_id, k.conversation_id]
+    return (sql + " FOR UPDATE" if lock else sql), tuple(params)
+
+
+def _key(row: dict[str, Any]) -> AccountKey:
+    return AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+
+
+def _account_from_row(row: dict[str, Any]) -> Account:
+    return Account(
+        key=_key(row),
+        limit=row["quota_limit"],
+        period=Period(row["period"]),
+        held=row["held"],
+        used_total=row["used_total"],
+        used_day=row["used_day"],
+        day_start=row["day_start"],
+        used_month=row["used_month"],
+        month_start=row["month_start"],
+    )
+
+
+def _reservation_from_row(row: dict[str, Any]) -> Reservation:
+    usage = (
+        None
+        if row["input_tokens"] is None
+        else Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
+    )
+    return Reservation(
+        reservation_id=row["reservation_id"],
+        key=_key(row),
+        model=row["model"],
+        amount=row["amount"],
+        state=State(row["state"]),
+        created_at=row["created_at"].astimezone(UTC),
+        expires_at=row["expires_at"].astimezone(UTC),
+        labels=tuple(sorted(row["labels"].items())),
+        usage=usage,
+        late=row["late"],
+        ended_at=row["ended_at"].astimezone(UTC) if row["ended_at"] else None,
+    )
+
+
+def _request_json(cmd: Decidable) -> dict[str, Any]:
+    """The fields of a request compared on an idempotent retry."""
+    fields: dict[str, Any] = {}
+    for name, value in vars(cmd).items():
+        if name == "idempotency_key":
+            continue
+        if isinstance(value, AccountKey):
+            fields |= {
+                "tenant_id": value.tenant_id,
+                "user_id": value.user_id,
+                "conversation_id": value.conversation_id,
+            }
+        elif isinstance(value, Usage):
+            fields |= vars(value)
+        elif name == "labels":
+            fields[name] = dict(value)
+        else:
+            fields[name] = value.value if isinstance(value, Period) else value
+    return json.loads(codec.canonical_json(fields))

@@ -1,0 +1,214 @@
+"""Build commands from raw request values, bounding and checking every field.
+
+All violations of one request are collected and raised together as InvalidArgument; field
+names are the request's own (e.g. `usage.input_tokens`), so the gRPC layer can pass them on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from ledger import errors, limits
+from ledger.model import (
+    AccountKey,
+    Commit,
+    Period,
+    RecordUsage,
+    Reserve,
+    Rollback,
+    SetQuota,
+    Usage,
+)
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
+_KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+_LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class Checker:
+    """Collects field violations; `done()` raises them all at once."""
+
+    def __init__(self) -> None:
+        self.violations: list[errors.FieldViolation] = []
+
+    def fail(self, field: str, description: str) -> None:
+        self.violations.append(errors.FieldViolation(field, description))
+
+    def text(
+        self,
+        field: str,
+        value: str,
+        *,
+        chars_max: int,
+        pattern: re.Pattern[str] | None = None,
+        required: bool = True,
+    ) -> str:
+        if not value:
+            if required:
+                self.fail(field, "is required")
+            return value
+        if len(value) > chars_max:
+            self.fail(field, f"is {len(value)} characters long; at most {chars_max} allowed")
+        elif pattern is not None and not pattern.fullmatch(value):
+            self.fail(field, f"must match {pattern.pattern}")
+        elif _CONTROL.search(value):
+            self.fail(field, "must not contain control characters")
+        return value
+
+    def number(self, field: str, value: int, *, low: int, high: int) -> int:
+        if not low <= value <= high:
+            self.fail(field, f"is {value}; must be between {low} and {high}")
+        return value
+
+    def done(self) -> None:
+        if self.violations:
+            raise errors.InvalidArgument(self.violations)
+
+
+def _key(c: Checker, tenant_id: str, user_id: str, conversation_id: str, *, user: bool) -> AccountKey:
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
+    c.text("user_id", user_id, chars_max=limits.id_chars_max, pattern=_ID, required=user)
+    c.text(
+        "conversation_id",
+        conversation_id,
+        chars_max=limits.id_chars_max,
+        pattern=_ID,
+        required=False,
+    )
+    if conversation_id and not user_id:
+        c.fail("conversation_id", "needs a user_id: conversations belong to a user")
+    return AccountKey(tenant_id, user_id, conversation_id)
+
+
+def _idempotency_key(c: Checker, key: str) -> str:
+    return c.text(
+        "idempotency_key", key, chars_max=limits.idempotency_key_chars_max, pattern=_KEY
+    )
+
+
+def _model(c: Checker, model: str) -> str:
+    return c.text("model", model, chars_max=limits.model_chars_max, pattern=_MODEL)
+
+
+def _usage(c: Checker, usage: Usage, *, prefix: str = "usage.") -> Usage:
+    for name in ("input_tokens", "output_tokens", "cached_input_tokens"):
+        c.number(prefix + name, getattr(usage, name), low=0, high=limits.amount_tokens_max)
+    return usage
+
+
+def _labels(c: Checker, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    if len(labels) > limits.labels_count_max:
+        c.fail("labels", f"has {len(labels)} entries; at most {limits.labels_count_max} allowed")
+    for k, v in labels.items():
+        c.text("labels", k, chars_max=limits.label_key_chars_max, pattern=_LABEL_KEY)
+        c.text(f"labels[{k}]", v, chars_max=limits.label_value_chars_max, required=False)
+    return tuple(sorted(labels.items()))
+
+
+def reserve(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    model: str,
+    amount: int,
+    ttl_seconds: int,
+    labels: Mapping[str, str],
+) -> Reserve:
+    c = Checker()
+    cmd = Reserve(
+        idempotency_key=_idempotency_key(c, idempotency_key),
+        key=_key(c, tenant_id, user_id, conversation_id, user=True),
+        model=_model(c, model),
+        amount=c.number("amount", amount, low=1, high=limits.amount_tokens_max),
+        ttl_s=c.number("ttl_seconds", ttl_seconds, low=0, high=limits.reservation_ttl_s_max)
+        or limits.ttl_s_default,
+        labels=_labels(c, labels),
+    )
+    c.done()
+    return cmd
+
+
+def _reservation_ref(c: Checker, tenant_id: str, reservation_id: str) -> None:
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
+    c.text("reservation_id", reservation_id, chars_max=limits.id_chars_max, pattern=_ID)
+
+
+def commit(*, tenant_id: str, reservation_id: str, usage: Usage | None) -> Commit:
+    c = Checker()
+    _reservation_ref(c, tenant_id, reservation_id)
+    if usage is None:
+        c.fail("usage", "is required (all zero if the call used nothing)")
+        usage = Usage()
+    cmd = Commit(tenant_id, reservation_id, _usage(c, usage))
+    c.done()
+    return cmd
+
+
+def rollback(*, tenant_id: str, reservation_id: str, reason: str) -> Rollback:
+    c = Checker()
+    _reservation_ref(c, tenant_id, reservation_id)
+    c.text("reason", reason, chars_max=limits.reason_chars_max, required=False)
+    c.done()
+    return Rollback(tenant_id, reservation_id, reason)
+
+
+def reservation_ref(*, tenant_id: str, reservation_id: str) -> tuple[str, str]:
+    c = Checker()
+    _reservation_ref(c, tenant_id, reservation_id)
+    c.done()
+    return tenant_id, reservation_id
+
+
+def account(*, tenant_id: str, user_id: str, conversation_id: str) -> AccountKey:
+    c = Checker()
+    key = _key(c, tenant_id, user_id, conversation_id, user=False)
+    c.done()
+    return key
+
+
+def set_quota(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    limit: int | None,
+    period: Period | None,
+) -> SetQuota:
+    c = Checker()
+    key = _key(c, tenant_id, user_id, conversation_id, user=False)
+    if limit is not None:
+        c.number("limit", limit, low=0, high=limits.limit_tokens_max)
+    if period is None:
+        c.fail("period", "is required: PERIOD_NONE, PERIOD_DAY or PERIOD_MONTH")
+    cmd = SetQuota(_idempotency_key(c, idempotency_key), key, limit, period or Period.NONE)
+    c.done()
+    return cmd
+
+
+def record_usage(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    model: str,
+    usage: Usage | None,
+) -> RecordUsage:
+    c = Checker()
+    if usage is None or usage.total == 0:
+        c.fail("usage", "is required and must not be all zero")
+        usage = usage or Usage()
+    cmd = RecordUsage(
+        idempotency_key=_idempotency_key(c, idempotency_key),
+        key=_key(c, tenant_id, user_id, conversation_id, user=True),
+        model=_model(c, model),
+        usage=_usage(c, usage),
+    )
+    c.done()
+    return cmd

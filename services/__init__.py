@@ -1,0 +1,1 @@
+"""tokenledger's processes: the ledger gRPC server and the CLI."""

@@ -1,0 +1,157 @@
+"""`tokenledger`: serve the ledger, migrate the schema, or run a demo round trip."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import uuid
+
+import grpc
+import structlog
+
+from services import db
+from services.config import ConfigError, Settings
+from services.observability import configure_logging, configure_tracing
+
+log = structlog.get_logger("tokenledger")
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEMO_READY_TIMEOUT_S = 30.0
+
+
+def _database_url(settings: Settings) -> str:
+    return settings.database_url or db.embedded_url(settings.data_dir)
+
+
+async def _serve(settings: Settings, url: str) -> None:
+    from services.server import LedgerServer
+
+    pool = db.make_pool(url, settings.pool_size_max)
+    await pool.open(wait=True, timeout=30)
+    server = LedgerServer(pool, sweep_interval_s=settings.sweep_interval_s)
+    await server.start(settings.listen)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", grace_s=settings.shutdown_grace_s)
+    await server.stop(settings.shutdown_grace_s)
+    await pool.close()
+
+
+def cmd_serve(settings: Settings) -> int:
+    provider = configure_tracing(settings.trace_exporter, "tokenledger-ledger")
+    url = _database_url(settings)
+    db.migrate(url)
+    try:
+        asyncio.run(_serve(settings, url))
+    finally:
+        provider.shutdown()
+    return 0
+
+
+def cmd_migrate(settings: Settings) -> int:
+    db.migrate(_database_url(settings))
+    log.info("migrated")
+    return 0
+
+
+def cmd_demo(target: str) -> int:
+    """Reserve → commit → balance against a running server, printing each step."""
+    from google.protobuf import json_format
+
+    from services._gen.tokenledger.v1 import ledger_pb2 as pb
+    from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+
+    def show(title: str, msg: object) -> None:
+        body = json_format.MessageToJson(msg, indent=2, always_print_fields_with_no_presence=True)  # type: ignore[arg-type]
+        print(f"--- {title}\n{body}")
+
+    run = uuid.uuid4().hex[:8]
+    with grpc.insecure_channel(target) as channel:
+        grpc.channel_ready_future(channel).result(timeout=DEMO_READY_TIMEOUT_S)
+        stub = pb_grpc.LedgerServiceStub(channel)
+        tenant, user, conversation = "demo", f"alice-{run}", "chat-1"
+        quota = stub.SetQuota(
+            pb.SetQuotaRequest(
+                idempotency_key=f"demo-quota-{run}",
+                tenant_id=tenant,
+                user_id=user,
+                limit=10_000,
+                period=pb.PERIOD_DAY,
+            )
+        )
+        show(f"SetQuota {tenant}/{user}: 10000 tokens a day", quota)
+        reserved = stub.Reserve(
+            pb.ReserveRequest(
+                idempotency_key=f"demo-reserve-{run}",
+                tenant_id=tenant,
+                user_id=user,
+                conversation_id=conversation,
+                model="gpt-4o",
+                amount=1_500,
+                ttl_seconds=60,
+            )
+        )
+        show("Reserve 1500 tokens", reserved)
+        committed = stub.Commit(
+            pb.CommitRequest(
+                tenant_id=tenant,
+                reservation_id=reserved.reservation.reservation_id,
+                usage=pb.Usage(input_tokens=900, output_tokens=350, cached_input_tokens=0),
+            )
+        )
+        show("Commit 1250 used (900 in, 350 out)", committed)
+        balance = stub.GetBalance(
+            pb.GetBalanceRequest(tenant_id=tenant, user_id=user, conversation_id=conversation)
+        )
+        show("GetBalance", balance)
+        try:
+            stub.Reserve(
+                pb.ReserveRequest(
+                    idempotency_key=f"demo-too-much-{run}",
+                    tenant_id=tenant,
+                    user_id=user,
+                    model="gpt-4o",
+                    amount=50_000,
+                )
+            )
+        except grpc.RpcError as exc:
+            print(f"--- Reserve 50000 tokens is refused\n{exc.code().name}: {exc.details()}")
+        else:
+            print("error: a reservation over the limit was granted", file=sys.stderr)
+            return 1
+    ok = committed.released == 250 and balance.ancestors[1].used == 1_250
+    print("demo ok" if ok else "demo FAILED: unexpected figures")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tokenledger", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="migrate, then serve the ledger (embedded db if no DATABASE_URL)")
+    sub.add_parser("migrate", help="bring the database schema to the newest revision")
+    demo = sub.add_parser("demo", help="reserve -> commit -> balance against a running server")
+    demo.add_argument(
+        "--target", default=os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET)
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"tokenledger: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    if args.command == "serve":
+        return cmd_serve(settings)
+    if args.command == "migrate":
+        return cmd_migrate(settings)
+    return cmd_demo(args.target)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

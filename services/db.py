@@ -1,0 +1,57 @@
+"""The database: DATABASE_URL, or an embedded PostgreSQL (pgserver) under the data dir; the
+alembic migrations; and the connection pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import structlog
+from alembic import command
+from alembic.config import Config
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+import migrations
+
+log = structlog.get_logger("tokenledger.db")
+
+EMBEDDED_DATABASE = "tokenledger"
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under `data_dir`/pg and return its URL. The
+    server stops when the last process using it exits."""
+    import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
+    exists = server.psql(
+        f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"
+    )
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+    url: str = server.get_uri(EMBEDDED_DATABASE)
+    log.info("embedded postgresql", data_dir=str(data_dir / "pg"))
+    return url
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest revision."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "head")
+
+
+def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:
+    """A pool of autocommit-off connections returning rows as dicts; opened by the caller."""
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=size_max,
+        kwargs={"row_factory": dict_row},
+        timeout=5.0,
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+    )

@@ -1,0 +1,80 @@
+"""The one table from domain errors to gRPC status codes, and the google.rpc details each
+status carries (ErrorInfo always; QuotaFailure, BadRequest, RetryInfo where they apply)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from ledger import errors
+
+ERROR_DOMAIN = "tokenledger.dev"
+
+# reason (ErrorInfo.reason) -> status code. Reasons are stable API; see README "Errors".
+STATUS_BY_ERROR: dict[type[errors.LedgerError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.ReservationNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ReservationEnded: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.IdempotencyKeyReused: grpc.StatusCode.ALREADY_EXISTS,
+    errors.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+STORE_RETRY_DELAY_S = 1
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Status]:
+    """The status code and google.rpc.Status (with details) for a domain error."""
+    code = STATUS_BY_ERROR[type(exc)]
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(
+                reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata()
+            )
+        )
+    ]
+    if isinstance(exc, errors.InvalidArgument):
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in exc.violations
+                    ]
+                )
+            )
+        )
+    elif isinstance(exc, errors.BudgetExhausted):
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=f"{exc.level.scope}:{exc.level.account}",
+                            description=str(exc),
+                        )
+                    ]
+                )
+            )
+        )
+    elif isinstance(exc, errors.StoreUnavailable):
+        details.append(
+            _pack(
+                error_details_pb2.RetryInfo(
+                    retry_delay=duration_pb2.Duration(seconds=STORE_RETRY_DELAY_S)
+                )
+            )
+        )
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=str(exc), details=details
+    )
+    return code, status

@@ -1,0 +1,158 @@
+"""Server interceptors: tracing (outermost), logging, then error mapping (innermost).
+
+Each wraps the unary-unary and unary-stream behaviours of a handler; streaming-request
+handlers (reflection) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc_status import rpc_status
+from opentelemetry import propagate, trace
+
+from ledger import errors
+from services.errors import to_status
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Wrapper = Callable[[UnaryBehavior, str], UnaryBehavior]
+
+log = structlog.get_logger("tokenledger.rpc")
+tracer = trace.get_tracer("tokenledger.rpc")
+
+
+def _wrap(handler: grpc.RpcMethodHandler | None, method: str, wrap: Wrapper) -> Any:
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap(handler.unary_unary, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        stream = handler.unary_stream
+
+        async def drain(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            async for item in stream(request, context):
+                await context.write(item)
+
+        return grpc.unary_stream_rpc_method_handler(
+            wrap(drain, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        return _wrap(handler, handler_call_details.method, self.wrap)  # type: ignore[no-any-return]
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    code = context.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
+class TracingInterceptor(_Interceptor):
+    """A server span per RPC, continuing the caller's W3C trace context."""
+
+    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        service, _, name = method.lstrip("/").partition("/")
+
+        async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            with tracer.start_as_current_span(
+                method.lstrip("/"),
+                context=propagate.extract(carrier),
+                kind=trace.SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    return await behavior(request, context)
+                finally:
+                    code = _code(context)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code not in (grpc.StatusCode.OK,):
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
+
+        return traced
+
+
+class LoggingInterceptor(_Interceptor):
+    """One structured line per RPC: rpc, tenant, status, duration, request and trace ids."""
+
+    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            metadata = dict(context.invocation_metadata() or ())
+            request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+            span_ctx = trace.get_current_span().get_span_context()
+            structlog.contextvars.bind_contextvars(
+                request_id=request_id,
+                trace_id=format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "",
+                rpc=method,
+                tenant_id=getattr(request, "tenant_id", ""),
+            )
+            started = time.perf_counter()
+            try:
+                return await behavior(request, context)
+            finally:
+                code = _code(context)
+                fields = {
+                    "status": code.name,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                }
+                if code is grpc.StatusCode.OK:
+                    log.info("rpc", **fields)
+                else:
+                    log.warning("rpc", **fields, error=context.details())
+                structlog.contextvars.clear_contextvars()
+
+        return logged
+
+
+class ErrorInterceptor(_Interceptor):
+    """Domain errors become their status (services/errors.py); anything unexpected becomes
+    INTERNAL with no internals in the message, and is logged with its traceback."""
+
+    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return await behavior(request, context)
+            except errors.LedgerError as exc:
+                code, status = to_status(exc)
+                rich = rpc_status.to_status(status)
+                await context.abort(code, status.message, rich.trailing_metadata)
+            except (grpc.aio.AbortError, grpc.aio.UsageError):
+                raise
+            except Exception:
+                log.exception("unhandled error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
+
+        return mapped
+
+
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    return [TracingInterceptor(), LoggingInterceptor(), ErrorInterceptor()]
+
+
