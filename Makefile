@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUF_VERSION := 1.75.0
 
-.PHONY: run test lint proto proto-check migrate bench demo clean
+.PHONY: venv run test lint proto proto-check migrate bench demo clean
 
 $(BIN)/tokenledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -11,7 +11,6 @@ primary key of the events table is the backstop should two writers ever race on 
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -54,6 +52,7 @@ from ledger.model import (
     State,
     Usage,
 )
+from ledger.replay import Projection
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -183,9 +182,7 @@ class LedgerStore:
     async def record_usage(self, cmd: RecordUsage, meta: CallMeta = CallMeta()) -> Account:
         return await self._simple(cmd, "RecordUsage", meta)
 
-    async def _simple(
-        self, cmd: SetQuota | RecordUsage, operation: str, meta: CallMeta
-    ) -> Account:
+    async def _simple(self, cmd: SetQuota | RecordUsage, operation: str, meta: CallMeta) -> Account:
         """A write whose response is the balance of its account after it."""
 
         async def work(tx: _Tx) -> Account | errors.LedgerError:
@@ -249,6 +246,42 @@ class LedgerStore:
             rows = {_key(row): _account_from_row(row) for row in await cur.fetchall()}
         accounts = [rows.get(k, Account(k)).rolled(now) for k in lineage]
         return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+
+    async def read_event_rows(self, tenant_id: str) -> list[dict[str, Any]]:
+        """Every event row of a tenant, by stream and version (for chain checks)."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM events WHERE tenant_id = %s "
+                "ORDER BY user_id, conversation_id, version",
+                (tenant_id,),
+            )
+            return await cur.fetchall()
+
+    async def read_events(self, tenant_id: str) -> list[Event]:
+        """Every event of a tenant in log order."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM events WHERE tenant_id = %s ORDER BY position", (tenant_id,)
+            )
+            return [codec.event_from_row(row) for row in await cur.fetchall()]
+
+    async def read_projection(self, tenant_id: str) -> Projection:
+        """The live projection rows of a tenant, as stored."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s",  # noqa: S608
+                (tenant_id,),
+            )
+            accounts = {_key(r): _account_from_row(r) for r in await cur.fetchall()}
+            cur = await conn.execute(
+                f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608
+                "WHERE tenant_id = %s",
+                (tenant_id,),
+            )
+            reservations = {
+                r["reservation_id"]: _reservation_from_row(r) for r in await cur.fetchall()
+            }
+        return Projection(accounts=accounts, reservations=reservations)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -375,9 +408,7 @@ class _Tx:
         ended = row["ended_balance"]
         return res, None if ended is None else codec.account_from_json(ended)
 
-    async def expire_overdue(
-        self, batch_max: int = limits.expire_batch_max, also: str = ""
-    ) -> int:
+    async def expire_overdue(self, batch_max: int = limits.expire_batch_max, also: str = "") -> int:
         """Expire the tenant's overdue holds (oldest first, at most `batch_max`, plus `also`).
         The caller must hold the tenant's row lock."""
         tenant_id = next(iter(self.accounts)).tenant_id
@@ -548,9 +579,7 @@ class _Tx:
 # --- row mapping ----------------------------------------------------------------------------
 
 
-def _select_accounts_sql(
-    keys: Sequence[AccountKey], *, lock: bool
-) -> tuple[str, tuple[str, ...]]:
+def _select_accounts_sql(keys: Sequence[AccountKey], *, lock: bool) -> tuple[str, tuple[str, ...]]:
     """Accounts of one tenant by key; with `lock`, row-locked in key order (tenant first)."""
     placeholders = ", ".join(["(%s, %s)"] * len(keys))
     sql = (
@@ -621,4 +650,4 @@ def _request_json(cmd: Decidable) -> dict[str, Any]:
             fields[name] = dict(value)
         else:
             fields[name] = value.value if isinstance(value, Period) else value
-    return json.loads(codec.canonical_json(fields))
+    return fields

@@ -68,7 +68,9 @@ class Checker:
             raise errors.InvalidArgument(self.violations)
 
 
-def _key(c: Checker, tenant_id: str, user_id: str, conversation_id: str, *, user: bool) -> AccountKey:
+def _key(
+    c: Checker, tenant_id: str, user_id: str, conversation_id: str, *, user: bool
+) -> AccountKey:
     c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
     c.text("user_id", user_id, chars_max=limits.id_chars_max, pattern=_ID, required=user)
     c.text(
@@ -84,9 +86,7 @@ def _key(c: Checker, tenant_id: str, user_id: str, conversation_id: str, *, user
 
 
 def _idempotency_key(c: Checker, key: str) -> str:
-    return c.text(
-        "idempotency_key", key, chars_max=limits.idempotency_key_chars_max, pattern=_KEY
-    )
+    return c.text("idempotency_key", key, chars_max=limits.idempotency_key_chars_max, pattern=_KEY)
 
 
 def _model(c: Checker, model: str) -> str:

@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="migrate, then serve the ledger (embedded db if no DATABASE_URL)")
     sub.add_parser("migrate", help="bring the database schema to the newest revision")
     demo = sub.add_parser("demo", help="reserve -> commit -> balance against a running server")
-    demo.add_argument(
-        "--target", default=os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET)
-    )
+    demo.add_argument("--target", default=os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET))
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -3,6 +3,7 @@ alembic migrations; and the connection pool."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,18 @@ EMBEDDED_DATABASE = "tokenledger"
 def embedded_url(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under `data_dir`/pg and return its URL. The
     server stops when the last process using it exits."""
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns that XDG_RUNTIME_DIR is unset; pgserver copes with /tmp.
+        warnings.simplefilter("ignore")
+        import pgserver
 
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
-    exists = server.psql(
-        f"SELECT 1 FROM pg_database WHERE datname = '{EMBEDDED_DATABASE}';"
-    )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(  # type: ignore[attr-defined]
+            data_dir.resolve() / "pg", cleanup_mode="stop"
+        )
+    exists = server.psql("SELECT 1 FROM pg_database WHERE datname = 'tokenledger';")
     if "(1 row)" not in exists:
-        server.psql(f"CREATE DATABASE {EMBEDDED_DATABASE};")
+        server.psql("CREATE DATABASE tokenledger;")
     url: str = server.get_uri(EMBEDDED_DATABASE)
     log.info("embedded postgresql", data_dir=str(data_dir / "pg"))
     return url
@@ -40,7 +44,7 @@ def migrate(url: str) -> None:
     """Bring the schema to the newest revision."""
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.set_main_option("database_url", url.replace("%", "%%"))
     command.upgrade(config, "head")
 
 

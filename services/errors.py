@@ -74,7 +74,5 @@ def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Stat
                 )
             )
         )
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=str(exc), details=details
-    )
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc), details=details)
     return code, status

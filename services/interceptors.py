@@ -26,7 +26,7 @@ log = structlog.get_logger("tokenledger.rpc")
 tracer = trace.get_tracer("tokenledger.rpc")
 
 
-def _wrap(handler: grpc.RpcMethodHandler | None, method: str, wrap: Wrapper) -> Any:
+def _wrap(handler: Any, method: str, wrap: Wrapper) -> Any:
     if handler is None:
         return None
     if handler.unary_unary:
@@ -56,9 +56,11 @@ class _Interceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         return _wrap(handler, handler_call_details.method, self.wrap)  # type: ignore[no-any-return]
 
@@ -154,5 +156,3 @@ class ErrorInterceptor(_Interceptor):
 
 def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     return [TracingInterceptor(), LoggingInterceptor(), ErrorInterceptor()]
-
-

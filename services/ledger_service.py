@@ -34,9 +34,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         result = await self._store.commit(convert.commit(request), _meta())
         return convert.commit_response(result)
 
-    async def Rollback(
-        self, request: pb.RollbackRequest, context: Context
-    ) -> pb.RollbackResponse:
+    async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
         result = await self._store.rollback(convert.rollback(request), _meta())
         return convert.rollback_response(result)
 
@@ -59,9 +57,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         )
         return convert.balance_response(await self._store.get_balance(key))
 
-    async def SetQuota(
-        self, request: pb.SetQuotaRequest, context: Context
-    ) -> pb.SetQuotaResponse:
+    async def SetQuota(self, request: pb.SetQuotaRequest, context: Context) -> pb.SetQuotaResponse:
         balance = await self._store.set_quota(convert.set_quota(request), _meta())
         return pb.SetQuotaResponse(balance=convert.balance(balance))
 

@@ -77,7 +77,7 @@ CREATE TABLE accounts (
     used_month      bigint      NOT NULL DEFAULT 0,
     month_start     date        NOT NULL DEFAULT '1970-01-01',
     stream_version  bigint      NOT NULL DEFAULT 0,
-    head_hash       bytea       NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
+    head_hash       bytea       NOT NULL DEFAULT decode(repeat('00', 32), 'hex'),
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, user_id, conversation_id),
     CHECK (user_id <> '' OR conversation_id = '')

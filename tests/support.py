@@ -1,0 +1,180 @@
+"""Test infrastructure: a database per test run, a real ledger server on port 0 in a
+background thread, a settable clock, and helpers to read gRPC error details."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from services import db
+from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.server import LedgerServer
+
+SERVER_START_TIMEOUT_S = 30
+
+
+@contextmanager
+def scratch_database(tmp_root: Path) -> Iterator[str]:
+    """A fresh, migrated database for this run, dropped afterwards. On DATABASE_URL's server
+    when set, else on an embedded PostgreSQL under `tmp_root`."""
+    base = os.environ.get("DATABASE_URL", "")
+    if not base:
+        base = db.embedded_url(tmp_root)
+    name = f"tokenledger_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(base, dbname=name)
+    try:
+        db.migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Clock:
+    """A clock tests can move; starts at the real time."""
+
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class ServerThread:
+    """A real LedgerServer on 127.0.0.1:0, running its own event loop in a thread."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Any = None,
+        sweep_interval_s: float = 0.05,
+        wait_for_database: bool = True,
+    ) -> None:
+        self.url = url
+        self.wait_for_database = wait_for_database
+        self.clock = clock
+        self.sweep_interval_s = sweep_interval_s
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(SERVER_START_TIMEOUT_S) or self._error:
+            raise RuntimeError(f"ledger server did not start: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        self.pool = db.make_pool(self.url, 10)
+        await self.pool.open(wait=self.wait_for_database, timeout=10)
+        kwargs = {"clock": self.clock} if self.clock else {}
+        self.server = LedgerServer(self.pool, sweep_interval_s=self.sweep_interval_s, **kwargs)
+        self.port = await self.server.start("127.0.0.1:0")
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            await self.server.stop(1)
+            await self.pool.close()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    @contextmanager
+    def stub(self) -> Iterator[pb_grpc.LedgerServiceStub]:
+        with grpc.insecure_channel(self.target) as channel:
+            yield pb_grpc.LedgerServiceStub(channel)
+
+
+@dataclass
+class RpcFailure:
+    """What a failed call said: code, message and its google.rpc details."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    field_violations: list[tuple[str, str]] = field(default_factory=list)
+    quota_violations: list[tuple[str, str]] = field(default_factory=list)
+    retry_delay_s: float | None = None
+
+
+def failure(exc: grpc.RpcError) -> RpcFailure:
+    call: Any = exc
+    out = RpcFailure(code=call.code(), message=call.details())
+    status = rpc_status.from_call(call)
+    for detail in status.details if status else ():
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+            error_details_pb2.RetryInfo,
+        ):
+            if detail.Is(cls.DESCRIPTOR):
+                msg = cls()
+                detail.Unpack(msg)
+                if isinstance(msg, error_details_pb2.ErrorInfo):
+                    out.reason, out.metadata = msg.reason, dict(msg.metadata)
+                elif isinstance(msg, error_details_pb2.BadRequest):
+                    out.field_violations = [(v.field, v.description) for v in msg.field_violations]
+                elif isinstance(msg, error_details_pb2.QuotaFailure):
+                    out.quota_violations = [(v.subject, v.description) for v in msg.violations]
+                else:
+                    out.retry_delay_s = msg.retry_delay.ToTimedelta().total_seconds()
+    return out
+
+
+def call_fails(fn: Any, request: Any) -> RpcFailure:
+    """Call `fn(request)`, which must fail, and return how."""
+    try:
+        fn(request)
+    except grpc.RpcError as exc:
+        return failure(exc)
+    raise AssertionError(f"{request.__class__.__name__} succeeded but should have failed")
+
+
+def event_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM events").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
