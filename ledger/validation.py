@@ -25,7 +25,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
 _KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI)
 
 
 class Checker:

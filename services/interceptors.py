@@ -6,6 +6,7 @@ handlers (reflection) pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -154,5 +155,43 @@ class ErrorInterceptor(_Interceptor):
         return mapped
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
-    return [TracingInterceptor(), LoggingInterceptor(), ErrorInterceptor()]
+class DrainInterceptor(_Interceptor):
+    """Counts calls in flight; once draining, new calls to `prefix` services are refused with
+    UNAVAILABLE (retryable, unlike the CANCELLED gRPC gives calls arriving mid-shutdown) while
+    those in flight finish. Health and reflection stay answered."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        if not method.startswith(self.prefix):
+            return behavior
+
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self.draining:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere"
+                )
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                return await behavior(request, context)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+
+        return counted
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new calls and wait for those in flight; False if some outlived `timeout_s`."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True

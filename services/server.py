@@ -18,7 +18,12 @@ from ledger.errors import StoreUnavailable
 from ledger.store import LedgerStore, utc_now
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.interceptors import server_interceptors
+from services.interceptors import (
+    DrainInterceptor,
+    ErrorInterceptor,
+    LoggingInterceptor,
+    TracingInterceptor,
+)
 from services.ledger_service import LedgerService
 
 log = structlog.get_logger("tokenledger.server")
@@ -41,8 +46,14 @@ class LedgerServer:
         self.store = LedgerStore(pool, clock=clock)
         self.sweep_interval_s = sweep_interval_s
         self.health = health.aio.HealthServicer()
+        self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
-            interceptors=server_interceptors(),
+            interceptors=[
+                TracingInterceptor(),
+                LoggingInterceptor(),
+                self.drain,
+                ErrorInterceptor(),
+            ],
             options=[
                 ("grpc.max_receive_message_length", message_bytes_max),
                 ("grpc.max_send_message_length", message_bytes_max),
@@ -67,12 +78,15 @@ class LedgerServer:
         return self.port
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new calls, let in-flight ones finish (up to `grace_s`), then stop."""
-        await self._set_serving(False)
+        """Report NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish
+        (up to `grace_s`; the rest are cancelled), then stop."""
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
-        await self.server.stop(grace_s)
+        await self._set_serving(False)
+        if not await self.drain.drain(grace_s):
+            log.warning("calls still in flight after the grace period are cancelled")
+        await self.server.stop(0)
         log.info("stopped")
 
     async def _set_serving(self, serving: bool) -> None:

@@ -107,9 +107,9 @@ class ServerThread:
         self.server = LedgerServer(self.pool, sweep_interval_s=self.sweep_interval_s, **kwargs)
         self.port = await self.server.start("127.0.0.1:0")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 1) -> None:
         async def shutdown() -> None:
-            await self.server.stop(1)
+            await self.server.stop(grace_s)
             await self.pool.close()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
