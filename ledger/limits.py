@@ -19,3 +19,6 @@ label_value_chars_max = 256
 
 expire_batch_max = 256
 """Overdue holds expired in one transaction, so a backlog cannot make a call slow."""
+
+batch_commands_max = 256
+"""Writes of one tenant applied in one transaction (group commit)."""

@@ -1,0 +1,127 @@
+"""Group commit: concurrent writes of a tenant share transactions, yet each has the outcome it
+would have had alone, in arrival order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psycopg
+
+from ledger import errors, validation
+from ledger.model import Period, Reserve
+from ledger.replay import chain_breaks, replay
+from ledger.store import LedgerStore
+from services import db
+from tests.support import new_id
+
+
+def reserve(tenant: str, amount: int, key: str = "") -> Reserve:
+    return validation.reserve(
+        idempotency_key=key or new_id("k"),
+        tenant_id=tenant,
+        user_id="u",
+        conversation_id="",
+        model="m",
+        amount=amount,
+        ttl_seconds=60,
+        labels={},
+    )
+
+
+def with_store(url: str, body: Callable[[LedgerStore], Awaitable[Any]]) -> Any:
+    async def run() -> Any:
+        async with db.make_pool(url, 4) as pool:
+            return await body(LedgerStore(pool))
+
+    return asyncio.run(run())
+
+
+def transactions_of(url: str, tenant: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT xid::text) FROM events WHERE tenant_id = %s", (tenant,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_concurrent_writes_share_transactions_and_never_overspend(database_url: str) -> None:
+    tenant = new_id("t")
+
+    async def body(store: LedgerStore) -> list[Any]:
+        await store.set_quota(
+            validation.set_quota(
+                idempotency_key=new_id("q"),
+                tenant_id=tenant,
+                user_id="u",
+                conversation_id="",
+                limit=2_000,
+                period=Period.NONE,
+            )
+        )
+        return await asyncio.gather(
+            *(store.reserve(reserve(tenant, 100)) for _ in range(50)), return_exceptions=True
+        )
+
+    outcomes = with_store(database_url, body)
+    granted = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(granted) == 20
+    assert all(isinstance(o, errors.BudgetExhausted) for o in refused)
+    assert granted[-1].balance.held == 2_000
+    # one by one, the quota and 20 grants would have taken 21 transactions
+    assert transactions_of(database_url, tenant) < 10
+
+    async def check(store: LedgerStore) -> None:
+        assert replay(await store.read_events(tenant)) == await store.read_projection(tenant)
+        assert chain_breaks(await store.read_event_rows(tenant)) == []
+
+    with_store(database_url, check)
+
+
+def test_a_refused_write_does_not_undo_its_batch_neighbours(database_url: str) -> None:
+    tenant = new_id("t")
+    key = new_id("k")
+
+    async def body(store: LedgerStore) -> list[Any]:
+        await store.set_quota(
+            validation.set_quota(
+                idempotency_key=new_id("q"),
+                tenant_id=tenant,
+                user_id="u",
+                conversation_id="",
+                limit=100,
+                period=Period.NONE,
+            )
+        )
+        await store.reserve(reserve(tenant, 10, key))
+        return await asyncio.gather(
+            store.reserve(reserve(tenant, 10)),
+            store.reserve(reserve(tenant, 11, key)),  # same key, different amount
+            store.reserve(reserve(tenant, 1_000)),  # over the limit
+            store.reserve(reserve(tenant, 20)),
+            return_exceptions=True,
+        )
+
+    first, reused, too_big, last = with_store(database_url, body)
+    assert first.reservation.amount == 10 and last.reservation.amount == 20
+    assert isinstance(reused, errors.IdempotencyKeyReused) and reused.field == "amount"
+    assert isinstance(too_big, errors.BudgetExhausted) and too_big.level.available == 80
+    assert last.balance.held == 40
+    assert transactions_of(database_url, tenant) <= 3
+
+
+def test_the_same_key_twice_in_one_batch_is_applied_once(database_url: str) -> None:
+    tenant = new_id("t")
+    key = new_id("k")
+
+    async def body(store: LedgerStore) -> list[Any]:
+        return await asyncio.gather(*(store.reserve(reserve(tenant, 10, key)) for _ in range(5)))
+
+    results = with_store(database_url, body)
+    assert all(r == results[0] for r in results)
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tenant,)).fetchone()
+    assert row == (1,)
