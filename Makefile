@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUF_VERSION := 1.75.0
 
-.PHONY: venv run test lint proto proto-check migrate bench demo clean
+.PHONY: venv run test lint proto proto-check migrate bench chaos demo clean
 
 $(BIN)/tokenledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,3 +58,6 @@ bench: $(BIN)/tokenledger
 
 clean:
 	rm -rf $(VENV) var
+
+chaos: $(BIN)/tokenledger
+	$(BIN)/python -m tests.chaos.run
