@@ -274,9 +274,6 @@ class Expire:
     reservation_id: str
 
 
-Command = Reserve | Commit | Rollback | SetQuota | RecordUsage | Expire
-
-
 @dataclass(frozen=True)
 class Context:
     """What a decision needs from outside: the time, who asks, and a fresh id."""

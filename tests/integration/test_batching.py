@@ -30,6 +30,19 @@ def reserve(tenant: str, amount: int, key: str = "") -> Reserve:
     )
 
 
+async def set_limit(store: LedgerStore, tenant: str, limit: int) -> None:
+    await store.set_quota(
+        validation.set_quota(
+            idempotency_key=new_id("q"),
+            tenant_id=tenant,
+            user_id="u",
+            conversation_id="",
+            limit=limit,
+            period=Period.NONE,
+        )
+    )
+
+
 def with_store(url: str, body: Callable[[LedgerStore], Awaitable[Any]]) -> Any:
     async def run() -> Any:
         async with db.make_pool(url, 4) as pool:
@@ -51,16 +64,7 @@ def test_concurrent_writes_share_transactions_and_never_overspend(database_url: 
     tenant = new_id("t")
 
     async def body(store: LedgerStore) -> list[Any]:
-        await store.set_quota(
-            validation.set_quota(
-                idempotency_key=new_id("q"),
-                tenant_id=tenant,
-                user_id="u",
-                conversation_id="",
-                limit=2_000,
-                period=Period.NONE,
-            )
-        )
+        await set_limit(store, tenant, 2_000)
         return await asyncio.gather(
             *(store.reserve(reserve(tenant, 100)) for _ in range(50)), return_exceptions=True
         )
@@ -86,16 +90,7 @@ def test_a_refused_write_does_not_undo_its_batch_neighbours(database_url: str) -
     key = new_id("k")
 
     async def body(store: LedgerStore) -> list[Any]:
-        await store.set_quota(
-            validation.set_quota(
-                idempotency_key=new_id("q"),
-                tenant_id=tenant,
-                user_id="u",
-                conversation_id="",
-                limit=100,
-                period=Period.NONE,
-            )
-        )
+        await set_limit(store, tenant, 100)
         await store.reserve(reserve(tenant, 10, key))
         return await asyncio.gather(
             store.reserve(reserve(tenant, 10)),
