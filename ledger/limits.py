@@ -22,3 +22,11 @@ expire_batch_max = 256
 
 batch_commands_max = 256
 """Writes of one tenant applied in one transaction (group commit)."""
+
+replay_events_max = 1_000_000
+"""Events one ReplayHistory call streams; the end message says where to go on."""
+usage_range_days_max = 400
+usage_page_size_default = 100
+usage_page_size_max = 1_000
+follow_poll_s = 0.2
+"""How often a follower with nothing new looks again."""

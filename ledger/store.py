@@ -62,14 +62,26 @@ from ledger.model import (
     Usage,
 )
 from ledger.replay import Projection
+from ledger.rows import (
+    ACCOUNT_COLUMNS,
+    RESERVATION_COLUMNS,
+    account_from_row,
+    account_key,
+    reservation_from_row,
+    select_accounts_sql,
+)
+from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
-_ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, held, used_total,
-    used_day, day_start, used_month, month_start, stream_version, head_hash"""
-_RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, model, amount,
-    state, created_at, expires_at, labels, input_tokens, output_tokens, cached_input_tokens,
-    late, ended_at, ended_balance"""
+_UPSERT_USAGE = (
+    "INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model, "  # noqa: S608
+    + ", ".join(COUNTER_NAMES)
+    + ") VALUES (%(tenant_id)s, %(hour)s, %(user_id)s, %(conversation_id)s, %(model)s, "
+    + ", ".join(f"%({c})s" for c in COUNTER_NAMES)
+    + ") ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
+)
 _TRANSIENT = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _ATTEMPTS_MAX = 3
 EXPIRY_ACTOR = "system:expiry"
@@ -305,21 +317,21 @@ class LedgerStore:
     async def get_reservation(self, tenant_id: str, reservation_id: str) -> Reservation:
         async with self._connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
                 "WHERE tenant_id = %s AND reservation_id = %s",
                 (tenant_id, reservation_id),
             )
             row = await cur.fetchone()
         if row is None:
             raise errors.ReservationNotFound(tenant_id, reservation_id)
-        return _reservation_from_row(row)
+        return reservation_from_row(row)
 
     async def get_balance(self, key: AccountKey) -> BalanceResult:
         now = self._clock()
         lineage = key.lineage()
         async with self._connection() as conn:
-            cur = await conn.execute(*_select_accounts_sql(lineage, lock=False))
-            rows = {_key(row): _account_from_row(row) for row in await cur.fetchall()}
+            cur = await conn.execute(*select_accounts_sql(lineage, lock=False))
+            rows = {account_key(row): account_from_row(row) for row in await cur.fetchall()}
         accounts = [rows.get(k, Account(k)).rolled(now) for k in lineage]
         return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
 
@@ -345,17 +357,17 @@ class LedgerStore:
         """The live projection rows of a tenant, as stored."""
         async with self._connection() as conn:
             cur = await conn.execute(
-                f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s",  # noqa: S608
+                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s",  # noqa: S608
                 (tenant_id,),
             )
-            accounts = {_key(r): _account_from_row(r) for r in await cur.fetchall()}
+            accounts = {account_key(r): account_from_row(r) for r in await cur.fetchall()}
             cur = await conn.execute(
-                f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations "  # noqa: S608
                 "WHERE tenant_id = %s",
                 (tenant_id,),
             )
             reservations = {
-                r["reservation_id"]: _reservation_from_row(r) for r in await cur.fetchall()
+                r["reservation_id"]: reservation_from_row(r) for r in await cur.fetchall()
             }
         return Projection(accounts=accounts, reservations=reservations)
 
@@ -408,6 +420,7 @@ class _Tx:
         self._ended: set[str] = set()
         self._rows: list[dict[str, Any]] = []
         self._new_keys: list[dict[str, Any]] = []
+        self._usage: dict[UsageKey, UsageCounters] = {}
 
     def context(self, new_id: str = "") -> Context:
         return Context(
@@ -484,15 +497,19 @@ class _Tx:
     async def _select_accounts(
         self, keys: list[AccountKey]
     ) -> dict[AccountKey, tuple[Account, int, bytes]]:
-        cur = await self.conn.execute(*_select_accounts_sql(keys, lock=True))
+        cur = await self.conn.execute(*select_accounts_sql(keys, lock=True))
         return {
-            _key(row): (_account_from_row(row), row["stream_version"], bytes(row["head_hash"]))
+            account_key(row): (
+                account_from_row(row),
+                row["stream_version"],
+                bytes(row["head_hash"]),
+            )
             for row in await cur.fetchall()
         }
 
     def _reservations_sql(self, where: str, *params: Any) -> tuple[str, tuple[Any, ...]]:
         return (
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
             f"WHERE tenant_id = %s AND {where} FOR UPDATE",
             (self.tenant_id, *params),
         )
@@ -503,7 +520,7 @@ class _Tx:
         for row in rows:
             rid = row["reservation_id"]
             if rid not in self.reservations:
-                self.reservations[rid] = _reservation_from_row(row)
+                self.reservations[rid] = reservation_from_row(row)
                 if row["ended_balance"] is not None:
                     self.ended_balances[rid] = codec.account_from_json(row["ended_balance"])
 
@@ -552,6 +569,7 @@ class _Tx:
             self.streams[event.key] = (version + 1, row["hash"])
             self._dirty_accounts.add(event.key)
             self._rows.append(row)
+            add_usage(self._usage, event)
         return res
 
     def end(self, reservation_id: str, balance: Account) -> None:
@@ -616,8 +634,8 @@ class _Tx:
             new = [self._reservation_params(r) for r in sorted(self._new_reservations)]
             if new:
                 await cur.executemany(
-                    f"INSERT INTO reservations ({_RESERVATION_COLUMNS}) VALUES ("  # noqa: S608
-                    + ", ".join(f"%({c.strip()})s" for c in _RESERVATION_COLUMNS.split(","))
+                    f"INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ("  # noqa: S608
+                    + ", ".join(f"%({c.strip()})s" for c in RESERVATION_COLUMNS.split(","))
                     + ")",
                     new,
                 )
@@ -631,6 +649,10 @@ class _Tx:
                        WHERE tenant_id = %(tenant_id)s AND reservation_id = %(reservation_id)s""",
                     [self._reservation_params(r) for r in changed],
                 )
+            await cur.executemany(
+                _UPSERT_USAGE,
+                [vars(key) | vars(counters) for key, counters in sorted(self._usage.items())],
+            )
             if self._new_keys:
                 await cur.executemany(
                     "INSERT INTO idempotency_keys "
@@ -684,62 +706,6 @@ class _Tx:
             "ended_at": res.ended_at,
             "ended_balance": None if ended is None else Jsonb(codec.account_to_json(ended)),
         }
-
-
-# --- row mapping ----------------------------------------------------------------------------
-
-
-def _select_accounts_sql(keys: Sequence[AccountKey], *, lock: bool) -> tuple[str, tuple[str, ...]]:
-    """Accounts of one tenant by key; with `lock`, row-locked in key order (tenant first)."""
-    placeholders = ", ".join(["(%s, %s)"] * len(keys))
-    sql = (
-        f"SELECT {_ACCOUNT_COLUMNS} FROM accounts "  # noqa: S608 (placeholders only)
-        f"WHERE tenant_id = %s AND (user_id, conversation_id) IN ({placeholders}) "
-        "ORDER BY user_id, conversation_id"
-    )
-    params = [keys[0].tenant_id]
-    for k in keys:
-        params += [k.user_id, k.conversation_id]
-    return (sql + " FOR UPDATE" if lock else sql), tuple(params)
-
-
-def _key(row: dict[str, Any]) -> AccountKey:
-    return AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
-
-
-def _account_from_row(row: dict[str, Any]) -> Account:
-    return Account(
-        key=_key(row),
-        limit=row["quota_limit"],
-        period=Period(row["period"]),
-        held=row["held"],
-        used_total=row["used_total"],
-        used_day=row["used_day"],
-        day_start=row["day_start"],
-        used_month=row["used_month"],
-        month_start=row["month_start"],
-    )
-
-
-def _reservation_from_row(row: dict[str, Any]) -> Reservation:
-    usage = (
-        None
-        if row["input_tokens"] is None
-        else Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
-    )
-    return Reservation(
-        reservation_id=row["reservation_id"],
-        key=_key(row),
-        model=row["model"],
-        amount=row["amount"],
-        state=State(row["state"]),
-        created_at=row["created_at"].astimezone(UTC),
-        expires_at=row["expires_at"].astimezone(UTC),
-        labels=tuple(sorted(row["labels"].items())),
-        usage=usage,
-        late=row["late"],
-        ended_at=row["ended_at"].astimezone(UTC) if row["ended_at"] else None,
-    )
 
 
 def _tenant_of(cmd: Write) -> str:

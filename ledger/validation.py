@@ -6,10 +6,13 @@ names are the request's own (e.g. `usage.input_tokens`), so the gRPC layer can p
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 
 from ledger import errors, limits
+from ledger.audit import Scope, UsageQuery
 from ledger.model import (
     AccountKey,
     Commit,
@@ -212,3 +215,127 @@ def record_usage(
     )
     c.done()
     return cmd
+
+
+def replay(
+    *,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    from_position: int,
+    from_time: datetime | None,
+    max_events: int,
+) -> tuple[Scope, int, datetime | None, int]:
+    """(scope, first position, first time, how many events at most)."""
+    c = Checker()
+    key = _key(c, tenant_id, user_id, conversation_id, user=False)
+    c.number("from_position", from_position, low=0, high=2**62)
+    c.number("max_events", max_events, low=0, high=limits.replay_events_max)
+    c.done()
+    return (
+        Scope(*vars(key).values()),
+        from_position,
+        from_time,
+        max_events or (limits.replay_events_max),
+    )
+
+
+def verify(*, tenant_id: str, user_id: str) -> Scope:
+    c = Checker()
+    key = _key(c, tenant_id, user_id, "", user=False)
+    c.done()
+    return Scope(key.tenant_id, key.user_id)
+
+
+def balance_at(key: AccountKey, as_of: datetime, now: datetime) -> datetime:
+    c = Checker()
+    if as_of > now:
+        c.fail("as_of", f"is {as_of.isoformat()}, in the future; the log ends at now")
+    c.done()
+    return as_of
+
+
+USAGE_GROUPS = ("user", "conversation", "model", "day", "hour")
+
+
+def usage_query(
+    *,
+    tenant_id: str,
+    from_time: datetime | None,
+    to_time: datetime | None,
+    group_by: Sequence[str | None],
+    user_id: str,
+    conversation_id: str,
+    model: str,
+) -> UsageQuery:
+    """A usage query; `group_by` holds names of USAGE_GROUPS (None for an unknown value)."""
+    c = Checker()
+    c.text("query.tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
+    c.text("query.user_id", user_id, chars_max=limits.id_chars_max, pattern=_ID, required=False)
+    c.text(
+        "query.conversation_id",
+        conversation_id,
+        chars_max=limits.id_chars_max,
+        pattern=_ID,
+        required=False,
+    )
+    c.text("query.model", model, chars_max=limits.model_chars_max, pattern=_MODEL, required=False)
+    if from_time is None or to_time is None:
+        c.fail("query.from_time", "from_time and to_time are both required")
+    elif to_time <= from_time:
+        c.fail("query.to_time", "must be after from_time")
+    elif to_time - from_time > timedelta(days=limits.usage_range_days_max):
+        c.fail("query.to_time", f"the range is at most {limits.usage_range_days_max} days")
+    groups = [g for g in group_by if g is not None]
+    if len(groups) != len(group_by):
+        c.fail("query.group_by", f"each must be one of {', '.join(USAGE_GROUPS)}")
+    if len(set(groups)) != len(groups):
+        c.fail("query.group_by", "names a dimension twice")
+    if {"day", "hour"} <= set(groups):
+        c.fail("query.group_by", "group by DAY or by HOUR, not both")
+    c.done()
+    assert from_time is not None and to_time is not None
+    return UsageQuery(tenant_id, from_time, to_time, tuple(groups), user_id, conversation_id, model)
+
+
+def page(*, page_size: int, page_token: str, query: UsageQuery) -> tuple[int, int]:
+    """(offset, limit) of a usage page. The token binds the offset to its query."""
+    c = Checker()
+    c.number("page_size", page_size, low=0, high=limits.usage_page_size_max)
+    offset = 0
+    if page_token:
+        raw, _, digest = page_token.partition(".")
+        if not raw.isdigit() or digest != _query_digest(query):
+            c.fail("page_token", "is not a token this query returned")
+        else:
+            offset = int(raw)
+    c.done()
+    return offset, page_size or limits.usage_page_size_default
+
+
+def page_token(query: UsageQuery, offset: int) -> str:
+    return f"{offset}.{_query_digest(query)}"
+
+
+def _query_digest(query: UsageQuery) -> str:
+    return hashlib.sha256(repr(query).encode()).hexdigest()[:16]
+
+
+def subscription(*, tenant_id: str, after_cursor: str, from_position: int) -> tuple[int, int]:
+    """The (transaction id, position) to follow after."""
+    c = Checker()
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID, required=False)
+    c.number("from_position", from_position, low=0, high=2**62)
+    after = (0, 0)
+    if after_cursor:
+        xid, _, position = after_cursor.partition(".")
+        if not (xid.isdigit() and position.isdigit()):
+            c.fail("after_cursor", "is not a cursor SubscribeEvents returned")
+        else:
+            after = (int(xid), int(position))
+    c.done()
+    return after
+
+
+def cursor(xid: int, position: int) -> str:
+    return f"{xid}.{position}"

@@ -3,13 +3,16 @@ malformed field is refused with the request's own field name."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from ledger import validation
+from ledger import codec, validation
+from ledger.audit import Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.model import (
     Account,
+    AccountKey,
     BalanceResult,
     Commit,
     CommitResult,
@@ -24,7 +27,16 @@ from ledger.model import (
     State,
     Usage,
 )
+from ledger.usage import COUNTER_NAMES
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
+
+USAGE_GROUP_NAMES = {
+    pb.USAGE_DIMENSION_USER: "user",
+    pb.USAGE_DIMENSION_CONVERSATION: "conversation",
+    pb.USAGE_DIMENSION_MODEL: "model",
+    pb.USAGE_DIMENSION_DAY: "day",
+    pb.USAGE_DIMENSION_HOUR: "hour",
+}
 
 _PERIOD_TO_PB = {
     Period.NONE: pb.PERIOD_NONE,
@@ -177,4 +189,105 @@ def balance_response(result: BalanceResult) -> pb.GetBalanceResponse:
         balance=balance(result.balance),
         ancestors=[balance(a) for a in result.ancestors],
         reservable=result.reservable,
+    )
+
+
+def _time(stamp: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    return stamp.ToDatetime(tzinfo=UTC) if present else None
+
+
+def replay(req: pb.ReplayHistoryRequest) -> tuple[Scope, int, datetime | None, int]:
+    return validation.replay(
+        tenant_id=req.tenant_id,
+        user_id=req.user_id,
+        conversation_id=req.conversation_id,
+        from_position=req.from_position,
+        from_time=_time(req.from_time, req.HasField("from_time")),
+        max_events=req.max_events,
+    )
+
+
+def usage_query(q: pb.UsageQuery) -> UsageQuery:
+    return validation.usage_query(
+        tenant_id=q.tenant_id,
+        from_time=_time(q.from_time, q.HasField("from_time")),
+        to_time=_time(q.to_time, q.HasField("to_time")),
+        group_by=[USAGE_GROUP_NAMES.get(g) for g in q.group_by],
+        user_id=q.user_id,
+        conversation_id=q.conversation_id,
+        model=q.model,
+    )
+
+
+def ledger_event(row: dict[str, Any]) -> pb.LedgerEvent:
+    return pb.LedgerEvent(
+        position=row["position"],
+        tenant_id=row["tenant_id"],
+        user_id=row["user_id"],
+        conversation_id=row["conversation_id"],
+        version=row["version"],
+        event_type=row["event_type"],
+        occurred_at=_timestamp(row["occurred_at"]),
+        recorded_at=_timestamp(row["recorded_at"]),
+        model=row["model"],
+        reservation_id=row["reservation_id"],
+        amount=row["amount"],
+        usage=pb.Usage(
+            input_tokens=row["input_tokens"],
+            output_tokens=row["output_tokens"],
+            cached_input_tokens=row["cached_input_tokens"],
+        ),
+        idempotency_key=row["idempotency_key"],
+        actor=row["actor"],
+        trace_id=row["trace_id"],
+        data_json=codec.canonical_json(row["data"]).decode(),
+        transaction_id=int(row["xid"]),
+        prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]),
+    )
+
+
+def stream_head(key: AccountKey, version: int, head: bytes) -> pb.StreamHead:
+    return pb.StreamHead(
+        tenant_id=key.tenant_id,
+        user_id=key.user_id,
+        conversation_id=key.conversation_id,
+        version=version,
+        hash=head,
+    )
+
+
+def usage_row(row: UsageRow) -> pb.UsageRow:
+    counters = {name: getattr(row.counters, name) for name in COUNTER_NAMES}
+    c = row.counters
+    msg = pb.UsageRow(
+        user_id=row.user_id,
+        conversation_id=row.conversation_id,
+        model=row.model,
+        total_tokens=c.input_tokens + c.output_tokens + c.cached_input_tokens,
+        **counters,
+    )
+    if row.period_start is not None:
+        msg.period_start.CopyFrom(_timestamp(row.period_start))
+    return msg
+
+
+def verify_response(report: VerifyReport) -> pb.VerifyAuditResponse:
+    return pb.VerifyAuditResponse(
+        events_checked=report.events_checked,
+        streams_checked=report.streams_checked,
+        chains_ok=not report.breaks,
+        breaks=[
+            pb.ChainBreak(
+                stream=stream_head(b.stream, b.version, b""), version=b.version, problem=b.problem
+            )
+            for b in report.breaks
+        ],
+        projections_match=not report.differences,
+        differences=[
+            pb.ProjectionDifference(
+                kind=d.kind, key=d.key, field=d.field, live=d.live, rebuilt=d.rebuilt
+            )
+            for d in report.differences
+        ],
     )

@@ -7,6 +7,7 @@ handlers (reflection) pass through untouched.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,13 +39,16 @@ def _wrap(handler: Any, method: str, wrap: Wrapper) -> Any:
         )
     if handler.unary_stream:
         stream = handler.unary_stream
-
-        async def drain(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            async for item in stream(request, context):
-                await context.write(item)
+        writer = stream
+        if inspect.isasyncgenfunction(stream):
+            # A servicer's async generator becomes a coroutine that writes each item, which
+            # wrappers can await; an inner interceptor may already have done so.
+            async def writer(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+                async for item in stream(request, context):
+                    await context.write(item)
 
         return grpc.unary_stream_rpc_method_handler(
-            wrap(drain, method),
+            wrap(writer, method),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -3,12 +3,17 @@ tracing and error mapping are interceptors."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any
 
 import grpc
 
 from ledger import validation
-from ledger.store import CallMeta, LedgerStore
+from ledger.audit import LedgerAudit
+from ledger.model import AccountKey
+from ledger.store import CallMeta, LedgerStore, utc_now
 from services import convert
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -23,8 +28,10 @@ def _meta() -> CallMeta:
 
 
 class LedgerService(pb_grpc.LedgerServiceServicer):
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: LedgerStore, audit: LedgerAudit, stopping: asyncio.Event) -> None:
         self._store = store
+        self._audit = audit
+        self._stopping = stopping  # ends the never-ending streams on shutdown
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         result = await self._store.reserve(convert.reserve(request), _meta())
@@ -55,6 +62,10 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             user_id=request.user_id,
             conversation_id=request.conversation_id,
         )
+        if request.HasField("as_of"):
+            as_of = request.as_of.ToDatetime(tzinfo=UTC)
+            validation.balance_at(key, as_of, utc_now())
+            return convert.balance_response(await self._audit.balance_at(key, as_of))
         return convert.balance_response(await self._store.get_balance(key))
 
     async def SetQuota(self, request: pb.SetQuotaRequest, context: Context) -> pb.SetQuotaResponse:
@@ -66,3 +77,66 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     ) -> pb.RecordUsageResponse:
         balance = await self._store.record_usage(convert.record_usage(request), _meta())
         return pb.RecordUsageResponse(balance=convert.balance(balance))
+
+    async def ReplayHistory(
+        self, request: pb.ReplayHistoryRequest, context: Context
+    ) -> AsyncIterator[pb.ReplayHistoryResponse]:
+        scope, from_position, from_time, max_events = convert.replay(request)
+        heads: dict[AccountKey, tuple[int, bytes]] = {}
+        sent, last, complete = 0, 0, True
+        async for row in self._audit.events(scope, from_position, from_time, max_events + 1):
+            if sent == max_events:
+                complete = False
+                break
+            yield pb.ReplayHistoryResponse(event=convert.ledger_event(row))
+            key = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+            heads[key] = (row["version"], bytes(row["hash"]))
+            sent, last = sent + 1, row["position"]
+        end = pb.ReplayEnd(
+            events=sent,
+            last_position=last,
+            complete=complete,
+            heads=[convert.stream_head(k, v, h) for k, (v, h) in sorted(heads.items())],
+        )
+        yield pb.ReplayHistoryResponse(end=end)
+
+    async def VerifyAudit(
+        self, request: pb.VerifyAuditRequest, context: Context
+    ) -> pb.VerifyAuditResponse:
+        scope = validation.verify(tenant_id=request.tenant_id, user_id=request.user_id)
+        return convert.verify_response(await self._audit.verify(scope))
+
+    async def QueryUsage(
+        self, request: pb.QueryUsageRequest, context: Context
+    ) -> pb.QueryUsageResponse:
+        query = convert.usage_query(request.query)
+        offset, limit = validation.page(
+            page_size=request.page_size, page_token=request.page_token, query=query
+        )
+        rows = await self._audit.query_usage(query, offset, limit + 1)
+        more = len(rows) > limit
+        return pb.QueryUsageResponse(
+            rows=[convert.usage_row(r) for r in rows[:limit]],
+            next_page_token=validation.page_token(query, offset + limit) if more else "",
+        )
+
+    async def ExportUsage(
+        self, request: pb.ExportUsageRequest, context: Context
+    ) -> AsyncIterator[pb.ExportUsageResponse]:
+        async for row in self._audit.export_usage(convert.usage_query(request.query)):
+            yield pb.ExportUsageResponse(row=convert.usage_row(row))
+
+    async def SubscribeEvents(
+        self, request: pb.SubscribeEventsRequest, context: Context
+    ) -> AsyncIterator[pb.SubscribeEventsResponse]:
+        after = validation.subscription(
+            tenant_id=request.tenant_id,
+            after_cursor=request.after_cursor,
+            from_position=request.from_position,
+        )
+        follow = self._audit.follow(request.tenant_id, after, request.from_position, self._stopping)
+        async for row in follow:
+            yield pb.SubscribeEventsResponse(
+                event=convert.ledger_event(row),
+                cursor=validation.cursor(int(row["xid"]), row["position"]),
+            )

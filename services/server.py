@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from psycopg_pool import AsyncConnectionPool
 
+from ledger.audit import LedgerAudit
 from ledger.errors import StoreUnavailable
 from ledger.store import LedgerStore, utc_now
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -59,7 +60,9 @@ class LedgerServer:
                 ("grpc.max_send_message_length", message_bytes_max),
             ],
         )
-        pb_grpc.add_LedgerServiceServicer_to_server(LedgerService(self.store), self.server)
+        self.stopping = asyncio.Event()
+        service = LedgerService(self.store, LedgerAudit(pool, clock), self.stopping)
+        pb_grpc.add_LedgerServiceServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -84,6 +87,7 @@ class LedgerServer:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self._set_serving(False)
+        self.stopping.set()
         if not await self.drain.drain(grace_s):
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)

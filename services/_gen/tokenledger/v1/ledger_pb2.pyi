@@ -82,6 +82,42 @@ RESERVATION_STATE_EXPIRED: ReservationState.ValueType  # 4
 """Ended by expiry; a later commit still records its usage, flagged late."""
 Global___ReservationState: _TypeAlias = ReservationState  # noqa: Y015
 
+class _UsageDimension:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageDimension.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_DIMENSION_UNSPECIFIED: _UsageDimension.ValueType  # 0
+    """Not set; refused."""
+    USAGE_DIMENSION_USER: _UsageDimension.ValueType  # 1
+    """Per user."""
+    USAGE_DIMENSION_CONVERSATION: _UsageDimension.ValueType  # 2
+    """Per conversation (and its user)."""
+    USAGE_DIMENSION_MODEL: _UsageDimension.ValueType  # 3
+    """Per model."""
+    USAGE_DIMENSION_DAY: _UsageDimension.ValueType  # 4
+    """Per UTC day."""
+    USAGE_DIMENSION_HOUR: _UsageDimension.ValueType  # 5
+    """Per UTC hour."""
+
+class UsageDimension(_UsageDimension, metaclass=_UsageDimensionEnumTypeWrapper):
+    """UsageDimension is what usage can be grouped by."""
+
+USAGE_DIMENSION_UNSPECIFIED: UsageDimension.ValueType  # 0
+"""Not set; refused."""
+USAGE_DIMENSION_USER: UsageDimension.ValueType  # 1
+"""Per user."""
+USAGE_DIMENSION_CONVERSATION: UsageDimension.ValueType  # 2
+"""Per conversation (and its user)."""
+USAGE_DIMENSION_MODEL: UsageDimension.ValueType  # 3
+"""Per model."""
+USAGE_DIMENSION_DAY: UsageDimension.ValueType  # 4
+"""Per UTC day."""
+USAGE_DIMENSION_HOUR: UsageDimension.ValueType  # 5
+"""Per UTC hour."""
+Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
+
 @_typing.final
 class Usage(_message.Message):
     """Usage is what a model call actually consumed. The three kinds are disjoint and all count
@@ -578,22 +614,28 @@ class GetBalanceRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    AS_OF_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant."""
     user_id: _builtins.str
     """The user; empty for the tenant account."""
     conversation_id: _builtins.str
     """The conversation; empty for the user or tenant account."""
+    @_builtins.property
+    def as_of(self) -> _timestamp_pb2.Timestamp:
+        """When set, the balance as it stood at that instant, computed from the log."""
+
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
+        as_of: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "conversation_id", b"conversation_id", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -772,3 +814,701 @@ class RecordUsageResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
+
+@_typing.final
+class LedgerEvent(_message.Message):
+    """LedgerEvent is one event of the log with every field, enough to recompute its hash:
+    sha256(prev_hash || canonical JSON of the hashed fields), see README "Audit".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    OCCURRED_AT_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
+    DATA_JSON_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Order of the event in the whole log (allocated at insert)."""
+    tenant_id: _builtins.str
+    """The tenant of the stream."""
+    user_id: _builtins.str
+    """The user of the stream; empty for the tenant's own stream."""
+    conversation_id: _builtins.str
+    """The conversation of the stream; empty for tenant and user streams."""
+    version: _builtins.int
+    """Version of the event in its stream: 1, 2, 3… without gaps."""
+    event_type: _builtins.str
+    """QuotaSet, TokensReserved, ReservationCommitted, ReservationRolledBack, ReservationExpired
+    or UsageRecorded.
+    """
+    model: _builtins.str
+    """The model, if any."""
+    reservation_id: _builtins.str
+    """The reservation, if any."""
+    amount: _builtins.int
+    """The hold amount, if any."""
+    idempotency_key: _builtins.str
+    """The idempotency key of the call that wrote it, if any."""
+    actor: _builtins.str
+    """Who wrote it."""
+    trace_id: _builtins.str
+    """The trace of the call that wrote it."""
+    data_json: _builtins.str
+    """Type-specific fields as canonical JSON (sorted keys, no spaces), exactly as hashed."""
+    transaction_id: _builtins.int
+    """The id (xid8) of the database transaction that wrote it."""
+    prev_hash: _builtins.bytes
+    """The hash of the previous event of the stream (32 zero bytes for version 1)."""
+    hash: _builtins.bytes
+    """This event's hash."""
+    @_builtins.property
+    def occurred_at(self) -> _timestamp_pb2.Timestamp:
+        """When the ledger decided the event."""
+
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """When the database stored it."""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """The usage, if any."""
+
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        event_type: _builtins.str = ...,
+        occurred_at: _timestamp_pb2.Timestamp | None = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+        model: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
+        idempotency_key: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        trace_id: _builtins.str = ...,
+        data_json: _builtins.str = ...,
+        transaction_id: _builtins.int = ...,
+        prev_hash: _builtins.bytes = ...,
+        hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "recorded_at", b"recorded_at", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "amount", b"amount", "conversation_id", b"conversation_id", "data_json", b"data_json", "event_type", b"event_type", "hash", b"hash", "idempotency_key", b"idempotency_key", "model", b"model", "occurred_at", b"occurred_at", "position", b"position", "prev_hash", b"prev_hash", "recorded_at", b"recorded_at", "reservation_id", b"reservation_id", "tenant_id", b"tenant_id", "trace_id", b"trace_id", "transaction_id", b"transaction_id", "usage", b"usage", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerEvent: _TypeAlias = LedgerEvent  # noqa: Y015
+
+@_typing.final
+class StreamHead(_message.Message):
+    """StreamHead is where a stream's chain stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant of the stream."""
+    user_id: _builtins.str
+    """The user of the stream."""
+    conversation_id: _builtins.str
+    """The conversation of the stream."""
+    version: _builtins.int
+    """The last version reached."""
+    hash: _builtins.bytes
+    """The hash of that version."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        hash: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "hash", b"hash", "tenant_id", b"tenant_id", "user_id", b"user_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamHead: _TypeAlias = StreamHead  # noqa: Y015
+
+@_typing.final
+class ReplayHistoryRequest(_message.Message):
+    """ReplayHistoryRequest names a scope and where to start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    FROM_POSITION_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """Only this user's streams (its own and its conversations'); empty for the whole tenant."""
+    conversation_id: _builtins.str
+    """Only this conversation's stream; needs user_id."""
+    from_position: _builtins.int
+    """Start at this position (inclusive); 0 for the beginning."""
+    max_events: _builtins.int
+    """Stop after this many events (0: the server's maximum); ReplayEnd says where to go on."""
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Start at this time (inclusive), when set."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        from_position: _builtins.int = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        max_events: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_position", b"from_position", "from_time", b"from_time", "max_events", b"max_events", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayHistoryRequest: _TypeAlias = ReplayHistoryRequest  # noqa: Y015
+
+@_typing.final
+class ReplayHistoryResponse(_message.Message):
+    """ReplayHistoryResponse is one event, or the end of the replay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> Global___LedgerEvent:
+        """The next event."""
+
+    @_builtins.property
+    def end(self) -> Global___ReplayEnd:
+        """The last message: what was reached."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LedgerEvent | None = ...,
+        end: Global___ReplayEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "end"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___ReplayHistoryResponse: _TypeAlias = ReplayHistoryResponse  # noqa: Y015
+
+@_typing.final
+class ReplayEnd(_message.Message):
+    """ReplayEnd closes a replay."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    LAST_POSITION_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
+    events: _builtins.int
+    """Events sent."""
+    last_position: _builtins.int
+    """Position of the last event sent (0 if none)."""
+    complete: _builtins.bool
+    """False when max_events cut the replay short: go on from last_position + 1."""
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamHead]:
+        """Each stream in scope as reached by the events sent."""
+
+    def __init__(
+        self,
+        *,
+        events: _builtins.int = ...,
+        last_position: _builtins.int = ...,
+        complete: _builtins.bool = ...,
+        heads: _abc.Iterable[Global___StreamHead] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "events", b"events", "heads", b"heads", "last_position", b"last_position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayEnd: _TypeAlias = ReplayEnd  # noqa: Y015
+
+@_typing.final
+class VerifyAuditRequest(_message.Message):
+    """VerifyAuditRequest names what to verify."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """Only this user (its streams and accounts); empty for the whole tenant."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditRequest: _TypeAlias = VerifyAuditRequest  # noqa: Y015
+
+@_typing.final
+class ChainBreak(_message.Message):
+    """ChainBreak is the first event of a stream that does not follow from its predecessor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version found there."""
+    problem: _builtins.str
+    """What is wrong: a version gap, a prev_hash that is not the previous hash, or a hash that
+    does not match the event's content.
+    """
+    @_builtins.property
+    def stream(self) -> Global___StreamHead:
+        """The stream."""
+
+    def __init__(
+        self,
+        *,
+        stream: Global___StreamHead | None = ...,
+        version: _builtins.int = ...,
+        problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stream", b"stream"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem", "stream", b"stream", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainBreak: _TypeAlias = ChainBreak  # noqa: Y015
+
+@_typing.final
+class ProjectionDifference(_message.Message):
+    """ProjectionDifference is one field where the live projection differs from the rebuild."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    REBUILT_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """"account" or "reservation"."""
+    key: _builtins.str
+    """The account ("tenant/user/conversation") or reservation id."""
+    field: _builtins.str
+    """The field."""
+    live: _builtins.str
+    """Its live value."""
+    rebuilt: _builtins.str
+    """Its value rebuilt from the log."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        key: _builtins.str = ...,
+        field: _builtins.str = ...,
+        live: _builtins.str = ...,
+        rebuilt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "key", b"key", "kind", b"kind", "live", b"live", "rebuilt", b"rebuilt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProjectionDifference: _TypeAlias = ProjectionDifference  # noqa: Y015
+
+@_typing.final
+class VerifyAuditResponse(_message.Message):
+    """VerifyAuditResponse reports what was checked and what does not match."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_CHECKED_FIELD_NUMBER: _builtins.int
+    STREAMS_CHECKED_FIELD_NUMBER: _builtins.int
+    CHAINS_OK_FIELD_NUMBER: _builtins.int
+    BREAKS_FIELD_NUMBER: _builtins.int
+    PROJECTIONS_MATCH_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_FIELD_NUMBER: _builtins.int
+    events_checked: _builtins.int
+    """Events checked."""
+    streams_checked: _builtins.int
+    """Streams checked."""
+    chains_ok: _builtins.bool
+    """True when every chain verifies."""
+    projections_match: _builtins.bool
+    """True when the live projections equal the rebuild."""
+    @_builtins.property
+    def breaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainBreak]:
+        """The first break of each broken stream."""
+
+    @_builtins.property
+    def differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectionDifference]:
+        """Every difference found."""
+
+    def __init__(
+        self,
+        *,
+        events_checked: _builtins.int = ...,
+        streams_checked: _builtins.int = ...,
+        chains_ok: _builtins.bool = ...,
+        breaks: _abc.Iterable[Global___ChainBreak] | None = ...,
+        projections_match: _builtins.bool = ...,
+        differences: _abc.Iterable[Global___ProjectionDifference] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaks", b"breaks", "chains_ok", b"chains_ok", "differences", b"differences", "events_checked", b"events_checked", "projections_match", b"projections_match", "streams_checked", b"streams_checked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyAuditResponse: _TypeAlias = VerifyAuditResponse  # noqa: Y015
+
+@_typing.final
+class UsageQuery(_message.Message):
+    """UsageQuery says which usage to total and how."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    FROM_TIME_FIELD_NUMBER: _builtins.int
+    TO_TIME_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """Only this user, when set."""
+    conversation_id: _builtins.str
+    """Only this conversation, when set."""
+    model: _builtins.str
+    """Only this model, when set."""
+    @_builtins.property
+    def from_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the range (inclusive), rounded down to the hour."""
+
+    @_builtins.property
+    def to_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the range (exclusive), rounded up to the hour."""
+
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___UsageDimension.ValueType]:
+        """Dimensions to group by; none gives one total row."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        from_time: _timestamp_pb2.Timestamp | None = ...,
+        to_time: _timestamp_pb2.Timestamp | None = ...,
+        group_by: _abc.Iterable[Global___UsageDimension.ValueType] | None = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_time", b"from_time", "group_by", b"group_by", "model", b"model", "tenant_id", b"tenant_id", "to_time", b"to_time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageQuery: _TypeAlias = UsageQuery  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    """UsageRow is the usage of one group."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVATIONS_FIELD_NUMBER: _builtins.int
+    COMMITS_FIELD_NUMBER: _builtins.int
+    ROLLBACKS_FIELD_NUMBER: _builtins.int
+    EXPIRIES_FIELD_NUMBER: _builtins.int
+    LATE_COMMITS_FIELD_NUMBER: _builtins.int
+    USAGE_RECORDS_FIELD_NUMBER: _builtins.int
+    OVERAGE_TOKENS_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user, when grouped by user or conversation."""
+    conversation_id: _builtins.str
+    """The conversation, when grouped by conversation."""
+    model: _builtins.str
+    """The model, when grouped by model."""
+    input_tokens: _builtins.int
+    """Prompt tokens not served from a cache."""
+    output_tokens: _builtins.int
+    """Completion tokens."""
+    cached_input_tokens: _builtins.int
+    """Prompt tokens served from a cache."""
+    total_tokens: _builtins.int
+    """All three."""
+    reservations: _builtins.int
+    """Reservations placed."""
+    commits: _builtins.int
+    """Reservations committed."""
+    rollbacks: _builtins.int
+    """Reservations rolled back."""
+    expiries: _builtins.int
+    """Reservations expired."""
+    late_commits: _builtins.int
+    """Commits after expiry."""
+    usage_records: _builtins.int
+    """Usage recorded without a hold."""
+    overage_tokens: _builtins.int
+    """Tokens used above their holds."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the day or hour, when grouped by one."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cached_input_tokens: _builtins.int = ...,
+        total_tokens: _builtins.int = ...,
+        reservations: _builtins.int = ...,
+        commits: _builtins.int = ...,
+        rollbacks: _builtins.int = ...,
+        expiries: _builtins.int = ...,
+        late_commits: _builtins.int = ...,
+        usage_records: _builtins.int = ...,
+        overage_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "commits", b"commits", "conversation_id", b"conversation_id", "expiries", b"expiries", "input_tokens", b"input_tokens", "late_commits", b"late_commits", "model", b"model", "output_tokens", b"output_tokens", "overage_tokens", b"overage_tokens", "period_start", b"period_start", "reservations", b"reservations", "rollbacks", b"rollbacks", "total_tokens", b"total_tokens", "usage_records", b"usage_records", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class QueryUsageRequest(_message.Message):
+    """QueryUsageRequest is a usage query with a page."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Rows per page (0: 100; at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty for the first page."""
+    @_builtins.property
+    def query(self) -> Global___UsageQuery:
+        """What to total."""
+
+    def __init__(
+        self,
+        *,
+        query: Global___UsageQuery | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUsageRequest: _TypeAlias = QueryUsageRequest  # noqa: Y015
+
+@_typing.final
+class QueryUsageResponse(_message.Message):
+    """QueryUsageResponse is one page of rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """The rows, ordered by the group keys."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUsageResponse: _TypeAlias = QueryUsageResponse  # noqa: Y015
+
+@_typing.final
+class ExportUsageRequest(_message.Message):
+    """ExportUsageRequest is a usage query to stream in full."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def query(self) -> Global___UsageQuery:
+        """What to total."""
+
+    def __init__(
+        self,
+        *,
+        query: Global___UsageQuery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportUsageRequest: _TypeAlias = ExportUsageRequest  # noqa: Y015
+
+@_typing.final
+class ExportUsageResponse(_message.Message):
+    """ExportUsageResponse is one row."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def row(self) -> Global___UsageRow:
+        """The row."""
+
+    def __init__(
+        self,
+        *,
+        row: Global___UsageRow | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["row", b"row"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["row", b"row"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportUsageResponse: _TypeAlias = ExportUsageResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeEventsRequest(_message.Message):
+    """SubscribeEventsRequest says where to follow the log from."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    FROM_POSITION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Only this tenant's events; empty for all (operators)."""
+    after_cursor: _builtins.str
+    """Resume after this cursor (from a previous SubscribeEventsResponse); empty to start."""
+    from_position: _builtins.int
+    """When starting (no cursor): only events at this position or later."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        after_cursor: _builtins.str = ...,
+        from_position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "from_position", b"from_position", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeEventsRequest: _TypeAlias = SubscribeEventsRequest  # noqa: Y015
+
+@_typing.final
+class SubscribeEventsResponse(_message.Message):
+    """SubscribeEventsResponse is one committed event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Resume after this event with it. Events come in (transaction id, position) order, which
+    unlike position order never skips a transaction that commits late.
+    """
+    @_builtins.property
+    def event(self) -> Global___LedgerEvent:
+        """The event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LedgerEvent | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeEventsResponse: _TypeAlias = SubscribeEventsResponse  # noqa: Y015

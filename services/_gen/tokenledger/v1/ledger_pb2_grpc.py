@@ -75,6 +75,31 @@ class LedgerServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.ReplayHistory = channel.unary_stream(
+                '/tokenledger.v1.LedgerService/ReplayHistory',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.ReplayHistoryRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ReplayHistoryResponse.FromString,
+                _registered_method=True)
+        self.VerifyAudit = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/VerifyAudit',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.VerifyAuditRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.VerifyAuditResponse.FromString,
+                _registered_method=True)
+        self.QueryUsage = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/QueryUsage',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageResponse.FromString,
+                _registered_method=True)
+        self.ExportUsage = channel.unary_stream(
+                '/tokenledger.v1.LedgerService/ExportUsage',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.ExportUsageRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ExportUsageResponse.FromString,
+                _registered_method=True)
+        self.SubscribeEvents = channel.unary_stream(
+                '/tokenledger.v1.LedgerService/SubscribeEvents',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SubscribeEventsResponse.FromString,
+                _registered_method=True)
 
 
 class LedgerServiceServicer:
@@ -143,6 +168,44 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplayHistory(self, request, context):
+        """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
+        field, and ends with the version and chain head each stream reached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyAudit(self, request, context):
+        """VerifyAudit recomputes every hash chain in scope and rebuilds the projections from the log,
+        comparing them with the live ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryUsage(self, request, context):
+        """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportUsage(self, request, context):
+        """ExportUsage streams the rows QueryUsage would return, without paging.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubscribeEvents(self, request, context):
+        """SubscribeEvents follows the log: every committed event once, none skipped even when
+        transactions commit out of position order, then new events as they commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LedgerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +243,31 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.RecordUsage,
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_ledger__pb2.RecordUsageResponse.SerializeToString,
+            ),
+            'ReplayHistory': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReplayHistory,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ReplayHistoryRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.ReplayHistoryResponse.SerializeToString,
+            ),
+            'VerifyAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyAudit,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.VerifyAuditRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.VerifyAuditResponse.SerializeToString,
+            ),
+            'QueryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUsage,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageResponse.SerializeToString,
+            ),
+            'ExportUsage': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportUsage,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ExportUsageRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.ExportUsageResponse.SerializeToString,
+            ),
+            'SubscribeEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.SubscribeEvents,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.SubscribeEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -377,6 +465,141 @@ class LedgerService:
             '/tokenledger.v1.LedgerService/RecordUsage',
             tokenledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.SerializeToString,
             tokenledger_dot_v1_dot_ledger__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/ReplayHistory',
+            tokenledger_dot_v1_dot_ledger__pb2.ReplayHistoryRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.ReplayHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/VerifyAudit',
+            tokenledger_dot_v1_dot_ledger__pb2.VerifyAuditRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.VerifyAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/QueryUsage',
+            tokenledger_dot_v1_dot_ledger__pb2.QueryUsageRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.QueryUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/ExportUsage',
+            tokenledger_dot_v1_dot_ledger__pb2.ExportUsageRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.ExportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/SubscribeEvents',
+            tokenledger_dot_v1_dot_ledger__pb2.SubscribeEventsRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.SubscribeEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

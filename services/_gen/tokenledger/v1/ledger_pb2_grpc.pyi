@@ -66,6 +66,22 @@ class LedgerServiceStub:
     """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
     the ledger records reality, enforcement happens at Reserve.
     """
+    ReplayHistory: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ReplayHistoryRequest, _ledger_pb2.ReplayHistoryResponse]
+    """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
+    field, and ends with the version and chain head each stream reached.
+    """
+    VerifyAudit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.VerifyAuditRequest, _ledger_pb2.VerifyAuditResponse]
+    """VerifyAudit recomputes every hash chain in scope and rebuilds the projections from the log,
+    comparing them with the live ones.
+    """
+    QueryUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.QueryUsageRequest, _ledger_pb2.QueryUsageResponse]
+    """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered."""
+    ExportUsage: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]
+    """ExportUsage streams the rows QueryUsage would return, without paging."""
+    SubscribeEvents: _grpc.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.SubscribeEventsResponse]
+    """SubscribeEvents follows the log: every committed event once, none skipped even when
+    transactions commit out of position order, then new events as they commit.
+    """
 
 @_typing.type_check_only
 class LedgerServiceAsyncStub(LedgerServiceStub):
@@ -104,6 +120,22 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
     the ledger records reality, enforcement happens at Reserve.
+    """
+    ReplayHistory: _aio.UnaryStreamMultiCallable[_ledger_pb2.ReplayHistoryRequest, _ledger_pb2.ReplayHistoryResponse]  # type: ignore[assignment]
+    """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
+    field, and ends with the version and chain head each stream reached.
+    """
+    VerifyAudit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.VerifyAuditRequest, _ledger_pb2.VerifyAuditResponse]  # type: ignore[assignment]
+    """VerifyAudit recomputes every hash chain in scope and rebuilds the projections from the log,
+    comparing them with the live ones.
+    """
+    QueryUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.QueryUsageRequest, _ledger_pb2.QueryUsageResponse]  # type: ignore[assignment]
+    """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered."""
+    ExportUsage: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]  # type: ignore[assignment]
+    """ExportUsage streams the rows QueryUsage would return, without paging."""
+    SubscribeEvents: _aio.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
+    """SubscribeEvents follows the log: every committed event once, none skipped even when
+    transactions commit out of position order, then new events as they commit.
     """
 
 class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -182,6 +214,52 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.RecordUsageResponse, _abc.Awaitable[_ledger_pb2.RecordUsageResponse]]:
         """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
         the ledger records reality, enforcement happens at Reserve.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayHistory(
+        self,
+        request: _ledger_pb2.ReplayHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ReplayHistoryResponse], _abc.AsyncIterator[_ledger_pb2.ReplayHistoryResponse]]:
+        """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
+        field, and ends with the version and chain head each stream reached.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyAudit(
+        self,
+        request: _ledger_pb2.VerifyAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.VerifyAuditResponse, _abc.Awaitable[_ledger_pb2.VerifyAuditResponse]]:
+        """VerifyAudit recomputes every hash chain in scope and rebuilds the projections from the log,
+        comparing them with the live ones.
+        """
+
+    @_abc_1.abstractmethod
+    def QueryUsage(
+        self,
+        request: _ledger_pb2.QueryUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.QueryUsageResponse, _abc.Awaitable[_ledger_pb2.QueryUsageResponse]]:
+        """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered."""
+
+    @_abc_1.abstractmethod
+    def ExportUsage(
+        self,
+        request: _ledger_pb2.ExportUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ExportUsageResponse], _abc.AsyncIterator[_ledger_pb2.ExportUsageResponse]]:
+        """ExportUsage streams the rows QueryUsage would return, without paging."""
+
+    @_abc_1.abstractmethod
+    def SubscribeEvents(
+        self,
+        request: _ledger_pb2.SubscribeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ledger_pb2.SubscribeEventsResponse], _abc.AsyncIterator[_ledger_pb2.SubscribeEventsResponse]]:
+        """SubscribeEvents follows the log: every committed event once, none skipped even when
+        transactions commit out of position order, then new events as they commit.
         """
 
 def add_LedgerServiceServicer_to_server(servicer: LedgerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

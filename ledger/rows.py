@@ -1,0 +1,68 @@
+"""Table rows to ledger values: the column lists and mappers shared by the store and audits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC
+from typing import Any
+
+from ledger.model import Account, AccountKey, Period, Reservation, State, Usage
+
+ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, held, used_total,
+    used_day, day_start, used_month, month_start, stream_version, head_hash"""
+RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, model, amount,
+    state, created_at, expires_at, labels, input_tokens, output_tokens, cached_input_tokens,
+    late, ended_at, ended_balance"""
+
+
+def select_accounts_sql(keys: Sequence[AccountKey], *, lock: bool) -> tuple[str, tuple[str, ...]]:
+    """Accounts of one tenant by key; with `lock`, row-locked in key order (tenant first)."""
+    placeholders = ", ".join(["(%s, %s)"] * len(keys))
+    sql = (
+        f"SELECT {ACCOUNT_COLUMNS} FROM accounts "  # noqa: S608 (placeholders only)
+        f"WHERE tenant_id = %s AND (user_id, conversation_id) IN ({placeholders}) "
+        "ORDER BY user_id, conversation_id"
+    )
+    params = [keys[0].tenant_id]
+    for k in keys:
+        params += [k.user_id, k.conversation_id]
+    return (sql + " FOR UPDATE" if lock else sql), tuple(params)
+
+
+def account_key(row: dict[str, Any]) -> AccountKey:
+    return AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+
+
+def account_from_row(row: dict[str, Any]) -> Account:
+    return Account(
+        key=account_key(row),
+        limit=row["quota_limit"],
+        period=Period(row["period"]),
+        held=row["held"],
+        used_total=row["used_total"],
+        used_day=row["used_day"],
+        day_start=row["day_start"],
+        used_month=row["used_month"],
+        month_start=row["month_start"],
+    )
+
+
+def reservation_from_row(row: dict[str, Any]) -> Reservation:
+    usage = (
+        None
+        if row["input_tokens"] is None
+        else Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
+    )
+    return Reservation(
+        reservation_id=row["reservation_id"],
+        key=account_key(row),
+        model=row["model"],
+        amount=row["amount"],
+        state=State(row["state"]),
+        created_at=row["created_at"].astimezone(UTC),
+        expires_at=row["expires_at"].astimezone(UTC),
+        labels=tuple(sorted(row["labels"].items())),
+        usage=usage,
+        late=row["late"],
+        ended_at=row["ended_at"].astimezone(UTC) if row["ended_at"] else None,
+    )

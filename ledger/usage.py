@@ -1,0 +1,106 @@
+"""The usage projection: what each event adds to its (tenant, hour, user, conversation, model)
+row. The store applies it in the event's transaction; an audit folds the whole log with it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+
+from ledger.model import (
+    Event,
+    ReservationCommitted,
+    ReservationExpired,
+    ReservationRolledBack,
+    TokensReserved,
+    UsageRecorded,
+)
+
+
+@dataclass(frozen=True, order=True)
+class UsageKey:
+    tenant_id: str
+    hour: datetime
+    user_id: str
+    conversation_id: str
+    model: str
+
+
+@dataclass
+class UsageCounters:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    reservations: int = 0
+    commits: int = 0
+    rollbacks: int = 0
+    expiries: int = 0
+    late_commits: int = 0
+    usage_records: int = 0
+    overage_tokens: int = 0
+
+    def add(self, other: UsageCounters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+COUNTER_NAMES = tuple(f.name for f in fields(UsageCounters))
+
+
+def hour_of(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def usage_delta(event: Event) -> UsageCounters | None:
+    """What `event` adds to its usage row; None for events that are not usage (quotas).
+    Overage is counted at commit; a late commit's tokens count, its overage is in its
+    reservation's figures."""
+    match event:
+        case TokensReserved():
+            return UsageCounters(reservations=1)
+        case ReservationCommitted():
+            u = event.usage
+            return UsageCounters(
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                cached_input_tokens=u.cached_input_tokens,
+                commits=1,
+                overage_tokens=max(0, u.total - event.amount),
+            )
+        case ReservationRolledBack():
+            return UsageCounters(rollbacks=1)
+        case ReservationExpired():
+            return UsageCounters(expiries=1)
+        case UsageRecorded():
+            u = event.usage
+            late = bool(event.reservation_id)
+            return UsageCounters(
+                input_tokens=u.input_tokens,
+                output_tokens=u.output_tokens,
+                cached_input_tokens=u.cached_input_tokens,
+                late_commits=int(late),
+                usage_records=int(not late),
+            )
+    return None
+
+
+def usage_key(event: Event) -> UsageKey:
+    k = event.key
+    return UsageKey(
+        k.tenant_id, hour_of(event.occurred_at), k.user_id, k.conversation_id, event.model
+    )
+
+
+def add_usage(rows: dict[UsageKey, UsageCounters], event: Event) -> None:
+    """Add what `event` counts to `rows`."""
+    delta = usage_delta(event)
+    if delta is not None:
+        rows.setdefault(usage_key(event), UsageCounters()).add(delta)
+
+
+def fold_usage(events: Iterable[Event]) -> dict[UsageKey, UsageCounters]:
+    """The usage rows that `events` add up to."""
+    rows: dict[UsageKey, UsageCounters] = {}
+    for event in events:
+        add_usage(rows, event)
+    return rows
