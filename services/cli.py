@@ -12,7 +12,7 @@ import uuid
 import grpc
 import structlog
 
-from services import db
+from services import cli_reports, db
 from services.config import ConfigError, Settings
 from services.observability import configure_logging, configure_tracing
 
@@ -136,8 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="migrate, then serve the ledger (embedded db if no DATABASE_URL)")
     sub.add_parser("migrate", help="bring the database schema to the newest revision")
     demo = sub.add_parser("demo", help="reserve -> commit -> balance against a running server")
-    demo.add_argument("--target", default=os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET))
+    target = os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET)
+    demo.add_argument("--target", default=target)
+    cli_reports.add_commands(sub, target)
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        try:
+            return int(args.run(args))
+        except grpc.RpcError as exc:
+            print(f"tokenledger: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

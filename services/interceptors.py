@@ -118,7 +118,8 @@ class LoggingInterceptor(_Interceptor):
                 request_id=request_id,
                 trace_id=format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "",
                 rpc=method,
-                tenant_id=getattr(request, "tenant_id", ""),
+                tenant_id=getattr(request, "tenant_id", "")
+                or getattr(getattr(request, "query", None), "tenant_id", ""),
             )
             started = time.perf_counter()
             try:

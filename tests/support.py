@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from services import db
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.server import LedgerServer
 
@@ -178,3 +179,30 @@ def event_count(url: str) -> int:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def cycle(
+    stub: pb_grpc.LedgerServiceStub, tenant: str, user: str, conv: str, amount: int, used: int
+) -> str:
+    r = stub.Reserve(
+        pb.ReserveRequest(
+            idempotency_key=new_id("k"),
+            tenant_id=tenant,
+            user_id=user,
+            conversation_id=conv,
+            model="gpt-4o" if amount % 2 else "llama-3",
+            amount=amount,
+        )
+    )
+    rid = r.reservation.reservation_id
+    if used < 0:
+        stub.Rollback(pb.RollbackRequest(tenant_id=tenant, reservation_id=rid))
+    else:
+        stub.Commit(
+            pb.CommitRequest(
+                tenant_id=tenant,
+                reservation_id=rid,
+                usage=pb.Usage(input_tokens=used, output_tokens=1),
+            )
+        )
+    return rid

@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from ledger import codec
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import Clock, ServerThread, call_fails, new_id
+from tests.support import Clock, ServerThread, call_fails, cycle, new_id
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -27,54 +27,6 @@ def stamp(at: datetime) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()
     out.FromDatetime(at)
     return out
-
-
-def cycle(stub: Stub, tenant: str, user: str, conv: str, amount: int, used: int) -> str:
-    r = stub.Reserve(
-        pb.ReserveRequest(
-            idempotency_key=new_id("k"),
-            tenant_id=tenant,
-            user_id=user,
-            conversation_id=conv,
-            model="gpt-4o" if amount % 2 else "llama-3",
-            amount=amount,
-        )
-    )
-    rid = r.reservation.reservation_id
-    if used < 0:
-        stub.Rollback(pb.RollbackRequest(tenant_id=tenant, reservation_id=rid))
-    else:
-        stub.Commit(
-            pb.CommitRequest(
-                tenant_id=tenant,
-                reservation_id=rid,
-                usage=pb.Usage(input_tokens=used, output_tokens=1),
-            )
-        )
-    return rid
-
-
-@pytest.fixture
-def history(stub: Stub) -> str:
-    """A tenant with quotas, commits, a rollback, usage without a hold and an overage."""
-    tenant = new_id("t")
-    stub.SetQuota(
-        pb.SetQuotaRequest(
-            idempotency_key=new_id("q"), tenant_id=tenant, user_id="ann", limit=10_000,
-            period=pb.PERIOD_DAY,
-        )
-    )  # fmt: skip
-    cycle(stub, tenant, "ann", "c1", 101, 50)
-    cycle(stub, tenant, "ann", "c2", 200, 300)  # overage 101
-    cycle(stub, tenant, "bob", "", 51, -1)  # rolled back
-    cycle(stub, tenant, "bob", "c9", 77, 10)
-    stub.RecordUsage(
-        pb.RecordUsageRequest(
-            idempotency_key=new_id("u"), tenant_id=tenant, user_id="bob", model="gpt-4o",
-            usage=pb.Usage(cached_input_tokens=5),
-        )
-    )  # fmt: skip
-    return tenant
 
 
 def replay(stub: Stub, **fields: object) -> tuple[list[pb.LedgerEvent], pb.ReplayEnd]:

@@ -1,0 +1,269 @@
+"""`tokenledger audit …`, `tokenledger usage` and `tokenledger top`: the ledger's read RPCs
+for auditors and finance, as tables, CSV or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+
+Dimension: TypeAlias = pb.UsageDimension.ValueType
+DIMENSIONS: dict[str, Dimension] = {
+    "user": pb.USAGE_DIMENSION_USER,
+    "conversation": pb.USAGE_DIMENSION_CONVERSATION,
+    "model": pb.USAGE_DIMENSION_MODEL,
+    "day": pb.USAGE_DIMENSION_DAY,
+    "hour": pb.USAGE_DIMENSION_HOUR,
+}
+USAGE_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "total_tokens",
+                 "reservations", "commits", "rollbacks", "expiries", "late_commits",
+                 "usage_records", "overage_tokens")  # fmt: skip
+CALL_TIMEOUT_S = 600
+err = Console(stderr=True)
+
+
+def add_commands(sub: Any, target_default: str) -> None:
+    def parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        p.add_argument("--target", default=target_default, help="the ledger's address")
+        p.add_argument("--tenant", required=True)
+        return p
+
+    audit = sub.add_parser("audit", help="replay, verify, or read a past balance").add_subparsers(
+        dest="audit_command", required=True
+    )
+
+    def audit_parser(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = audit.add_parser(name, help=help_text)
+        p.add_argument("--target", default=target_default, help="the ledger's address")
+        p.add_argument("--tenant", required=True)
+        p.add_argument("--user", default="")
+        p.add_argument("--json", action="store_true", help="JSON output")
+        return p
+
+    verify = audit_parser("verify", "check every hash chain and rebuild the projections")
+    verify.set_defaults(run=cmd_verify)
+    replay = audit_parser("replay", "print the events in log order")
+    replay.add_argument("--conversation", default="")
+    replay.add_argument("--from-position", type=int, default=0)
+    replay.add_argument("--since", type=_time, help="ISO time")
+    replay.set_defaults(run=cmd_replay)
+    balance = audit_parser("balance-at", "the balance as it stood at an instant")
+    balance.add_argument("--conversation", default="")
+    balance.add_argument("--at", type=_time, required=True, help="ISO time")
+    balance.set_defaults(run=cmd_balance_at)
+
+    for name, help_text, run in (
+        ("usage", "usage totals, grouped", cmd_usage),
+        ("top", "the heaviest users or conversations", cmd_top),
+    ):
+        p = parser(name, help_text)
+        p.add_argument("--since", type=_time, help="ISO time (default: 30 days ago)")
+        p.add_argument("--until", type=_time, help="ISO time (default: now)")
+        p.add_argument("--user", default="")
+        p.add_argument("--model", default="")
+        p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        p.set_defaults(run=run)
+        if name == "usage":
+            p.add_argument("--by", default="", help="comma-separated: " + ",".join(DIMENSIONS))
+        else:
+            p.add_argument("--by", choices=("user", "conversation"), default="user")
+            p.add_argument("--limit", type=int, default=10)
+
+
+def _time(text: str) -> datetime:
+    at = datetime.fromisoformat(text)
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def _stamp(at: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(at)
+    return out
+
+
+@contextmanager
+def _stub(target: str) -> Iterator[pb_grpc.LedgerServiceStub]:
+    with grpc.insecure_channel(target) as channel:
+        yield pb_grpc.LedgerServiceStub(channel)
+
+
+def _progress(label: str) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn(label + " {task.completed:,}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _stub(args.target) as stub, _progress("verifying; events") as progress:
+        progress.add_task("verify", total=None)
+        report = stub.VerifyAudit(
+            pb.VerifyAuditRequest(tenant_id=args.tenant, user_id=args.user),
+            timeout=CALL_TIMEOUT_S,
+        )
+    ok = report.chains_ok and report.projections_match
+    if args.json:
+        print(json_format.MessageToJson(report, always_print_fields_with_no_presence=True))
+        return 0 if ok else 1
+    print(f"events checked {report.events_checked:,} in {report.streams_checked:,} streams")
+    print("chains: ok" if report.chains_ok else "chains: BROKEN")
+    for b in report.breaks:
+        stream = "/".join(p for p in (b.stream.tenant_id, b.stream.user_id,
+                                      b.stream.conversation_id) if p)  # fmt: skip
+        print(f"  {stream} at version {b.version}: {b.problem}")
+    print("projections: match the log" if report.projections_match else "projections: DIFFER")
+    for d in report.differences:
+        print(f"  {d.kind} {d.key} {d.field}: live {d.live}, rebuilt from the log {d.rebuilt}")
+    return 0 if ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    request = pb.ReplayHistoryRequest(
+        tenant_id=args.tenant,
+        user_id=args.user,
+        conversation_id=args.conversation,
+        from_position=args.from_position,
+    )
+    if args.since:
+        request.from_time.CopyFrom(_stamp(args.since))
+    with _stub(args.target) as stub, _progress("replaying; events") as progress:
+        task = progress.add_task("replay", total=None)
+        for answer in stub.ReplayHistory(request, timeout=CALL_TIMEOUT_S):
+            if answer.WhichOneof("item") == "end":
+                end = answer.end
+                break
+            progress.advance(task)
+            e = answer.event
+            if args.json:
+                print(json_format.MessageToJson(e, indent=None))
+            else:
+                stream = "/".join(p for p in (e.user_id, e.conversation_id) if p) or "(tenant)"
+                print(
+                    f"{e.position:>10} {e.occurred_at.ToJsonString()} {stream:<28} "
+                    f"v{e.version:<5} {e.event_type:<22} {e.reservation_id} amount={e.amount} "
+                    f"in={e.usage.input_tokens} out={e.usage.output_tokens} "
+                    f"cached={e.usage.cached_input_tokens}"
+                )
+    summary = f"{end.events:,} events, last position {end.last_position}"
+    err.print(summary + ("" if end.complete else f"; more from position {end.last_position + 1}"))
+    return 0
+
+
+def cmd_balance_at(args: argparse.Namespace) -> int:
+    with _stub(args.target) as stub:
+        reply = stub.GetBalance(
+            pb.GetBalanceRequest(
+                tenant_id=args.tenant,
+                user_id=args.user,
+                conversation_id=args.conversation,
+                as_of=_stamp(args.at),
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+    if args.json:
+        print(json_format.MessageToJson(reply, always_print_fields_with_no_presence=True))
+        return 0
+    table = Table("account", "limit", "period", "held", "used", "available",
+                  title=f"as of {args.at.isoformat()}")  # fmt: skip
+    for b in (*reply.ancestors, reply.balance):
+        name = "/".join(p for p in (b.tenant_id, b.user_id, b.conversation_id) if p)
+        table.add_row(
+            name,
+            str(b.limit) if b.HasField("limit") else "-",
+            pb.Period.Name(b.period).removeprefix("PERIOD_").lower(),
+            str(b.held),
+            str(b.used),
+            str(b.available) if b.HasField("available") else "-",
+        )
+    Console().print(table)
+    return 0
+
+
+def _query(args: argparse.Namespace, dims: list[Dimension]) -> pb.UsageQuery:
+    until = args.until or datetime.now(UTC)
+    return pb.UsageQuery(
+        tenant_id=args.tenant,
+        from_time=_stamp(args.since or until - timedelta(days=30)),
+        to_time=_stamp(until),
+        group_by=dims,
+        user_id=args.user,
+        model=args.model,
+    )
+
+
+def _rows(stub: pb_grpc.LedgerServiceStub, query: pb.UsageQuery) -> list[dict[str, Any]]:
+    rows = []
+    for answer in stub.ExportUsage(pb.ExportUsageRequest(query=query), timeout=CALL_TIMEOUT_S):
+        r = answer.row
+        row: dict[str, Any] = {}
+        for dim in query.group_by:
+            if dim in (pb.USAGE_DIMENSION_USER, pb.USAGE_DIMENSION_CONVERSATION):
+                row["user"] = r.user_id
+            if dim == pb.USAGE_DIMENSION_CONVERSATION:
+                row["conversation"] = r.conversation_id
+            if dim == pb.USAGE_DIMENSION_MODEL:
+                row["model"] = r.model
+            if dim in (pb.USAGE_DIMENSION_DAY, pb.USAGE_DIMENSION_HOUR):
+                row["period"] = r.period_start.ToJsonString()
+        rows.append(row | {c: getattr(r, c) for c in USAGE_COLUMNS})
+    return rows
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, title: str) -> None:
+    if fmt == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    columns = list(rows[0]) if rows else ["total_tokens"]
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
+    Console().print(table)
+
+
+def _dimensions(names: list[str]) -> list[Dimension]:
+    unknown = [n for n in names if n not in DIMENSIONS]
+    if unknown:
+        raise SystemExit(
+            f"tokenledger: unknown --by {', '.join(unknown)}; use {', '.join(DIMENSIONS)}"
+        )
+    return [DIMENSIONS[n] for n in names]
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    dims = _dimensions([n for n in args.by.split(",") if n])
+    with _stub(args.target) as stub:
+        rows = _rows(stub, _query(args, dims))
+    _emit(rows, args.format, f"usage of {args.tenant}")
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    with _stub(args.target) as stub:
+        rows = _rows(stub, _query(args, [DIMENSIONS[args.by]]))
+    rows.sort(key=lambda r: r["total_tokens"], reverse=True)
+    _emit(rows[: args.limit], args.format, f"top {args.limit} {args.by}s of {args.tenant}")
+    return 0
