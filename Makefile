@@ -55,6 +55,7 @@ proto-check: proto
 
 bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.ledger_bench
+	$(BIN)/python -m tests.bench.audit_bench
 
 clean:
 	rm -rf $(VENV) var

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -102,21 +103,34 @@ GROUPS: dict[str, tuple[str, ...]] = {
 class LedgerAudit:
     """Read-only access to the log and the projections for auditors, finance and followers."""
 
-    def __init__(self, pool: AsyncConnectionPool[Conn], clock: Callable[[], datetime]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
         self._pool = pool
-        self._clock = clock
 
-    async def _rows(self, sql: str, params: tuple[Any, ...]) -> AsyncIterator[dict[str, Any]]:
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[Conn]:
+        """A read-only transaction on one snapshot: every query in it sees the same log and
+        the same projections, whatever commits meanwhile."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield conn
+
+    @staticmethod
+    async def _stream(
+        conn: Conn, sql: str, params: tuple[Any, ...]
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Rows of a query through a server-side cursor, so a long log streams in chunks."""
-        async with (
-            self._pool.connection() as conn,
-            conn.transaction(),
-            conn.cursor(name="ledger_read") as cur,
-        ):
+        async with conn.cursor(name="ledger_read") as cur:
             await cur.execute(sql, params)
             while rows := await cur.fetchmany(FETCH_ROWS):
                 for row in rows:
                     yield row
+
+    async def _rows(
+        self, sql: str, params: tuple[Any, ...]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        async with self._snapshot() as conn:
+            async for row in self._stream(conn, sql, params):
+                yield row
 
     def events(
         self,
@@ -124,17 +138,9 @@ class LedgerAudit:
         from_position: int = 0,
         from_time: datetime | None = None,
         limit: int | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The event rows of `scope` in log order (at most `limit`)."""
-        where, params = scope.where()
-        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND position >= %s"  # noqa: S608
-        params += (from_position,)
-        if from_time is not None:
-            sql, params = sql + " AND occurred_at >= %s", (*params, from_time)
-        if limit is not None:
-            sql, params = sql + " ORDER BY position LIMIT %s", (*params, limit)
-            return self._rows(sql, params)
-        return self._rows(sql + " ORDER BY position", params)
+        return self._rows(*_events_sql(scope, from_position, from_time, limit))
 
     async def balance_at(self, key: AccountKey, as_of: datetime) -> BalanceResult:
         """The balance of `key` and its ancestors as it stood at `as_of`, from the log."""
@@ -154,21 +160,22 @@ class LedgerAudit:
         chains, rebuilt = ChainVerifier(), Projection()
         usage: dict[UsageKey, UsageCounters] = {}
         unreadable: list[Difference] = []
-        async for row in self.events(scope):
-            chains.feed(row)
-            try:  # a tampered row may not even decode; the chain check names it too
-                event = codec.event_from_row(row)
-            except (KeyError, ValueError, TypeError) as exc:
-                unreadable.append(
-                    Difference("event", str(row["position"]), "*", "unreadable", repr(exc))
-                )
-                continue
-            rebuilt.feed(event)
-            add_usage(usage, event)
+        async with self._snapshot() as conn:
+            async for row in self._stream(conn, *_events_sql(scope, 0, None, None)):
+                chains.feed(row)
+                try:  # a tampered row may not even decode; the chain check names it too
+                    event = codec.event_from_row(row)
+                except (KeyError, ValueError, TypeError) as exc:
+                    unreadable.append(
+                        Difference("event", str(row["position"]), "*", "unreadable", repr(exc))
+                    )
+                    continue
+                rebuilt.feed(event)
+                add_usage(usage, event)
+            live = await self._live(conn, scope)
         report = VerifyReport(
             events_checked=chains.checked, streams_checked=len(chains.heads), breaks=chains.breaks
         )
-        live = await self._live(scope)
         report.differences += unreadable
         report.differences += _compare_accounts(live.accounts, rebuilt.accounts, scope)
         report.differences += _compare_streams(live.streams, chains.heads)
@@ -178,26 +185,26 @@ class LedgerAudit:
         report.differences += _compare("usage", live.usage, usage, _usage_key_text)
         return report
 
-    async def _live(self, scope: Scope) -> _Live:
+    @staticmethod
+    async def _live(conn: Conn, scope: Scope) -> _Live:
         where, params = scope.where()
         out = _Live()
-        async with self._pool.connection() as conn:
-            sql = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {where}"  # noqa: S608
-            cur = await conn.execute(sql, params)
-            for row in await cur.fetchall():
-                out.accounts[account_key(row)] = account_from_row(row)
-                out.streams[account_key(row)] = (row["stream_version"], bytes(row["head_hash"]))
-            sql = f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE {where}"  # noqa: S608
-            cur = await conn.execute(sql, params)
-            for row in await cur.fetchall():
-                out.reservations[row["reservation_id"]] = reservation_from_row(row)
-            cur = await conn.execute(f"SELECT * FROM usage_hourly WHERE {where}", params)  # noqa: S608
-            for row in await cur.fetchall():
-                key = UsageKey(
-                    row["tenant_id"], row["hour"], row["user_id"], row["conversation_id"],
-                    row["model"],
-                )  # fmt: skip
-                out.usage[key] = UsageCounters(**{c: row[c] for c in COUNTER_NAMES})
+        sql = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {where}"  # noqa: S608
+        cur = await conn.execute(sql, params)
+        for row in await cur.fetchall():
+            out.accounts[account_key(row)] = account_from_row(row)
+            out.streams[account_key(row)] = (row["stream_version"], bytes(row["head_hash"]))
+        sql = f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE {where}"  # noqa: S608
+        cur = await conn.execute(sql, params)
+        for row in await cur.fetchall():
+            out.reservations[row["reservation_id"]] = reservation_from_row(row)
+        cur = await conn.execute(f"SELECT * FROM usage_hourly WHERE {where}", params)  # noqa: S608
+        for row in await cur.fetchall():
+            key = UsageKey(
+                row["tenant_id"], row["hour"], row["user_id"], row["conversation_id"],
+                row["model"],
+            )  # fmt: skip
+            out.usage[key] = UsageCounters(**{c: row[c] for c in COUNTER_NAMES})
         return out
 
     # --- usage ------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ class LedgerAudit:
             cur = await conn.execute(sql + " LIMIT %s OFFSET %s", (*params, limit, offset))
             return [_usage_row(row) for row in await cur.fetchall()]
 
-    async def export_usage(self, q: UsageQuery) -> AsyncIterator[UsageRow]:
+    async def export_usage(self, q: UsageQuery) -> AsyncGenerator[UsageRow, None]:
         async for row in self._rows(*self._usage_sql(q)):
             yield _usage_row(row)
 
@@ -246,7 +253,7 @@ class LedgerAudit:
         from_position: int,
         stop: asyncio.Event,
         poll_s: float = limits.follow_poll_s,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Committed events after the cursor (transaction id, position), in that order, then
         new ones as they commit, until `stop`. Only transactions below the snapshot's xmin are
         read: they are all finished, and any that commits later has a larger id, so ordering
@@ -279,6 +286,20 @@ class _Live:
     streams: dict[AccountKey, tuple[int, bytes]] = field(default_factory=dict)
     reservations: dict[str, Any] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
+
+
+def _events_sql(
+    scope: Scope, from_position: int, from_time: datetime | None, limit: int | None
+) -> tuple[str, tuple[Any, ...]]:
+    where, params = scope.where()
+    sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND position >= %s"  # noqa: S608
+    params += (from_position,)
+    if from_time is not None:
+        sql, params = sql + " AND occurred_at >= %s", (*params, from_time)
+    sql += " ORDER BY position"
+    if limit is not None:
+        sql, params = sql + " LIMIT %s", (*params, limit)
+    return sql, params
 
 
 def _usage_row(row: dict[str, Any]) -> UsageRow:

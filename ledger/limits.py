@@ -30,3 +30,5 @@ usage_page_size_default = 100
 usage_page_size_max = 1_000
 follow_poll_s = 0.2
 """How often a follower with nothing new looks again."""
+verify_listed_max = 1_000
+"""Chain breaks and projection differences one VerifyAudit response lists (it counts all)."""

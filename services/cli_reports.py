@@ -148,24 +148,26 @@ def cmd_replay(args: argparse.Namespace) -> int:
     with _stub(args.target) as stub, _progress("replaying; events") as progress:
         task = progress.add_task("replay", total=None)
         for answer in stub.ReplayHistory(request, timeout=CALL_TIMEOUT_S):
-            if answer.WhichOneof("item") == "end":
-                end = answer.end
-                break
-            progress.advance(task)
-            e = answer.event
-            if args.json:
-                print(json_format.MessageToJson(e, indent=None))
-            else:
-                stream = "/".join(p for p in (e.user_id, e.conversation_id) if p) or "(tenant)"
-                print(
-                    f"{e.position:>10} {e.occurred_at.ToJsonString()} {stream:<28} "
-                    f"v{e.version:<5} {e.event_type:<22} {e.reservation_id} amount={e.amount} "
-                    f"in={e.usage.input_tokens} out={e.usage.output_tokens} "
-                    f"cached={e.usage.cached_input_tokens}"
-                )
+            end = answer.end
+            progress.advance(task, len(answer.events))
+            for e in answer.events:
+                _print_event(e, args.json)
     summary = f"{end.events:,} events, last position {end.last_position}"
     err.print(summary + ("" if end.complete else f"; more from position {end.last_position + 1}"))
     return 0
+
+
+def _print_event(e: pb.LedgerEvent, as_json: bool) -> None:
+    if as_json:
+        print(json_format.MessageToJson(e, indent=None))
+        return
+    stream = "/".join(p for p in (e.user_id, e.conversation_id) if p) or "(tenant)"
+    print(
+        f"{e.position:>10} {e.occurred_at.ToJsonString()} {stream:<28} "
+        f"v{e.version:<5} {e.event_type:<22} {e.reservation_id} amount={e.amount} "
+        f"in={e.usage.input_tokens} out={e.usage.output_tokens} "
+        f"cached={e.usage.cached_input_tokens}"
+    )
 
 
 def cmd_balance_at(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from ledger import codec, validation
+from ledger import codec, limits, validation
 from ledger.audit import Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.model import (
     Account,
@@ -277,17 +277,19 @@ def verify_response(report: VerifyReport) -> pb.VerifyAuditResponse:
         events_checked=report.events_checked,
         streams_checked=report.streams_checked,
         chains_ok=not report.breaks,
+        breaks_total=len(report.breaks),
+        differences_total=len(report.differences),
         breaks=[
             pb.ChainBreak(
                 stream=stream_head(b.stream, b.version, b""), version=b.version, problem=b.problem
             )
-            for b in report.breaks
+            for b in report.breaks[: limits.verify_listed_max]
         ],
         projections_match=not report.differences,
         differences=[
             pb.ProjectionDifference(
                 kind=d.kind, key=d.key, field=d.field, live=d.live, rebuilt=d.rebuilt
             )
-            for d in report.differences
+            for d in report.differences[: limits.verify_listed_max]
         ],
     )

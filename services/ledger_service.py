@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import UTC
 from typing import Any
 
@@ -20,6 +21,9 @@ from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.observability import current_trace_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# Each under the 1 MiB message cap: an event is at most a few KiB, a head about 100 bytes.
+REPLAY_EVENTS_PER_MESSAGE = 200
+REPLAY_HEADS_PER_MESSAGE = 1_000
 
 
 def _meta() -> CallMeta:
@@ -83,21 +87,27 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     ) -> AsyncIterator[pb.ReplayHistoryResponse]:
         scope, from_position, from_time, max_events = convert.replay(request)
         heads: dict[AccountKey, tuple[int, bytes]] = {}
+        chunk: list[pb.LedgerEvent] = []
         sent, last, complete = 0, 0, True
-        async for row in self._audit.events(scope, from_position, from_time, max_events + 1):
-            if sent == max_events:
-                complete = False
-                break
-            yield pb.ReplayHistoryResponse(event=convert.ledger_event(row))
-            key = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
-            heads[key] = (row["version"], bytes(row["hash"]))
-            sent, last = sent + 1, row["position"]
-        end = pb.ReplayEnd(
-            events=sent,
-            last_position=last,
-            complete=complete,
-            heads=[convert.stream_head(k, v, h) for k, (v, h) in sorted(heads.items())],
-        )
+        rows = self._audit.events(scope, from_position, from_time, max_events + 1)
+        async with aclosing(rows):  # returns its connection even when the client leaves
+            async for row in rows:
+                if sent == max_events:
+                    complete = False
+                    break
+                chunk.append(convert.ledger_event(row))
+                key = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+                heads[key] = (row["version"], bytes(row["hash"]))
+                sent, last = sent + 1, row["position"]
+                if len(chunk) == REPLAY_EVENTS_PER_MESSAGE:
+                    yield pb.ReplayHistoryResponse(events=chunk)
+                    chunk = []
+        if chunk:
+            yield pb.ReplayHistoryResponse(events=chunk)
+        ordered = [convert.stream_head(k, v, h) for k, (v, h) in sorted(heads.items())]
+        for i in range(0, len(ordered), REPLAY_HEADS_PER_MESSAGE):
+            yield pb.ReplayHistoryResponse(heads=ordered[i : i + REPLAY_HEADS_PER_MESSAGE])
+        end = pb.ReplayEnd(events=sent, last_position=last, complete=complete, streams=len(heads))
         yield pb.ReplayHistoryResponse(end=end)
 
     async def VerifyAudit(
@@ -123,8 +133,10 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     async def ExportUsage(
         self, request: pb.ExportUsageRequest, context: Context
     ) -> AsyncIterator[pb.ExportUsageResponse]:
-        async for row in self._audit.export_usage(convert.usage_query(request.query)):
-            yield pb.ExportUsageResponse(row=convert.usage_row(row))
+        rows = self._audit.export_usage(convert.usage_query(request.query))
+        async with aclosing(rows):
+            async for row in rows:
+                yield pb.ExportUsageResponse(row=convert.usage_row(row))
 
     async def SubscribeEvents(
         self, request: pb.SubscribeEventsRequest, context: Context
@@ -135,8 +147,9 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             from_position=request.from_position,
         )
         follow = self._audit.follow(request.tenant_id, after, request.from_position, self._stopping)
-        async for row in follow:
-            yield pb.SubscribeEventsResponse(
-                event=convert.ledger_event(row),
-                cursor=validation.cursor(int(row["xid"]), row["position"]),
-            )
+        async with aclosing(follow):
+            async for row in follow:
+                yield pb.SubscribeEventsResponse(
+                    event=convert.ledger_event(row),
+                    cursor=validation.cursor(int(row["xid"]), row["position"]),
+                )

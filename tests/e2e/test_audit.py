@@ -29,16 +29,24 @@ def stamp(at: datetime) -> timestamp_pb2.Timestamp:
     return out
 
 
-def replay(stub: Stub, **fields: object) -> tuple[list[pb.LedgerEvent], pb.ReplayEnd]:
+def replay(
+    stub: Stub, **fields: object
+) -> tuple[list[pb.LedgerEvent], list[pb.StreamHead], pb.ReplayEnd]:
+    """Events, stream heads and end of a replay; checks the chunks come in that order."""
     answers = list(stub.ReplayHistory(pb.ReplayHistoryRequest(**fields)))  # type: ignore[arg-type]
-    assert answers[-1].WhichOneof("item") == "end"
-    return [a.event for a in answers[:-1]], answers[-1].end
+    kinds = [("events" if a.events else "") + ("heads" if a.heads else "") for a in answers]
+    assert answers[-1].HasField("end") and not answers[-1].events and not answers[-1].heads
+    assert kinds[:-1] == sorted(kinds[:-1], key=lambda k: k != "events")
+    assert all(k in ("events", "heads") for k in kinds[:-1])
+    events = [e for a in answers for e in a.events]
+    heads = [h for a in answers for h in a.heads]
+    return events, heads, answers[-1].end
 
 
 def test_replay_streams_every_event_in_order_and_ends_at_the_heads(
     stub: Stub, history: str
 ) -> None:
-    events, end = replay(stub, tenant_id=history)
+    events, heads, end = replay(stub, tenant_id=history)
     assert [e.event_type for e in events].count("TokensReserved") == 4
     assert [e.position for e in events] == sorted(e.position for e in events)
     assert end.complete and end.events == len(events) == 10
@@ -46,13 +54,14 @@ def test_replay_streams_every_event_in_order_and_ends_at_the_heads(
     last = {}
     for e in events:
         last[(e.user_id, e.conversation_id)] = (e.version, e.hash)
-    assert {(h.user_id, h.conversation_id): (h.version, h.hash) for h in end.heads} == last
+    assert end.streams == len(heads) == 5
+    assert {(h.user_id, h.conversation_id): (h.version, h.hash) for h in heads} == last
 
 
 def test_an_auditor_can_recompute_every_hash_from_the_replay(stub: Stub, history: str) -> None:
     """The streamed fields are enough to re-verify the chain without the ledger's code: the
     hash is sha256(prev_hash || canonical JSON of the hashed fields)."""
-    events, _ = replay(stub, tenant_id=history)
+    events, _, _ = replay(stub, tenant_id=history)
     heads: dict[tuple[str, str], bytes] = {}
     for e in events:
         body = {
@@ -81,14 +90,14 @@ def test_an_auditor_can_recompute_every_hash_from_the_replay(stub: Stub, history
 
 
 def test_replay_scopes_positions_and_limits(stub: Stub, history: str) -> None:
-    everything, _ = replay(stub, tenant_id=history)
-    bob, _ = replay(stub, tenant_id=history, user_id="bob")
+    everything, _, _ = replay(stub, tenant_id=history)
+    bob, _, _ = replay(stub, tenant_id=history, user_id="bob")
     assert bob == [e for e in everything if e.user_id == "bob"]
-    conv, end = replay(stub, tenant_id=history, user_id="ann", conversation_id="c2")
-    assert {e.conversation_id for e in conv} == {"c2"} and len(end.heads) == 1
-    later, _ = replay(stub, tenant_id=history, from_position=everything[5].position)
+    conv, heads, _ = replay(stub, tenant_id=history, user_id="ann", conversation_id="c2")
+    assert {e.conversation_id for e in conv} == {"c2"} and len(heads) == 1
+    later, _, _ = replay(stub, tenant_id=history, from_position=everything[5].position)
     assert later == everything[5:]
-    first, end = replay(stub, tenant_id=history, max_events=3)
+    first, _, end = replay(stub, tenant_id=history, max_events=3)
     assert first == everything[:3] and not end.complete and end.last_position == first[-1].position
 
 
@@ -426,7 +435,7 @@ def test_follower_sees_transactions_that_commit_out_of_position_order(
 def test_follower_resumes_after_its_cursor_without_gaps_or_duplicates(
     stub: Stub, history: str, follow: type[Follower]
 ) -> None:
-    everything, _ = replay(stub, tenant_id=history)
+    everything, _, _ = replay(stub, tenant_id=history)
     first = follow(history)
     first.wait_for(10)
     resume_at = first.seen[4][1]
@@ -439,3 +448,31 @@ def test_follower_resumes_after_its_cursor_without_gaps_or_duplicates(
     positions = [p for p, _ in first.seen[:5] + second.seen]
     assert positions[:10] == [e.position for e in everything]
     assert len(positions) == len(set(positions)) == 12
+
+
+def test_verification_during_writes_reads_one_consistent_snapshot(
+    ledger: ServerThread, history: str
+) -> None:
+    """Verifying while the tenant keeps writing compares the log and the projections as of the
+    same instant, so it never reports a difference that is only a race."""
+    stop, writing = threading.Event(), threading.Event()
+
+    def write() -> None:
+        with ledger.stub() as writer:
+            while not stop.is_set():
+                cycle(writer, history, "eve", "c1", 20, 5)
+                writing.set()
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        assert writing.wait(10)
+        with ledger.stub() as stub:
+            reports = [verify(stub, history) for _ in range(8)]
+    finally:
+        stop.set()
+        thread.join(30)
+    assert all(r.chains_ok and r.projections_match for r in reports), [
+        list(r.differences)[:3] for r in reports
+    ]
+    assert reports[-1].events_checked > reports[0].events_checked  # writes went on meanwhile

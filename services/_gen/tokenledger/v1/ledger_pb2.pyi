@@ -1003,33 +1003,39 @@ Global___ReplayHistoryRequest: _TypeAlias = ReplayHistoryRequest  # noqa: Y015
 
 @_typing.final
 class ReplayHistoryResponse(_message.Message):
-    """ReplayHistoryResponse is one event, or the end of the replay."""
+    """ReplayHistoryResponse is a chunk of the replay: events in log order, then the stream heads
+    reached, then (in the last message) the end.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    HEADS_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> Global___LedgerEvent:
-        """The next event."""
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerEvent]:
+        """The next events (at most 500 in one message)."""
+
+    @_builtins.property
+    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamHead]:
+        """After all events: each stream in scope as reached by them (at most 1,000 in one message)."""
 
     @_builtins.property
     def end(self) -> Global___ReplayEnd:
-        """The last message: what was reached."""
+        """Set in the last message only."""
 
     def __init__(
         self,
         *,
-        event: Global___LedgerEvent | None = ...,
+        events: _abc.Iterable[Global___LedgerEvent] | None = ...,
+        heads: _abc.Iterable[Global___StreamHead] | None = ...,
         end: Global___ReplayEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "item", b"item"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "event", b"event", "item", b"item"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "events", b"events", "heads", b"heads"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["event", "end"]  # noqa: Y015
-    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplayHistoryResponse: _TypeAlias = ReplayHistoryResponse  # noqa: Y015
 
@@ -1042,28 +1048,26 @@ class ReplayEnd(_message.Message):
     EVENTS_FIELD_NUMBER: _builtins.int
     LAST_POSITION_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
-    HEADS_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
     events: _builtins.int
     """Events sent."""
     last_position: _builtins.int
     """Position of the last event sent (0 if none)."""
     complete: _builtins.bool
     """False when max_events cut the replay short: go on from last_position + 1."""
-    @_builtins.property
-    def heads(self) -> _containers.RepeatedCompositeFieldContainer[Global___StreamHead]:
-        """Each stream in scope as reached by the events sent."""
-
+    streams: _builtins.int
+    """How many stream heads were sent."""
     def __init__(
         self,
         *,
         events: _builtins.int = ...,
         last_position: _builtins.int = ...,
         complete: _builtins.bool = ...,
-        heads: _abc.Iterable[Global___StreamHead] | None = ...,
+        streams: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "events", b"events", "heads", b"heads", "last_position", b"last_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "events", b"events", "last_position", b"last_position", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1179,6 +1183,8 @@ class VerifyAuditResponse(_message.Message):
     BREAKS_FIELD_NUMBER: _builtins.int
     PROJECTIONS_MATCH_FIELD_NUMBER: _builtins.int
     DIFFERENCES_FIELD_NUMBER: _builtins.int
+    BREAKS_TOTAL_FIELD_NUMBER: _builtins.int
+    DIFFERENCES_TOTAL_FIELD_NUMBER: _builtins.int
     events_checked: _builtins.int
     """Events checked."""
     streams_checked: _builtins.int
@@ -1187,13 +1193,17 @@ class VerifyAuditResponse(_message.Message):
     """True when every chain verifies."""
     projections_match: _builtins.bool
     """True when the live projections equal the rebuild."""
+    breaks_total: _builtins.int
+    """How many breaks were found in all (only the first 1,000 are listed)."""
+    differences_total: _builtins.int
+    """How many differences were found in all."""
     @_builtins.property
     def breaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainBreak]:
-        """The first break of each broken stream."""
+        """The first break of each broken stream, the first 1,000 of them."""
 
     @_builtins.property
     def differences(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProjectionDifference]:
-        """Every difference found."""
+        """The differences found, the first 1,000 of them."""
 
     def __init__(
         self,
@@ -1204,10 +1214,12 @@ class VerifyAuditResponse(_message.Message):
         breaks: _abc.Iterable[Global___ChainBreak] | None = ...,
         projections_match: _builtins.bool = ...,
         differences: _abc.Iterable[Global___ProjectionDifference] | None = ...,
+        breaks_total: _builtins.int = ...,
+        differences_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaks", b"breaks", "chains_ok", b"chains_ok", "differences", b"differences", "events_checked", b"events_checked", "projections_match", b"projections_match", "streams_checked", b"streams_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaks", b"breaks", "breaks_total", b"breaks_total", "chains_ok", b"chains_ok", "differences", b"differences", "differences_total", b"differences_total", "events_checked", b"events_checked", "projections_match", b"projections_match", "streams_checked", b"streams_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

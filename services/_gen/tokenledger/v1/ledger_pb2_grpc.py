@@ -170,7 +170,7 @@ class LedgerServiceServicer:
 
     def ReplayHistory(self, request, context):
         """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
-        field, and ends with the version and chain head each stream reached.
+        field, in chunks, and ends with the version and chain head each stream reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,7 +68,7 @@ class LedgerServiceStub:
     """
     ReplayHistory: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ReplayHistoryRequest, _ledger_pb2.ReplayHistoryResponse]
     """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
-    field, and ends with the version and chain head each stream reached.
+    field, in chunks, and ends with the version and chain head each stream reached.
     """
     VerifyAudit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.VerifyAuditRequest, _ledger_pb2.VerifyAuditResponse]
     """VerifyAudit recomputes every hash chain in scope and rebuilds the projections from the log,
@@ -123,7 +123,7 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     ReplayHistory: _aio.UnaryStreamMultiCallable[_ledger_pb2.ReplayHistoryRequest, _ledger_pb2.ReplayHistoryResponse]  # type: ignore[assignment]
     """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
-    field, and ends with the version and chain head each stream reached.
+    field, in chunks, and ends with the version and chain head each stream reached.
     """
     VerifyAudit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.VerifyAuditRequest, _ledger_pb2.VerifyAuditResponse]  # type: ignore[assignment]
     """VerifyAudit recomputes every hash chain in scope and rebuilds the projections from the log,
@@ -223,7 +223,7 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_ledger_pb2.ReplayHistoryResponse], _abc.AsyncIterator[_ledger_pb2.ReplayHistoryResponse]]:
         """ReplayHistory streams the events of a tenant, user or conversation in log order, with every
-        field, and ends with the version and chain head each stream reached.
+        field, in chunks, and ends with the version and chain head each stream reached.
         """
 
     @_abc_1.abstractmethod

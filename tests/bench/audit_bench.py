@@ -1,0 +1,208 @@
+"""`make bench` (audit part): replay and verify throughput on a log of 1M+ events, and
+QueryUsage latency over 30 days x 10k users.
+
+The history is written straight into the tables (COPY): real hash chains made by the ledger's
+own codec, and projections from the ledger's own replay, so VerifyAudit finds it consistent.
+Then a `tokenledger serve` process is measured over gRPC from this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+from google.protobuf import timestamp_pb2
+
+from ledger import codec
+from ledger.model import (
+    AccountKey,
+    Period,
+    QuotaSet,
+    ReservationCommitted,
+    TokensReserved,
+    Usage,
+)
+from ledger.replay import Projection
+from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from tests.bench.harness import bench_database, ledger_process
+
+TENANT = "bench-audit"
+START = datetime(2026, 10, 1, tzinfo=UTC)
+CALL_TIMEOUT_S = 3600
+EVENT_COLUMNS = (*codec.HASHED_COLUMNS, "prev_hash", "hash")
+
+
+def history(users: int, days: int, cycles_per_day: int) -> Any:
+    """Events of a tenant: a quota per user, then reserve→commit cycles every day."""
+    for u in range(users):
+        yield QuotaSet(
+            key=AccountKey(TENANT, f"u{u}"), occurred_at=START, limit=10**9, period=Period.MONTH
+        )
+    for day in range(days):
+        for c in range(cycles_per_day):
+            at = START + timedelta(days=day, hours=8 + c, minutes=1)
+            for u in range(users):
+                key = AccountKey(TENANT, f"u{u}", f"c{day % 3}")
+                rid = f"rsv_{u}_{day}_{c}"
+                model = "gpt-4o" if u % 3 else "llama-3"
+                yield TokensReserved(
+                    key=key, occurred_at=at, model=model, reservation_id=rid, amount=1000,
+                    expires_at=at + timedelta(minutes=10),
+                )  # fmt: skip
+                yield ReservationCommitted(
+                    key=key, occurred_at=at + timedelta(seconds=2), model=model,
+                    reservation_id=rid, amount=1000, usage=Usage(300 + u % 500, 120, 40),
+                    reserved_at=at,
+                )  # fmt: skip
+
+
+def write_history(url: str, users: int, days: int, cycles_per_day: int) -> int:
+    """COPY the history and its projections; returns the number of events."""
+    heads: dict[AccountKey, tuple[int, bytes]] = {}
+    projection = Projection()
+    usage: dict[UsageKey, UsageCounters] = {}
+    count = 0
+    with psycopg.connect(url) as conn:
+        with conn.cursor().copy(f"COPY events ({', '.join(EVENT_COLUMNS)}) FROM STDIN") as copy:
+            for event in history(users, days, cycles_per_day):
+                version, head = heads.get(event.key, (0, codec.GENESIS_HASH))
+                row = codec.event_row(event, version + 1, head)
+                heads[event.key] = (version + 1, row["hash"])
+                copy.write_row(
+                    [json.dumps(row["data"]) if c == "data" else row[c] for c in EVENT_COLUMNS]
+                )
+                projection.feed(event)
+                add_usage(usage, event)
+                count += 1
+        _copy_projections(conn, projection, heads, usage)
+    return count
+
+
+def _copy_projections(
+    conn: psycopg.Connection[Any],
+    projection: Projection,
+    heads: dict[AccountKey, tuple[int, bytes]],
+    usage: dict[UsageKey, UsageCounters],
+) -> None:
+    columns = (
+        "tenant_id, user_id, conversation_id, quota_limit, period, held, used_total, "
+        "used_day, day_start, used_month, month_start, stream_version, head_hash"
+    )
+    with conn.cursor().copy(f"COPY accounts ({columns}) FROM STDIN") as copy:
+        for k, a in projection.accounts.items():
+            version, head = heads.get(k, (0, codec.GENESIS_HASH))
+            copy.write_row([k.tenant_id, k.user_id, k.conversation_id, a.limit, a.period.value,
+                            a.held, a.used_total, a.used_day, a.day_start, a.used_month,
+                            a.month_start, version, head])  # fmt: skip
+    columns = ("tenant_id, reservation_id, user_id, conversation_id, model, amount, state, "
+               "created_at, expires_at, labels, input_tokens, output_tokens, "
+               "cached_input_tokens, late, ended_at")  # fmt: skip
+    with conn.cursor().copy(f"COPY reservations ({columns}) FROM STDIN") as copy:
+        for r in projection.reservations.values():
+            u = r.usage or Usage()
+            copy.write_row([r.key.tenant_id, r.reservation_id, r.key.user_id,
+                            r.key.conversation_id, r.model, r.amount, r.state.value,
+                            r.created_at, r.expires_at, "{}", u.input_tokens, u.output_tokens,
+                            u.cached_input_tokens, r.late, r.ended_at])  # fmt: skip
+    columns = "tenant_id, hour, user_id, conversation_id, model, " + ", ".join(COUNTER_NAMES)
+    with conn.cursor().copy(f"COPY usage_hourly ({columns}) FROM STDIN") as copy:
+        for k, c in usage.items():
+            copy.write_row([k.tenant_id, k.hour, k.user_id, k.conversation_id, k.model,
+                            *(getattr(c, n) for n in COUNTER_NAMES)])  # fmt: skip
+    conn.execute("ANALYZE")
+
+
+def stamp(at: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(at)
+    return out
+
+
+async def measure(target: str, events: int, repeats: int) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        stub = pb_grpc.LedgerServiceStub(channel)
+        started = time.perf_counter()
+        report = await stub.VerifyAudit(
+            pb.VerifyAuditRequest(tenant_id=TENANT), timeout=CALL_TIMEOUT_S
+        )
+        verify_s = time.perf_counter() - started
+        assert report.events_checked == events, report.events_checked
+        assert report.chains_ok and report.projections_match, report.differences[:5]
+
+        started, replayed, position, complete = time.perf_counter(), 0, 0, False
+        while not complete:  # a call streams at most limits.replay_events_max events
+            request = pb.ReplayHistoryRequest(tenant_id=TENANT, from_position=position)
+            async for answer in stub.ReplayHistory(request, timeout=CALL_TIMEOUT_S):
+                replayed += len(answer.events)
+                complete, position = answer.end.complete, answer.end.last_position + 1
+        replay_s = time.perf_counter() - started
+        assert replayed == events
+
+        query_ms: dict[str, float] = {}
+        for name, groups in (
+            ("total", []),
+            ("by_day", [pb.USAGE_DIMENSION_DAY]),
+            ("by_user_page", [pb.USAGE_DIMENSION_USER]),
+            ("by_model_day", [pb.USAGE_DIMENSION_MODEL, pb.USAGE_DIMENSION_DAY]),
+        ):
+            query = pb.UsageQuery(
+                tenant_id=TENANT,
+                from_time=stamp(START),
+                to_time=stamp(START + timedelta(days=30)),
+                group_by=groups,
+            )
+            samples = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                await stub.QueryUsage(pb.QueryUsageRequest(query=query, page_size=1000))
+                samples.append((time.perf_counter() - started) * 1000)
+            query_ms[name] = round(statistics.median(samples), 2)
+    return {
+        "events": events,
+        "verify_s": round(verify_s, 2),
+        "verify_events_s": round(events / verify_s),
+        "replay_s": round(replay_s, 2),
+        "replay_events_s": round(events / replay_s),
+        "query_usage_p50_ms": query_ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--users", type=int, default=10_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--cycles-per-day", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    with bench_database() as url, tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        events = write_history(url, args.users, args.days, args.cycles_per_day)
+        written_s = time.perf_counter() - started
+        with ledger_process(url, Path(tmp) / "server.log", TOKENLEDGER_LOG_LEVEL="warning") as t:
+            result = asyncio.run(measure(t, events, args.repeats))
+    result["history_written_s"] = round(written_s, 1)
+    result["users"], result["days"] = args.users, args.days
+    print(
+        f"\naudit: {events:,} events; verify (chains + rebuild of every projection) "
+        f"{result['verify_s']} s = {result['verify_events_s']:,} events/s; "
+        f"replay {result['replay_s']} s = {result['replay_events_s']:,} events/s"
+    )
+    print(f"QueryUsage p50 over 30 days x {args.users:,} users: {result['query_usage_p50_ms']}")
+    print(json.dumps(result, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()
