@@ -56,3 +56,20 @@ def test_in_flight_call_finishes_during_graceful_stop(database_url: str) -> None
             stopping.result(timeout=30)
     assert result.reservation.amount == 10
     assert result.reservation.state == pb.RESERVATION_STATE_HELD
+
+
+def test_stop_ends_followers_instead_of_waiting_out_the_grace_period(database_url: str) -> None:
+    """SubscribeEvents never ends by itself; a graceful stop ends it at once."""
+    server = ServerThread(database_url, sweep_interval_s=3600).start()
+    channel = grpc.insecure_channel(server.target)
+    stream = pb_grpc.LedgerServiceStub(channel).SubscribeEvents(
+        pb.SubscribeEventsRequest(tenant_id=new_id("t"))
+    )
+    with ThreadPoolExecutor(1) as pool:
+        drained = pool.submit(lambda: list(stream))
+        time.sleep(0.5)  # the follower is polling
+        started = time.monotonic()
+        server.stop(20)
+        assert time.monotonic() - started < 5
+        assert drained.result(timeout=10) == []
+    channel.close()
