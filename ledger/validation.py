@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from ledger import errors, limits
-from ledger.audit import Scope, UsageQuery
+from ledger.audit import GROUPS, Scope, UsageQuery
 from ledger.model import (
     AccountKey,
     Commit,
@@ -232,12 +232,8 @@ def replay(
     c.number("from_position", from_position, low=0, high=2**62)
     c.number("max_events", max_events, low=0, high=limits.replay_events_max)
     c.done()
-    return (
-        Scope(*vars(key).values()),
-        from_position,
-        from_time,
-        max_events or (limits.replay_events_max),
-    )
+    scope = Scope(key.tenant_id, key.user_id, key.conversation_id)
+    return scope, from_position, from_time, max_events or limits.replay_events_max
 
 
 def verify(*, tenant_id: str, user_id: str) -> Scope:
@@ -247,7 +243,7 @@ def verify(*, tenant_id: str, user_id: str) -> Scope:
     return Scope(key.tenant_id, key.user_id)
 
 
-def balance_at(key: AccountKey, as_of: datetime, now: datetime) -> datetime:
+def balance_at(as_of: datetime, now: datetime) -> datetime:
     c = Checker()
     if as_of > now:
         c.fail("as_of", f"is {as_of.isoformat()}, in the future; the log ends at now")
@@ -255,7 +251,7 @@ def balance_at(key: AccountKey, as_of: datetime, now: datetime) -> datetime:
     return as_of
 
 
-USAGE_GROUPS = ("user", "conversation", "model", "day", "hour")
+USAGE_GROUPS = tuple(GROUPS)
 
 
 def usage_query(

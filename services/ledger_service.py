@@ -68,7 +68,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         )
         if request.HasField("as_of"):
             as_of = request.as_of.ToDatetime(tzinfo=UTC)
-            validation.balance_at(key, as_of, utc_now())
+            validation.balance_at(as_of, utc_now())
             return convert.balance_response(await self._audit.balance_at(key, as_of))
         return convert.balance_response(await self._store.get_balance(key))
 
