@@ -216,24 +216,24 @@ def evolve_account(acc: Account, event: Event) -> Account:
     acc = acc.rolled(event.occurred_at)
     match event:
         case QuotaSet():
-            return replace(acc, limit=event.limit, period=event.period)
+            return acc.with_(limit=event.limit, period=event.period)
         case TokensReserved():
-            return replace(acc, held=acc.held + event.amount)
+            return acc.with_(held=acc.held + event.amount)
         case ReservationCommitted():
-            released = replace(acc, held=acc.held - event.amount)
-            return _charge(released, event.usage.total, event.reserved_at)
+            return _charge(acc, event.usage.total, event.reserved_at, released=event.amount)
         case ReservationRolledBack() | ReservationExpired():
-            return replace(acc, held=acc.held - event.amount)
+            return acc.with_(held=acc.held - event.amount)
         case UsageRecorded():
             return _charge(acc, event.usage.total, event.reserved_at or event.occurred_at)
     raise TypeError(f"unknown event {type(event).__name__}")
 
 
-def _charge(acc: Account, tokens: int, charged_at: datetime) -> Account:
-    """Add usage to every period counter; a hold placed in an earlier (closed) day or month is
-    charged to that period, so it does not count against the current one."""
-    return replace(
-        acc,
+def _charge(acc: Account, tokens: int, charged_at: datetime, released: int = 0) -> Account:
+    """Add usage to every period counter (and release `released` held tokens); a hold placed
+    in an earlier (closed) day or month is charged to that period, so it does not count
+    against the current one."""
+    return acc.with_(
+        held=acc.held - released,
         used_total=acc.used_total + tokens,
         used_day=acc.used_day + (tokens if day_of(charged_at) >= acc.day_start else 0),
         used_month=acc.used_month + (tokens if month_of(charged_at) >= acc.month_start else 0),

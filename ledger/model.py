@@ -5,9 +5,10 @@ Everything here is a frozen dataclass; time is always an aware UTC datetime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
+from typing import Any
 
 EPOCH_DAY = date(1970, 1, 1)
 
@@ -94,13 +95,18 @@ class Account:
 
     def rolled(self, at: datetime) -> Account:
         """The account as of `at`: day and month counters reset when their period has passed."""
-        day, month = day_of(at), month_of(at)
-        acc = self
-        if day > acc.day_start:
-            acc = replace(acc, used_day=0, day_start=day)
-        if month > acc.month_start:
-            acc = replace(acc, used_month=0, month_start=month)
-        return acc
+        day = day_of(at)
+        if day <= self.day_start:
+            return self
+        month = day.replace(day=1)
+        if month > self.month_start:
+            return self.with_(used_day=0, day_start=day, used_month=0, month_start=month)
+        return self.with_(used_day=0, day_start=day)
+
+    def with_(self, **changes: Any) -> Account:
+        """A copy with `changes`; dataclasses.replace does the same, several times slower,
+        and audits evolve accounts millions of times."""
+        return Account(**{**self.__dict__, **changes})
 
     @property
     def used(self) -> int:

@@ -40,8 +40,9 @@ class UsageCounters:
     overage_tokens: int = 0
 
     def add(self, other: UsageCounters) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        mine = self.__dict__
+        for name, value in other.__dict__.items():
+            mine[name] += value
 
 
 COUNTER_NAMES = tuple(f.name for f in fields(UsageCounters))

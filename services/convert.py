@@ -135,6 +135,14 @@ def balance(acc: Account) -> pb.Balance:
     return msg
 
 
+def usage_pb(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+    )
+
+
 def reservation(res: Reservation) -> pb.Reservation:
     msg = pb.Reservation(
         reservation_id=res.reservation_id,
@@ -149,13 +157,7 @@ def reservation(res: Reservation) -> pb.Reservation:
         labels=dict(res.labels),
     )
     if res.usage is not None:
-        msg.usage.CopyFrom(
-            pb.Usage(
-                input_tokens=res.usage.input_tokens,
-                output_tokens=res.usage.output_tokens,
-                cached_input_tokens=res.usage.cached_input_tokens,
-            )
-        )
+        msg.usage.CopyFrom(usage_pb(res.usage))
     return msg
 
 
@@ -232,10 +234,8 @@ def ledger_event(row: dict[str, Any]) -> pb.LedgerEvent:
         model=row["model"],
         reservation_id=row["reservation_id"],
         amount=row["amount"],
-        usage=pb.Usage(
-            input_tokens=row["input_tokens"],
-            output_tokens=row["output_tokens"],
-            cached_input_tokens=row["cached_input_tokens"],
+        usage=usage_pb(
+            Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
         ),
         idempotency_key=row["idempotency_key"],
         actor=row["actor"],
