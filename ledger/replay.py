@@ -6,7 +6,6 @@ live tables means the log or the tables were changed outside the ledger.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,14 +30,6 @@ class Projection:
             res = evolve_reservation(self.reservations.get(rid), event)
             assert res is not None
             self.reservations[rid] = res
-
-
-def replay(events: Iterable[Event]) -> Projection:
-    """Fold events (in log order) into accounts and reservations."""
-    out = Projection()
-    for event in events:
-        out.feed(event)
-    return out
 
 
 @dataclass(frozen=True)
@@ -78,11 +69,3 @@ class ChainVerifier:
         if problem:
             self.breaks.append(ChainBreak(key, row["version"], problem))
             self._broken.add(key)
-
-
-def chain_breaks(rows: Iterable[dict[str, Any]]) -> list[ChainBreak]:
-    """The first break of each stream among `rows` (see ChainVerifier)."""
-    verifier = ChainVerifier()
-    for row in rows:
-        verifier.feed(row)
-    return verifier.breaks

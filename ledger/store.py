@@ -61,9 +61,7 @@ from ledger.model import (
     State,
     Usage,
 )
-from ledger.replay import Projection
 from ledger.rows import (
-    ACCOUNT_COLUMNS,
     RESERVATION_COLUMNS,
     account_from_row,
     account_key,
@@ -334,42 +332,6 @@ class LedgerStore:
             rows = {account_key(row): account_from_row(row) for row in await cur.fetchall()}
         accounts = [rows.get(k, Account(k)).rolled(now) for k in lineage]
         return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
-
-    async def read_event_rows(self, tenant_id: str) -> list[dict[str, Any]]:
-        """Every event row of a tenant, by stream and version (for chain checks)."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM events WHERE tenant_id = %s "
-                "ORDER BY user_id, conversation_id, version",
-                (tenant_id,),
-            )
-            return await cur.fetchall()
-
-    async def read_events(self, tenant_id: str) -> list[Event]:
-        """Every event of a tenant in log order."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                "SELECT * FROM events WHERE tenant_id = %s ORDER BY position", (tenant_id,)
-            )
-            return [codec.event_from_row(row) for row in await cur.fetchall()]
-
-    async def read_projection(self, tenant_id: str) -> Projection:
-        """The live projection rows of a tenant, as stored."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %s",  # noqa: S608
-                (tenant_id,),
-            )
-            accounts = {account_key(r): account_from_row(r) for r in await cur.fetchall()}
-            cur = await conn.execute(
-                f"SELECT {RESERVATION_COLUMNS} FROM reservations "  # noqa: S608
-                "WHERE tenant_id = %s",
-                (tenant_id,),
-            )
-            reservations = {
-                r["reservation_id"]: reservation_from_row(r) for r in await cur.fetchall()
-            }
-        return Projection(accounts=accounts, reservations=reservations)
 
     # --- plumbing ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import psycopg
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ledger.audit import LedgerAudit, Scope, VerifyReport
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -168,6 +169,16 @@ def call_fails(fn: Any, request: Any) -> RpcFailure:
     except grpc.RpcError as exc:
         return failure(exc)
     raise AssertionError(f"{request.__class__.__name__} succeeded but should have failed")
+
+
+def verify_tenant(url: str, tenant: str) -> VerifyReport:
+    """VerifyAudit of a tenant, in process: chains, and projections rebuilt from the log."""
+
+    async def run() -> VerifyReport:
+        async with db.make_pool(url, 2) as pool:
+            return await LedgerAudit(pool).verify(Scope(tenant))
+
+    return asyncio.run(run())
 
 
 def event_count(url: str) -> int:

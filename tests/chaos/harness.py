@@ -22,12 +22,11 @@ import grpc
 import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ledger.replay import chain_breaks, replay
-from ledger.store import LedgerStore
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from tests.bench.harness import free_port
+from tests.support import verify_tenant
 
 TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -264,21 +263,9 @@ def verify(url: str, tenant: str, tally: Tally) -> list[str]:
         problems.append(
             f"tenant held/used {used}, acknowledged usage {sum(tally.committed.values())}"
         )
-    problems += asyncio.run(_rebuild_differences(url, tenant))
-    return problems
-
-
-async def _rebuild_differences(url: str, tenant: str) -> list[str]:
-    async with db.make_pool(url, 2) as pool:
-        store = LedgerStore(pool)
-        live = await store.read_projection(tenant)
-        rebuilt = replay(await store.read_events(tenant))
-        breaks = chain_breaks(await store.read_event_rows(tenant))
-    problems = [f"chain broken: {b}" for b in breaks]
-    if rebuilt.accounts != live.accounts:
-        problems.append("account projections differ from a rebuild from the log")
-    if rebuilt.reservations != live.reservations:
-        problems.append("reservation projections differ from a rebuild from the log")
+    report = verify_tenant(url, tenant)
+    problems += [f"chain broken: {b}" for b in report.breaks]
+    problems += [f"projection differs from a rebuild from the log: {d}" for d in report.differences]
     return problems
 
 

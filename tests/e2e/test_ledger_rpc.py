@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import threading
 import time
@@ -15,12 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from ledger.replay import chain_breaks, replay
-from ledger.store import LedgerStore
-from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import Clock, ServerThread, call_fails, event_count, new_id
+from tests.support import Clock, ServerThread, call_fails, event_count, new_id, verify_tenant
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -68,17 +64,9 @@ def events(database_url: str) -> Callable[[], int]:
 
 def projection_matches_replay(url: str, tenant: str) -> None:
     """Assert the live projections equal a rebuild from the log, and every chain verifies."""
-
-    async def check() -> None:
-        async with db.make_pool(url, 2) as pool:
-            store = LedgerStore(pool)
-            live = await store.read_projection(tenant)
-            rebuilt = replay(await store.read_events(tenant))
-            assert rebuilt.accounts == live.accounts
-            assert rebuilt.reservations == live.reservations
-            assert chain_breaks(await store.read_event_rows(tenant)) == []
-
-    asyncio.run(check())
+    report = verify_tenant(url, tenant)
+    assert report.events_checked > 0
+    assert report.breaks == [] and report.differences == []
 
 
 def test_reserve_commit_balance_round_trip(stub: Stub) -> None:

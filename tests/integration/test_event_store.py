@@ -12,10 +12,9 @@ from psycopg.rows import dict_row
 
 from ledger import codec, validation
 from ledger.model import Commit, Usage
-from ledger.replay import chain_breaks
 from ledger.store import LedgerStore
 from services import db
-from tests.support import event_count, new_id
+from tests.support import event_count, new_id, verify_tenant
 
 
 async def _write_history(url: str, tenant: str) -> None:
@@ -37,10 +36,8 @@ async def _write_history(url: str, tenant: str) -> None:
             await store.commit(Commit(tenant, r.reservation.reservation_id, Usage(n + 1)))
 
 
-async def _breaks(url: str, tenant: str) -> list[tuple[int, str]]:
-    async with db.make_pool(url, 1) as pool:
-        rows = await LedgerStore(pool).read_event_rows(tenant)
-    return [(b.version, b.problem) for b in chain_breaks(rows)]
+def _breaks(url: str, tenant: str) -> list[tuple[int, str]]:
+    return [(b.version, b.problem) for b in verify_tenant(url, tenant).breaks]
 
 
 @pytest.fixture
@@ -72,7 +69,7 @@ def test_events_cannot_be_changed_even_by_the_owner(
 
 
 def test_untouched_history_verifies(database_url: str, history: str) -> None:
-    assert asyncio.run(_breaks(database_url, history)) == []
+    assert _breaks(database_url, history) == []
 
 
 def _as_superuser_bypassing_triggers(url: str, sql: str, params: tuple[object, ...]) -> None:
@@ -87,16 +84,14 @@ def test_an_edited_event_is_found_at_its_position(database_url: str, history: st
         "UPDATE events SET input_tokens = 1 WHERE tenant_id = %s AND version = 4",
         (history,),
     )
-    assert asyncio.run(_breaks(database_url, history)) == [
-        (4, "hash does not match the event's content")
-    ]
+    assert _breaks(database_url, history) == [(4, "hash does not match the event's content")]
 
 
 def test_a_deleted_event_leaves_a_gap_that_is_found(database_url: str, history: str) -> None:
     _as_superuser_bypassing_triggers(
         database_url, "DELETE FROM events WHERE tenant_id = %s AND version = 3", (history,)
     )
-    assert asyncio.run(_breaks(database_url, history)) == [(4, "version 4 follows 2")]
+    assert _breaks(database_url, history) == [(4, "version 4 follows 2")]
 
 
 def test_a_rehashed_edit_breaks_the_link_to_the_next_event(database_url: str, history: str) -> None:
@@ -114,9 +109,7 @@ def test_a_rehashed_edit_breaks_the_link_to_the_next_event(database_url: str, hi
         "UPDATE events SET input_tokens = 0, hash = %s WHERE tenant_id = %s AND version = 2",
         (new_hash, history),
     )
-    assert asyncio.run(_breaks(database_url, history)) == [
-        (3, "prev_hash is not the previous event's hash")
-    ]
+    assert _breaks(database_url, history) == [(3, "prev_hash is not the previous event's hash")]
 
 
 def test_every_event_records_its_writing_transaction(database_url: str, history: str) -> None:
