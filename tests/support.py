@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +22,7 @@ from typing import Any
 import grpc
 import psycopg
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from ledger.audit import LedgerAudit, Scope, VerifyReport
@@ -25,7 +31,8 @@ from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.server import LedgerServer
 
-SERVER_START_TIMEOUT_S = 30
+SERVER_START_TIMEOUT_S = 60
+TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
 
 
 @contextmanager
@@ -179,6 +186,68 @@ def verify_tenant(url: str, tenant: str) -> VerifyReport:
             return await LedgerAudit(pool).verify(Scope(tenant))
 
     return asyncio.run(run())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LedgerProcess:
+    """`tokenledger serve` on a fixed address, so a restart keeps it."""
+
+    def __init__(self, url: str, log_path: Path, **env: str) -> None:
+        self.target = f"127.0.0.1:{free_port()}"
+        self.env = (
+            os.environ
+            | {
+                "DATABASE_URL": url,
+                "TOKENLEDGER_LISTEN": self.target,
+                "TOKENLEDGER_LOG_FORMAT": "json",
+            }
+            | env
+        )
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(TOKENLEDGER), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_health(self.target, health_pb2.HealthCheckResponse.SERVING, SERVER_START_TIMEOUT_S)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(30)
+
+
+def health_status(target: str) -> int | None:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="tokenledger.v1.LedgerService"), timeout=1
+            )
+        except grpc.RpcError:
+            return None
+        return int(reply.status)
+
+
+def wait_health(target: str, status: int, timeout_s: float) -> float:
+    """Wait until the health check reports `status`; returns how long that took."""
+    started = time.monotonic()
+    while health_status(target) != status:
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"{target} did not report health status {status}")
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 def event_count(url: str) -> int:

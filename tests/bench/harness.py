@@ -3,11 +3,6 @@ latency statistics."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,12 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
-from tests.support import scratch_database
-
-TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
-SERVER_START_TIMEOUT_S = 60
+from tests.support import LedgerProcess, scratch_database
 
 
 @contextmanager
@@ -30,36 +20,15 @@ def bench_database() -> Iterator[str]:
         yield url
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def ledger_process(url: str, log_path: Path, **env: str) -> Iterator[str]:
     """`tokenledger serve` in its own process; yields its target address."""
-    target = f"127.0.0.1:{free_port()}"
-    full_env = (
-        os.environ
-        | {
-            "DATABASE_URL": url,
-            "TOKENLEDGER_LISTEN": target,
-            "TOKENLEDGER_LOG_FORMAT": "json",
-        }
-        | env
-    )
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [str(TOKENLEDGER), "serve"], env=full_env, stdout=log, stderr=subprocess.STDOUT
-        )
+    ledger = LedgerProcess(url, log_path, **env)
+    ledger.start()
     try:
-        with grpc.insecure_channel(target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=SERVER_START_TIMEOUT_S)
-        yield target
+        yield ledger.target
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        ledger.stop()
 
 
 @dataclass

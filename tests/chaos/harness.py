@@ -20,15 +20,13 @@ from typing import Any
 
 import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.bench.harness import free_port
-from tests.support import verify_tenant
+from tests.support import LedgerProcess, verify_tenant, wait_health
 
-TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 CALL_TIMEOUT_S = 3.0
 BACKOFF_S = (0.05, 1.0)
@@ -81,59 +79,6 @@ class PrivatePostgres:
             check=True,
             timeout=READY_TIMEOUT_S,
         )
-
-
-class LedgerProcess:
-    """`tokenledger serve` on a fixed address, so a restart keeps it."""
-
-    def __init__(self, url: str, log_path: Path) -> None:
-        self.target = f"127.0.0.1:{free_port()}"
-        self.env = os.environ | {
-            "DATABASE_URL": url,
-            "TOKENLEDGER_LISTEN": self.target,
-            "TOKENLEDGER_SWEEP_INTERVAL_S": "0.2",
-            "TOKENLEDGER_LOG_LEVEL": "warning",
-        }
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(TOKENLEDGER), "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        wait_health(self.target, health_pb2.HealthCheckResponse.SERVING, READY_TIMEOUT_S)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-
-
-def health_status(target: str) -> int | None:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="tokenledger.v1.LedgerService"), timeout=1
-            )
-        except grpc.RpcError:
-            return None
-        return int(reply.status)
-
-
-def wait_health(target: str, status: int, timeout_s: float) -> float:
-    """Wait until the health check reports `status`; returns how long that took."""
-    started = time.monotonic()
-    while health_status(target) != status:
-        if time.monotonic() - started > timeout_s:
-            raise TimeoutError(f"{target} did not report health status {status}")
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 @dataclass
@@ -287,7 +232,12 @@ async def run_with_faults(
     """Drive load while killing the server `kills` times and restarting the database once per
     mode in `db_restarts`, `spacing_s` apart; then let every client finish and verify."""
     pg = PrivatePostgres(root)
-    ledger = LedgerProcess(pg.url, root / "ledger.log")
+    ledger = LedgerProcess(
+        pg.url,
+        root / "ledger.log",
+        TOKENLEDGER_SWEEP_INTERVAL_S="0.2",
+        TOKENLEDGER_LOG_LEVEL="warning",
+    )
     ledger.start()
     tenant = f"chaos-{uuid.uuid4().hex[:8]}"
     load = Load(ledger.target, clients, tenant)

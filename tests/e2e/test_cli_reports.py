@@ -7,15 +7,11 @@ import io
 import json
 import os
 import subprocess
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psycopg
 
-from tests.support import ServerThread
-
-TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
+from tests.support import TOKENLEDGER, ServerThread
 
 
 def run(ledger: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:

@@ -7,36 +7,19 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+
+from tests.support import TOKENLEDGER, free_port, wait_health
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 120
-TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_serving(target: str) -> None:
-    with grpc.insecure_channel(target) as channel:
-        grpc.channel_ready_future(channel).result(timeout=STARTUP_TIMEOUT_S)
-        status = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=10
-        )
-        assert status.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_make_run_serves_with_embedded_postgres_and_demo_succeeds(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     env |= {
@@ -55,7 +38,7 @@ def test_make_run_serves_with_embedded_postgres_and_demo_succeeds(tmp_path: Path
         start_new_session=True,
     )
     try:
-        _wait_serving(target)
+        wait_health(target, health_pb2.HealthCheckResponse.SERVING, STARTUP_TIMEOUT_S)
         demo = subprocess.run(
             [str(TOKENLEDGER), "demo", "--target", target],
             env=env,
