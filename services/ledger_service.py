@@ -4,9 +4,9 @@ tracing and error mapping are interceptors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -14,7 +14,7 @@ import grpc
 from ledger import validation
 from ledger.audit import LedgerAudit
 from ledger.model import AccountKey
-from ledger.store import CallMeta, LedgerStore, utc_now
+from ledger.store import CallMeta, LedgerStore
 from services import convert
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -32,10 +32,17 @@ def _meta() -> CallMeta:
 
 
 class LedgerService(pb_grpc.LedgerServiceServicer):
-    def __init__(self, store: LedgerStore, audit: LedgerAudit, stopping: asyncio.Event) -> None:
+    def __init__(
+        self,
+        store: LedgerStore,
+        audit: LedgerAudit,
+        stopping: asyncio.Event,
+        clock: Callable[[], datetime],
+    ) -> None:
         self._store = store
         self._audit = audit
         self._stopping = stopping  # ends the never-ending streams on shutdown
+        self._clock = clock
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         result = await self._store.reserve(convert.reserve(request), _meta())
@@ -68,7 +75,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         )
         if request.HasField("as_of"):
             as_of = request.as_of.ToDatetime(tzinfo=UTC)
-            validation.balance_at(as_of, utc_now())
+            validation.balance_at(as_of, self._clock())
             return convert.balance_response(await self._audit.balance_at(key, as_of))
         return convert.balance_response(await self._store.get_balance(key))
 

@@ -61,7 +61,7 @@ class LedgerServer:
             ],
         )
         self.stopping = asyncio.Event()
-        service = LedgerService(self.store, LedgerAudit(pool), self.stopping)
+        service = LedgerService(self.store, LedgerAudit(pool), self.stopping, clock)
         pb_grpc.add_LedgerServiceServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
