@@ -15,13 +15,15 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from ledger import codec, limits
-from ledger.model import Account, AccountKey, BalanceResult
+from ledger.model import Account, AccountKey, BalanceResult, RateLimit, RateLimitKey
 from ledger.replay import ChainBreak, ChainVerifier, Projection
 from ledger.rows import (
     ACCOUNT_COLUMNS,
+    RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
     account_from_row,
     account_key,
+    rate_limit_from_row,
     reservation_from_row,
 )
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
@@ -183,6 +185,9 @@ class LedgerAudit:
             "reservation", live.reservations, rebuilt.reservations, lambda r: r
         )
         report.differences += _compare("usage", live.usage, usage, _usage_key_text)
+        report.differences += _compare(
+            "rate_limit", live.rate_limits, rebuilt.rate_limits, _rate_limit_key_text
+        )
         return report
 
     @staticmethod
@@ -198,6 +203,11 @@ class LedgerAudit:
         cur = await conn.execute(sql, params)
         for row in await cur.fetchall():
             out.reservations[row["reservation_id"]] = reservation_from_row(row)
+        sql = f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE {where}"  # noqa: S608
+        cur = await conn.execute(sql, params)
+        for row in await cur.fetchall():
+            rl = rate_limit_from_row(row)
+            out.rate_limits[rl.key] = rl
         cur = await conn.execute(f"SELECT * FROM usage_hourly WHERE {where}", params)  # noqa: S608
         for row in await cur.fetchall():
             key = UsageKey(
@@ -286,6 +296,7 @@ class _Live:
     streams: dict[AccountKey, tuple[int, bytes]] = field(default_factory=dict)
     reservations: dict[str, Any] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
+    rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
 
 
 def _events_sql(
@@ -314,6 +325,10 @@ def _usage_row(row: dict[str, Any]) -> UsageRow:
 
 def _usage_key_text(key: UsageKey) -> str:
     return f"{key.tenant_id}/{key.user_id}/{key.conversation_id}@{key.hour.isoformat()}:{key.model}"
+
+
+def _rate_limit_key_text(key: RateLimitKey) -> str:
+    return f"{key.account}:{key.model or '*'}"
 
 
 def _compare_accounts(
@@ -360,6 +375,8 @@ def _compare(
             out.append(Difference(kind, name(key), "*", _text(a), _text(b)))
             continue
         for f in fields(a):
+            if not f.compare:  # derived from the time of reading, not state
+                continue
             va, vb = getattr(a, f.name), getattr(b, f.name)
             if va != vb:
                 out.append(Difference(kind, name(key), f.name, _text(va), _text(vb)))

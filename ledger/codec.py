@@ -16,14 +16,19 @@ from ledger.model import (
     EVENT_TYPES,
     Account,
     AccountKey,
+    BalanceAdjusted,
     Event,
+    Grant,
+    GrantOrder,
     Period,
     QuotaSet,
+    RateLimitSet,
     Reservation,
     ReservationCommitted,
     ReservationExpired,
     ReservationRolledBack,
     State,
+    TokensGranted,
     TokensReserved,
     Usage,
     UsageRecorded,
@@ -89,9 +94,30 @@ def _usage(event: Event) -> Usage:
 def _data(event: Event) -> dict[str, Any]:
     match event:
         case QuotaSet():
-            return {"limit": event.limit, "period": event.period.value}
+            return {
+                "limit": event.limit,
+                "period": event.period.value,
+                "window_hours": event.window_hours,
+                "time_zone": event.time_zone,
+                "soft_limit_percent": event.soft_limit_percent,
+                "grant_order": event.grant_order.value,
+            }
         case TokensReserved():
-            return {"expires_at": ts(event.expires_at), "labels": dict(event.labels)}
+            return {
+                "expires_at": ts(event.expires_at),
+                "labels": dict(event.labels),
+                "requested": event.requested,
+            }
+        case TokensGranted():
+            expires = ts(event.expires_at) if event.expires_at else None
+            return {"grant_id": event.grant_id, "expires_at": expires, "reason": event.reason}
+        case BalanceAdjusted():
+            return {"reason": event.reason}
+        case RateLimitSet():
+            return {
+                "tokens_per_minute": event.tokens_per_minute,
+                "requests_per_minute": event.requests_per_minute,
+            }
         case ReservationCommitted():
             return {"reserved_at": ts(event.reserved_at)}
         case ReservationRolledBack():
@@ -99,6 +125,14 @@ def _data(event: Event) -> dict[str, Any]:
         case UsageRecorded() if event.reserved_at is not None:
             return {"reserved_at": ts(event.reserved_at)}
     return {}
+
+
+def _amount(event: Event) -> int:
+    """The amount column: tokens held, released, granted or (signed) adjusted."""
+    if isinstance(event, BalanceAdjusted):
+        return event.tokens
+    amount: int = getattr(event, "amount", 0)
+    return amount
 
 
 def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
@@ -113,7 +147,7 @@ def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
         "occurred_at": ts(event.occurred_at),
         "model": event.model,
         "reservation_id": getattr(event, "reservation_id", ""),
-        "amount": getattr(event, "amount", 0),
+        "amount": _amount(event),
         "input_tokens": usage.input_tokens,
         "output_tokens": usage.output_tokens,
         "cached_input_tokens": usage.cached_input_tokens,
@@ -151,13 +185,40 @@ def event_from_row(row: dict[str, Any]) -> Event:
     usage = Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
     rid, amount = row["reservation_id"], row["amount"]
     if cls is QuotaSet:
-        return QuotaSet(limit=data["limit"], period=Period(data["period"]), **common)
+        return QuotaSet(
+            limit=data["limit"],
+            period=Period(data["period"]),
+            # Quotas set before migration 0003 carry only limit and period.
+            window_hours=data.get("window_hours", 0),
+            time_zone=data.get("time_zone", "UTC"),
+            soft_limit_percent=data.get("soft_limit_percent", 0),
+            grant_order=GrantOrder(data.get("grant_order", GrantOrder.QUOTA_FIRST)),
+            **common,
+        )
     if cls is TokensReserved:
         return TokensReserved(
             reservation_id=rid,
             amount=amount,
             expires_at=parse_ts(data["expires_at"]),
             labels=tuple(sorted(data["labels"].items())),
+            requested=data.get("requested", amount),
+            **common,
+        )
+    if cls is TokensGranted:
+        expires = data["expires_at"]
+        return TokensGranted(
+            grant_id=data["grant_id"],
+            amount=amount,
+            expires_at=parse_ts(expires) if expires else None,
+            reason=data["reason"],
+            **common,
+        )
+    if cls is BalanceAdjusted:
+        return BalanceAdjusted(tokens=amount, reason=data["reason"], **common)
+    if cls is RateLimitSet:
+        return RateLimitSet(
+            tokens_per_minute=data["tokens_per_minute"],
+            requests_per_minute=data["requests_per_minute"],
             **common,
         )
     if cls is ReservationCommitted:
@@ -194,7 +255,41 @@ def account_to_json(acc: Account) -> dict[str, Any]:
         "day_start": acc.day_start.isoformat(),
         "used_month": acc.used_month,
         "month_start": acc.month_start.isoformat(),
+        **policy_to_json(acc),
+        "recent": [list(b) for b in acc.recent],
+        "grants": grants_to_json(acc.grants),
     }
+
+
+def policy_to_json(acc: Account) -> dict[str, Any]:
+    return {
+        "window_hours": acc.window_hours,
+        "time_zone": acc.time_zone,
+        "soft_limit_percent": acc.soft_limit_percent,
+        "grant_order": acc.grant_order.value,
+    }
+
+
+def grants_to_json(grants: tuple[Grant, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "grant_id": g.grant_id,
+            "remaining": g.remaining,
+            "expires_at": ts(g.expires_at) if g.expires_at else None,
+        }
+        for g in grants
+    ]
+
+
+def grants_from_json(items: list[dict[str, Any]]) -> tuple[Grant, ...]:
+    return tuple(
+        Grant(
+            expires_at=parse_ts(g["expires_at"]) if g["expires_at"] else None,
+            grant_id=g["grant_id"],
+            remaining=g["remaining"],
+        )
+        for g in items
+    )
 
 
 def account_from_json(obj: dict[str, Any]) -> Account:
@@ -208,6 +303,12 @@ def account_from_json(obj: dict[str, Any]) -> Account:
         day_start=date.fromisoformat(obj["day_start"]),
         used_month=obj["used_month"],
         month_start=date.fromisoformat(obj["month_start"]),
+        window_hours=obj["window_hours"],
+        time_zone=obj["time_zone"],
+        soft_limit_percent=obj["soft_limit_percent"],
+        grant_order=GrantOrder(obj["grant_order"]),
+        recent=tuple((h, t) for h, t in obj["recent"]),
+        grants=grants_from_json(obj["grants"]),
     )
 
 

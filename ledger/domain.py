@@ -7,20 +7,30 @@ so a balance rebuilt from the log equals the live one by construction.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TypedDict
 
 from ledger import errors
 from ledger.model import (
+    EPOCH,
     Account,
     AccountKey,
+    AdjustBalance,
+    BalanceAdjusted,
     Commit,
     CommitResult,
     Context,
     Event,
     Expire,
+    Grant,
+    GrantOrder,
+    GrantTokens,
     QuotaSet,
+    RateLimit,
+    RateLimitKey,
+    RateLimitSet,
     RecordUsage,
     Reservation,
     ReservationCommitted,
@@ -29,13 +39,19 @@ from ledger.model import (
     Reserve,
     Rollback,
     SetQuota,
+    SetRateLimit,
+    SoftLimitWarning,
     State,
+    TokensGranted,
     TokensReserved,
     Usage,
     UsageRecorded,
     day_of,
-    month_of,
+    hour_of,
+    rolling_window_hours_max,
 )
+
+MINUTE_US = 60_000_000
 
 
 @dataclass(frozen=True)
@@ -45,9 +61,20 @@ class Snapshot:
 
     accounts: dict[AccountKey, Account] = field(default_factory=dict)
     reservation: Reservation | None = None
+    rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
 
 
-Decidable = Reserve | Commit | Rollback | SetQuota | RecordUsage | Expire
+Decidable = (
+    Reserve
+    | Commit
+    | Rollback
+    | SetQuota
+    | RecordUsage
+    | Expire
+    | GrantTokens
+    | AdjustBalance
+    | SetRateLimit
+)
 
 
 class _Meta(TypedDict):
@@ -62,14 +89,14 @@ def decide(snap: Snapshot, cmd: Decidable, ctx: Context) -> list[Event]:
     meta = _Meta(occurred_at=ctx.now, actor=ctx.actor, trace_id=ctx.trace_id)
     match cmd:
         case Reserve():
-            _check_fits(snap, cmd.key, cmd.amount, ctx.now)
             return [
                 TokensReserved(
                     key=cmd.key,
                     model=cmd.model,
                     idempotency_key=cmd.idempotency_key,
                     reservation_id=ctx.new_id,
-                    amount=cmd.amount,
+                    amount=_grantable(snap, cmd, ctx.now),
+                    requested=cmd.amount,
                     expires_at=ctx.now + timedelta(seconds=cmd.ttl_s),
                     labels=cmd.labels,
                     **meta,
@@ -82,6 +109,43 @@ def decide(snap: Snapshot, cmd: Decidable, ctx: Context) -> list[Event]:
                     idempotency_key=cmd.idempotency_key,
                     limit=cmd.limit,
                     period=cmd.period,
+                    window_hours=cmd.window_hours,
+                    time_zone=cmd.time_zone,
+                    soft_limit_percent=cmd.soft_limit_percent,
+                    grant_order=cmd.grant_order,
+                    **meta,
+                )
+            ]
+        case GrantTokens():
+            return [
+                TokensGranted(
+                    key=cmd.key,
+                    idempotency_key=cmd.idempotency_key,
+                    grant_id=ctx.new_id,
+                    amount=cmd.amount,
+                    expires_at=cmd.expires_at,
+                    reason=cmd.reason,
+                    **meta,
+                )
+            ]
+        case AdjustBalance():
+            return [
+                BalanceAdjusted(
+                    key=cmd.key,
+                    idempotency_key=cmd.idempotency_key,
+                    tokens=cmd.tokens,
+                    reason=cmd.reason,
+                    **meta,
+                )
+            ]
+        case SetRateLimit():
+            return [
+                RateLimitSet(
+                    key=cmd.key,
+                    model=cmd.model,
+                    idempotency_key=cmd.idempotency_key,
+                    tokens_per_minute=cmd.tokens_per_minute,
+                    requests_per_minute=cmd.requests_per_minute,
                     **meta,
                 )
             ]
@@ -184,31 +248,123 @@ def _first_difference(a: Usage, b: Usage) -> str:
     return "usage"
 
 
-def _check_fits(snap: Snapshot, key: AccountKey, amount: int, now: datetime) -> None:
-    """Raise BudgetExhausted naming the first level (tenant first) that `amount` overflows."""
-    levels = [snap.accounts[k].rolled(now) for k in key.lineage()]
-    limited = [(acc, acc.available) for acc in levels if acc.available is not None]
-    reservable = min((avail for _, avail in limited), default=None)
-    for acc, avail in limited:
-        if amount > avail:
-            assert acc.limit is not None and reservable is not None
-            raise errors.BudgetExhausted(
-                amount,
-                errors.RefusingLevel(
-                    scope=acc.key.scope,
-                    account=str(acc.key),
-                    limit=acc.limit,
-                    held=acc.held,
-                    used=acc.used,
-                    available=avail,
-                ),
-                reservable,
-            )
+def _grantable(snap: Snapshot, cmd: Reserve, now: datetime) -> int:
+    """What a Reserve gets: all of `amount` when every level's budget and every rate limit
+    allow it, else the most they allow if that is at least `min_amount`; otherwise the
+    refusal of the budget (checked first: it does not come back within a minute) or of the
+    rate limit that binds."""
+    minimum = cmd.min_amount or cmd.amount
+    levels = [snap.accounts[k].rolled(now) for k in cmd.key.lineage()]
+    budget = min((a.available for a in levels if a.available is not None), default=None)
+    limiters = list(applicable_limits(snap.rate_limits, cmd.key, cmd.model))
+    for rl in limiters:
+        if rl.requests_per_minute and _gcra_room(rl.requests_tat, rl.requests_per_minute, now) < 1:
+            raise _rate_refusal(rl, "requests", 1, now)
+    rooms = [
+        (_gcra_room(rl.tokens_tat, rl.tokens_per_minute, now), rl)
+        for rl in limiters
+        if rl.tokens_per_minute
+    ]
+    if budget is not None and budget < minimum:
+        acc = next(a for a in levels if a.available is not None and a.available < minimum)
+        raise _budget_refusal(acc, cmd.amount, budget)
+    for room, rl in rooms:
+        if room < minimum:
+            raise _rate_refusal(rl, "tokens", minimum, now)
+    return min([cmd.amount, *(r for r, _ in rooms), *([budget] if budget is not None else [])])
+
+
+def _budget_refusal(acc: Account, requested: int, reservable: int) -> errors.LedgerError:
+    assert acc.limit is not None and acc.available is not None
+    bounds = acc.period_bounds()
+    return errors.BudgetExhausted(
+        requested,
+        errors.RefusingLevel(
+            scope=acc.key.scope,
+            account=str(acc.key),
+            limit=acc.limit,
+            held=acc.held,
+            used=acc.used,
+            available=acc.available,
+        ),
+        reservable,
+        resets_at=bounds[1] if bounds else None,
+    )
+
+
+def _rate_refusal(rl: RateLimit, kind: str, needed: int, now: datetime) -> errors.LedgerError:
+    tat, per_minute = (
+        (rl.tokens_tat, rl.tokens_per_minute)
+        if kind == "tokens"
+        else (rl.requests_tat, rl.requests_per_minute)
+    )
+    room = _gcra_room(tat, per_minute, now)
+    retry: float | None = None
+    if needed <= per_minute:  # fits once the bucket has refilled enough
+        wait_us = _us(max(tat, now)) + _cost_us(needed, per_minute) - MINUTE_US - _us(now)
+        retry = max(wait_us, 0) / 1e6
+    return errors.RateLimited(
+        kind, str(rl.key.account), rl.key.model, per_minute, needed, room, retry
+    )
+
+
+def applicable_limits(
+    limits: dict[RateLimitKey, RateLimit], key: AccountKey, model: str
+) -> Iterator[RateLimit]:
+    """The rate limits a reservation on `key` for `model` must fit: every level's, both the
+    model's own and the all-models one."""
+    for k in key.lineage():
+        for m in dict.fromkeys((model, "")):
+            rl = limits.get(RateLimitKey(k, m))
+            if rl is not None:
+                yield rl
+
+
+def _us(at: datetime) -> int:
+    delta = at - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _cost_us(units: int, per_minute: int) -> int:
+    """The time `units` take at `per_minute`, rounded up so the limit is never exceeded."""
+    return -(-units * MINUTE_US // per_minute)
+
+
+def _gcra_room(tat: datetime, per_minute: int, now: datetime) -> int:
+    """The most units that fit now: a full minute's worth when idle, less what the
+    theoretical arrival time is already ahead of now."""
+    ahead_us = max(_us(tat) - _us(now), 0)
+    return max(0, (MINUTE_US - ahead_us) * per_minute // MINUTE_US)
+
+
+def headroom(accounts: list[Account]) -> tuple[int | None, datetime | None]:
+    """The most a reservation could get across these levels, and when the level that bounds
+    it resets its period."""
+    limited = [a for a in accounts if a.available is not None]
+    if not limited:
+        return None, None
+    binding = min(limited, key=lambda a: a.available or 0)
+    bounds = binding.period_bounds()
+    return binding.available, bounds[1] if bounds else None
+
+
+def soft_limit_warnings(accounts: list[Account]) -> tuple[SoftLimitWarning, ...]:
+    """The levels at or past their soft threshold."""
+    return tuple(
+        SoftLimitWarning(a.key.scope, str(a.key), a.percent_used, a.soft_limit_percent)
+        for a in accounts
+        if a.soft_limit_percent and a.limit is not None and a.percent_used >= a.soft_limit_percent
+    )
 
 
 def affected(event: Event) -> tuple[AccountKey, ...]:
-    """The accounts an event changes: a quota only its own, a charge or hold every level."""
-    return (event.key,) if isinstance(event, QuotaSet) else event.key.lineage()
+    """The accounts an event changes: quotas and grants only their own, a rate limit none
+    (its stream is the account's), a charge or hold every level."""
+    if isinstance(event, QuotaSet | TokensGranted):
+        return (event.key,)
+    if isinstance(event, RateLimitSet):
+        return ()
+    return event.key.lineage()
 
 
 def evolve_account(acc: Account, event: Event) -> Account:
@@ -216,28 +372,122 @@ def evolve_account(acc: Account, event: Event) -> Account:
     acc = acc.rolled(event.occurred_at)
     match event:
         case QuotaSet():
-            return acc.with_(limit=event.limit, period=event.period)
+            acc = acc.with_(
+                limit=event.limit,
+                period=event.period,
+                window_hours=event.window_hours,
+                time_zone=event.time_zone,
+                soft_limit_percent=event.soft_limit_percent,
+                grant_order=event.grant_order,
+            )
+            return acc.rolled(event.occurred_at)  # the window and days of the new settings
         case TokensReserved():
             return acc.with_(held=acc.held + event.amount)
         case ReservationCommitted():
-            return _charge(acc, event.usage.total, event.reserved_at, released=event.amount)
+            return _charge(
+                acc, event.usage.total, event.reserved_at, event.occurred_at, event.amount
+            )
         case ReservationRolledBack() | ReservationExpired():
             return acc.with_(held=acc.held - event.amount)
         case UsageRecorded():
-            return _charge(acc, event.usage.total, event.reserved_at or event.occurred_at)
+            return _charge(
+                acc, event.usage.total, event.reserved_at or event.occurred_at, event.occurred_at
+            )
+        case TokensGranted():
+            grant = Grant(event.expires_at, event.grant_id, event.amount)
+            return acc.with_(grants=tuple(sorted((*acc.grants, grant), key=Grant.draw_order)))
+        case BalanceAdjusted():
+            return _charge(acc, event.tokens, event.occurred_at, event.occurred_at, draw=False)
     raise TypeError(f"unknown event {type(event).__name__}")
 
 
-def _charge(acc: Account, tokens: int, charged_at: datetime, released: int = 0) -> Account:
-    """Add usage to every period counter (and release `released` held tokens); a hold placed
-    in an earlier (closed) day or month is charged to that period, so it does not count
-    against the current one."""
+def _charge(
+    acc: Account,
+    tokens: int,
+    charged_at: datetime,
+    now: datetime,
+    released: int = 0,
+    *,
+    draw: bool = True,
+) -> Account:
+    """Add usage (and release `released` held tokens). Grants pay their share first or after
+    the quota, by the account's grant order; the rest counts in every period counter. A hold
+    placed in an earlier (closed) day, month or hour is charged to that period, so it does not
+    count against the current one."""
+    quota_tokens, grants = _draw_grants(acc, tokens) if draw else (tokens, acc.grants)
+    hour = hour_of(charged_at)
+    recent = acc.recent
+    if quota_tokens and hour > hour_of(now) - rolling_window_hours_max:
+        recent = _add_to_bucket(recent, hour, quota_tokens)
+    day = day_of(charged_at, acc.time_zone)
     return acc.with_(
         held=acc.held - released,
         used_total=acc.used_total + tokens,
-        used_day=acc.used_day + (tokens if day_of(charged_at) >= acc.day_start else 0),
-        used_month=acc.used_month + (tokens if month_of(charged_at) >= acc.month_start else 0),
+        used_day=acc.used_day + (quota_tokens if day >= acc.day_start else 0),
+        used_month=acc.used_month + (quota_tokens if day >= acc.month_start else 0),
+        recent=recent,
+        grants=grants,
     )
+
+
+def _draw_grants(acc: Account, tokens: int) -> tuple[int, tuple[Grant, ...]]:
+    """Split a charge into what the quota pays and what grants pay (soonest expiry first);
+    returns the quota's part and the grants left."""
+    if tokens <= 0 or not acc.grants or acc.limit is None:
+        return tokens, acc.grants
+    if acc.grant_order is GrantOrder.GRANTS_FIRST:
+        from_grants = tokens
+    else:
+        from_grants = tokens - max(0, min(tokens, acc.limit - acc.used))
+    left: list[Grant] = []
+    paid = 0
+    for g in acc.grants:
+        take = min(g.remaining, from_grants - paid)
+        paid += take
+        if g.remaining > take:
+            left.append(replace(g, remaining=g.remaining - take))
+    return tokens - paid, tuple(left)
+
+
+def _add_to_bucket(
+    recent: tuple[tuple[int, int], ...], hour: int, tokens: int
+) -> tuple[tuple[int, int], ...]:
+    buckets = dict(recent)
+    buckets[hour] = buckets.get(hour, 0) + tokens
+    return tuple(sorted(buckets.items()))
+
+
+def evolve_rate_limit(rl: RateLimit | None, key: RateLimitKey, event: Event) -> RateLimit | None:
+    """The limiter `key` after `event`: set by RateLimitSet, advanced by each hold it applies
+    to (the hold's granted amount and one request)."""
+    if isinstance(event, RateLimitSet):
+        rl = rl or RateLimit(key)
+        return replace(
+            rl,
+            tokens_per_minute=event.tokens_per_minute,
+            requests_per_minute=event.requests_per_minute,
+        )
+    if rl is None or not isinstance(event, TokensReserved):
+        return rl
+    at = event.occurred_at
+    tokens_tat, requests_tat = rl.tokens_tat, rl.requests_tat
+    if rl.tokens_per_minute:
+        cost = timedelta(microseconds=_cost_us(event.amount, rl.tokens_per_minute))
+        tokens_tat = max(tokens_tat, at) + cost
+    if rl.requests_per_minute:
+        cost = timedelta(microseconds=_cost_us(1, rl.requests_per_minute))
+        requests_tat = max(requests_tat, at) + cost
+    return replace(rl, tokens_tat=tokens_tat, requests_tat=requests_tat)
+
+
+def rate_limit_keys(event: Event) -> tuple[RateLimitKey, ...]:
+    """The limiters an event may change."""
+    if isinstance(event, RateLimitSet):
+        return (RateLimitKey(event.key, event.model),)
+    if isinstance(event, TokensReserved):
+        models = tuple(dict.fromkeys((event.model, "")))
+        return tuple(RateLimitKey(k, m) for k in event.key.lineage() for m in models)
+    return ()
 
 
 def evolve_reservation(res: Reservation | None, event: Event) -> Reservation | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class LedgerError(Exception):
@@ -13,6 +14,21 @@ class LedgerError(Exception):
     def metadata(self) -> dict[str, str]:
         """Machine-readable facts for ErrorInfo.metadata."""
         return {}
+
+
+class Refusal(LedgerError):
+    """A Reserve refused for budget or rate; carries what to do instead."""
+
+    suggestion: dict[str, str]
+
+    def suggest(self, *, cheaper_model: str) -> None:
+        """Add the caller's advice the ledger itself cannot know (it has no model catalogue)."""
+        self.suggestion = {"compact_context": "true"}
+        if cheaper_model:
+            self.suggestion["cheaper_model"] = cheaper_model
+
+    def metadata(self) -> dict[str, str]:
+        return dict(getattr(self, "suggestion", {}))
 
 
 @dataclass(frozen=True)
@@ -41,28 +57,92 @@ class RefusingLevel:
     available: int
 
 
-class BudgetExhausted(LedgerError):
+class BudgetExhausted(Refusal):
+    """No level's budget refused less than the minimum asked for; `level` is the first
+    (tenant first) that refused, `reservable` the most any request could get now and
+    `resets_at` when the refusing level's period resets (None: it never does)."""
+
     reason = "BUDGET_EXHAUSTED"
 
-    def __init__(self, requested: int, level: RefusingLevel, reservable: int) -> None:
+    def __init__(
+        self,
+        requested: int,
+        level: RefusingLevel,
+        reservable: int,
+        resets_at: datetime | None = None,
+    ) -> None:
         self.requested = requested
         self.level = level
         self.reservable = reservable
+        self.resets_at = resets_at
+        when = f"the period resets at {resets_at.isoformat()}" if resets_at else "holds end"
         super().__init__(
             f"requested {requested} tokens but the {level.scope} {level.account} has "
             f"{level.available} available (limit {level.limit}, held {level.held}, "
-            f"used {level.used}); reserve at most {reservable} tokens now, or wait for holds "
-            f"to end or the period to reset"
+            f"used {level.used}); reserve at most {reservable} tokens now (or pass "
+            f"min_amount to accept a partial grant), or wait until {when}"
         )
 
     def metadata(self) -> dict[str, str]:
-        return {
+        out = super().metadata() | {
             "requested": str(self.requested),
             "available": str(self.level.available),
             "limit": str(self.level.limit),
             "scope": self.level.scope,
+            "account": self.level.account,
             "reservable": str(self.reservable),
         }
+        if self.resets_at is not None:
+            out["resets_at"] = self.resets_at.isoformat()
+        return out
+
+
+class RateLimited(Refusal):
+    """A tokens- or requests-per-minute limit refused the call; it fits again after
+    `retry_after_s` (None: never, the request is larger than a minute's worth)."""
+
+    reason = "RATE_LIMITED"
+
+    def __init__(
+        self,
+        kind: str,
+        account: str,
+        model: str,
+        per_minute: int,
+        requested: int,
+        room: int,
+        retry_after_s: float | None,
+    ) -> None:
+        self.kind = kind  # "tokens" | "requests"
+        self.account = account
+        self.model = model
+        self.per_minute = per_minute
+        self.requested = requested
+        self.room = room
+        self.retry_after_s = retry_after_s
+        which = f"model {model}" if model else "all models"
+        advice = (
+            f"retry in {retry_after_s:.3f} s"
+            if retry_after_s is not None
+            else f"ask for at most {per_minute} {kind}: more never fits"
+        )
+        super().__init__(
+            f"{account} may use {per_minute} {kind} per minute on {which}; this call needs "
+            f"{requested} and {room} fit now; {advice}"
+        )
+
+    def metadata(self) -> dict[str, str]:
+        out = super().metadata() | {
+            "kind": self.kind,
+            "account": self.account,
+            "model": self.model,
+            "per_minute": str(self.per_minute),
+            "requested": str(self.requested),
+            "reservable": str(self.room),
+        }
+        if self.retry_after_s is not None:
+            out["retry_after_s"] = f"{self.retry_after_s:.3f}"
+        return out
 
 
 class ReservationNotFound(LedgerError):

@@ -5,6 +5,8 @@ id_chars_max = 128
 idempotency_key_chars_max = 128
 model_chars_max = 128
 reason_chars_max = 512
+time_zone_chars_max = 64
+requests_per_minute_max = 10**9
 
 amount_tokens_max = 100_000_000
 """One reservation or one usage kind; far above any model's context window."""

@@ -6,17 +6,32 @@ Everything here is a frozen dataclass; time is always an aware UTC datetime.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
+from functools import cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 EPOCH_DAY = date(1970, 1, 1)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+HOUR_S = 3600
+rolling_window_hours_max = 24 * 7
+"""The longest rolling period; accounts keep hourly usage this far back, whatever their period,
+so switching a quota to a rolling period counts what was already used in its window."""
 
 
 class Period(StrEnum):
     NONE = "none"
     DAY = "day"
     MONTH = "month"
+    ROLLING = "rolling"
+
+
+class GrantOrder(StrEnum):
+    """Whether usage draws on granted tokens before or after the period's quota."""
+
+    QUOTA_FIRST = "quota_first"
+    GRANTS_FIRST = "grants_first"
 
 
 class State(StrEnum):
@@ -66,42 +81,91 @@ class Usage:
         return self.input_tokens + self.output_tokens + self.cached_input_tokens
 
 
-def day_of(at: datetime) -> date:
-    return at.astimezone(UTC).date()
+@cache
+def zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
 
 
-def month_of(at: datetime) -> date:
-    return day_of(at).replace(day=1)
+def day_of(at: datetime, time_zone: str = "UTC") -> date:
+    """The calendar day `at` falls on in `time_zone`."""
+    return at.astimezone(UTC if time_zone == "UTC" else zone(time_zone)).date()
+
+
+def hour_of(at: datetime) -> int:
+    """Hours since the epoch: the index of the hourly usage bucket `at` falls in."""
+    return int(at.timestamp()) // HOUR_S
 
 
 def _next_month(start: date) -> date:
     return date(start.year + start.month // 12, start.month % 12 + 1, 1)
 
 
+def _local_midnight(day: date, time_zone: str) -> datetime:
+    tz = UTC if time_zone == "UTC" else zone(time_zone)
+    return datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Tokens added to an account by GrantTokens, drawn by usage until spent or expired."""
+
+    expires_at: datetime | None
+    grant_id: str
+    remaining: int
+
+    def draw_order(self) -> tuple[bool, datetime, str]:
+        """Soonest expiry first, grants that never expire last."""
+        return (self.expires_at is None, self.expires_at or EPOCH, self.grant_id)
+
+
 @dataclass(frozen=True)
 class Account:
-    """The derived balance of one account. Usage is kept for every period kind at once, so
-    changing a quota's period never loses what was already used in the new period."""
+    """The derived balance of one account. Usage is kept for every period kind at once (a
+    total, the current day and month in the account's time zone, and hourly buckets for
+    rolling periods), so changing a quota's period never loses what was already used in it.
+
+    `window_start_hour` is where the rolling window began when the account was last rolled
+    forward; it is derived from the time, not stored."""
 
     key: AccountKey
     limit: int | None = None
     period: Period = Period.NONE
+    window_hours: int = 0
+    time_zone: str = "UTC"
+    soft_limit_percent: int = 0
+    grant_order: GrantOrder = GrantOrder.QUOTA_FIRST
     held: int = 0
     used_total: int = 0
     used_day: int = 0
     day_start: date = EPOCH_DAY
     used_month: int = 0
     month_start: date = EPOCH_DAY
+    recent: tuple[tuple[int, int], ...] = ()
+    grants: tuple[Grant, ...] = ()
+    window_start_hour: int = field(default=0, compare=False)
 
     def rolled(self, at: datetime) -> Account:
-        """The account as of `at`: day and month counters reset when their period has passed."""
-        day = day_of(at)
-        if day <= self.day_start:
-            return self
-        month = day.replace(day=1)
-        if month > self.month_start:
-            return self.with_(used_day=0, day_start=day, used_month=0, month_start=month)
-        return self.with_(used_day=0, day_start=day)
+        """The account as of `at`: day and month counters reset when their period has
+        passed, hourly buckets and grants that have aged out are dropped."""
+        changes: dict[str, Any] = {}
+        day = day_of(at, self.time_zone)
+        if day > self.day_start:
+            changes |= {"used_day": 0, "day_start": day}
+            month = day.replace(day=1)
+            if month > self.month_start:
+                changes |= {"used_month": 0, "month_start": month}
+        hour = hour_of(at)
+        oldest = hour - rolling_window_hours_max + 1
+        if self.recent and self.recent[0][0] < oldest:
+            changes["recent"] = tuple(b for b in self.recent if b[0] >= oldest)
+        if any(g.expires_at is not None and g.expires_at <= at for g in self.grants):
+            changes["grants"] = tuple(
+                g for g in self.grants if g.expires_at is None or g.expires_at > at
+            )
+        window_start = hour - self.window_hours + 1
+        if window_start != self.window_start_hour:
+            changes["window_start_hour"] = window_start
+        return self.with_(**changes) if changes else self
 
     def with_(self, **changes: Any) -> Account:
         """A copy with `changes`; dataclasses.replace does the same, several times slower,
@@ -110,33 +174,51 @@ class Account:
 
     @property
     def used(self) -> int:
-        """Usage in the current period of the account's quota."""
+        """Usage in the current period of the account's quota (what grants did not cover)."""
         if self.period is Period.DAY:
             return self.used_day
         if self.period is Period.MONTH:
             return self.used_month
+        if self.period is Period.ROLLING:
+            return sum(t for h, t in self.recent if h >= self.window_start_hour)
         return self.used_total
 
     @property
+    def granted(self) -> int:
+        """Granted tokens not yet drawn (expired grants are dropped when rolled)."""
+        return sum(g.remaining for g in self.grants)
+
+    @property
     def available(self) -> int | None:
+        """What a new hold may take: the quota's room plus grants, less what is held."""
         if self.limit is None:
             return None
-        return max(0, self.limit - self.held - self.used)
+        return max(0, max(0, self.limit - self.used) + self.granted - self.held)
+
+    @property
+    def percent_used(self) -> int:
+        """Held plus used as a share of the limit and grants, in whole percent (rounded down)."""
+        capacity = (self.limit or 0) + self.granted
+        if self.limit is None or capacity == 0:
+            return 0 if self.limit is None else 100
+        return (self.used + self.held) * 100 // capacity
 
     def period_bounds(self) -> tuple[datetime, datetime] | None:
-        """[start, end) of the current period in UTC; None for Period.NONE."""
+        """[start, end) of the current period; None for Period.NONE. A day or month starts at
+        midnight in the account's time zone. A rolling period ends when its oldest usage
+        leaves the window (or an hour from now, when it has none)."""
+        if self.period is Period.ROLLING:
+            start = EPOCH + timedelta(hours=self.window_start_hour)
+            inside = [h for h, t in self.recent if h >= self.window_start_hour and t]
+            oldest = inside[0] if inside else self.window_start_hour + self.window_hours - 1
+            return start, EPOCH + timedelta(hours=oldest + self.window_hours)
         if self.period is Period.DAY:
-            start = self.day_start
-            end = date.fromordinal(start.toordinal() + 1)
+            first, after = self.day_start, date.fromordinal(self.day_start.toordinal() + 1)
         elif self.period is Period.MONTH:
-            start = self.month_start
-            end = _next_month(start)
+            first, after = self.month_start, _next_month(self.month_start)
         else:
             return None
-        return (
-            datetime(start.year, start.month, start.day, tzinfo=UTC),
-            datetime(end.year, end.month, end.day, tzinfo=UTC),
-        )
+        return _local_midnight(first, self.time_zone), _local_midnight(after, self.time_zone)
 
 
 @dataclass(frozen=True)
@@ -174,14 +256,21 @@ class Event:
 class QuotaSet(Event):
     limit: int | None
     period: Period
+    window_hours: int = 0
+    time_zone: str = "UTC"
+    soft_limit_percent: int = 0
+    grant_order: GrantOrder = GrantOrder.QUOTA_FIRST
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokensReserved(Event):
+    """A hold of `amount` tokens; `requested` is what was asked (more, for a partial grant)."""
+
     reservation_id: str
     amount: int
     expires_at: datetime
     labels: tuple[tuple[str, str], ...] = ()
+    requested: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,10 +305,41 @@ class UsageRecorded(Event):
     reserved_at: datetime | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class TokensGranted(Event):
+    """Tokens added to the account itself (not its ancestors), until `expires_at`."""
+
+    grant_id: str
+    amount: int
+    expires_at: datetime | None
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceAdjusted(Event):
+    """An operator's correction of usage: `tokens` > 0 charges, < 0 credits. It rolls up to
+    every ancestor, as usage does, and counts in the current period."""
+
+    tokens: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitSet(Event):
+    """Tokens and requests per minute for Reserve calls on the account and its descendants,
+    for one model (`model`) or all of them (model ""). Zero means no limit."""
+
+    tokens_per_minute: int
+    requests_per_minute: int
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
         QuotaSet,
+        TokensGranted,
+        BalanceAdjusted,
+        RateLimitSet,
         TokensReserved,
         ReservationCommitted,
         ReservationRolledBack,
@@ -227,6 +347,25 @@ EVENT_TYPES: dict[str, type[Event]] = {
         UsageRecorded,
     )
 }
+
+
+@dataclass(frozen=True, order=True)
+class RateLimitKey:
+    account: AccountKey
+    model: str
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A GCRA limiter: each `*_tat` is the theoretical arrival time of the next unit; a request
+    fits when it does not push it more than a minute ahead of now (a bucket of one minute's
+    worth, refilled continuously, so no window boundary lets twice the rate through)."""
+
+    key: RateLimitKey
+    tokens_per_minute: int = 0
+    requests_per_minute: int = 0
+    tokens_tat: datetime = EPOCH
+    requests_tat: datetime = EPOCH
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -240,6 +379,8 @@ class Reserve:
     amount: int
     ttl_s: int
     labels: tuple[tuple[str, str], ...] = ()
+    min_amount: int = 0
+    """Grant less than `amount`, down to this, when only that fits; 0: all or nothing."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +403,36 @@ class SetQuota:
     key: AccountKey
     limit: int | None
     period: Period
+    window_hours: int = 0
+    time_zone: str = "UTC"
+    soft_limit_percent: int = 0
+    grant_order: GrantOrder = GrantOrder.QUOTA_FIRST
+
+
+@dataclass(frozen=True)
+class GrantTokens:
+    idempotency_key: str
+    key: AccountKey
+    amount: int
+    expires_at: datetime | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class AdjustBalance:
+    idempotency_key: str
+    key: AccountKey
+    tokens: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SetRateLimit:
+    idempotency_key: str
+    key: AccountKey
+    model: str
+    tokens_per_minute: int
+    requests_per_minute: int
 
 
 @dataclass(frozen=True)
@@ -294,9 +465,29 @@ class Context:
 
 
 @dataclass(frozen=True)
+class SoftLimitWarning:
+    """A level past its soft threshold after this reservation."""
+
+    scope: str
+    account: str
+    percent_used: int
+    threshold_percent: int
+
+
+@dataclass(frozen=True)
 class ReserveResult:
     reservation: Reservation
     balance: Account
+    requested: int = 0
+    warnings: tuple[SoftLimitWarning, ...] = ()
+    reservable: int | None = None
+    """The most a further Reserve on the account could get now (None: no limit)."""
+    resets_at: datetime | None = None
+    """When the level that bounds `reservable` resets its period (None: it never does)."""
+
+    @property
+    def partial(self) -> bool:
+        return self.reservation.amount < self.requested
 
 
 @dataclass(frozen=True)

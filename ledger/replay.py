@@ -10,14 +10,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ledger import codec
-from ledger.domain import affected, evolve_account, evolve_reservation
-from ledger.model import Account, AccountKey, Event, Reservation, TokensReserved
+from ledger.domain import (
+    affected,
+    evolve_account,
+    evolve_rate_limit,
+    evolve_reservation,
+    rate_limit_keys,
+)
+from ledger.model import (
+    Account,
+    AccountKey,
+    Event,
+    RateLimit,
+    RateLimitKey,
+    Reservation,
+    TokensReserved,
+)
 
 
 @dataclass
 class Projection:
     accounts: dict[AccountKey, Account] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
+    rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
 
     def feed(self, event: Event) -> None:
         """Apply one event (in log order). An event about a reservation the log never placed
@@ -25,6 +40,10 @@ class Projection:
         rebuild shows the reservation as missing instead of failing."""
         for key in affected(event):
             self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)
+        for rk in rate_limit_keys(event):
+            rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
+            if rl is not None:
+                self.rate_limits[rk] = rl
         rid = getattr(event, "reservation_id", "")
         if rid and (rid in self.reservations or isinstance(event, TokensReserved)):
             res = evolve_reservation(self.reservations.get(rid), event)

@@ -6,10 +6,24 @@ from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
-from ledger.model import Account, AccountKey, Period, Reservation, State, Usage
+from ledger.codec import grants_from_json
+from ledger.model import (
+    Account,
+    AccountKey,
+    GrantOrder,
+    Period,
+    RateLimit,
+    RateLimitKey,
+    Reservation,
+    State,
+    Usage,
+)
 
-ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, held, used_total,
-    used_day, day_start, used_month, month_start, stream_version, head_hash"""
+ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, window_hours,
+    time_zone, soft_limit_percent, grant_order, held, used_total, used_day, day_start, used_month,
+    month_start, recent, grants, stream_version, head_hash"""
+RATE_LIMIT_COLUMNS = """tenant_id, user_id, conversation_id, model, tokens_per_minute,
+    requests_per_minute, tokens_tat, requests_tat"""
 RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, model, amount,
     state, created_at, expires_at, labels, input_tokens, output_tokens, cached_input_tokens,
     late, ended_at, ended_balance"""
@@ -44,6 +58,22 @@ def account_from_row(row: dict[str, Any]) -> Account:
         day_start=row["day_start"],
         used_month=row["used_month"],
         month_start=row["month_start"],
+        window_hours=row["window_hours"],
+        time_zone=row["time_zone"],
+        soft_limit_percent=row["soft_limit_percent"],
+        grant_order=GrantOrder(row["grant_order"]),
+        recent=tuple((h, t) for h, t in row["recent"]),
+        grants=grants_from_json(row["grants"]),
+    )
+
+
+def rate_limit_from_row(row: dict[str, Any]) -> RateLimit:
+    return RateLimit(
+        key=RateLimitKey(account_key(row), row["model"]),
+        tokens_per_minute=row["tokens_per_minute"],
+        requests_per_minute=row["requests_per_minute"],
+        tokens_tat=row["tokens_tat"].astimezone(UTC),
+        requests_tat=row["requests_tat"].astimezone(UTC),
     )
 
 

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 import psycopg
@@ -36,21 +37,29 @@ from ledger.domain import (
     Decidable,
     Snapshot,
     affected,
+    applicable_limits,
     commit_outcome,
     decide,
     evolve_account,
+    evolve_rate_limit,
     evolve_reservation,
+    headroom,
+    rate_limit_keys,
+    soft_limit_warnings,
 )
 from ledger.model import (
     Account,
     AccountKey,
+    AdjustBalance,
     BalanceResult,
     Commit,
     CommitResult,
     Context,
     Event,
     Expire,
-    Period,
+    GrantTokens,
+    RateLimit,
+    RateLimitKey,
     RecordUsage,
     Reservation,
     Reserve,
@@ -58,13 +67,17 @@ from ledger.model import (
     Rollback,
     RollbackResult,
     SetQuota,
+    SetRateLimit,
+    SoftLimitWarning,
     State,
     Usage,
 )
 from ledger.rows import (
+    RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
     account_from_row,
     account_key,
+    rate_limit_from_row,
     reservation_from_row,
     select_accounts_sql,
 )
@@ -108,7 +121,10 @@ class ExpireTenant:
     tenant_id: str
 
 
-Write = Reserve | Commit | Rollback | SetQuota | RecordUsage | ExpireTenant
+# Writes on one account whose response is that account's balance (or, for SetRateLimit, the
+# limiter): they differ only in their events.
+AccountWrite = SetQuota | RecordUsage | GrantTokens | AdjustBalance | SetRateLimit
+Write = Reserve | Commit | Rollback | AccountWrite | ExpireTenant
 
 
 @dataclass
@@ -155,6 +171,18 @@ class LedgerStore:
 
     async def record_usage(self, cmd: RecordUsage, meta: CallMeta = CallMeta()) -> Account:
         result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def grant_tokens(self, cmd: GrantTokens, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def adjust_balance(self, cmd: AdjustBalance, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def set_rate_limit(self, cmd: SetRateLimit, meta: CallMeta = CallMeta()) -> RateLimit:
+        result: RateLimit = await self._submit(cmd, meta)
         return result
 
     async def expire_overdue(self) -> int:
@@ -249,7 +277,10 @@ class LedgerStore:
             case Rollback():
                 res, balance = await self._end_reservation(tx, cmd)
                 return RollbackResult(reservation=res, released=res.amount, balance=balance)
-            case SetQuota() | RecordUsage():
+            case SetRateLimit():
+                await self._simple(tx, cmd)
+                return tx.rate_limits[RateLimitKey(cmd.key, cmd.model)]
+            case SetQuota() | RecordUsage() | GrantTokens() | AdjustBalance():
                 return await self._simple(tx, cmd)
             case ExpireTenant():
                 return await tx.expire_overdue()
@@ -258,15 +289,29 @@ class LedgerStore:
         request = _request_json(cmd)
         stored = tx.idempotent_response(cmd.idempotency_key, "Reserve", request)
         if stored is not None:
+            resets_at = stored["resets_at"]
             return ReserveResult(
                 reservation=codec.reservation_from_json(stored["reservation"]),
                 balance=codec.account_from_json(stored["balance"]),
+                requested=cmd.amount,
+                warnings=tuple(SoftLimitWarning(**w) for w in stored["warnings"]),
+                reservable=stored["reservable"],
+                resets_at=codec.parse_ts(resets_at) if resets_at else None,
             )
         await tx.expire_overdue()
-        events = decide(tx.snapshot(cmd.key), cmd, tx.context(self._new_id()))
+        events = decide(tx.snapshot(cmd.key, model=cmd.model), cmd, tx.context(self._new_id()))
         res = tx.apply(events)
         assert res is not None
-        result = ReserveResult(reservation=res, balance=tx.accounts[cmd.key])
+        levels = [tx.accounts[k].rolled(tx.now) for k in cmd.key.lineage()]
+        reservable, resets_at = headroom(levels)
+        result = ReserveResult(
+            reservation=res,
+            balance=tx.accounts[cmd.key],
+            requested=cmd.amount,
+            warnings=soft_limit_warnings(levels),
+            reservable=reservable,
+            resets_at=resets_at,
+        )
         tx.remember(
             cmd.idempotency_key,
             "Reserve",
@@ -274,6 +319,9 @@ class LedgerStore:
             {
                 "reservation": codec.reservation_to_json(res),
                 "balance": codec.account_to_json(result.balance),
+                "warnings": [vars(w) for w in result.warnings],
+                "reservable": reservable,
+                "resets_at": codec.ts(resets_at) if resets_at else None,
             },
         )
         return result
@@ -295,7 +343,7 @@ class LedgerStore:
         tx.end(res_after.reservation_id, tx.accounts[res.key])
         return res_after, tx.accounts[res.key]
 
-    async def _simple(self, tx: _Tx, cmd: SetQuota | RecordUsage) -> Account:
+    async def _simple(self, tx: _Tx, cmd: AccountWrite) -> Account:
         """A write whose response is the balance of its account after it."""
         operation = type(cmd).__name__
         request = _request_json(cmd)
@@ -373,6 +421,8 @@ class _Tx:
         self.accounts: dict[AccountKey, Account] = {}
         self.streams: dict[AccountKey, tuple[int, bytes]] = {}
         self.reservations: dict[str, Reservation] = {}
+        self.rate_limits: dict[RateLimitKey, RateLimit] = {}
+        self._dirty_limits: set[RateLimitKey] = set()
         self.ended_balances: dict[str, Account] = {}
         self._idempotency: dict[str, dict[str, Any]] = {}
         self._overdue_checked = False
@@ -389,8 +439,14 @@ class _Tx:
             now=self.now, new_id=new_id, actor=self.meta.actor, trace_id=self.meta.trace_id
         )
 
-    def snapshot(self, key: AccountKey, res: Reservation | None = None) -> Snapshot:
-        return Snapshot(accounts={k: self.accounts[k] for k in key.lineage()}, reservation=res)
+    def snapshot(
+        self, key: AccountKey, res: Reservation | None = None, model: str = ""
+    ) -> Snapshot:
+        return Snapshot(
+            accounts={k: self.accounts[k] for k in key.lineage()},
+            reservation=res,
+            rate_limits={rl.key: rl for rl in applicable_limits(self.rate_limits, key, model)},
+        )
 
     async def prepare(self, commands: Sequence[Write]) -> None:
         """Lock and load, in three round trips, what the batch's writes will read: their
@@ -398,13 +454,11 @@ class _Tx:
         and the tenant's overdue holds. Account rows are locked before reservation rows."""
         self.tenant_id = _tenant_of(commands[0])
         rids = [c.reservation_id for c in commands if isinstance(c, Commit | Rollback)]
-        idem = [
-            c.idempotency_key for c in commands if isinstance(c, Reserve | SetQuota | RecordUsage)
-        ]
+        keyed = [c for c in commands if isinstance(c, Reserve | AccountWrite)]
+        idem = [c.idempotency_key for c in keyed]
         keys: set[AccountKey] = {AccountKey(self.tenant_id)}
-        for c in commands:
-            if isinstance(c, Reserve | SetQuota | RecordUsage):
-                keys.update(c.key.lineage())
+        for c in keyed:
+            keys.update(c.key.lineage())
         async with self.conn.pipeline():
             owners = await self.conn.execute(
                 "SELECT user_id, conversation_id FROM reservations "
@@ -423,6 +477,7 @@ class _Tx:
         self._idempotency = {row["idempotency_key"]: row for row in await known.fetchall()}
         await self.lock_accounts(sorted(keys))
         async with self.conn.pipeline():
+            limiters = await self.conn.execute(*_rate_limits_sql(sorted(keys)))
             named = await self.conn.execute(
                 *self._reservations_sql("reservation_id = ANY(%s) ORDER BY reservation_id", rids)
             )
@@ -433,6 +488,9 @@ class _Tx:
                     limits.expire_batch_max,
                 )
             )
+        for row in await limiters.fetchall():
+            rl = rate_limit_from_row(row)
+            self.rate_limits[rl.key] = rl
         self._keep(await named.fetchall())
         self._keep(await overdue.fetchall())
 
@@ -526,6 +584,11 @@ class _Tx:
                     self._new_reservations.add(rid)
                 self.reservations[rid] = res
                 self._dirty_reservations.add(rid)
+            for rk in rate_limit_keys(event):
+                rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
+                if rl is not None:
+                    self.rate_limits[rk] = rl
+                    self._dirty_limits.add(rk)
             version, head = self.streams[event.key]
             row = codec.event_row(event, version + 1, head)
             self.streams[event.key] = (version + 1, row["hash"])
@@ -586,13 +649,24 @@ class _Tx:
                 [{**row, "data": Jsonb(row["data"])} for row in self._rows],
             )
             await cur.executemany(
-                """UPDATE accounts SET quota_limit = %s, period = %s, held = %s,
+                """UPDATE accounts SET quota_limit = %s, period = %s, window_hours = %s,
+                       time_zone = %s, soft_limit_percent = %s, grant_order = %s, held = %s,
                        used_total = %s, used_day = %s, day_start = %s, used_month = %s,
-                       month_start = %s, stream_version = %s, head_hash = %s,
-                       updated_at = now()
+                       month_start = %s, recent = %s, grants = %s, stream_version = %s,
+                       head_hash = %s, updated_at = now()
                    WHERE tenant_id = %s AND user_id = %s AND conversation_id = %s""",
                 [self._account_params(k) for k in sorted(self._dirty_accounts)],
             )
+            if self._dirty_limits:
+                await cur.executemany(
+                    f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "  # noqa: S608
+                    "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
+                    "(tenant_id, user_id, conversation_id, model) DO UPDATE SET "
+                    "tokens_per_minute = EXCLUDED.tokens_per_minute, "
+                    "requests_per_minute = EXCLUDED.requests_per_minute, "
+                    "tokens_tat = EXCLUDED.tokens_tat, requests_tat = EXCLUDED.requests_tat",
+                    [_rate_limit_params(self.rate_limits[k]) for k in sorted(self._dirty_limits)],
+                )
             new = [self._reservation_params(r) for r in sorted(self._new_reservations)]
             if new:
                 await cur.executemany(
@@ -633,12 +707,18 @@ class _Tx:
         return (
             acc.limit,
             acc.period.value,
+            acc.window_hours,
+            acc.time_zone,
+            acc.soft_limit_percent,
+            acc.grant_order.value,
             acc.held,
             acc.used_total,
             acc.used_day,
             acc.day_start,
             acc.used_month,
             acc.month_start,
+            Jsonb([list(b) for b in acc.recent]),
+            Jsonb(codec.grants_to_json(acc.grants)),
             version,
             head,
             k.tenant_id,
@@ -671,7 +751,28 @@ class _Tx:
 
 
 def _tenant_of(cmd: Write) -> str:
-    return cmd.key.tenant_id if isinstance(cmd, Reserve | SetQuota | RecordUsage) else cmd.tenant_id
+    return cmd.key.tenant_id if isinstance(cmd, Reserve | AccountWrite) else cmd.tenant_id
+
+
+def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[str, ...]]:
+    """The limiters of the accounts `keys` (one tenant's), locked; account rows are locked
+    before, so the order is fixed."""
+    placeholders = ", ".join(["(%s, %s)"] * len(keys))
+    params = [keys[0].tenant_id]
+    for k in keys:
+        params += [k.user_id, k.conversation_id]
+    return (
+        f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
+        f"AND (user_id, conversation_id) IN ({placeholders}) "
+        "ORDER BY user_id, conversation_id, model FOR UPDATE",
+        tuple(params),
+    )
+
+
+def _rate_limit_params(rl: RateLimit) -> tuple[Any, ...]:
+    k = rl.key.account
+    return (k.tenant_id, k.user_id, k.conversation_id, rl.key.model, rl.tokens_per_minute,
+            rl.requests_per_minute, rl.tokens_tat, rl.requests_tat)  # fmt: skip
 
 
 def _request_json(cmd: Decidable) -> dict[str, Any]:
@@ -690,6 +791,8 @@ def _request_json(cmd: Decidable) -> dict[str, Any]:
             fields |= vars(value)
         elif name == "labels":
             fields[name] = dict(value)
+        elif isinstance(value, datetime):
+            fields[name] = codec.ts(value)
         else:
-            fields[name] = value.value if isinstance(value, Period) else value
+            fields[name] = value.value if isinstance(value, StrEnum) else value
     return fields

@@ -15,18 +15,25 @@ from ledger import errors, limits
 from ledger.audit import GROUPS, Scope, UsageQuery
 from ledger.model import (
     AccountKey,
+    AdjustBalance,
     Commit,
+    GrantOrder,
+    GrantTokens,
     Period,
     RecordUsage,
     Reserve,
     Rollback,
     SetQuota,
+    SetRateLimit,
     Usage,
+    rolling_window_hours_max,
+    zone,
 )
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
 _KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+_TIME_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI)
 
@@ -121,8 +128,11 @@ def reserve(
     amount: int,
     ttl_seconds: int,
     labels: Mapping[str, str],
+    min_amount: int = 0,
 ) -> Reserve:
     c = Checker()
+    if min_amount and min_amount > amount:
+        c.fail("min_amount", f"is {min_amount}; must not exceed amount ({amount})")
     cmd = Reserve(
         idempotency_key=_idempotency_key(c, idempotency_key),
         key=_key(c, tenant_id, user_id, conversation_id, user=True),
@@ -131,6 +141,7 @@ def reserve(
         ttl_s=c.number("ttl_seconds", ttl_seconds, low=0, high=limits.reservation_ttl_s_max)
         or limits.ttl_s_default,
         labels=_labels(c, labels),
+        min_amount=c.number("min_amount", min_amount, low=0, high=limits.amount_tokens_max),
     )
     c.done()
     return cmd
@@ -182,14 +193,120 @@ def set_quota(
     conversation_id: str,
     limit: int | None,
     period: Period | None,
+    window_hours: int = 0,
+    time_zone: str = "",
+    soft_limit_percent: int = 0,
+    grant_order: GrantOrder | None = GrantOrder.QUOTA_FIRST,
 ) -> SetQuota:
     c = Checker()
     key = _key(c, tenant_id, user_id, conversation_id, user=False)
     if limit is not None:
         c.number("limit", limit, low=0, high=limits.limit_tokens_max)
     if period is None:
-        c.fail("period", "is required: PERIOD_NONE, PERIOD_DAY or PERIOD_MONTH")
-    cmd = SetQuota(_idempotency_key(c, idempotency_key), key, limit, period or Period.NONE)
+        c.fail("period", "is required: PERIOD_NONE, PERIOD_DAY, PERIOD_MONTH or PERIOD_ROLLING")
+    if period is Period.ROLLING:
+        c.number("window_hours", window_hours, low=1, high=rolling_window_hours_max)
+    elif window_hours:
+        c.fail("window_hours", "applies to PERIOD_ROLLING only; leave it 0")
+    c.number("soft_limit_percent", soft_limit_percent, low=0, high=100)
+    if grant_order is None:
+        c.fail("grant_order", "is not a known GrantOrder")
+    cmd = SetQuota(
+        _idempotency_key(c, idempotency_key),
+        key,
+        limit,
+        period or Period.NONE,
+        window_hours=window_hours,
+        time_zone=_time_zone(c, time_zone),
+        soft_limit_percent=soft_limit_percent,
+        grant_order=grant_order or GrantOrder.QUOTA_FIRST,
+    )
+    c.done()
+    return cmd
+
+
+def _time_zone(c: Checker, name: str) -> str:
+    if not name:
+        return "UTC"
+    if c.text("time_zone", name, chars_max=limits.time_zone_chars_max, pattern=_TIME_ZONE):
+        try:
+            zone(name)
+        except (ValueError, OSError, KeyError):
+            c.fail("time_zone", f"{name!r} is not an IANA time zone (e.g. Europe/Berlin)")
+    return name
+
+
+def grant_tokens(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    amount: int,
+    expires_at: datetime | None,
+    reason: str,
+    now: datetime,
+) -> GrantTokens:
+    c = Checker()
+    if expires_at is not None and expires_at <= now:
+        c.fail("expires_at", f"is {expires_at.isoformat()}; must be in the future")
+    cmd = GrantTokens(
+        idempotency_key=_idempotency_key(c, idempotency_key),
+        key=_key(c, tenant_id, user_id, conversation_id, user=False),
+        amount=c.number("amount", amount, low=1, high=limits.limit_tokens_max),
+        expires_at=expires_at,
+        reason=c.text("reason", reason, chars_max=limits.reason_chars_max, required=False),
+    )
+    c.done()
+    return cmd
+
+
+def adjust_balance(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    tokens: int,
+    reason: str,
+) -> AdjustBalance:
+    c = Checker()
+    bound = limits.limit_tokens_max
+    if tokens == 0:
+        c.fail("tokens", "must not be 0: > 0 charges, < 0 credits")
+    cmd = AdjustBalance(
+        idempotency_key=_idempotency_key(c, idempotency_key),
+        key=_key(c, tenant_id, user_id, conversation_id, user=False),
+        tokens=c.number("tokens", tokens, low=-bound, high=bound),
+        reason=c.text("reason", reason, chars_max=limits.reason_chars_max),
+    )
+    c.done()
+    return cmd
+
+
+def set_rate_limit(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    model: str,
+    tokens_per_minute: int,
+    requests_per_minute: int,
+) -> SetRateLimit:
+    c = Checker()
+    cmd = SetRateLimit(
+        idempotency_key=_idempotency_key(c, idempotency_key),
+        key=_key(c, tenant_id, user_id, conversation_id, user=False),
+        model=c.text("model", model, chars_max=limits.model_chars_max, pattern=_MODEL,
+                     required=False),
+        tokens_per_minute=c.number(
+            "tokens_per_minute", tokens_per_minute, low=0, high=limits.limit_tokens_max
+        ),
+        requests_per_minute=c.number(
+            "requests_per_minute", requests_per_minute, low=0, high=limits.requests_per_minute_max
+        ),
+    )  # fmt: skip
     c.done()
     return cmd
 

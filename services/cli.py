@@ -31,7 +31,11 @@ async def _serve(settings: Settings, url: str) -> None:
 
     pool = db.make_pool(url, settings.pool_size_max)
     await pool.open(wait=True, timeout=30)
-    server = LedgerServer(pool, sweep_interval_s=settings.sweep_interval_s)
+    server = LedgerServer(
+        pool,
+        sweep_interval_s=settings.sweep_interval_s,
+        cheaper_models=settings.cheaper_models,
+    )
     await server.start(settings.listen)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

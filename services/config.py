@@ -43,6 +43,7 @@ class Settings:
     sweep_interval_s: float
     pool_size_max: int
     shutdown_grace_s: float
+    cheaper_models: dict[str, str]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -58,4 +59,16 @@ class Settings:
             sweep_interval_s=_number(env, "TOKENLEDGER_SWEEP_INTERVAL_S", 1.0, 0.05, 3600),
             pool_size_max=int(_number(env, "TOKENLEDGER_POOL_SIZE_MAX", 10, 1, 1000)),
             shutdown_grace_s=_number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
+            cheaper_models=_pairs(env, "TOKENLEDGER_CHEAPER_MODELS"),
         )
+
+
+def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """`a=b,c=d` as {a: b, c: d}."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in env.get(name, "").split(","))):
+        model, sep, cheaper = (s.strip() for s in item.partition("="))
+        if not (sep and model and cheaper):
+            raise ConfigError(f"{name}: {item!r} is not model=cheaper_model")
+        out[model] = cheaper
+    return out

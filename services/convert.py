@@ -13,10 +13,14 @@ from ledger.audit import Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.model import (
     Account,
     AccountKey,
+    AdjustBalance,
     BalanceResult,
     Commit,
     CommitResult,
+    GrantOrder,
+    GrantTokens,
     Period,
+    RateLimit,
     RecordUsage,
     Reservation,
     Reserve,
@@ -24,6 +28,7 @@ from ledger.model import (
     Rollback,
     RollbackResult,
     SetQuota,
+    SetRateLimit,
     State,
     Usage,
 )
@@ -42,6 +47,15 @@ _PERIOD_TO_PB = {
     Period.NONE: pb.PERIOD_NONE,
     Period.DAY: pb.PERIOD_DAY,
     Period.MONTH: pb.PERIOD_MONTH,
+    Period.ROLLING: pb.PERIOD_ROLLING,
+}
+_GRANT_ORDER_TO_PB = {
+    GrantOrder.QUOTA_FIRST: pb.GRANT_ORDER_QUOTA_FIRST,
+    GrantOrder.GRANTS_FIRST: pb.GRANT_ORDER_GRANTS_FIRST,
+}
+_GRANT_ORDER_FROM_PB = {
+    pb.GRANT_ORDER_UNSPECIFIED: GrantOrder.QUOTA_FIRST,
+    **{v: k for k, v in _GRANT_ORDER_TO_PB.items()},
 }
 _PERIOD_FROM_PB = {v: k for k, v in _PERIOD_TO_PB.items()}
 _STATE_TO_PB = {
@@ -69,6 +83,7 @@ def reserve(req: pb.ReserveRequest) -> Reserve:
         amount=req.amount,
         ttl_seconds=req.ttl_seconds,
         labels=dict(req.labels),
+        min_amount=req.min_amount,
     )
 
 
@@ -94,6 +109,46 @@ def set_quota(req: pb.SetQuotaRequest) -> SetQuota:
         conversation_id=req.conversation_id,
         limit=req.limit if req.HasField("limit") else None,
         period=_PERIOD_FROM_PB.get(req.period),
+        window_hours=req.window_hours,
+        time_zone=req.time_zone,
+        soft_limit_percent=req.soft_limit_percent,
+        grant_order=_GRANT_ORDER_FROM_PB.get(req.grant_order),
+    )
+
+
+def set_rate_limit(req: pb.SetRateLimitRequest) -> SetRateLimit:
+    return validation.set_rate_limit(
+        idempotency_key=req.idempotency_key,
+        tenant_id=req.tenant_id,
+        user_id=req.user_id,
+        conversation_id=req.conversation_id,
+        model=req.model,
+        tokens_per_minute=req.tokens_per_minute,
+        requests_per_minute=req.requests_per_minute,
+    )
+
+
+def grant_tokens(req: pb.GrantTokensRequest, now: datetime) -> GrantTokens:
+    return validation.grant_tokens(
+        idempotency_key=req.idempotency_key,
+        tenant_id=req.tenant_id,
+        user_id=req.user_id,
+        conversation_id=req.conversation_id,
+        amount=req.amount,
+        expires_at=_time(req.expires_at, req.HasField("expires_at")),
+        reason=req.reason,
+        now=now,
+    )
+
+
+def adjust_balance(req: pb.AdjustBalanceRequest) -> AdjustBalance:
+    return validation.adjust_balance(
+        idempotency_key=req.idempotency_key,
+        tenant_id=req.tenant_id,
+        user_id=req.user_id,
+        conversation_id=req.conversation_id,
+        tokens=req.tokens,
+        reason=req.reason,
     )
 
 
@@ -127,6 +182,19 @@ def balance(acc: Account) -> pb.Balance:
         used=acc.used,
         limit=acc.limit,
         available=acc.available,
+        granted=acc.granted,
+        grants=[
+            pb.Grant(
+                grant_id=g.grant_id,
+                remaining=g.remaining,
+                expires_at=_timestamp(g.expires_at) if g.expires_at else None,
+            )
+            for g in acc.grants
+        ],
+        window_hours=acc.window_hours,
+        time_zone=acc.time_zone,
+        soft_limit_percent=acc.soft_limit_percent,
+        grant_order=_GRANT_ORDER_TO_PB[acc.grant_order],
     )
     bounds = acc.period_bounds()
     if bounds is not None:
@@ -161,9 +229,44 @@ def reservation(res: Reservation) -> pb.Reservation:
     return msg
 
 
-def reserve_response(result: ReserveResult) -> pb.ReserveResponse:
-    return pb.ReserveResponse(
-        reservation=reservation(result.reservation), balance=balance(result.balance)
+def reserve_response(result: ReserveResult, cheaper_model: str) -> pb.ReserveResponse:
+    msg = pb.ReserveResponse(
+        reservation=reservation(result.reservation),
+        balance=balance(result.balance),
+        requested=result.requested,
+        partial=result.partial,
+        warnings=[
+            pb.SoftLimitWarning(
+                scope=w.scope,
+                account=w.account,
+                percent_used=w.percent_used,
+                threshold_percent=w.threshold_percent,
+            )
+            for w in result.warnings
+        ],
+    )
+    if result.partial or result.warnings:
+        msg.suggestion.CopyFrom(
+            pb.Suggestion(
+                max_amount_now=result.reservable,
+                cheaper_model=cheaper_model,
+                compact_context=True,
+            )
+        )
+        if result.resets_at is not None:
+            msg.suggestion.resets_at.CopyFrom(_timestamp(result.resets_at))
+    return msg
+
+
+def rate_limit(rl: RateLimit) -> pb.RateLimit:
+    k = rl.key.account
+    return pb.RateLimit(
+        tenant_id=k.tenant_id,
+        user_id=k.user_id,
+        conversation_id=k.conversation_id,
+        model=rl.key.model,
+        tokens_per_minute=rl.tokens_per_minute,
+        requests_per_minute=rl.requests_per_minute,
     )
 
 

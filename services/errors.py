@@ -15,6 +15,7 @@ ERROR_DOMAIN = "tokenledger.dev"
 STATUS_BY_ERROR: dict[type[errors.LedgerError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ReservationNotFound: grpc.StatusCode.NOT_FOUND,
     errors.ReservationEnded: grpc.StatusCode.FAILED_PRECONDITION,
     errors.IdempotencyKeyReused: grpc.StatusCode.ALREADY_EXISTS,
@@ -28,6 +29,12 @@ def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
     return packed
+
+
+def _retry_info(seconds: float) -> any_pb2.Any:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(seconds * 1e9))
+    return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
 def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Status]:
@@ -66,13 +73,22 @@ def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Stat
                 )
             )
         )
-    elif isinstance(exc, errors.StoreUnavailable):
+    elif isinstance(exc, errors.RateLimited):
         details.append(
             _pack(
-                error_details_pb2.RetryInfo(
-                    retry_delay=duration_pb2.Duration(seconds=STORE_RETRY_DELAY_S)
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=f"rate:{exc.account}:{exc.model or '*'}:{exc.kind}",
+                            description=str(exc),
+                        )
+                    ]
                 )
             )
         )
+        if exc.retry_after_s is not None:
+            details.append(_retry_info(exc.retry_after_s))
+    elif isinstance(exc, errors.StoreUnavailable):
+        details.append(_retry_info(STORE_RETRY_DELAY_S))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc), details=details)
     return code, status

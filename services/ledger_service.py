@@ -4,14 +4,14 @@ tracing and error mapping are interceptors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 
-from ledger import validation
+from ledger import errors, validation
 from ledger.audit import LedgerAudit
 from ledger.model import AccountKey
 from ledger.store import CallMeta, LedgerStore
@@ -38,15 +38,23 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         audit: LedgerAudit,
         stopping: asyncio.Event,
         clock: Callable[[], datetime],
+        cheaper_models: Mapping[str, str] | None = None,
     ) -> None:
         self._store = store
+        self._cheaper_models = dict(cheaper_models or {})
         self._audit = audit
         self._stopping = stopping  # ends the never-ending streams on shutdown
         self._clock = clock
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
-        result = await self._store.reserve(convert.reserve(request), _meta())
-        return convert.reserve_response(result)
+        cmd = convert.reserve(request)
+        cheaper = self._cheaper_models.get(cmd.model, "")
+        try:
+            result = await self._store.reserve(cmd, _meta())
+        except (errors.BudgetExhausted, errors.RateLimited) as exc:
+            exc.suggest(cheaper_model=cheaper)
+            raise
+        return convert.reserve_response(result, cheaper)
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         result = await self._store.commit(convert.commit(request), _meta())
@@ -82,6 +90,28 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     async def SetQuota(self, request: pb.SetQuotaRequest, context: Context) -> pb.SetQuotaResponse:
         balance = await self._store.set_quota(convert.set_quota(request), _meta())
         return pb.SetQuotaResponse(balance=convert.balance(balance))
+
+    async def SetRateLimit(
+        self, request: pb.SetRateLimitRequest, context: Context
+    ) -> pb.SetRateLimitResponse:
+        limit = await self._store.set_rate_limit(convert.set_rate_limit(request), _meta())
+        return pb.SetRateLimitResponse(rate_limit=convert.rate_limit(limit))
+
+    async def GrantTokens(
+        self, request: pb.GrantTokensRequest, context: Context
+    ) -> pb.GrantTokensResponse:
+        cmd = convert.grant_tokens(request, self._clock())
+        return pb.GrantTokensResponse(
+            balance=convert.balance(await self._store.grant_tokens(cmd, _meta()))
+        )
+
+    async def AdjustBalance(
+        self, request: pb.AdjustBalanceRequest, context: Context
+    ) -> pb.AdjustBalanceResponse:
+        cmd = convert.adjust_balance(request)
+        return pb.AdjustBalanceResponse(
+            balance=convert.balance(await self._store.adjust_balance(cmd, _meta()))
+        )
 
     async def RecordUsage(
         self, request: pb.RecordUsageRequest, context: Context

@@ -4,7 +4,7 @@ graceful stop (in-flight calls finish within the grace period)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -42,6 +42,7 @@ class LedgerServer:
         *,
         sweep_interval_s: float = 1.0,
         clock: Callable[[], datetime] = utc_now,
+        cheaper_models: Mapping[str, str] | None = None,
     ) -> None:
         self.pool = pool
         self.store = LedgerStore(pool, clock=clock)
@@ -61,7 +62,7 @@ class LedgerServer:
             ],
         )
         self.stopping = asyncio.Event()
-        service = LedgerService(self.store, LedgerAudit(pool), self.stopping, clock)
+        service = LedgerService(self.store, LedgerAudit(pool), self.stopping, clock, cheaper_models)
         pb_grpc.add_LedgerServiceServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -115,8 +115,12 @@ def test_refusal_names_level_figures_and_what_fits(stub: Stub, events: Callable[
         "available": "300",
         "limit": "1000",
         "scope": "tenant",
+        "account": t,
         "reservable": "300",
+        "compact_context": "true",
+        "resets_at": f.metadata["resets_at"],
     }
+    assert f.metadata["resets_at"].endswith("T00:00:00+00:00")  # the next UTC midnight
     assert f.quota_violations and f.quota_violations[0][0] == f"tenant:{t}"
     assert "requested 400" in f.message and "300 available" in f.message
     assert "limit 1000" in f.message and "at most 300" in f.message

@@ -225,7 +225,10 @@ class Reference:
                         "limit": str(self.accounts[k].limit),
                         "scope": scope(k),
                         "reservable": str(min(available.values())),  # type: ignore[type-var]
-                    },
+                        "account": "/".join(p for p in (self.tenant, *k) if p),
+                        "compact_context": "true",
+                    }
+                    | self._resets(k),
                 )
         self._hold(key, req.amount)
         r = RefReservation(
@@ -237,7 +240,9 @@ class Reference:
             expires_at=self.now + timedelta(seconds=req.ttl_seconds),
         )
         self.reservations[rid] = r
-        response = pb.ReserveResponse(reservation=self.reservation(r), balance=self.balance(key))
+        response = pb.ReserveResponse(
+            reservation=self.reservation(r), balance=self.balance(key), requested=req.amount
+        )
         self.answered[req.idempotency_key] = (req, response)
         return response
 
@@ -323,11 +328,18 @@ class Reference:
             held=acc.held,
             used=acc.used(self.today),
             available=acc.available(self.today),
+            time_zone="UTC",
+            grant_order=pb.GRANT_ORDER_QUOTA_FIRST,
         )
         if acc.period == pb.PERIOD_DAY:
             msg.period_start.FromDatetime(midnight(self.today))
             msg.resets_at.FromDatetime(midnight(self.today) + DAY)
         return msg
+
+    def _resets(self, key: Key) -> dict[str, str]:
+        if self.accounts[key].period != pb.PERIOD_DAY:
+            return {}
+        return {"resets_at": (midnight(self.today) + DAY).isoformat()}
 
     def get_balance(self, key: Key) -> pb.GetBalanceResponse:
         levels = lineage(key)

@@ -26,12 +26,15 @@ from ledger.domain import (
 from ledger.model import (
     Account,
     AccountKey,
+    BalanceAdjusted,
     Commit,
     Context,
     Event,
     Expire,
+    GrantOrder,
     Period,
     QuotaSet,
+    RateLimitSet,
     RecordUsage,
     Reservation,
     ReservationCommitted,
@@ -41,6 +44,7 @@ from ledger.model import (
     Rollback,
     SetQuota,
     State,
+    TokensGranted,
     TokensReserved,
     Usage,
     UsageRecorded,
@@ -135,6 +139,7 @@ def test_reserve_fits_when_every_limited_level_has_room() -> None:
             model="gpt-x",
             reservation_id="r-1",
             amount=30,
+            requested=30,
             expires_at=T0 + timedelta(seconds=60),
             labels=(("app", "chat"),),
         )
@@ -161,6 +166,7 @@ def test_reserve_refused_naming_tenant_before_user_when_both_overflow() -> None:
         "available": "5",
         "limit": "100",
         "scope": "tenant",
+        "account": "acme",
         "reservable": "3",
     }
 
@@ -884,6 +890,7 @@ EVENTS: list[Event] = [
         amount=500,
         expires_at=NOW + timedelta(seconds=600),
         labels=(("app", "chat"), ("team", "search")),
+        requested=800,
     ),
     TokensReserved(
         **{**COMMON, "key": USER}, reservation_id="r-2", amount=1, expires_at=NOW, labels=()
@@ -905,6 +912,22 @@ EVENTS: list[Event] = [
         reservation_id="r-1",
         reserved_at=NOW - timedelta(days=1),
     ),
+    QuotaSet(
+        **COMMON,
+        limit=5_000,
+        period=Period.ROLLING,
+        window_hours=5,
+        time_zone="Asia/Tokyo",
+        soft_limit_percent=80,
+        grant_order=GrantOrder.GRANTS_FIRST,
+    ),
+    TokensGranted(
+        **COMMON, grant_id="g-1", amount=900, expires_at=NOW + timedelta(days=30), reason="promo"
+    ),
+    TokensGranted(**COMMON, grant_id="g-2", amount=1, expires_at=None, reason=""),
+    BalanceAdjusted(**COMMON, tokens=-250, reason="refund for a failed call"),
+    BalanceAdjusted(**COMMON, tokens=40, reason="unrecorded usage"),
+    RateLimitSet(**COMMON, tokens_per_minute=90_000, requests_per_minute=0),
 ]
 
 

@@ -33,10 +33,14 @@ class _PeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Period.ValueTy
     PERIOD_DAY: _Period.ValueType  # 2
     """The limit applies per UTC calendar day."""
     PERIOD_MONTH: _Period.ValueType  # 3
-    """The limit applies per UTC calendar month."""
+    """The limit applies per calendar month."""
+    PERIOD_ROLLING: _Period.ValueType  # 4
+    """The limit applies to the last `window_hours` hours (whole hours, the current one included)."""
 
 class Period(_Period, metaclass=_PeriodEnumTypeWrapper):
-    """Period is the window over which a quota's limit applies. Periods are computed in UTC."""
+    """Period is the window over which a quota's limit applies. Days and months start at midnight
+    in the quota's time zone (UTC unless set).
+    """
 
 PERIOD_UNSPECIFIED: Period.ValueType  # 0
 """Not set; SetQuota rejects it."""
@@ -45,8 +49,34 @@ PERIOD_NONE: Period.ValueType  # 1
 PERIOD_DAY: Period.ValueType  # 2
 """The limit applies per UTC calendar day."""
 PERIOD_MONTH: Period.ValueType  # 3
-"""The limit applies per UTC calendar month."""
+"""The limit applies per calendar month."""
+PERIOD_ROLLING: Period.ValueType  # 4
+"""The limit applies to the last `window_hours` hours (whole hours, the current one included)."""
 Global___Period: _TypeAlias = Period  # noqa: Y015
+
+class _GrantOrder:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GrantOrderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GrantOrder.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRANT_ORDER_UNSPECIFIED: _GrantOrder.ValueType  # 0
+    """Not set: GRANT_ORDER_QUOTA_FIRST."""
+    GRANT_ORDER_QUOTA_FIRST: _GrantOrder.ValueType  # 1
+    """The quota pays first; grants pay what it cannot."""
+    GRANT_ORDER_GRANTS_FIRST: _GrantOrder.ValueType  # 2
+    """Grants pay first; the quota pays what they cannot."""
+
+class GrantOrder(_GrantOrder, metaclass=_GrantOrderEnumTypeWrapper):
+    """GrantOrder says whether usage draws on granted tokens before or after the period's quota."""
+
+GRANT_ORDER_UNSPECIFIED: GrantOrder.ValueType  # 0
+"""Not set: GRANT_ORDER_QUOTA_FIRST."""
+GRANT_ORDER_QUOTA_FIRST: GrantOrder.ValueType  # 1
+"""The quota pays first; grants pay what it cannot."""
+GRANT_ORDER_GRANTS_FIRST: GrantOrder.ValueType  # 2
+"""Grants pay first; the quota pays what they cannot."""
+Global___GrantOrder: _TypeAlias = GrantOrder  # noqa: Y015
 
 class _ReservationState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -119,6 +149,110 @@ USAGE_DIMENSION_HOUR: UsageDimension.ValueType  # 5
 Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
 @_typing.final
+class Grant(_message.Message):
+    """Grant is tokens added by GrantTokens and not yet used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.str
+    """Server-assigned id."""
+    remaining: _builtins.int
+    """Tokens left."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the rest lapses; unset: never."""
+
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.str = ...,
+        remaining: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "grant_id", b"grant_id", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Grant: _TypeAlias = Grant  # noqa: Y015
+
+@_typing.final
+class SoftLimitWarning(_message.Message):
+    """SoftLimitWarning says a level is past its soft threshold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    PERCENT_USED_FIELD_NUMBER: _builtins.int
+    THRESHOLD_PERCENT_FIELD_NUMBER: _builtins.int
+    scope: _builtins.str
+    """"tenant", "user" or "conversation"."""
+    account: _builtins.str
+    """The account, e.g. "acme/alice"."""
+    percent_used: _builtins.int
+    """Held plus used, as a share of limit plus grants."""
+    threshold_percent: _builtins.int
+    """The account's soft threshold."""
+    def __init__(
+        self,
+        *,
+        scope: _builtins.str = ...,
+        account: _builtins.str = ...,
+        percent_used: _builtins.int = ...,
+        threshold_percent: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "percent_used", b"percent_used", "scope", b"scope", "threshold_percent", b"threshold_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SoftLimitWarning: _TypeAlias = SoftLimitWarning  # noqa: Y015
+
+@_typing.final
+class Suggestion(_message.Message):
+    """Suggestion says how to keep serving a user near or at the limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_AMOUNT_NOW_FIELD_NUMBER: _builtins.int
+    CHEAPER_MODEL_FIELD_NUMBER: _builtins.int
+    COMPACT_CONTEXT_FIELD_NUMBER: _builtins.int
+    RESETS_AT_FIELD_NUMBER: _builtins.int
+    max_amount_now: _builtins.int
+    """The largest amount a Reserve would get now."""
+    cheaper_model: _builtins.str
+    """A cheaper model configured for the requested one; empty if none."""
+    compact_context: _builtins.bool
+    """Compact the context (window, prune or summarize) before the next call."""
+    @_builtins.property
+    def resets_at(self) -> _timestamp_pb2.Timestamp:
+        """When the binding budget resets; unset if it never does."""
+
+    def __init__(
+        self,
+        *,
+        max_amount_now: _builtins.int | None = ...,
+        cheaper_model: _builtins.str = ...,
+        compact_context: _builtins.bool = ...,
+        resets_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now", "max_amount_now", b"max_amount_now", "resets_at", b"resets_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now", "cheaper_model", b"cheaper_model", "compact_context", b"compact_context", "max_amount_now", b"max_amount_now", "resets_at", b"resets_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_amount_now: _TypeAlias = _typing.Literal["max_amount_now"]  # noqa: Y015
+    _WhichOneofArgType__max_amount_now: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_amount_now) -> _WhichOneofReturnType__max_amount_now | None: ...
+
+Global___Suggestion: _TypeAlias = Suggestion  # noqa: Y015
+
+@_typing.final
 class Usage(_message.Message):
     """Usage is what a model call actually consumed. The three kinds are disjoint and all count
     against the budget.
@@ -166,6 +300,12 @@ class Balance(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     PERIOD_START_FIELD_NUMBER: _builtins.int
     RESETS_AT_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    GRANTS_FIELD_NUMBER: _builtins.int
+    WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    SOFT_LIMIT_PERCENT_FIELD_NUMBER: _builtins.int
+    GRANT_ORDER_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant of the account."""
     user_id: _builtins.str
@@ -182,13 +322,29 @@ class Balance(_message.Message):
     """Tokens used in the current period."""
     available: _builtins.int
     """limit - held - used, never below zero; unset when the account has no limit."""
+    granted: _builtins.int
+    """Granted tokens not yet used (included in `available`)."""
+    window_hours: _builtins.int
+    """The window of a rolling period, in hours."""
+    time_zone: _builtins.str
+    """The IANA time zone days and months are computed in."""
+    soft_limit_percent: _builtins.int
+    """The soft threshold in percent; 0: none."""
+    grant_order: Global___GrantOrder.ValueType
+    """Whether grants pay before or after the quota."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """Start of the current period; unset for PERIOD_NONE."""
 
     @_builtins.property
     def resets_at(self) -> _timestamp_pb2.Timestamp:
-        """When the current period ends and `used` resets; unset for PERIOD_NONE."""
+        """When the current period ends and `used` resets; unset for PERIOD_NONE. For a rolling
+        period, when its oldest usage leaves the window.
+        """
+
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
+        """The unspent grants, soonest expiry first."""
 
     def __init__(
         self,
@@ -203,10 +359,16 @@ class Balance(_message.Message):
         available: _builtins.int | None = ...,
         period_start: _timestamp_pb2.Timestamp | None = ...,
         resets_at: _timestamp_pb2.Timestamp | None = ...,
+        granted: _builtins.int = ...,
+        grants: _abc.Iterable[Global___Grant] | None = ...,
+        window_hours: _builtins.int = ...,
+        time_zone: _builtins.str = ...,
+        soft_limit_percent: _builtins.int = ...,
+        grant_order: Global___GrantOrder.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "limit", b"limit", "period_start", b"period_start", "resets_at", b"resets_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "conversation_id", b"conversation_id", "held", b"held", "limit", b"limit", "period", b"period", "period_start", b"period_start", "resets_at", b"resets_at", "tenant_id", b"tenant_id", "used", b"used", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "granted", b"granted", "grants", b"grants", "held", b"held", "limit", b"limit", "period", b"period", "period_start", b"period_start", "resets_at", b"resets_at", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "used", b"used", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__available: _TypeAlias = _typing.Literal["available"]  # noqa: Y015
     _WhichOneofArgType__available: _TypeAlias = _typing.Literal["_available", b"_available"]  # noqa: Y015
@@ -343,6 +505,7 @@ class ReserveRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    MIN_AMOUNT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe: the same key returns the first response; a different request with the
     same key is refused. Unique per tenant.
@@ -359,6 +522,8 @@ class ReserveRequest(_message.Message):
     """Tokens to hold."""
     ttl_seconds: _builtins.int
     """Seconds until the hold expires; 0 means the server default."""
+    min_amount: _builtins.int
+    """Accept a partial grant down to this many tokens; 0 means all of `amount` or nothing."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels kept with the reservation."""
@@ -374,10 +539,11 @@ class ReserveRequest(_message.Message):
         amount: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        min_amount: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "labels", b"labels", "model", b"model", "tenant_id", b"tenant_id", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "labels", b"labels", "min_amount", b"min_amount", "model", b"model", "tenant_id", b"tenant_id", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -391,23 +557,43 @@ class ReserveResponse(_message.Message):
 
     RESERVATION_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
+    SUGGESTION_FIELD_NUMBER: _builtins.int
+    requested: _builtins.int
+    """The amount asked for."""
+    partial: _builtins.bool
+    """True when less than `requested` was granted."""
     @_builtins.property
     def reservation(self) -> Global___Reservation:
-        """The reservation created."""
+        """The reservation created; its `amount` is what was granted."""
 
     @_builtins.property
     def balance(self) -> Global___Balance:
         """The balance of the charged account after the hold."""
+
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedCompositeFieldContainer[Global___SoftLimitWarning]:
+        """Levels past their soft threshold after this hold."""
+
+    @_builtins.property
+    def suggestion(self) -> Global___Suggestion:
+        """Set when the grant was partial or a level is past its soft threshold."""
 
     def __init__(
         self,
         *,
         reservation: Global___Reservation | None = ...,
         balance: Global___Balance | None = ...,
+        requested: _builtins.int = ...,
+        partial: _builtins.bool = ...,
+        warnings: _abc.Iterable[Global___SoftLimitWarning] | None = ...,
+        suggestion: Global___Suggestion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "reservation", b"reservation"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "reservation", b"reservation", "suggestion", b"suggestion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "reservation", b"reservation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "partial", b"partial", "requested", b"requested", "reservation", b"reservation", "suggestion", b"suggestion", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -691,6 +877,10 @@ class SetQuotaRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
+    WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    SOFT_LIMIT_PERCENT_FIELD_NUMBER: _builtins.int
+    GRANT_ORDER_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe, as in ReserveRequest."""
     tenant_id: _builtins.str
@@ -703,6 +893,14 @@ class SetQuotaRequest(_message.Message):
     """The limit in tokens per period; unset removes the limit."""
     period: Global___Period.ValueType
     """The period the limit applies to."""
+    window_hours: _builtins.int
+    """For PERIOD_ROLLING: the window in hours (1 to 168)."""
+    time_zone: _builtins.str
+    """IANA time zone for day and month boundaries; empty: UTC."""
+    soft_limit_percent: _builtins.int
+    """Reserve warns once held plus used pass this share of the limit; 0: never."""
+    grant_order: Global___GrantOrder.ValueType
+    """Whether grants pay before or after the quota."""
     def __init__(
         self,
         *,
@@ -712,10 +910,14 @@ class SetQuotaRequest(_message.Message):
         conversation_id: _builtins.str = ...,
         limit: _builtins.int | None = ...,
         period: Global___Period.ValueType = ...,
+        window_hours: _builtins.int = ...,
+        time_zone: _builtins.str = ...,
+        soft_limit_percent: _builtins.int = ...,
+        grant_order: Global___GrantOrder.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "limit", b"limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "limit", b"limit", "period", b"period", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "idempotency_key", b"idempotency_key", "limit", b"limit", "period", b"period", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
     _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
@@ -1524,3 +1726,255 @@ class SubscribeEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubscribeEventsResponse: _TypeAlias = SubscribeEventsResponse  # noqa: Y015
+
+@_typing.final
+class SetRateLimitRequest(_message.Message):
+    """SetRateLimitRequest sets the rate limits of an account for one model or all models."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Makes retries safe, as in ReserveRequest."""
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user; empty for the tenant's own limit."""
+    conversation_id: _builtins.str
+    """The conversation; empty for the user's (or tenant's) limit."""
+    model: _builtins.str
+    """The model the limit applies to; empty: the sum over all models."""
+    tokens_per_minute: _builtins.int
+    """Tokens reserved per minute; 0: no limit."""
+    requests_per_minute: _builtins.int
+    """Reserve calls per minute; 0: no limit."""
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        tokens_per_minute: _builtins.int = ...,
+        requests_per_minute: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "model", b"model", "requests_per_minute", b"requests_per_minute", "tenant_id", b"tenant_id", "tokens_per_minute", b"tokens_per_minute", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """RateLimit is the rate limit of one account and model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user; empty for the tenant's own limit."""
+    conversation_id: _builtins.str
+    """The conversation; may be empty."""
+    model: _builtins.str
+    """The model; empty: all models."""
+    tokens_per_minute: _builtins.int
+    """Tokens reserved per minute; 0: no limit."""
+    requests_per_minute: _builtins.int
+    """Reserve calls per minute; 0: no limit."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        tokens_per_minute: _builtins.int = ...,
+        requests_per_minute: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "model", b"model", "requests_per_minute", b"requests_per_minute", "tenant_id", b"tenant_id", "tokens_per_minute", b"tokens_per_minute", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class SetRateLimitResponse(_message.Message):
+    """SetRateLimitResponse is the limit as set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """The rate limit after the change."""
+
+    def __init__(
+        self,
+        *,
+        rate_limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRateLimitResponse: _TypeAlias = SetRateLimitResponse  # noqa: Y015
+
+@_typing.final
+class GrantTokensRequest(_message.Message):
+    """GrantTokensRequest adds tokens to an account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Makes retries safe, as in ReserveRequest."""
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user; empty to grant to the tenant's own account."""
+    conversation_id: _builtins.str
+    """The conversation; may be empty."""
+    amount: _builtins.int
+    """Tokens to add."""
+    reason: _builtins.str
+    """Why (recorded in the event)."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When unused tokens lapse; unset: never."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        amount: _builtins.int = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "reason", b"reason", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantTokensRequest: _TypeAlias = GrantTokensRequest  # noqa: Y015
+
+@_typing.final
+class GrantTokensResponse(_message.Message):
+    """GrantTokensResponse is the balance with the grant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The account's balance after the grant."""
+
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GrantTokensResponse: _TypeAlias = GrantTokensResponse  # noqa: Y015
+
+@_typing.final
+class AdjustBalanceRequest(_message.Message):
+    """AdjustBalanceRequest corrects an account's usage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Makes retries safe, as in ReserveRequest."""
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user; empty for the tenant's own account."""
+    conversation_id: _builtins.str
+    """The conversation; may be empty."""
+    tokens: _builtins.int
+    """Tokens to charge (> 0) or credit (< 0); counts in the current period and rolls up to
+    every ancestor, as usage does.
+    """
+    reason: _builtins.str
+    """Why (required; recorded in the event)."""
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "reason", b"reason", "tenant_id", b"tenant_id", "tokens", b"tokens", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustBalanceRequest: _TypeAlias = AdjustBalanceRequest  # noqa: Y015
+
+@_typing.final
+class AdjustBalanceResponse(_message.Message):
+    """AdjustBalanceResponse is the balance after the adjustment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The account's balance after the adjustment."""
+
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustBalanceResponse: _TypeAlias = AdjustBalanceResponse  # noqa: Y015

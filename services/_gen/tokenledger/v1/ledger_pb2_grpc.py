@@ -31,7 +31,8 @@ class LedgerServiceStub:
     immutable event in an append-only log; balances are derived from that log.
 
     Errors carry google.rpc details: ErrorInfo (domain "tokenledger.dev", stable reason),
-    QuotaFailure for budget refusals and BadRequest for malformed fields.
+    QuotaFailure for budget refusals, RetryInfo for rate limits and for budgets that reset, and
+    BadRequest for malformed fields. See the README's error table.
     """
 
     def __init__(self, channel):
@@ -69,6 +70,21 @@ class LedgerServiceStub:
                 '/tokenledger.v1.LedgerService/SetQuota',
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetQuotaRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetQuotaResponse.FromString,
+                _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/SetRateLimit',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.GrantTokens = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/GrantTokens',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.GrantTokensRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.GrantTokensResponse.FromString,
+                _registered_method=True)
+        self.AdjustBalance = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/AdjustBalance',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceResponse.FromString,
                 _registered_method=True)
         self.RecordUsage = channel.unary_unary(
                 '/tokenledger.v1.LedgerService/RecordUsage',
@@ -108,13 +124,15 @@ class LedgerServiceServicer:
     immutable event in an append-only log; balances are derived from that log.
 
     Errors carry google.rpc details: ErrorInfo (domain "tokenledger.dev", stable reason),
-    QuotaFailure for budget refusals and BadRequest for malformed fields.
+    QuotaFailure for budget refusals, RetryInfo for rate limits and for budgets that reset, and
+    BadRequest for malformed fields. See the README's error table.
     """
 
     def Reserve(self, request, context):
         """Reserve places a hold of `amount` tokens that must fit every limit of the tenant, the user
-        and (when given) the conversation. Retrying with the same idempotency key returns the
-        first response and writes nothing.
+        and (when given) the conversation, and every rate limit on them. With `min_amount` it
+        grants the most that fits between the two. Retrying with the same idempotency key returns
+        the first response and writes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,6 +173,30 @@ class LedgerServiceServicer:
 
     def SetQuota(self, request, context):
         """SetQuota sets (or clears) the limit and its period on a tenant, user or conversation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRateLimit(self, request, context):
+        """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
+        everything under it, for one model or all of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GrantTokens(self, request, context):
+        """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
+        before or after the quota, by the account's grant order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdjustBalance(self, request, context):
+        """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
+        recorded with its reason.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,6 +281,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetQuotaRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetQuotaResponse.SerializeToString,
             ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'GrantTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantTokens,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.GrantTokensRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.GrantTokensResponse.SerializeToString,
+            ),
+            'AdjustBalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustBalance,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceResponse.SerializeToString,
+            ),
             'RecordUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordUsage,
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.FromString,
@@ -283,7 +340,8 @@ class LedgerService:
     immutable event in an append-only log; balances are derived from that log.
 
     Errors carry google.rpc details: ErrorInfo (domain "tokenledger.dev", stable reason),
-    QuotaFailure for budget refusals and BadRequest for malformed fields.
+    QuotaFailure for budget refusals, RetryInfo for rate limits and for budgets that reset, and
+    BadRequest for malformed fields. See the README's error table.
     """
 
     @staticmethod
@@ -438,6 +496,87 @@ class LedgerService:
             '/tokenledger.v1.LedgerService/SetQuota',
             tokenledger_dot_v1_dot_ledger__pb2.SetQuotaRequest.SerializeToString,
             tokenledger_dot_v1_dot_ledger__pb2.SetQuotaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/SetRateLimit',
+            tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/GrantTokens',
+            tokenledger_dot_v1_dot_ledger__pb2.GrantTokensRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.GrantTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/AdjustBalance',
+            tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceResponse.FromString,
             options,
             channel_credentials,
             insecure,

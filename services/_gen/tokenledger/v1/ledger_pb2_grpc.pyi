@@ -32,7 +32,8 @@ class LedgerServiceStub:
     immutable event in an append-only log; balances are derived from that log.
 
     Errors carry google.rpc details: ErrorInfo (domain "tokenledger.dev", stable reason),
-    QuotaFailure for budget refusals and BadRequest for malformed fields.
+    QuotaFailure for budget refusals, RetryInfo for rate limits and for budgets that reset, and
+    BadRequest for malformed fields. See the README's error table.
     """
 
     @_typing.overload
@@ -41,8 +42,9 @@ class LedgerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     Reserve: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReserveRequest, _ledger_pb2.ReserveResponse]
     """Reserve places a hold of `amount` tokens that must fit every limit of the tenant, the user
-    and (when given) the conversation. Retrying with the same idempotency key returns the
-    first response and writes nothing.
+    and (when given) the conversation, and every rate limit on them. With `min_amount` it
+    grants the most that fits between the two. Retrying with the same idempotency key returns
+    the first response and writes nothing.
     """
     Commit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CommitRequest, _ledger_pb2.CommitResponse]
     """Commit ends a held reservation with the actual usage; the unused rest of the hold is
@@ -62,6 +64,18 @@ class LedgerServiceStub:
     """
     SetQuota: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetQuotaRequest, _ledger_pb2.SetQuotaResponse]
     """SetQuota sets (or clears) the limit and its period on a tenant, user or conversation."""
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetRateLimitRequest, _ledger_pb2.SetRateLimitResponse]
+    """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
+    everything under it, for one model or all of them.
+    """
+    GrantTokens: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GrantTokensRequest, _ledger_pb2.GrantTokensResponse]
+    """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
+    before or after the quota, by the account's grant order.
+    """
+    AdjustBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.AdjustBalanceRequest, _ledger_pb2.AdjustBalanceResponse]
+    """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
+    recorded with its reason.
+    """
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]
     """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
     the ledger records reality, enforcement happens at Reserve.
@@ -90,14 +104,16 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     immutable event in an append-only log; balances are derived from that log.
 
     Errors carry google.rpc details: ErrorInfo (domain "tokenledger.dev", stable reason),
-    QuotaFailure for budget refusals and BadRequest for malformed fields.
+    QuotaFailure for budget refusals, RetryInfo for rate limits and for budgets that reset, and
+    BadRequest for malformed fields. See the README's error table.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Reserve: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReserveRequest, _ledger_pb2.ReserveResponse]  # type: ignore[assignment]
     """Reserve places a hold of `amount` tokens that must fit every limit of the tenant, the user
-    and (when given) the conversation. Retrying with the same idempotency key returns the
-    first response and writes nothing.
+    and (when given) the conversation, and every rate limit on them. With `min_amount` it
+    grants the most that fits between the two. Retrying with the same idempotency key returns
+    the first response and writes nothing.
     """
     Commit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CommitRequest, _ledger_pb2.CommitResponse]  # type: ignore[assignment]
     """Commit ends a held reservation with the actual usage; the unused rest of the hold is
@@ -117,6 +133,18 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     SetQuota: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetQuotaRequest, _ledger_pb2.SetQuotaResponse]  # type: ignore[assignment]
     """SetQuota sets (or clears) the limit and its period on a tenant, user or conversation."""
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetRateLimitRequest, _ledger_pb2.SetRateLimitResponse]  # type: ignore[assignment]
+    """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
+    everything under it, for one model or all of them.
+    """
+    GrantTokens: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GrantTokensRequest, _ledger_pb2.GrantTokensResponse]  # type: ignore[assignment]
+    """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
+    before or after the quota, by the account's grant order.
+    """
+    AdjustBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.AdjustBalanceRequest, _ledger_pb2.AdjustBalanceResponse]  # type: ignore[assignment]
+    """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
+    recorded with its reason.
+    """
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
     the ledger records reality, enforcement happens at Reserve.
@@ -144,7 +172,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     immutable event in an append-only log; balances are derived from that log.
 
     Errors carry google.rpc details: ErrorInfo (domain "tokenledger.dev", stable reason),
-    QuotaFailure for budget refusals and BadRequest for malformed fields.
+    QuotaFailure for budget refusals, RetryInfo for rate limits and for budgets that reset, and
+    BadRequest for malformed fields. See the README's error table.
     """
 
     @_abc_1.abstractmethod
@@ -154,8 +183,9 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ReserveResponse, _abc.Awaitable[_ledger_pb2.ReserveResponse]]:
         """Reserve places a hold of `amount` tokens that must fit every limit of the tenant, the user
-        and (when given) the conversation. Retrying with the same idempotency key returns the
-        first response and writes nothing.
+        and (when given) the conversation, and every rate limit on them. With `min_amount` it
+        grants the most that fits between the two. Retrying with the same idempotency key returns
+        the first response and writes nothing.
         """
 
     @_abc_1.abstractmethod
@@ -205,6 +235,36 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.SetQuotaResponse, _abc.Awaitable[_ledger_pb2.SetQuotaResponse]]:
         """SetQuota sets (or clears) the limit and its period on a tenant, user or conversation."""
+
+    @_abc_1.abstractmethod
+    def SetRateLimit(
+        self,
+        request: _ledger_pb2.SetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SetRateLimitResponse, _abc.Awaitable[_ledger_pb2.SetRateLimitResponse]]:
+        """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
+        everything under it, for one model or all of them.
+        """
+
+    @_abc_1.abstractmethod
+    def GrantTokens(
+        self,
+        request: _ledger_pb2.GrantTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GrantTokensResponse, _abc.Awaitable[_ledger_pb2.GrantTokensResponse]]:
+        """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
+        before or after the quota, by the account's grant order.
+        """
+
+    @_abc_1.abstractmethod
+    def AdjustBalance(
+        self,
+        request: _ledger_pb2.AdjustBalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.AdjustBalanceResponse, _abc.Awaitable[_ledger_pb2.AdjustBalanceResponse]]:
+        """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
+        recorded with its reason.
+        """
 
     @_abc_1.abstractmethod
     def RecordUsage(
