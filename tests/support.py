@@ -77,8 +77,10 @@ class ServerThread:
         clock: Any = None,
         sweep_interval_s: float = 0.05,
         wait_for_database: bool = True,
+        cheaper_models: dict[str, str] | None = None,
     ) -> None:
         self.url = url
+        self.cheaper_models = cheaper_models
         self.wait_for_database = wait_for_database
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
@@ -113,7 +115,12 @@ class ServerThread:
         self.pool = db.make_pool(self.url, 10)
         await self.pool.open(wait=self.wait_for_database, timeout=10)
         kwargs = {"clock": self.clock} if self.clock else {}
-        self.server = LedgerServer(self.pool, sweep_interval_s=self.sweep_interval_s, **kwargs)
+        self.server = LedgerServer(
+            self.pool,
+            sweep_interval_s=self.sweep_interval_s,
+            cheaper_models=self.cheaper_models,
+            **kwargs,
+        )
         self.port = await self.server.start("127.0.0.1:0")
 
     def stop(self, grace_s: float = 1) -> None:
