@@ -49,12 +49,22 @@ async def _setup_quotas(stub: pb_grpc.LedgerServiceStub, tenant: str) -> None:
         )
 
 
-async def ledger_cycles(target: str, clients: int, users: int, seconds: float) -> dict[str, Any]:
-    """Reserve→Commit cycles from `clients` concurrent callers over `users` users."""
-    tenant = f"bench-{uuid.uuid4().hex[:8]}"
+async def ledger_cycles(
+    target: str,
+    clients: int,
+    users: int,
+    seconds: float,
+    conversations: int = 0,
+    tenant: str = "",
+) -> dict[str, Any]:
+    """Reserve→Commit cycles from `clients` concurrent callers over `users` users (and, when
+    `conversations`, that many conversations of each) of `tenant` (new, with high quotas,
+    when not given)."""
     channels = [grpc.aio.insecure_channel(target) for _ in range(min(clients, CHANNELS_MAX))]
     stubs = [pb_grpc.LedgerServiceStub(ch) for ch in channels]
-    await _setup_quotas(stubs[0], tenant)
+    if not tenant:
+        tenant = f"bench-{uuid.uuid4().hex[:8]}"
+        await _setup_quotas(stubs[0], tenant)
     lat = {"Reserve": Latencies(), "Commit": Latencies()}
     cycles = 0
     deadline = time.perf_counter() + seconds
@@ -64,12 +74,14 @@ async def ledger_cycles(target: str, clients: int, users: int, seconds: float) -
         stub, rng = stubs[n % len(stubs)], random.Random(n)
         while time.perf_counter() < deadline:
             user = f"u{rng.randrange(users)}"
+            conversation = f"c{rng.randrange(conversations)}" if conversations else ""
             started = time.perf_counter()
             r = await stub.Reserve(
                 pb.ReserveRequest(
                     idempotency_key=uuid.uuid4().hex,
                     tenant_id=tenant,
                     user_id=user,
+                    conversation_id=conversation,
                     model="gpt-4o",
                     amount=100,
                 )
@@ -92,6 +104,7 @@ async def ledger_cycles(target: str, clients: int, users: int, seconds: float) -
     for ch in channels:
         await ch.close()
     return {
+        "cycles": cycles,
         "cycles_s": round(cycles / elapsed, 1),
         "rpcs_s": round(2 * cycles / elapsed, 1),
         "reserve": lat["Reserve"].summary(),
