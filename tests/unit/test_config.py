@@ -1,0 +1,37 @@
+"""Process settings from the environment: defaults, and a clear error for each bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.config import ConfigError, Settings
+
+
+def test_defaults_need_no_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.listen == "127.0.0.1:50051" and settings.cheaper_models == {}
+
+
+def test_cheaper_models_are_read_as_pairs() -> None:
+    env = {"TOKENLEDGER_CHEAPER_MODELS": " gpt-4o = gpt-4o-mini, claude-opus-4=claude-haiku-4 ,"}
+    assert Settings.from_env(env).cheaper_models == {
+        "gpt-4o": "gpt-4o-mini",
+        "claude-opus-4": "claude-haiku-4",
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("TOKENLEDGER_CHEAPER_MODELS", "gpt-4o", "not model=cheaper_model"),
+        ("TOKENLEDGER_CHEAPER_MODELS", "=gpt-4o-mini", "not model=cheaper_model"),
+        ("TOKENLEDGER_CHEAPER_MODELS", "gpt-4o=", "not model=cheaper_model"),
+        ("TOKENLEDGER_LOG_FORMAT", "xml", "must be one of"),
+        ("TOKENLEDGER_SWEEP_INTERVAL_S", "soon", "must be a number"),
+        ("TOKENLEDGER_SWEEP_INTERVAL_S", "0", "must be between"),
+    ],
+)
+def test_bad_setting_is_a_config_error_naming_it(name: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=name) as info:
+        Settings.from_env({name: value})
+    assert says in str(info.value)
