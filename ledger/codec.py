@@ -303,12 +303,13 @@ def account_from_json(obj: dict[str, Any]) -> Account:
         day_start=date.fromisoformat(obj["day_start"]),
         used_month=obj["used_month"],
         month_start=date.fromisoformat(obj["month_start"]),
-        window_hours=obj["window_hours"],
-        time_zone=obj["time_zone"],
-        soft_limit_percent=obj["soft_limit_percent"],
-        grant_order=GrantOrder(obj["grant_order"]),
-        recent=tuple((h, t) for h, t in obj["recent"]),
-        grants=grants_from_json(obj["grants"]),
+        # Balances stored before migration 0003 have none of these.
+        window_hours=obj.get("window_hours", 0),
+        time_zone=obj.get("time_zone", "UTC"),
+        soft_limit_percent=obj.get("soft_limit_percent", 0),
+        grant_order=GrantOrder(obj.get("grant_order", GrantOrder.QUOTA_FIRST)),
+        recent=tuple((h, t) for h, t in obj.get("recent", ())),
+        grants=grants_from_json(obj.get("grants", [])),
     )
 
 
