@@ -117,6 +117,14 @@ def decide(snap: Snapshot, cmd: Decidable, ctx: Context) -> list[Event]:
                 )
             ]
         case GrantTokens():
+            if cmd.expires_at is not None and cmd.expires_at <= ctx.now:
+                raise errors.InvalidArgument(
+                    [
+                        errors.FieldViolation(
+                            "expires_at", f"is {cmd.expires_at.isoformat()}; must be in the future"
+                        )
+                    ]
+                )
             return [
                 TokensGranted(
                     key=cmd.key,

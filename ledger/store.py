@@ -277,10 +277,7 @@ class LedgerStore:
             case Rollback():
                 res, balance = await self._end_reservation(tx, cmd)
                 return RollbackResult(reservation=res, released=res.amount, balance=balance)
-            case SetRateLimit():
-                await self._simple(tx, cmd)
-                return tx.rate_limits[RateLimitKey(cmd.key, cmd.model)]
-            case SetQuota() | RecordUsage() | GrantTokens() | AdjustBalance():
+            case SetQuota() | RecordUsage() | GrantTokens() | AdjustBalance() | SetRateLimit():
                 return await self._simple(tx, cmd)
             case ExpireTenant():
                 return await tx.expire_overdue()
@@ -343,20 +340,24 @@ class LedgerStore:
         tx.end(res_after.reservation_id, tx.accounts[res.key])
         return res_after, tx.accounts[res.key]
 
-    async def _simple(self, tx: _Tx, cmd: AccountWrite) -> Account:
-        """A write whose response is the balance of its account after it."""
+    async def _simple(self, tx: _Tx, cmd: AccountWrite) -> Account | RateLimit:
+        """A write on one account; its response (the account's balance after it, or the rate
+        limit as set) is stored with its key, and a retry gets that first response."""
         operation = type(cmd).__name__
         request = _request_json(cmd)
         stored = tx.idempotent_response(cmd.idempotency_key, operation, request)
-        if stored is not None:
-            return codec.account_from_json(stored["balance"])
-        await tx.expire_overdue()
-        tx.apply(decide(tx.snapshot(cmd.key), cmd, tx.context()))
-        balance = tx.accounts[cmd.key]
-        tx.remember(
-            cmd.idempotency_key, operation, request, {"balance": codec.account_to_json(balance)}
-        )
-        return balance
+        if stored is None:
+            await tx.expire_overdue()
+            tx.apply(decide(tx.snapshot(cmd.key), cmd, tx.context()))
+            if isinstance(cmd, SetRateLimit):
+                rl = tx.rate_limits[RateLimitKey(cmd.key, cmd.model)]
+                stored = {"rate_limit": [rl.tokens_per_minute, rl.requests_per_minute]}
+            else:
+                stored = {"balance": codec.account_to_json(tx.accounts[cmd.key])}
+            tx.remember(cmd.idempotency_key, operation, request, stored)
+        if isinstance(cmd, SetRateLimit):
+            return RateLimit(RateLimitKey(cmd.key, cmd.model), *stored["rate_limit"])
+        return codec.account_from_json(stored["balance"])
 
     # --- reads ------------------------------------------------------------------------------
 

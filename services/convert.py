@@ -8,7 +8,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from ledger import codec, limits, validation
+from ledger import codec, errors, limits, validation
 from ledger.audit import Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.model import (
     Account,
@@ -128,16 +128,15 @@ def set_rate_limit(req: pb.SetRateLimitRequest) -> SetRateLimit:
     )
 
 
-def grant_tokens(req: pb.GrantTokensRequest, now: datetime) -> GrantTokens:
+def grant_tokens(req: pb.GrantTokensRequest) -> GrantTokens:
     return validation.grant_tokens(
         idempotency_key=req.idempotency_key,
         tenant_id=req.tenant_id,
         user_id=req.user_id,
         conversation_id=req.conversation_id,
         amount=req.amount,
-        expires_at=_time(req.expires_at, req.HasField("expires_at")),
+        expires_at=time_field(req, "expires_at"),
         reason=req.reason,
-        now=now,
     )
 
 
@@ -297,8 +296,18 @@ def balance_response(result: BalanceResult) -> pb.GetBalanceResponse:
     )
 
 
-def _time(stamp: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
-    return stamp.ToDatetime(tzinfo=UTC) if present else None
+def time_field(msg: Any, name: str) -> datetime | None:
+    """A Timestamp field as an aware datetime; None when unset. One that no datetime can hold
+    (beyond year 9999, or nanos out of range) is refused naming the field."""
+    if not msg.HasField(name):
+        return None
+    try:
+        at: datetime = getattr(msg, name).ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise errors.InvalidArgument(
+            [errors.FieldViolation(name, "is not a valid timestamp (years 1 to 9999)")]
+        ) from None
+    return at
 
 
 def replay(req: pb.ReplayHistoryRequest) -> tuple[Scope, int, datetime | None, int]:
@@ -307,7 +316,7 @@ def replay(req: pb.ReplayHistoryRequest) -> tuple[Scope, int, datetime | None, i
         user_id=req.user_id,
         conversation_id=req.conversation_id,
         from_position=req.from_position,
-        from_time=_time(req.from_time, req.HasField("from_time")),
+        from_time=time_field(req, "from_time"),
         max_events=req.max_events,
     )
 
@@ -315,8 +324,8 @@ def replay(req: pb.ReplayHistoryRequest) -> tuple[Scope, int, datetime | None, i
 def usage_query(q: pb.UsageQuery) -> UsageQuery:
     return validation.usage_query(
         tenant_id=q.tenant_id,
-        from_time=_time(q.from_time, q.HasField("from_time")),
-        to_time=_time(q.to_time, q.HasField("to_time")),
+        from_time=time_field(q, "from_time"),
+        to_time=time_field(q, "to_time"),
         group_by=[USAGE_GROUP_NAMES.get(g) for g in q.group_by],
         user_id=q.user_id,
         conversation_id=q.conversation_id,

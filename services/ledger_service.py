@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import aclosing
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -82,7 +82,8 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             conversation_id=request.conversation_id,
         )
         if request.HasField("as_of"):
-            as_of = request.as_of.ToDatetime(tzinfo=UTC)
+            as_of = convert.time_field(request, "as_of")
+            assert as_of is not None
             validation.balance_at(as_of, self._clock())
             return convert.balance_response(await self._audit.balance_at(key, as_of))
         return convert.balance_response(await self._store.get_balance(key))
@@ -100,7 +101,7 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     async def GrantTokens(
         self, request: pb.GrantTokensRequest, context: Context
     ) -> pb.GrantTokensResponse:
-        cmd = convert.grant_tokens(request, self._clock())
+        cmd = convert.grant_tokens(request)
         return pb.GrantTokensResponse(
             balance=convert.balance(await self._store.grant_tokens(cmd, _meta()))
         )
