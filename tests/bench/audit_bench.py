@@ -32,6 +32,7 @@ from ledger.model import (
     Usage,
 )
 from ledger.replay import Projection
+from ledger.rows import ACCOUNT_COLUMNS
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -95,16 +96,14 @@ def _copy_projections(
     heads: dict[AccountKey, tuple[int, bytes]],
     usage: dict[UsageKey, UsageCounters],
 ) -> None:
-    columns = (
-        "tenant_id, user_id, conversation_id, quota_limit, period, held, used_total, "
-        "used_day, day_start, used_month, month_start, stream_version, head_hash"
-    )
-    with conn.cursor().copy(f"COPY accounts ({columns}) FROM STDIN") as copy:
+    with conn.cursor().copy(f"COPY accounts ({ACCOUNT_COLUMNS}) FROM STDIN") as copy:
         for k, a in projection.accounts.items():
             version, head = heads.get(k, (0, codec.GENESIS_HASH))
             copy.write_row([k.tenant_id, k.user_id, k.conversation_id, a.limit, a.period.value,
-                            a.held, a.used_total, a.used_day, a.day_start, a.used_month,
-                            a.month_start, version, head])  # fmt: skip
+                            a.window_hours, a.time_zone, a.soft_limit_percent,
+                            a.grant_order.value, a.held, a.used_total, a.used_day, a.day_start,
+                            a.used_month, a.month_start, json.dumps([list(b) for b in a.recent]),
+                            json.dumps(codec.grants_to_json(a.grants)), version, head])  # fmt: skip
     columns = ("tenant_id, reservation_id, user_id, conversation_id, model, amount, state, "
                "created_at, expires_at, labels, input_tokens, output_tokens, "
                "cached_input_tokens, late, ended_at")  # fmt: skip
