@@ -256,6 +256,7 @@ def account_to_json(acc: Account) -> dict[str, Any]:
         "used_month": acc.used_month,
         "month_start": acc.month_start.isoformat(),
         **policy_to_json(acc),
+        "window_start_hour": acc.window_start_hour,
         "recent": [list(b) for b in acc.recent],
         "grants": grants_to_json(acc.grants),
     }
@@ -310,6 +311,7 @@ def account_from_json(obj: dict[str, Any]) -> Account:
         grant_order=GrantOrder(obj.get("grant_order", GrantOrder.QUOTA_FIRST)),
         recent=tuple((h, t) for h, t in obj.get("recent", ())),
         grants=grants_from_json(obj.get("grants", [])),
+        window_start_hour=obj.get("window_start_hour", 0),
     )
 
 

@@ -264,18 +264,18 @@ def _grantable(snap: Snapshot, cmd: Reserve, now: datetime) -> int:
     minimum = cmd.min_amount or cmd.amount
     levels = [snap.accounts[k].rolled(now) for k in cmd.key.lineage()]
     budget = min((a.available for a in levels if a.available is not None), default=None)
-    limiters = list(applicable_limits(snap.rate_limits, cmd.key, cmd.model))
-    for rl in limiters:
-        if rl.requests_per_minute and _gcra_room(rl.requests_tat, rl.requests_per_minute, now) < 1:
-            raise _rate_refusal(rl, "requests", 1, now)
-    rooms = [
-        (_gcra_room(rl.tokens_tat, rl.tokens_per_minute, now), rl)
-        for rl in limiters
-        if rl.tokens_per_minute
-    ]
     if budget is not None and budget < minimum:
         acc = next(a for a in levels if a.available is not None and a.available < minimum)
         raise _budget_refusal(acc, cmd.amount, budget)
+    limiters = list(applicable_limits(snap.rate_limits, cmd.key, cmd.model))
+    for rl in limiters:
+        if rl.requests_per_minute and gcra_room(rl.requests_tat, rl.requests_per_minute, now) < 1:
+            raise _rate_refusal(rl, "requests", 1, now)
+    rooms = [
+        (gcra_room(rl.tokens_tat, rl.tokens_per_minute, now), rl)
+        for rl in limiters
+        if rl.tokens_per_minute
+    ]
     for room, rl in rooms:
         if room < minimum:
             raise _rate_refusal(rl, "tokens", minimum, now)
@@ -306,11 +306,12 @@ def _rate_refusal(rl: RateLimit, kind: str, needed: int, now: datetime) -> error
         if kind == "tokens"
         else (rl.requests_tat, rl.requests_per_minute)
     )
-    room = _gcra_room(tat, per_minute, now)
+    room = gcra_room(tat, per_minute, now)
     retry: float | None = None
     if needed <= per_minute:  # fits once the bucket has refilled enough
-        wait_us = _us(max(tat, now)) + _cost_us(needed, per_minute) - MINUTE_US - _us(now)
-        retry = max(wait_us, 0) / 1e6
+        now_ticks = _us(now) * per_minute
+        wait_ticks = max(tat, now_ticks) + needed * MINUTE_US - MINUTE_US * per_minute - now_ticks
+        retry = max(wait_ticks, 0) / per_minute / 1e6
     return errors.RateLimited(
         kind, str(rl.key.account), rl.key.model, per_minute, needed, room, retry
     )
@@ -333,16 +334,25 @@ def _us(at: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _cost_us(units: int, per_minute: int) -> int:
-    """The time `units` take at `per_minute`, rounded up so the limit is never exceeded."""
-    return -(-units * MINUTE_US // per_minute)
+# GCRA time is counted in ticks of 1/per_minute microsecond, so one unit takes exactly
+# MINUTE_US ticks and a minute holds exactly per_minute units: no rounding, at any rate.
 
 
-def _gcra_room(tat: datetime, per_minute: int, now: datetime) -> int:
+def gcra_room(tat: int, per_minute: int, now: datetime) -> int:
     """The most units that fit now: a full minute's worth when idle, less what the
-    theoretical arrival time is already ahead of now."""
-    ahead_us = max(_us(tat) - _us(now), 0)
-    return max(0, (MINUTE_US - ahead_us) * per_minute // MINUTE_US)
+    theoretical arrival time (in ticks) is already ahead of now."""
+    ahead = max(tat - _us(now) * per_minute, 0)
+    return max(0, (MINUTE_US * per_minute - ahead) // MINUTE_US)
+
+
+def _gcra_take(tat: int, per_minute: int, now: datetime, units: int) -> int:
+    return max(tat, _us(now) * per_minute) + units * MINUTE_US
+
+
+def _rescale(tat: int, old: int, new: int) -> int:
+    """A theoretical arrival time kept across a change of rate (rounded up: never looser);
+    a limiter that had no rate starts full."""
+    return -(-tat * new // old) if old and new else 0
 
 
 def headroom(accounts: list[Account]) -> tuple[int | None, datetime | None]:
@@ -380,6 +390,11 @@ def evolve_account(acc: Account, event: Event) -> Account:
     acc = acc.rolled(event.occurred_at)
     match event:
         case QuotaSet():
+            changes: dict[str, object] = {}
+            if event.time_zone != acc.time_zone:
+                # The current day and month become the new zone's; their counters carry on.
+                day = day_of(event.occurred_at, event.time_zone)
+                changes = {"day_start": day, "month_start": day.replace(day=1)}
             acc = acc.with_(
                 limit=event.limit,
                 period=event.period,
@@ -387,6 +402,7 @@ def evolve_account(acc: Account, event: Event) -> Account:
                 time_zone=event.time_zone,
                 soft_limit_percent=event.soft_limit_percent,
                 grant_order=event.grant_order,
+                **changes,
             )
             return acc.rolled(event.occurred_at)  # the window and days of the new settings
         case TokensReserved():
@@ -470,21 +486,22 @@ def evolve_rate_limit(rl: RateLimit | None, key: RateLimitKey, event: Event) -> 
     to (the hold's granted amount and one request)."""
     if isinstance(event, RateLimitSet):
         rl = rl or RateLimit(key)
+        tpm, rpm = event.tokens_per_minute, event.requests_per_minute
         return replace(
             rl,
-            tokens_per_minute=event.tokens_per_minute,
-            requests_per_minute=event.requests_per_minute,
+            tokens_per_minute=tpm,
+            requests_per_minute=rpm,
+            tokens_tat=_rescale(rl.tokens_tat, rl.tokens_per_minute, tpm),
+            requests_tat=_rescale(rl.requests_tat, rl.requests_per_minute, rpm),
         )
     if rl is None or not isinstance(event, TokensReserved):
         return rl
     at = event.occurred_at
     tokens_tat, requests_tat = rl.tokens_tat, rl.requests_tat
     if rl.tokens_per_minute:
-        cost = timedelta(microseconds=_cost_us(event.amount, rl.tokens_per_minute))
-        tokens_tat = max(tokens_tat, at) + cost
+        tokens_tat = _gcra_take(tokens_tat, rl.tokens_per_minute, at, event.amount)
     if rl.requests_per_minute:
-        cost = timedelta(microseconds=_cost_us(1, rl.requests_per_minute))
-        requests_tat = max(requests_tat, at) + cost
+        requests_tat = _gcra_take(requests_tat, rl.requests_per_minute, at, 1)
     return replace(rl, tokens_tat=tokens_tat, requests_tat=requests_tat)
 
 

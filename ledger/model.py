@@ -206,7 +206,7 @@ class Account:
     def period_bounds(self) -> tuple[datetime, datetime] | None:
         """[start, end) of the current period; None for Period.NONE. A day or month starts at
         midnight in the account's time zone. A rolling period ends when its oldest usage
-        leaves the window (or an hour from now, when it has none)."""
+        leaves the window (with none, when usage charged now would leave it)."""
         if self.period is Period.ROLLING:
             start = EPOCH + timedelta(hours=self.window_start_hour)
             inside = [h for h, t in self.recent if h >= self.window_start_hour and t]
@@ -357,15 +357,16 @@ class RateLimitKey:
 
 @dataclass(frozen=True)
 class RateLimit:
-    """A GCRA limiter: each `*_tat` is the theoretical arrival time of the next unit; a request
-    fits when it does not push it more than a minute ahead of now (a bucket of one minute's
-    worth, refilled continuously, so no window boundary lets twice the rate through)."""
+    """A GCRA limiter: each `*_tat` is the theoretical arrival time of the next unit, in ticks
+    of 1/per_minute microsecond since the epoch; a request fits when it does not push it more
+    than a minute ahead of now (a bucket of one minute's worth, refilled continuously, so no
+    window boundary lets twice the rate through)."""
 
     key: RateLimitKey
     tokens_per_minute: int = 0
     requests_per_minute: int = 0
-    tokens_tat: datetime = EPOCH
-    requests_tat: datetime = EPOCH
+    tokens_tat: int = 0
+    requests_tat: int = 0
 
 
 # --- commands ------------------------------------------------------------------------------

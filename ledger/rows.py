@@ -72,8 +72,8 @@ def rate_limit_from_row(row: dict[str, Any]) -> RateLimit:
         key=RateLimitKey(account_key(row), row["model"]),
         tokens_per_minute=row["tokens_per_minute"],
         requests_per_minute=row["requests_per_minute"],
-        tokens_tat=row["tokens_tat"].astimezone(UTC),
-        requests_tat=row["requests_tat"].astimezone(UTC),
+        tokens_tat=int(row["tokens_tat"]),
+        requests_tat=int(row["requests_tat"]),
     )
 
 

@@ -34,7 +34,8 @@ ALTER TABLE accounts
     ADD COLUMN grants             jsonb   NOT NULL DEFAULT '[]';
 
 -- GCRA limiters: per account (any level) and model ('' = every model). Each *_tat is the
--- theoretical arrival time of the next unit. Updated in the transaction of the hold.
+-- theoretical arrival time of the next unit, in ticks of 1/per_minute microsecond since the
+-- epoch (exact at any rate; numeric, as it outgrows bigint). Updated in the hold's transaction.
 CREATE TABLE rate_limits (
     tenant_id           text        NOT NULL,
     user_id             text        NOT NULL,
@@ -42,8 +43,8 @@ CREATE TABLE rate_limits (
     model               text        NOT NULL,
     tokens_per_minute   bigint      NOT NULL CHECK (tokens_per_minute >= 0),
     requests_per_minute bigint      NOT NULL CHECK (requests_per_minute >= 0),
-    tokens_tat          timestamptz NOT NULL,
-    requests_tat        timestamptz NOT NULL,
+    tokens_tat          numeric     NOT NULL,
+    requests_tat        numeric     NOT NULL,
     PRIMARY KEY (tenant_id, user_id, conversation_id, model)
 );
 """
