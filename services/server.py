@@ -59,6 +59,10 @@ class LedgerServer:
             options=[
                 ("grpc.max_receive_message_length", message_bytes_max),
                 ("grpc.max_send_message_length", message_bytes_max),
+                # gRPC sets SO_REUSEPORT by default: a second server (another process, or a
+                # test's) could then bind the same port, and calls would be split between
+                # the two. One port, one server.
+                ("grpc.so_reuseport", 0),
             ],
         )
         self.stopping = asyncio.Event()

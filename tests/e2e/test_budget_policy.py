@@ -28,7 +28,9 @@ CHEAPER = {"gpt-4o": "gpt-4o-mini"}
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock(datetime(2026, 3, 7, 12, 0, tzinfo=UTC))
+    # In the future: the session's real-clock server shares the database, and its sweeper
+    # would expire holds whose fake expiry is already past in real time.
+    return Clock(datetime(2099, 3, 7, 12, 0, tzinfo=UTC))
 
 
 @pytest.fixture
@@ -251,11 +253,11 @@ def test_day_in_a_time_zone_resets_exactly_at_its_local_midnight(api: Stub, cloc
     charged to the day it was placed in: the new day starts at 0."""
     tenant = new_id("t")
     quota(api, tenant, "u", limit=1_000, period=pb.PERIOD_DAY, time_zone="Asia/Tokyo")
-    clock.now = datetime(2026, 3, 9, 14, 59, 59, 999_999, tzinfo=UTC)
+    clock.now = datetime(2099, 3, 9, 14, 59, 59, 999_999, tzinfo=UTC)
     spanning = reserve(api, tenant, "u", 600).reservation.reservation_id
     f = call_fails(api.Reserve, _request(tenant, "u", 401))
-    assert f.reason == "BUDGET_EXHAUSTED" and f.metadata["resets_at"] == "2026-03-09T15:00:00+00:00"
-    clock.now = datetime(2026, 3, 9, 15, 0, tzinfo=UTC)
+    assert f.reason == "BUDGET_EXHAUSTED" and f.metadata["resets_at"] == "2099-03-09T15:00:00+00:00"
+    clock.now = datetime(2099, 3, 9, 15, 0, tzinfo=UTC)
     commit(api, tenant, spanning, 600)
     b = balance(api, tenant, "u")
     assert (b.used, b.held, b.available) == (0, 0, 1_000)
@@ -269,9 +271,9 @@ def test_month_resets_at_the_first_of_the_month_without_double_counting(
     """Usage of January counts in January only; February starts at 0 and the tenant-wide total
     (period none) still has both months exactly once."""
     tenant = new_id("t")
+    clock.now = datetime(2099, 1, 31, 23, 59, 59, tzinfo=UTC)
     quota(api, tenant, limit=10_000, period=pb.PERIOD_NONE)
     quota(api, tenant, "u", limit=500, period=pb.PERIOD_MONTH)
-    clock.now = datetime(2027, 1, 31, 23, 59, 59, tzinfo=UTC)
     commit(api, tenant, reserve(api, tenant, "u", 500).reservation.reservation_id, 450)
     assert call_fails(api.Reserve, _request(tenant, "u", 51)).reason == "BUDGET_EXHAUSTED"
     clock.advance(1)
@@ -287,16 +289,16 @@ def test_rolling_window_frees_usage_exactly_when_it_leaves_the_window(
     counting at 13:00; usage at 11:xx still counts then."""
     tenant = new_id("t")
     quota(api, tenant, "u", limit=1_000, period=pb.PERIOD_ROLLING, window_hours=3)
-    clock.now = datetime(2026, 5, 4, 10, 30, tzinfo=UTC)
+    clock.now = datetime(2099, 5, 4, 10, 30, tzinfo=UTC)
     commit(api, tenant, reserve(api, tenant, "u", 700).reservation.reservation_id, 700)
-    clock.now = datetime(2026, 5, 4, 11, 5, tzinfo=UTC)
+    clock.now = datetime(2099, 5, 4, 11, 5, tzinfo=UTC)
     commit(api, tenant, reserve(api, tenant, "u", 300).reservation.reservation_id, 200)
-    clock.now = datetime(2026, 5, 4, 12, 59, 59, tzinfo=UTC)
+    clock.now = datetime(2099, 5, 4, 12, 59, 59, tzinfo=UTC)
     f = call_fails(api.Reserve, _request(tenant, "u", 101))
     assert (
-        f.metadata["available"] == "100" and f.metadata["resets_at"] == "2026-05-04T13:00:00+00:00"
+        f.metadata["available"] == "100" and f.metadata["resets_at"] == "2099-05-04T13:00:00+00:00"
     )
-    clock.now = datetime(2026, 5, 4, 13, 0, tzinfo=UTC)
+    clock.now = datetime(2099, 5, 4, 13, 0, tzinfo=UTC)
     b = balance(api, tenant, "u")
     assert (b.used, b.available) == (200, 800)
     assert reserve(api, tenant, "u", 800).reservation.amount == 800
