@@ -139,11 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="migrate, then serve the ledger (embedded db if no DATABASE_URL)")
     sub.add_parser("migrate", help="bring the database schema to the newest revision")
+    sub.add_parser(
+        "context-serve", help="serve the context service (ledger: $TOKENLEDGER_LEDGER_TARGET)"
+    )
     demo = sub.add_parser("demo", help="reserve -> commit -> balance against a running server")
     target = os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET)
     demo.add_argument("--target", default=target)
     cli_reports.add_commands(sub, target)
     args = parser.parse_args(argv)
+    if args.command == "context-serve":
+        from services.context.server import main as context_main
+
+        return context_main()
     if hasattr(args, "run"):
         try:
             return int(args.run(args))

@@ -33,6 +33,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
 message_bytes_max = 1 << 20
 
 
+def server_options(message_bytes_max: int) -> list[tuple[str, int]]:
+    """Options of every server of ours. gRPC sets SO_REUSEPORT by default: a second server
+    (another process, or a test's) could then bind the same port and take half the calls.
+    One port, one server."""
+    return [
+        ("grpc.max_receive_message_length", message_bytes_max),
+        ("grpc.max_send_message_length", message_bytes_max),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
 class LedgerServer:
     """A running ledger server bound to one address; `port` is the one actually bound."""
 
@@ -56,14 +67,7 @@ class LedgerServer:
                 self.drain,
                 ErrorInterceptor(),
             ],
-            options=[
-                ("grpc.max_receive_message_length", message_bytes_max),
-                ("grpc.max_send_message_length", message_bytes_max),
-                # gRPC sets SO_REUSEPORT by default: a second server (another process, or a
-                # test's) could then bind the same port, and calls would be split between
-                # the two. One port, one server.
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(message_bytes_max),
         )
         self.stopping = asyncio.Event()
         service = LedgerService(self.store, LedgerAudit(pool), self.stopping, clock, cheaper_models)

@@ -240,7 +240,8 @@ def health_status(target: str) -> int | None:
     with grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service="tokenledger.v1.LedgerService"), timeout=1
+                health_pb2.HealthCheckRequest(service=""),
+                timeout=1,  # the whole server
             )
         except grpc.RpcError:
             return None
@@ -293,3 +294,57 @@ def cycle(
             )
         )
     return rid
+
+
+class ContextServerThread:
+    """A real ContextServer on 127.0.0.1:0 that calls the ledger at `ledger_target` over gRPC,
+    running its own event loop in a thread. `kwargs` go to ContextServer (e.g. a shared
+    tokenizer `pool`, a `meter_provider`, a `remote_summarizer`)."""
+
+    def __init__(self, ledger_target: str, **kwargs: Any) -> None:
+        self.ledger_target = ledger_target
+        self.kwargs = kwargs
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ContextServerThread:
+        self._thread.start()
+        if not self._ready.wait(SERVER_START_TIMEOUT_S) or self._error:
+            raise RuntimeError(f"context server did not start: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        from services.context.server import ContextServer
+
+        self.server = ContextServer(self.ledger_target, **self.kwargs)
+        self.port = await self.server.start("127.0.0.1:0")
+
+    def stop(self, grace_s: float = 1) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    @contextmanager
+    def stub(self) -> Iterator[Any]:
+        from services._gen.tokenledger.v1 import context_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as channel:
+            yield context_pb2_grpc.ContextServiceStub(channel)
