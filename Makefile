@@ -21,8 +21,12 @@ venv: $(BIN)/tokenledger
 tokenizers: $(BIN)/tokenledger
 	$(PY) -m services.context.tokenizer_data fetch
 
+# Both services on loopback: the context service in the background (it reaches the ledger
+# lazily, so the order does not matter), the ledger in front. Ctrl-C or SIGTERM to the
+# process group stops both; should the ledger exit, the trap stops the context service.
 run: $(BIN)/tokenledger tokenizers
-	$(BIN)/tokenledger serve
+	$(BIN)/tokenledger context-serve & ctx=$$!; trap 'kill $$ctx 2>/dev/null' EXIT; \
+	  $(BIN)/tokenledger serve
 
 demo: $(BIN)/tokenledger
 	$(BIN)/tokenledger demo
@@ -62,6 +66,7 @@ bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.ledger_bench
 	$(BIN)/python -m tests.bench.audit_bench
 	$(BIN)/python -m tests.bench.policy_bench
+	$(BIN)/python -m tests.bench.context_bench
 
 clean:
 	rm -rf $(VENV) var
