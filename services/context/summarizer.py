@@ -128,22 +128,53 @@ class ExtractiveSummarizer:
         max_tokens: int,
         count: TextCount,
     ) -> str:
-        chosen: list[_Sentence] = []
-        best, used, rejections = "", count(_render(messages, [])), 0
-        if used >= max_tokens:  # not even one sentence after the header
+        """Add sentences best first while a bound on the summary's tokens fits: what is
+        chosen so far, plus the sentence, plus its separator or its line's label. Counting
+        each sentence alone keeps this linear; one exact count of the result confirms it
+        (token counts of joined text are all but always at most the sum of the parts), and
+        in the rare case they are not, the exact search decides."""
+        header = count(_render(messages, []))
+        if header >= max_tokens:  # not even one sentence after the header
             return ""
+        overhead = count("")  # the message framing, counted once in `header`
+        chosen: list[_Sentence] = []
+        lines: set[int] = set()
+        bound, rejections = header, 0
         for sentence in ranked:
             if rejections >= REJECTIONS_MAX:
                 break
-            # A sentence that alone exceeds the room left cannot fit; skip the full recount.
-            if used + count(sentence.text) > max_tokens:
-                rejections += 1
-                continue
-            text = _render(messages, [*chosen, sentence])
-            tokens = count(text)
-            if tokens > max_tokens:
+            joint = (
+                " " if sentence.message in lines else f"\n{_label(messages[sentence.message])}: "
+            )
+            cost = count(joint + sentence.text) - overhead
+            if bound + cost > max_tokens:
                 rejections += 1
                 continue
             chosen.append(sentence)
-            best, used, rejections = text, tokens, 0
+            lines.add(sentence.message)
+            bound, rejections = bound + cost, 0
+        text = _render(messages, chosen) if chosen else ""
+        if not text or count(text) <= max_tokens:
+            return text
+        return ExtractiveSummarizer._exact_greedy(messages, ranked, max_tokens, count)
+
+    @staticmethod
+    def _exact_greedy(
+        messages: Sequence[ChatMessage],
+        ranked: Sequence[_Sentence],
+        max_tokens: int,
+        count: TextCount,
+    ) -> str:
+        """Like _greedy, but recounting the whole summary for every sentence."""
+        chosen: list[_Sentence] = []
+        best, rejections = "", 0
+        for sentence in ranked:
+            if rejections >= REJECTIONS_MAX:
+                break
+            text = _render(messages, [*chosen, sentence])
+            if count(text) > max_tokens:
+                rejections += 1
+                continue
+            chosen.append(sentence)
+            best, rejections = text, 0
         return best
