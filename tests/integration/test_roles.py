@@ -1,0 +1,72 @@
+"""The database role the service runs as can append events but never change or remove them;
+the ledger works with nothing more; the reader role can only read."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import errors as pg_errors
+
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from tests.support import ServerThread, cycle, new_id
+
+
+@pytest.fixture
+def login_role(database_url: str) -> Iterator[str]:
+    """A login role in tokenledger_app (trust authentication needs no password here)."""
+    name = f"tl_svc_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {name} LOGIN IN ROLE tokenledger_app")
+    yield name
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"DROP OWNED BY {name}")
+        conn.execute(f"DROP ROLE {name}")
+
+
+def as_role(url: str, role: str) -> str:
+    return psycopg.conninfo.make_conninfo(url, user=role)
+
+
+def test_the_ledger_runs_as_the_app_role_which_cannot_change_the_log(
+    database_url: str, login_role: str
+) -> None:
+    url = as_role(database_url, login_role)
+    ledger = ServerThread(url).start()
+    try:
+        with ledger.stub() as stub:
+            tenant = new_id("t")
+            stub.SetQuota(
+                pb.SetQuotaRequest(
+                    idempotency_key=new_id("q"), tenant_id=tenant, limit=1_000,
+                    period=pb.PERIOD_DAY,
+                )
+            )  # fmt: skip
+            cycle(stub, tenant, "u", "c", 100, 60)
+    finally:
+        ledger.stop()
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tenant,))
+        assert rows.fetchone() == (3,)
+        for statement in (
+            "UPDATE events SET amount = 0 WHERE tenant_id = %s",
+            "DELETE FROM events WHERE tenant_id = %s",
+            "DELETE FROM idempotency_keys WHERE tenant_id = %s",
+        ):
+            with pytest.raises(pg_errors.InsufficientPrivilege):
+                conn.execute(statement, (tenant,))
+        with pytest.raises(pg_errors.InsufficientPrivilege):
+            conn.execute("TRUNCATE events")
+
+
+def test_the_reader_role_reads_and_writes_nothing(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET ROLE tokenledger_reader")
+        conn.execute("SELECT count(*) FROM events").fetchone()
+        conn.execute("SELECT count(*) FROM usage_hourly").fetchone()
+        with pytest.raises(pg_errors.InsufficientPrivilege):
+            conn.execute(
+                "INSERT INTO accounts (tenant_id, user_id, conversation_id) VALUES ('x', '', '')"
+            )
