@@ -24,7 +24,10 @@ from ledger.model import (
     RateLimit,
     RateLimitKey,
     Reservation,
+    ReservationCommitted,
+    ReservationRolledBack,
     TokensReserved,
+    UsageRecorded,
 )
 
 
@@ -33,6 +36,8 @@ class Projection:
     accounts: dict[AccountKey, Account] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
+    ended_balances: dict[str, Account] = field(default_factory=dict)
+    """The balance a commit or rollback answered (what its repeats return)."""
 
     def feed(self, event: Event) -> None:
         """Apply one event (in log order). An event about a reservation the log never placed
@@ -49,6 +54,8 @@ class Projection:
             res = evolve_reservation(self.reservations.get(rid), event)
             assert res is not None
             self.reservations[rid] = res
+            if isinstance(event, ReservationCommitted | ReservationRolledBack | UsageRecorded):
+                self.ended_balances[rid] = self.accounts[res.key]
 
 
 @dataclass(frozen=True)

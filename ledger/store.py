@@ -19,6 +19,7 @@ events table is the backstop should two writers ever race on one stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -72,6 +73,7 @@ from ledger.model import (
     State,
     Usage,
 )
+from ledger.replay import Projection
 from ledger.rows import (
     RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
@@ -97,6 +99,12 @@ _TRANSIENT = (pg_errors.SerializationFailure, pg_errors.DeadlockDetected)
 _ATTEMPTS_MAX = 3
 EXPIRY_ACTOR = "system:expiry"
 
+# Told the events of each transaction once it has committed (metrics count them). It runs on
+# the event loop between transactions: it must be quick and must not block.
+EventObserver = Callable[[Sequence[Event]], None]
+
+_log = logging.getLogger("tokenledger.store")
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -112,6 +120,17 @@ class CallMeta:
 
     actor: str = ""
     trace_id: str = ""
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What a rebuild replayed and wrote."""
+
+    events: int
+    accounts: int
+    reservations: int
+    usage_rows: int
+    rate_limits: int
 
 
 @dataclass(frozen=True)
@@ -143,8 +162,10 @@ class LedgerStore:
         clock: Callable[[], datetime] = utc_now,
         new_id: Callable[[], str] = new_reservation_id,
         batch_max: int = limits.batch_commands_max,
+        on_appended: EventObserver | None = None,
     ) -> None:
         self._pool = pool
+        self._on_appended = on_appended
         self._clock = clock
         self._new_id = new_id
         self._batch_max = batch_max
@@ -263,7 +284,18 @@ class LedgerStore:
                 except errors.LedgerError as exc:
                     outcomes.append(exc)
             await tx.flush()
+        self._observe(tx.events)
         return outcomes
+
+    def _observe(self, events: Sequence[Event]) -> None:
+        """Tell the observer what a committed transaction appended; its failure is no failure
+        of the writes, which are durable by now."""
+        if self._on_appended is None or not events:
+            return
+        try:
+            self._on_appended(events)
+        except Exception:
+            _log.exception("event observer failed")
 
     async def _execute(self, tx: _Tx, cmd: Write) -> Any:
         """One write inside a batch: a result, or a LedgerError raised before it changed
@@ -359,6 +391,41 @@ class LedgerStore:
             return RateLimit(RateLimitKey(cmd.key, cmd.model), *stored["rate_limit"])
         return codec.account_from_json(stored["balance"])
 
+    # --- maintenance ------------------------------------------------------------------------
+
+    async def rebuild(self, tenant_id: str) -> RebuildReport:
+        """Replace the tenant's projections (accounts and stream heads, reservations, usage,
+        rate limits) by a replay of its log, in one transaction that first locks the tenant's
+        row, so every writer of the tenant (in any process) waits and none is lost.
+        Idempotency records are requests, not projections of the log, and stay as they are.
+        Needs DELETE on the projection tables: an owner's job, not the service role's."""
+        async with self._connection() as conn, conn.transaction():
+            tx = _Tx(conn, self._clock())
+            tx.tenant_id = tenant_id
+            await tx.lock_accounts([AccountKey(tenant_id)])
+            rebuilt = Projection()
+            heads: dict[AccountKey, tuple[int, bytes]] = {}
+            usage: dict[UsageKey, UsageCounters] = {}
+            events = 0
+            async with conn.cursor(name="rebuild") as cur:
+                await cur.execute(
+                    "SELECT * FROM events WHERE tenant_id = %s ORDER BY position", (tenant_id,)
+                )
+                async for row in cur:
+                    event = codec.event_from_row(row)
+                    rebuilt.feed(event)
+                    add_usage(usage, event)
+                    heads[event.key] = (row["version"], bytes(row["hash"]))
+                    events += 1
+            await tx.replace_projections(rebuilt, heads, usage)
+        return RebuildReport(
+            events=events,
+            accounts=len(tx.accounts),
+            reservations=len(rebuilt.reservations),
+            usage_rows=len(usage),
+            rate_limits=len(rebuilt.rate_limits),
+        )
+
     # --- reads ------------------------------------------------------------------------------
 
     async def get_reservation(self, tenant_id: str, reservation_id: str) -> Reservation:
@@ -381,6 +448,16 @@ class LedgerStore:
             rows = {account_key(row): account_from_row(row) for row in await cur.fetchall()}
         accounts = [rows.get(k, Account(k)).rolled(now) for k in lineage]
         return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+
+    async def held_total(self) -> int:
+        """Tokens held now across all tenants (their tenant-level rows hold every hold below
+        them). It reads every tenant row: for a periodic gauge, not the request path."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT coalesce(sum(held), 0) AS held FROM accounts WHERE user_id = ''"
+            )
+            row = await cur.fetchone()
+        return int(row["held"]) if row else 0
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -432,6 +509,7 @@ class _Tx:
         self._new_reservations: set[str] = set()
         self._ended: set[str] = set()
         self._rows: list[dict[str, Any]] = []
+        self.events: list[Event] = []
         self._new_keys: list[dict[str, Any]] = []
         self._usage: dict[UsageKey, UsageCounters] = {}
 
@@ -569,6 +647,36 @@ class _Tx:
             count += len(events)
         return count
 
+    async def replace_projections(
+        self,
+        rebuilt: Projection,
+        heads: dict[AccountKey, tuple[int, bytes]],
+        usage: dict[UsageKey, UsageCounters],
+    ) -> None:
+        """Delete the tenant's projection rows and write `rebuilt` in their place."""
+        for table in ("accounts", "reservations", "usage_hourly", "rate_limits"):
+            await self.conn.execute(
+                f"DELETE FROM {table} WHERE tenant_id = %s",  # noqa: S608 (constant names)
+                (self.tenant_id,),
+            )
+        keys = sorted(rebuilt.accounts.keys() | heads.keys())
+        async with self.conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO accounts (tenant_id, user_id, conversation_id) VALUES (%s, %s, %s)",
+                [(k.tenant_id, k.user_id, k.conversation_id) for k in keys],
+            )
+        self.accounts = {k: rebuilt.accounts.get(k, Account(k)) for k in keys}
+        self.streams = {k: heads.get(k, (0, codec.GENESIS_HASH)) for k in keys}
+        self.reservations = dict(rebuilt.reservations)
+        self.ended_balances = dict(rebuilt.ended_balances)
+        self.rate_limits = dict(rebuilt.rate_limits)
+        self._dirty_accounts = set(keys)
+        self._new_reservations = self._dirty_reservations = set(self.reservations)
+        self._ended = set(self.ended_balances)
+        self._dirty_limits = set(self.rate_limits)
+        self._usage = usage
+        await self.flush()
+
     def apply(self, events: list[Event]) -> Reservation | None:
         """Evolve the locked state by `events` and queue their rows; returns the reservation
         the events concern, if any."""
@@ -595,6 +703,7 @@ class _Tx:
             self.streams[event.key] = (version + 1, row["hash"])
             self._dirty_accounts.add(event.key)
             self._rows.append(row)
+            self.events.append(event)
             add_usage(self._usage, event)
         return res
 
@@ -634,7 +743,7 @@ class _Tx:
 
     async def flush(self) -> None:
         """Write the batch's events and projection rows in one pipeline (one round trip)."""
-        if not self._rows:
+        if not (self._rows or self._dirty_accounts):
             return
         async with self.conn.pipeline(), self.conn.cursor() as cur:
             await cur.executemany(

@@ -4,6 +4,7 @@ for auditors and finance, as tables, CSV or JSON."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import sys
@@ -18,8 +19,12 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ledger.audit import LedgerAudit, Scope, VerifyReport
+from ledger.store import LedgerStore, RebuildReport
+from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.config import Settings
 
 Dimension: TypeAlias = pb.UsageDimension.ValueType
 DIMENSIONS: dict[str, Dimension] = {
@@ -66,6 +71,14 @@ def add_commands(sub: Any, target_default: str) -> None:
     balance.add_argument("--conversation", default="")
     balance.add_argument("--at", type=_time, required=True, help="ISO time")
     balance.set_defaults(run=cmd_balance_at)
+    rebuild = audit.add_parser(
+        "rebuild",
+        help="rewrite a tenant's projections from its log, then verify (connects to "
+        "DATABASE_URL as a role that may delete projection rows, e.g. the owner)",
+    )
+    rebuild.add_argument("--tenant", required=True)
+    rebuild.add_argument("--json", action="store_true", help="JSON output")
+    rebuild.set_defaults(run=cmd_rebuild)
 
     for name, help_text, run in (
         ("usage", "usage totals, grouped", cmd_usage),
@@ -133,6 +146,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print("projections: match the log" if report.projections_match else "projections: DIFFER")
     for d in report.differences:
         print(f"  {d.kind} {d.key} {d.field}: live {d.live}, rebuilt from the log {d.rebuilt}")
+    return 0 if ok else 1
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """Not an RPC: rewriting projections is an operator's repair, run against the database."""
+    settings = Settings.from_env()
+    url = settings.database_url or db.embedded_url(settings.data_dir)
+
+    async def run() -> tuple[RebuildReport, VerifyReport]:
+        async with db.make_pool(url, 2) as pool:
+            report = await LedgerStore(pool).rebuild(args.tenant)
+            return report, await LedgerAudit(pool).verify(Scope(args.tenant))
+
+    with _progress("rebuilding") as progress:
+        progress.add_task("rebuild", total=None)
+        report, verified = asyncio.run(run())
+    ok = not verified.breaks and not verified.differences
+    if args.json:
+        print(json.dumps({**vars(report), "verified": ok}))
+    else:
+        print(
+            f"replayed {report.events:,} events; wrote {report.accounts:,} accounts, "
+            f"{report.reservations:,} reservations, {report.usage_rows:,} usage rows, "
+            f"{report.rate_limits:,} rate limits"
+        )
+        print("verify: the projections match the log" if ok else "verify: DIFFERENCES remain")
     return 0 if ok else 1
 
 

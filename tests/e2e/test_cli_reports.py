@@ -72,3 +72,27 @@ def test_usage_and_top(ledger: ServerThread, history: str) -> None:
     assert bad.returncode != 0 and "unknown --by week" in bad.stderr
     refused = run(ledger, "usage", "--tenant", "bad tenant")
     assert refused.returncode == 2 and "INVALID_ARGUMENT" in refused.stderr
+
+
+def test_audit_rebuild_repairs_edited_projections(history: str, database_url: str) -> None:
+    """`tokenledger audit rebuild` rewrites what was edited from the log and verifies it."""
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE accounts SET held = 0, used_total = 7 WHERE tenant_id = %s",
+                     (history,))  # fmt: skip
+    rebuilt = subprocess.run(
+        [str(TOKENLEDGER), "audit", "rebuild", "--tenant", history, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"DATABASE_URL": database_url},
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    report = json.loads(rebuilt.stdout)
+    assert report["events"] == 10 and report["reservations"] == 4 and report["verified"] is True
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT used_total FROM accounts WHERE tenant_id = %s AND user_id = 'ann' "
+            "AND conversation_id = ''",
+            (history,),
+        ).fetchone()
+    assert row == (352,)
