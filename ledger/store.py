@@ -530,7 +530,10 @@ class _Tx:
     async def prepare(self, commands: Sequence[Write]) -> None:
         """Lock and load, in three round trips, what the batch's writes will read: their
         reservations and idempotency keys, every account of their lineages (tenant first),
-        and the tenant's overdue holds. Account rows are locked before reservation rows."""
+        and the tenant's overdue holds. Account rows are locked before reservation rows.
+        Idempotency keys are read after the tenant's row is locked: a twin of this call in
+        flight elsewhere (another process, a client's retry) has then committed or not
+        started, so its key is seen and the call is answered, not decided afresh."""
         self.tenant_id = _tenant_of(commands[0])
         rids = [c.reservation_id for c in commands if isinstance(c, Commit | Rollback)]
         keyed = [c for c in commands if isinstance(c, Reserve | AccountWrite)]
@@ -544,18 +547,17 @@ class _Tx:
                 "WHERE tenant_id = %s AND reservation_id = ANY(%s)",
                 (self.tenant_id, rids),
             )
+        for row in await owners.fetchall():
+            keys.update(
+                AccountKey(self.tenant_id, row["user_id"], row["conversation_id"]).lineage()
+            )
+        await self.lock_accounts(sorted(keys))
+        async with self.conn.pipeline():
             known = await self.conn.execute(
                 "SELECT idempotency_key, operation, request, response FROM idempotency_keys "
                 "WHERE tenant_id = %s AND idempotency_key = ANY(%s)",
                 (self.tenant_id, idem),
             )
-        for row in await owners.fetchall():
-            keys.update(
-                AccountKey(self.tenant_id, row["user_id"], row["conversation_id"]).lineage()
-            )
-        self._idempotency = {row["idempotency_key"]: row for row in await known.fetchall()}
-        await self.lock_accounts(sorted(keys))
-        async with self.conn.pipeline():
             limiters = await self.conn.execute(*_rate_limits_sql(sorted(keys)))
             named = await self.conn.execute(
                 *self._reservations_sql("reservation_id = ANY(%s) ORDER BY reservation_id", rids)
@@ -567,6 +569,7 @@ class _Tx:
                     limits.expire_batch_max,
                 )
             )
+        self._idempotency = {row["idempotency_key"]: row for row in await known.fetchall()}
         for row in await limiters.fetchall():
             rl = rate_limit_from_row(row)
             self.rate_limits[rl.key] = rl

@@ -36,6 +36,16 @@ _KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _TIME_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI)
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() also takes "²", int() not
+_POSITION_MAX = 2**62
+_XID_MAX = 2**63 - 1
+
+
+def _whole_number(text: str, high: int) -> int | None:
+    """`text` as a number 0…high, or None: tokens and cursors come back from clients."""
+    if not _DIGITS.fullmatch(text) or int(text) > high:
+        return None
+    return int(text)
 
 
 class Checker:
@@ -111,10 +121,14 @@ def _usage(c: Checker, usage: Usage, *, prefix: str = "usage.") -> Usage:
 
 def _labels(c: Checker, labels: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     if len(labels) > limits.labels_count_max:
+        # Not entry by entry: a 1 MiB map holds ~100k of them, and so many violations would
+        # overflow the status trailers (gRPC then answers RESOURCE_EXHAUSTED, details lost).
         c.fail("labels", f"has {len(labels)} entries; at most {limits.labels_count_max} allowed")
+        return tuple(sorted(labels.items()))
     for k, v in labels.items():
         c.text("labels", k, chars_max=limits.label_key_chars_max, pattern=_LABEL_KEY)
-        c.text(f"labels[{k}]", v, chars_max=limits.label_value_chars_max, required=False)
+        name = f"labels[{k}]" if len(k) <= limits.label_key_chars_max else "labels"
+        c.text(name, v, chars_max=limits.label_value_chars_max, required=False)
     return tuple(sorted(labels.items()))
 
 
@@ -419,10 +433,11 @@ def page(*, page_size: int, page_token: str, query: UsageQuery) -> tuple[int, in
     offset = 0
     if page_token:
         raw, _, digest = page_token.partition(".")
-        if not raw.isdigit() or digest != _query_digest(query):
+        number = _whole_number(raw, _POSITION_MAX)
+        if number is None or digest != _query_digest(query):
             c.fail("page_token", "is not a token this query returned")
         else:
-            offset = int(raw)
+            offset = number
     c.done()
     return offset, page_size or limits.usage_page_size_default
 
@@ -443,10 +458,11 @@ def subscription(*, tenant_id: str, after_cursor: str, from_position: int) -> tu
     after = (0, 0)
     if after_cursor:
         xid, _, position = after_cursor.partition(".")
-        if not (xid.isdigit() and position.isdigit()):
+        parsed = (_whole_number(xid, _XID_MAX), _whole_number(position, _POSITION_MAX))
+        if parsed[0] is None or parsed[1] is None:
             c.fail("after_cursor", "is not a cursor SubscribeEvents returned")
         else:
-            after = (int(xid), int(position))
+            after = (parsed[0], parsed[1])
     c.done()
     return after
 

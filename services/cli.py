@@ -11,9 +11,11 @@ import uuid
 
 import grpc
 import structlog
+from opentelemetry.metrics import MeterProvider
 
-from services import cli_reports, db
+from services import cli_keys, cli_reports, db
 from services.config import ConfigError, Settings
+from services.metrics import configure_metrics
 from services.observability import configure_logging, configure_tracing
 
 log = structlog.get_logger("tokenledger")
@@ -26,7 +28,8 @@ def _database_url(settings: Settings) -> str:
     return settings.database_url or db.embedded_url(settings.data_dir)
 
 
-async def _serve(settings: Settings, url: str) -> None:
+async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | None = None) -> None:
+    from services.auth import make_authenticator, server_credentials
     from services.server import LedgerServer
 
     pool = db.make_pool(url, settings.pool_size_max)
@@ -35,6 +38,10 @@ async def _serve(settings: Settings, url: str) -> None:
         pool,
         sweep_interval_s=settings.sweep_interval_s,
         cheaper_models=settings.cheaper_models,
+        guards=settings.guards,
+        meter_provider=meter_provider,
+        auth=make_authenticator(settings.auth, pool),
+        credentials=server_credentials(settings.auth),
     )
     await server.start(settings.listen)
     stopping = asyncio.Event()
@@ -49,11 +56,22 @@ async def _serve(settings: Settings, url: str) -> None:
 
 def cmd_serve(settings: Settings) -> int:
     provider = configure_tracing(settings.trace_exporter, "tokenledger-ledger")
+    meters = configure_metrics(
+        settings.metrics.exporter, settings.metrics.listen, "tokenledger-ledger"
+    )
     url = _database_url(settings)
-    db.migrate(url)
+    if settings.migrate_on_start:
+        db.migrate(url)
+    else:  # production: a migration job runs as the owner; the service role only checks
+        try:
+            db.check_schema(url)
+        except db.SchemaError as exc:
+            log.error("schema", error=str(exc))
+            return 2
     try:
-        asyncio.run(_serve(settings, url))
+        asyncio.run(_serve(settings, url, meters.provider if meters.enabled else None))
     finally:
+        meters.shutdown()
         provider.shutdown()
     return 0
 
@@ -75,8 +93,16 @@ def cmd_demo(target: str) -> int:
         body = json_format.MessageToJson(msg, indent=2, always_print_fields_with_no_presence=True)  # type: ignore[arg-type]
         print(f"--- {title}\n{body}")
 
+    from services.auth import ClientAuth
+
+    try:
+        # With auth on: TOKENLEDGER_LEDGER_API_KEY, a key with roles admin, writer and reader.
+        client = ClientAuth.from_env()
+    except ConfigError as exc:
+        print(f"tokenledger demo: {exc}", file=sys.stderr)
+        return 2
     run = uuid.uuid4().hex[:8]
-    with grpc.insecure_channel(target) as channel:
+    with client.channel(target) as channel:
         grpc.channel_ready_future(channel).result(timeout=DEMO_READY_TIMEOUT_S)
         stub = pb_grpc.LedgerServiceStub(channel)
         tenant, user, conversation = "demo", f"alice-{run}", "chat-1"
@@ -146,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     target = os.environ.get("TOKENLEDGER_TARGET", DEFAULT_TARGET)
     demo.add_argument("--target", default=target)
     cli_reports.add_commands(sub, target)
+    cli_keys.add_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "context-serve":
         from services.context.server import main as context_main

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf import json_format, timestamp_pb2
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -24,6 +23,7 @@ from ledger.store import LedgerStore, RebuildReport
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.auth import ClientAuth
 from services.config import Settings
 
 Dimension: TypeAlias = pb.UsageDimension.ValueType
@@ -111,7 +111,8 @@ def _stamp(at: datetime) -> timestamp_pb2.Timestamp:
 
 @contextmanager
 def _stub(target: str) -> Iterator[pb_grpc.LedgerServiceStub]:
-    with grpc.insecure_channel(target) as channel:
+    """A stub sending the caller's credentials (TOKENLEDGER_LEDGER_API_KEY, _TLS_*)."""
+    with ClientAuth.from_env().channel(target) as channel:
         yield pb_grpc.LedgerServiceStub(channel)
 
 

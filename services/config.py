@@ -7,6 +7,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.guards import (
+    Guards,
+    caller_calls_max_default,
+    deadline_s_default,
+    stream_deadline_s_default,
+)
+from services.metrics import METRICS_EXPORTERS, exporter_parts, split_listen
 from services.observability import LOG_FORMATS, TRACE_EXPORTERS
 
 
@@ -32,6 +39,89 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+AUTH_MODES = ("off", "api_key", "mtls", "mtls+api_key")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """How callers authenticate (README, "Security"). `off` is for a local `make run` only."""
+
+    mode: str = "off"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    @property
+    def client_certs(self) -> bool:
+        """Whether the server requires and verifies client certificates."""
+        return self.mode in ("mtls", "mtls+api_key")
+
+    @property
+    def api_keys(self) -> bool:
+        """Whether a bearer API key carries the caller's tenant and roles."""
+        return self.mode in ("api_key", "mtls+api_key")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> AuthSettings:
+        mode = _choice(env, "TOKENLEDGER_AUTH", "off", AUTH_MODES)
+        cert, key, ca = (
+            _file(env, f"TOKENLEDGER_TLS_{name}") for name in ("CERT", "KEY", "CLIENT_CA")
+        )
+        if (cert is None) != (key is None):
+            raise ConfigError("TOKENLEDGER_TLS_CERT and TOKENLEDGER_TLS_KEY go together")
+        needs_certs = mode in ("mtls", "mtls+api_key")
+        if needs_certs and (cert is None or ca is None):
+            raise ConfigError(
+                f"TOKENLEDGER_AUTH={mode} needs TOKENLEDGER_TLS_CERT, TOKENLEDGER_TLS_KEY and "
+                "TOKENLEDGER_TLS_CLIENT_CA"
+            )
+        if ca is not None and not needs_certs:
+            raise ConfigError(
+                "TOKENLEDGER_TLS_CLIENT_CA requires client certificates: set "
+                "TOKENLEDGER_AUTH=mtls or mtls+api_key"
+            )
+        return cls(mode, cert, key, ca)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Where metrics go (README, "Metrics"): a Prometheus endpoint on `listen`, OTLP, both or
+    neither. Setting only the address means Prometheus."""
+
+    exporter: str = "none"
+    listen: str = ""
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str], listen_name: str = "TOKENLEDGER_METRICS_LISTEN"
+    ) -> MetricsSettings:
+        listen = env.get(listen_name, "").strip()
+        if listen:
+            try:
+                split_listen(listen)
+            except ValueError:
+                raise ConfigError(f"{listen_name}={listen!r}: must be host:port") from None
+        default = "prometheus" if listen else "none"
+        name = "TOKENLEDGER_METRICS_EXPORTER"
+        exporter = _choice(env, name, default, METRICS_EXPORTERS)
+        prometheus = "prometheus" in exporter_parts(exporter)
+        if prometheus and not listen:
+            raise ConfigError(f"{name}={exporter}: set {listen_name} (host:port) for /metrics")
+        if listen and not prometheus:
+            raise ConfigError(f"{listen_name} is set but {name}={exporter} serves no /metrics")
+        return cls(exporter, listen)
+
+
+def _file(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name}={raw!r}: no such file")
+    return path
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -44,6 +134,10 @@ class Settings:
     pool_size_max: int
     shutdown_grace_s: float
     cheaper_models: dict[str, str]
+    migrate_on_start: bool
+    guards: Guards
+    auth: AuthSettings = AuthSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -60,7 +154,31 @@ class Settings:
             pool_size_max=int(_number(env, "TOKENLEDGER_POOL_SIZE_MAX", 10, 1, 1000)),
             shutdown_grace_s=_number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
             cheaper_models=_pairs(env, "TOKENLEDGER_CHEAPER_MODELS"),
+            migrate_on_start=_flag(env, "TOKENLEDGER_MIGRATE_ON_START", default=True),
+            guards=guards_from_env(env),
+            auth=AuthSettings.from_env(env),
+            metrics=MetricsSettings.from_env(env),
         )
+
+
+def guards_from_env(env: Mapping[str, str], deadline_s: float = deadline_s_default) -> Guards:
+    """Default deadlines and the per-caller cap (services/guards.py); both services read the
+    same variables, each with its own unary default."""
+    return Guards(
+        deadline_s=_number(env, "TOKENLEDGER_DEFAULT_DEADLINE_S", deadline_s, 0.01, 86_400),
+        stream_deadline_s=_number(
+            env, "TOKENLEDGER_STREAM_DEADLINE_S", stream_deadline_s_default, 0.01, 7 * 86_400
+        ),
+        caller_calls_max=int(
+            _number(
+                env, "TOKENLEDGER_CALLER_CONCURRENCY_MAX", caller_calls_max_default, 0, 1_000_000
+            )
+        ),
+    )
+
+
+def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    return _choice(env, name, "true" if default else "false", ("true", "false")) == "true"
 
 
 def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:

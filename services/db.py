@@ -7,9 +7,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import structlog
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -40,12 +42,37 @@ def embedded_url(data_dir: Path) -> str:
     return url
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the newest revision."""
+class SchemaError(RuntimeError):
+    """The database's schema is not the revision this code needs."""
+
+
+def _config(url: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.set_main_option("database_url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest revision."""
+    command.upgrade(_config(url), "head")
+
+
+def check_schema(url: str) -> None:
+    """Refuse to serve a database that is not at this code's revision: a service that does not
+    migrate (its role may not) must not run against an older or newer schema."""
+    head = ScriptDirectory.from_config(_config(url)).get_current_head()
+    try:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except psycopg.errors.UndefinedTable:
+        row = None
+    current = row[0] if row else None
+    if current != head:
+        raise SchemaError(
+            f"the database is at schema revision {current or 'none'}, this code needs {head}: "
+            "run `tokenledger migrate` as the schema owner first"
+        )
 
 
 def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:

@@ -3,6 +3,8 @@ status carries (ErrorInfo always; QuotaFailure, BadRequest, RetryInfo where they
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -37,6 +39,37 @@ def _retry_info(seconds: float) -> any_pb2.Any:
     return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
+MESSAGE_CHARS_MAX = 512
+VIOLATIONS_BYTES_MAX = 4_096
+"""Error texts and lists are bounded: gRPC refuses trailers over 16 KiB (the message goes
+percent-encoded, up to 12 bytes a character, and again in the base64 status details), and a
+client would then get RESOURCE_EXHAUSTED with no details at all. Inputs may be echoed in
+errors, so a long input must not make its own error unreadable."""
+
+
+def clip(text: str, chars_max: int = MESSAGE_CHARS_MAX) -> str:
+    return text if len(text) <= chars_max else text[: chars_max - 1] + "…"
+
+
+def bad_request(violations: Sequence[tuple[str, str]]) -> error_details_pb2.BadRequest:
+    """BadRequest with as many violations (each clipped) as fit VIOLATIONS_BYTES_MAX, then a
+    count of the rest."""
+    listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for f, d in violations:
+        field, description = clip(f, 128), clip(d, 256)
+        size += len(field.encode()) + len(description.encode())
+        if size > VIOLATIONS_BYTES_MAX:
+            break
+        listed.append(
+            error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
+        )
+    if len(listed) < len(violations):
+        more = f"{len(violations) - len(listed)} more"
+        listed.append(error_details_pb2.BadRequest.FieldViolation(field="…", description=more))
+    return error_details_pb2.BadRequest(field_violations=listed)
+
+
 def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (with details) for a domain error."""
     code = STATUS_BY_ERROR[type(exc)]
@@ -48,18 +81,7 @@ def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Stat
         )
     ]
     if isinstance(exc, errors.InvalidArgument):
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in exc.violations
-                    ]
-                )
-            )
-        )
+        details.append(_pack(bad_request([(v.field, v.description) for v in exc.violations])))
     elif isinstance(exc, errors.BudgetExhausted):
         details.append(
             _pack(
@@ -90,5 +112,7 @@ def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Stat
             details.append(_retry_info(exc.retry_after_s))
     elif isinstance(exc, errors.StoreUnavailable):
         details.append(_retry_info(STORE_RETRY_DELAY_S))
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc), details=details)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=clip(str(exc)), details=details
+    )
     return code, status

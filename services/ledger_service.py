@@ -18,6 +18,7 @@ from ledger.store import CallMeta, LedgerStore
 from services import convert
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.auth import current_actor
 from services.observability import current_trace_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -27,8 +28,8 @@ REPLAY_HEADS_PER_MESSAGE = 1_000
 
 
 def _meta() -> CallMeta:
-    # The actor becomes the authenticated principal once callers authenticate.
-    return CallMeta(actor="", trace_id=current_trace_id())
+    # The authenticated principal (services/auth.py): who did it, in every event appended.
+    return CallMeta(actor=current_actor(), trace_id=current_trace_id())
 
 
 class LedgerService(pb_grpc.LedgerServiceServicer):

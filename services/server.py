@@ -12,6 +12,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.metrics import MeterProvider
 from psycopg_pool import AsyncConnectionPool
 
 from ledger.audit import LedgerAudit
@@ -19,6 +20,8 @@ from ledger.errors import StoreUnavailable
 from ledger.store import LedgerStore, utc_now
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.auth import Authenticator, AuthInterceptor, warn_if_off
+from services.guards import Guards, UndecodableRequestInterceptor
 from services.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
@@ -26,11 +29,24 @@ from services.interceptors import (
     TracingInterceptor,
 )
 from services.ledger_service import LedgerService
+from services.metrics import (
+    LedgerMetrics,
+    RefusalInterceptor,
+    RpcMetricsInterceptor,
+    held_refresh_s_default,
+)
 
 log = structlog.get_logger("tokenledger.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
 message_bytes_max = 1 << 20
+SLOW_METHODS = ("VerifyAudit",)
+"""Unary calls that may run for minutes (a whole tenant's log): the stream default deadline."""
+
+
+LIVENESS = "liveness"
+"""A health service name that says only that the process serves, for liveness probes: "" and
+the ledger's own name go NOT_SERVING while the database is away, which a restart cannot fix."""
 
 
 def server_options(message_bytes_max: int) -> list[tuple[str, int]]:
@@ -54,18 +70,32 @@ class LedgerServer:
         sweep_interval_s: float = 1.0,
         clock: Callable[[], datetime] = utc_now,
         cheaper_models: Mapping[str, str] | None = None,
+        guards: Guards | None = None,
+        meter_provider: MeterProvider | None = None,
+        held_refresh_s: float = held_refresh_s_default,
+        auth: Authenticator | None = None,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
+        """Metrics go to `meter_provider` (default: the global one); only with one given is the
+        held-tokens gauge kept fresh (a database read every `held_refresh_s`)."""
         self.pool = pool
-        self.store = LedgerStore(pool, clock=clock)
+        self.metrics = LedgerMetrics(pool, meter_provider)
+        self.held_refresh_s = held_refresh_s if meter_provider is not None else None
+        self.store = LedgerStore(pool, clock=clock, on_appended=self.metrics.appended)
         self.sweep_interval_s = sweep_interval_s
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
             interceptors=[
+                RpcMetricsInterceptor(meter_provider),
                 TracingInterceptor(),
                 LoggingInterceptor(),
                 self.drain,
+                UndecodableRequestInterceptor(),  # before auth, which reads the request
+                *([AuthInterceptor(auth)] if auth else []),
+                *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
                 ErrorInterceptor(),
+                RefusalInterceptor(self.metrics),
             ],
             options=server_options(message_bytes_max),
         )
@@ -76,25 +106,39 @@ class LedgerServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        self.auth = auth
+        self.credentials = credentials  # TLS (and mTLS) for the port; None: plaintext
         self.port = 0
         self._sweeper: asyncio.Task[None] | None = None
+        self._held_refresher: asyncio.Task[None] | None = None
 
     async def start(self, address: str) -> int:
-        self.port = self.server.add_insecure_port(address)
+        self.port = (
+            self.server.add_secure_port(address, self.credentials)
+            if self.credentials
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
         await self._set_serving(True)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="expiry-sweeper")
-        log.info("serving", address=address, port=self.port)
+        if self.held_refresh_s is not None:
+            self._held_refresher = asyncio.create_task(
+                self.metrics.refresh_forever(self.store, self.held_refresh_s), name="held-gauge"
+            )
+        warn_if_off(self.auth, SERVICE_NAME)
+        log.info("serving", address=address, port=self.port, tls=self.credentials is not None)
         return self.port
 
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish
         (up to `grace_s`; the rest are cancelled), then stop."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in (self._sweeper, self._held_refresher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._set_serving(False)
         self.stopping.set()
         if not await self.drain.drain(grace_s):

@@ -29,6 +29,7 @@ from ledger.audit import LedgerAudit, Scope, VerifyReport
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.auth import Authenticator, KeyStore, new_key
 from services.server import LedgerServer
 
 SERVER_START_TIMEOUT_S = 60
@@ -78,9 +79,20 @@ class ServerThread:
         sweep_interval_s: float = 0.05,
         wait_for_database: bool = True,
         cheaper_models: dict[str, str] | None = None,
+        meter_provider: Any = None,
+        auth_mode: str = "off",
+        credentials: grpc.ServerCredentials | None = None,
+        stream_recheck_s: float = 5.0,
     ) -> None:
+        """`auth_mode` other than "off" authenticates callers against the api_keys table
+        (services/auth.py), re-checking open streams every `stream_recheck_s`;
+        `credentials` make the port TLS (mTLS with a client CA)."""
         self.url = url
+        self.auth_mode = auth_mode
+        self.stream_recheck_s = stream_recheck_s
+        self.credentials = credentials
         self.cheaper_models = cheaper_models
+        self.meter_provider = meter_provider
         self.wait_for_database = wait_for_database
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
@@ -114,7 +126,15 @@ class ServerThread:
     async def _start(self) -> None:
         self.pool = db.make_pool(self.url, 10)
         await self.pool.open(wait=self.wait_for_database, timeout=10)
-        kwargs = {"clock": self.clock} if self.clock else {}
+        kwargs: dict[str, Any] = {"clock": self.clock} if self.clock else {}
+        if self.meter_provider is not None:
+            kwargs["meter_provider"] = self.meter_provider
+        if self.auth_mode != "off":
+            kwargs["auth"] = Authenticator(
+                self.auth_mode, KeyStore(self.pool), self.stream_recheck_s
+            )
+        if self.credentials is not None:
+            kwargs["credentials"] = self.credentials
         self.server = LedgerServer(
             self.pool,
             sweep_interval_s=self.sweep_interval_s,
@@ -122,6 +142,11 @@ class ServerThread:
             **kwargs,
         )
         self.port = await self.server.start("127.0.0.1:0")
+
+    def run(self, coro: Any, timeout_s: float = 30) -> Any:
+        """Run a coroutine on the server's event loop (e.g. one of its store's) and return
+        its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
 
     def stop(self, grace_s: float = 1) -> None:
         async def shutdown() -> None:
@@ -236,12 +261,12 @@ class LedgerProcess:
             self.proc.wait(30)
 
 
-def health_status(target: str) -> int | None:
+def health_status(target: str, service: str = "") -> int | None:
+    """The health of `service` ("" is the whole server); None when the server does not answer."""
     with grpc.insecure_channel(target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""),
-                timeout=1,  # the whole server
+                health_pb2.HealthCheckRequest(service=service), timeout=1
             )
         except grpc.RpcError:
             return None
@@ -301,8 +326,15 @@ class ContextServerThread:
     running its own event loop in a thread. `kwargs` go to ContextServer (e.g. a shared
     tokenizer `pool`, a `meter_provider`, a `remote_summarizer`)."""
 
-    def __init__(self, ledger_target: str, **kwargs: Any) -> None:
+    def __init__(
+        self, ledger_target: str, *, auth_mode: str = "off", keys_url: str = "", **kwargs: Any
+    ) -> None:
+        """`auth_mode` other than "off" authenticates callers against the api_keys table of
+        the database at `keys_url`."""
         self.ledger_target = ledger_target
+        self.auth_mode = auth_mode
+        self.keys_url = keys_url
+        self.keys_pool: Any = None
         self.kwargs = kwargs
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -334,11 +366,21 @@ class ContextServerThread:
     async def _start(self) -> None:
         from services.context.server import ContextServer
 
-        self.server = ContextServer(self.ledger_target, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if self.auth_mode != "off":
+            self.keys_pool = db.make_pool(self.keys_url, 2)
+            await self.keys_pool.open(wait=True, timeout=10)
+            kwargs["auth"] = Authenticator(self.auth_mode, KeyStore(self.keys_pool))
+        self.server = ContextServer(self.ledger_target, **kwargs)
         self.port = await self.server.start("127.0.0.1:0")
 
     def stop(self, grace_s: float = 1) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop).result(30)
+        async def shutdown() -> None:
+            await self.server.stop(grace_s)
+            if self.keys_pool is not None:
+                await self.keys_pool.close()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
 
@@ -348,3 +390,39 @@ class ContextServerThread:
 
         with grpc.insecure_channel(self.target) as channel:
             yield context_pb2_grpc.ContextServiceStub(channel)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A key made for a test: its id, the token a caller sends, and that as call metadata."""
+
+    key_id: str
+    token: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+def create_key(url: str, tenant: str, *roles: str, name: str = "test") -> ApiKey:
+    """An API key in the api_keys table, as `tokenledger keys create` makes one."""
+    key = new_key()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO api_keys (key_id, tenant_id, roles, name, secret_sha256)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (key.key_id, tenant, list(roles), name, key.secret_sha256),
+        )
+    return ApiKey(key.key_id, key.token)
+
+
+def register_cert(url: str, cn: str, tenant: str, *roles: str) -> str:
+    """A client certificate identity (mTLS mode); returns its key id."""
+    key = new_key()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO api_keys (key_id, tenant_id, roles, name, cert_cn)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (key.key_id, tenant, list(roles), f"cert {cn}", cn),
+        )
+    return key.key_id

@@ -41,11 +41,14 @@ GRANT SELECT, INSERT ON idempotency_keys TO tokenledger_app;
 
 GRANT SELECT ON events, accounts, reservations, rate_limits, usage_hourly, idempotency_keys
     TO tokenledger_reader;
+
+-- A service that does not migrate checks at start that the schema is at its revision.
+GRANT SELECT ON alembic_version TO tokenledger_app, tokenledger_reader;
 """
 
 DOWNGRADE = """
-REVOKE ALL ON events, accounts, reservations, rate_limits, usage_hourly, idempotency_keys
-    FROM tokenledger_app, tokenledger_reader;
+REVOKE ALL ON events, accounts, reservations, rate_limits, usage_hourly, idempotency_keys,
+    alembic_version FROM tokenledger_app, tokenledger_reader;
 REVOKE USAGE ON SCHEMA public FROM tokenledger_app, tokenledger_reader;
 """
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from services.config import ConfigError
+from services.auth import ClientAuth
+from services.config import AuthSettings, ConfigError, MetricsSettings, guards_from_env
 from services.context.fitting import AllocationPolicy
 from services.context.tokenizers import (
     COUNT_CACHE_ENTRIES_MAX_DEFAULT,
     POOL_MEMORY_BYTES_MAX_DEFAULT,
 )
+from services.guards import Guards
 from services.observability import LOG_FORMATS, TRACE_EXPORTERS
 
 LISTEN_DEFAULT = "127.0.0.1:50052"
 LEDGER_TARGET_DEFAULT = "127.0.0.1:50051"
 SUMMARIZER_MODEL_DEFAULT = "gpt-4o-mini"
+DEADLINE_S_DEFAULT = 60.0
+"""PrepareContext without a client deadline: room for a remote summarizer and ledger calls."""
 POLICY_KEYS = {
     "system": "system_share",
     "history": "history_share",
@@ -116,6 +121,12 @@ class ContextSettings:
     log_level: str
     trace_exporter: str
     shutdown_grace_s: float
+    guards: Guards
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ledger_auth: ClientAuth = field(default_factory=ClientAuth)
+    database_url: str = ""
+    data_dir: Path = Path("var")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ContextSettings:
@@ -147,4 +158,10 @@ class ContextSettings:
             ),
             trace_exporter=_choice(env, "TOKENLEDGER_TRACE_EXPORTER", "none", TRACE_EXPORTERS),
             shutdown_grace_s=_number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
+            guards=guards_from_env(env, DEADLINE_S_DEFAULT),
+            metrics=MetricsSettings.from_env(env, "TOKENLEDGER_CONTEXT_METRICS_LISTEN"),
+            auth=AuthSettings.from_env(env),
+            ledger_auth=ClientAuth.from_env(env),
+            database_url=env.get("DATABASE_URL", ""),
+            data_dir=Path(env.get("TOKENLEDGER_DATA_DIR", "var")),
         )

@@ -1,9 +1,9 @@
 """The context service's client of the ledger: gRPC, as any other backend would call it.
 
 Every call carries the caller's W3C trace context (so one trace spans both services), a deadline,
-and whatever metadata `call_metadata` returns: the hook for the service's own credentials once
-callers authenticate (#6). A failed call raises LedgerCallError with the ledger's status code,
-message and google.rpc details, so they can be passed on unchanged.
+and whatever metadata `call_metadata` returns: the service's own API key (#6), over TLS with its
+own client certificate when `credentials` are given. A failed call raises LedgerCallError with
+the ledger's status code, message and google.rpc details, so they can be passed on unchanged.
 """
 
 from __future__ import annotations
@@ -113,13 +113,17 @@ class LedgerClient:
         timeout_s: float = LEDGER_TIMEOUT_S_DEFAULT,
         call_metadata: MetadataProvider | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(
-            target,
-            options=list(options),
-            interceptors=[_OutgoingInterceptor(timeout_s, call_metadata)],
+        interceptors = [_OutgoingInterceptor(timeout_s, call_metadata)]
+        self._channel = (
+            grpc.aio.secure_channel(
+                target, credentials, options=list(options), interceptors=interceptors
+            )
+            if credentials
+            else grpc.aio.insecure_channel(target, options=list(options), interceptors=interceptors)
         )
         self._stub = pb_grpc.LedgerServiceStub(self._channel)
 

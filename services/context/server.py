@@ -18,10 +18,18 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from opentelemetry.metrics import MeterProvider
 
+from services import db
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
+from services.auth import (
+    Authenticator,
+    AuthInterceptor,
+    make_authenticator,
+    server_credentials,
+    warn_if_off,
+)
 from services.config import ConfigError
-from services.context.config import ContextSettings
+from services.context.config import DEADLINE_S_DEFAULT, ContextSettings
 from services.context.fitting import AllocationPolicy
 from services.context.ledger_client import (
     LEDGER_TIMEOUT_S_DEFAULT,
@@ -40,6 +48,7 @@ from services.context.tokenizers import (
     TokenCounter,
     TokenizerPool,
 )
+from services.guards import Guards, UndecodableRequestInterceptor
 from services.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
@@ -48,6 +57,7 @@ from services.interceptors import (
     UnaryBehavior,
     _Interceptor,
 )
+from services.metrics import RpcMetricsInterceptor, configure_metrics
 from services.observability import configure_logging, configure_tracing
 from services.server import server_options
 
@@ -55,6 +65,8 @@ log = structlog.get_logger("tokenledger.context.server")
 
 SERVICE_NAME = cpb.DESCRIPTOR.services_by_name["ContextService"].full_name
 COUNT_WORKERS_DEFAULT = 4
+KEYS_POOL_SIZE_MAX = 4
+"""Database connections for callers' key lookups (one short primary-key read per call)."""
 
 
 class ContextErrorInterceptor(_Interceptor):
@@ -93,21 +105,34 @@ class ContextServer:
         count_workers: int = COUNT_WORKERS_DEFAULT,
         meter_provider: MeterProvider | None = None,
         registry: ModelRegistry = DEFAULT_REGISTRY,
+        guards: Guards | None = None,
+        auth: Authenticator | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        ledger_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """`auth` authenticates callers (None: anyone may call), `credentials` make the port
+        TLS; `ledger_metadata` and `ledger_credentials` are this service's own for the ledger."""
         self.pool = pool or TokenizerPool(pool_bytes_max)
         self.counter = TokenCounter(self.pool, cache_entries_max)
         self.metrics = ContextMetrics(self.counter.stats, meter_provider)
         self.ledger = LedgerClient(
-            ledger_target, timeout_s=ledger_timeout_s, call_metadata=ledger_metadata
+            ledger_target,
+            timeout_s=ledger_timeout_s,
+            call_metadata=ledger_metadata,
+            credentials=ledger_credentials,
         )
         self.executor = ThreadPoolExecutor(count_workers, thread_name_prefix="context-count")
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
             interceptors=[
+                RpcMetricsInterceptor(meter_provider),
                 TracingInterceptor(),
                 LoggingInterceptor(),
                 self.drain,
+                UndecodableRequestInterceptor(),  # before auth, which reads the request
+                *([AuthInterceptor(auth)] if auth else []),
+                *(guards or Guards(DEADLINE_S_DEFAULT)).interceptors(f"/{SERVICE_NAME}/"),
                 ErrorInterceptor(),
                 ContextErrorInterceptor(),
             ],
@@ -127,6 +152,8 @@ class ContextServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
+        self.auth = auth
+        self.credentials = credentials
         self.port = 0
 
     async def preload(self, encodings: Sequence[str]) -> None:
@@ -136,13 +163,24 @@ class ContextServer:
             await loop.run_in_executor(self.executor, self.pool.get, name)
 
     async def start(self, address: str) -> int:
-        self.port = self.server.add_insecure_port(address)
+        self.port = (
+            self.server.add_secure_port(address, self.credentials)
+            if self.credentials
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", address=address, port=self.port, ledger=self.ledger.target)
+        warn_if_off(self.auth, SERVICE_NAME)
+        log.info(
+            "serving",
+            address=address,
+            port=self.port,
+            ledger=self.ledger.target,
+            tls=self.credentials is not None,
+        )
         return self.port
 
     async def stop(self, grace_s: float) -> None:
@@ -171,7 +209,18 @@ def _preload_names(raw: str) -> list[str]:
     return names
 
 
-async def serve(settings: ContextSettings, preload: Sequence[str] = ()) -> None:
+async def serve(
+    settings: ContextSettings,
+    preload: Sequence[str] = (),
+    meter_provider: MeterProvider | None = None,
+    database_url: str = "",
+) -> None:
+    """Serve until SIGTERM or SIGINT. With auth on, callers' keys are looked up in the
+    database at `database_url` (a small pool; SELECT on api_keys is all it needs)."""
+    keys_pool = None
+    if settings.auth.mode != "off":
+        keys_pool = db.make_pool(database_url, KEYS_POOL_SIZE_MAX)
+        await keys_pool.open(wait=True, timeout=30)
     remote = (
         RemoteSummarizerConfig(
             settings.summarizer_url,
@@ -190,6 +239,12 @@ async def serve(settings: ContextSettings, preload: Sequence[str] = ()) -> None:
         remote_summarizer=remote,
         ledger_timeout_s=settings.ledger_timeout_s,
         count_workers=settings.count_workers,
+        guards=settings.guards,
+        meter_provider=meter_provider,
+        auth=make_authenticator(settings.auth, keys_pool) if keys_pool else None,
+        credentials=server_credentials(settings.auth),
+        ledger_metadata=settings.ledger_auth.metadata,
+        ledger_credentials=settings.ledger_auth.credentials(),
     )
     await server.preload(preload)
     await server.start(settings.listen)
@@ -200,6 +255,8 @@ async def serve(settings: ContextSettings, preload: Sequence[str] = ()) -> None:
     await stopping.wait()
     log.info("shutting down", grace_s=settings.shutdown_grace_s)
     await server.stop(settings.shutdown_grace_s)
+    if keys_pool is not None:
+        await keys_pool.close()
 
 
 def main(env: dict[str, str] | None = None) -> int:
@@ -213,8 +270,15 @@ def main(env: dict[str, str] | None = None) -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     provider = configure_tracing(settings.trace_exporter, "tokenledger-context")
+    meters = configure_metrics(
+        settings.metrics.exporter, settings.metrics.listen, "tokenledger-context"
+    )
+    url = ""
+    if settings.auth.mode != "off":
+        url = settings.database_url or db.embedded_url(settings.data_dir)
     try:
-        asyncio.run(serve(settings, preload))
+        asyncio.run(serve(settings, preload, meters.provider, url))
     finally:
+        meters.shutdown()
         provider.shutdown()
     return 0

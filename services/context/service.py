@@ -67,7 +67,7 @@ from services.context.tokenizers import (
     TokenizationError,
     known_encodings,
 )
-from services.errors import ERROR_DOMAIN
+from services.errors import ERROR_DOMAIN, bad_request, clip
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -166,15 +166,9 @@ class ContextError(Exception):
         )
         details = [_pack(info)]
         if self.violations:
-            bad = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in self.violations
-                ]
-            )
-            details.append(_pack(bad))
+            details.append(_pack(bad_request(self.violations)))
         return status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=str(self), details=details
+            code=getattr(code_pb2, self.code.name), message=clip(str(self)), details=details
         )
 
 
@@ -190,7 +184,7 @@ def _invalid(
 def _raise_violations(c: Checker, unknown_model: str = "", families: str = "") -> None:
     found = [(v.field, v.description) for v in c.violations]
     if unknown_model:
-        raise _invalid(found, "UNKNOWN_MODEL", model=unknown_model, families=families)
+        raise _invalid(found, "UNKNOWN_MODEL", model=clip(unknown_model, 128), families=families)
     if found:
         raise _invalid(found)
 

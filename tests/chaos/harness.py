@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import LedgerProcess, verify_tenant, wait_health
+from services.server import LIVENESS
+from tests.support import LedgerProcess, health_status, verify_tenant, wait_health
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 CALL_TIMEOUT_S = 3.0
@@ -257,6 +258,9 @@ async def run_with_faults(
                 wait_health, ledger.target, health_pb2.HealthCheckResponse.NOT_SERVING, 30
             )
             faults.not_serving_seen += 1
+            # ... but it is alive: liveness probes must not restart it for the database.
+            alive = await asyncio.to_thread(health_status, ledger.target, LIVENESS)
+            assert alive == health_pb2.HealthCheckResponse.SERVING, alive
             await asyncio.sleep(1.0)
             await asyncio.to_thread(pg.start)
             faults.db_restarts[mode] += 1

@@ -3,15 +3,27 @@ the ledger works with nothing more; the reader role can only read."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2
 from psycopg import errors as pg_errors
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from tests.support import ServerThread, cycle, new_id
+from tests.support import (
+    TOKENLEDGER,
+    LedgerProcess,
+    ServerThread,
+    cycle,
+    free_port,
+    new_id,
+    wait_health,
+)
 
 
 @pytest.fixture
@@ -70,3 +82,39 @@ def test_the_reader_role_reads_and_writes_nothing(database_url: str) -> None:
             conn.execute(
                 "INSERT INTO accounts (tenant_id, user_id, conversation_id) VALUES ('x', '', '')"
             )
+
+
+def test_serve_as_the_app_role_checks_the_schema_instead_of_migrating(
+    database_url: str, login_role: str, tmp_path: Path
+) -> None:
+    """With TOKENLEDGER_MIGRATE_ON_START=false the service role (which may not run DDL) only
+    checks the schema revision, and serves."""
+    ledger = LedgerProcess(
+        as_role(database_url, login_role), tmp_path / "ledger.log",
+        TOKENLEDGER_MIGRATE_ON_START="false",
+    )  # fmt: skip
+    ledger.start()
+    try:
+        wait_health(ledger.target, health_pb2.HealthCheckResponse.SERVING, 60)
+    finally:
+        ledger.stop()
+
+
+def test_serve_refuses_a_database_at_another_schema_revision(database_url: str) -> None:
+    name = f"tl_unmigrated_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        env = os.environ | {
+            "DATABASE_URL": psycopg.conninfo.make_conninfo(database_url, dbname=name),
+            "TOKENLEDGER_MIGRATE_ON_START": "false",
+            "TOKENLEDGER_LISTEN": f"127.0.0.1:{free_port()}",
+        }
+        run = subprocess.run(
+            [str(TOKENLEDGER), "serve"], env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    assert run.returncode == 2
+    assert "schema revision none" in run.stderr and "tokenledger migrate" in run.stderr

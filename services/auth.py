@@ -1,0 +1,543 @@
+"""Who is calling, and may they (issue #6): API keys and mTLS client certificates, the roles
+each RPC needs, and the interceptor that enforces role and tenant on every call of both
+services. Health checking and reflection stay open.
+
+Identities live in the `api_keys` table (migration 0005): an API key (`tlk_<id>_<secret>`,
+stored as the sha256 of its secret) or a registered client certificate CN, each with a tenant
+scope ('*' for all tenants) and roles. They are looked up on every call, by primary key (or
+the live-CN index), with no cache: a revoked identity is refused on its very next call, in
+every process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, NoReturn
+
+import grpc
+import psycopg
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from ledger import errors
+from services._gen.tokenledger.v1 import context_pb2 as cpb
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services.config import AuthSettings, ConfigError
+from services.errors import ERROR_DOMAIN, to_status
+from services.guards import PRINCIPAL
+from services.interceptors import UnaryBehavior, _Interceptor
+
+log = structlog.get_logger("tokenledger.auth")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+ROLES = ("writer", "reader", "auditor", "admin")
+ALL_TENANTS = "*"
+KEY_PREFIX = "tlk"
+key_id_bytes = 8
+"""The public half of a key: 16 hex characters, the primary key of its row."""
+secret_bytes = 32
+"""The secret half: 256 random bits, 64 hex characters."""
+_TOKEN = re.compile(
+    rf"{KEY_PREFIX}_([0-9a-f]{{{2 * key_id_bytes}}})_([0-9a-f]{{{2 * secret_bytes}}})"
+)
+AUTHORIZATION = "authorization"
+
+LEDGER_SERVICE = pb.DESCRIPTOR.services_by_name["LedgerService"]
+CONTEXT_SERVICE = cpb.DESCRIPTOR.services_by_name["ContextService"]
+GUARDED_SERVICES = (LEDGER_SERVICE, CONTEXT_SERVICE)
+STREAMING_METHODS = frozenset(
+    f"/{service.full_name}/{method.name}"
+    for service in GUARDED_SERVICES
+    for method in service.methods
+    if method.server_streaming
+)
+stream_recheck_s_default = 5.0
+"""How often an open server stream re-checks its key: a revoked key's stream ends by then."""
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+class NewKey(NamedTuple):
+    key_id: str
+    token: str
+    """What the caller sends: `tlk_<key_id>_<secret>`. Shown once, never stored."""
+    secret_sha256: bytes
+
+
+def new_key() -> NewKey:
+    key_id, secret = secrets.token_hex(key_id_bytes), secrets.token_hex(secret_bytes)
+    return NewKey(key_id, f"{KEY_PREFIX}_{key_id}_{secret}", secret_hash(secret))
+
+
+def secret_hash(secret: str) -> bytes:
+    """sha256 of the secret. Not a password hash on purpose: the secret is 256 random bits, so
+    nobody can guess it whatever the hash costs, and a slow hash (bcrypt, argon2) would only
+    add its tens of milliseconds to every call."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    """(key_id, secret) of a well-formed key, else None."""
+    match = _TOKEN.fullmatch(token)
+    return (match.group(1), match.group(2)) if match else None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: its key id, the actor recorded in events, scope and roles."""
+
+    key_id: str
+    actor: str
+    tenant_id: str
+    roles: frozenset[str]
+
+    def covers(self, tenant_id: str) -> bool:
+        return self.tenant_id == ALL_TENANTS or tenant_id == self.tenant_id
+
+
+current_principal: ContextVar[Principal | None] = ContextVar(
+    "tokenledger_auth_principal", default=None
+)
+
+
+def current_actor() -> str:
+    """The actor of the current call: `key:<id>` or `cert:<cn>`, "" when auth is off."""
+    principal = current_principal.get()
+    return principal.actor if principal else ""
+
+
+class KeyStore:
+    """Identities in `api_keys`, read through the service's pool (SELECT is all it needs)."""
+
+    _SELECT = "SELECT key_id, tenant_id, roles, secret_sha256, cert_cn, revoked_at FROM api_keys"
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def by_key_id(self, key_id: str) -> dict[str, Any] | None:
+        return await self._one(self._SELECT + " WHERE key_id = %s", key_id)
+
+    async def by_cert_cn(self, cn: str) -> dict[str, Any] | None:
+        return await self._one(self._SELECT + " WHERE cert_cn = %s AND revoked_at IS NULL", cn)
+
+    async def _one(self, sql: str, arg: str) -> dict[str, Any] | None:
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(sql, (arg,))
+                row: dict[str, Any] | None = await cur.fetchone()
+                return row
+        except PoolTimeout as exc:
+            raise errors.StoreUnavailable(f"no database connection available: {exc}") from exc
+        except psycopg.OperationalError as exc:
+            raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
+
+
+# --- which RPC needs what ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RpcPolicy:
+    """The roles any one of which allows an RPC, and where its request names the tenant
+    (None: the RPC touches no tenant's data). `empty_is_all`: an empty tenant means every
+    tenant, which only a '*' key may ask for."""
+
+    roles: frozenset[str]
+    tenant: Callable[[Any], str] | None
+    empty_is_all: bool = False
+
+
+def _tenant(request: Any) -> str:
+    return str(request.tenant_id)
+
+
+def _query_tenant(request: Any) -> str:
+    return str(request.query.tenant_id)
+
+
+WRITE = frozenset({"writer"})
+# Auditors replay the whole log and admins see balances in every reply they get, so letting
+# both read the projections too discloses nothing more.
+READ = frozenset({"reader", "auditor", "admin"})
+AUDIT = frozenset({"auditor"})
+ADMIN = frozenset({"admin"})
+ANY_ROLE = frozenset(ROLES)
+
+_LEDGER: dict[str, RpcPolicy] = {
+    "Reserve": RpcPolicy(WRITE, _tenant),
+    "Commit": RpcPolicy(WRITE, _tenant),
+    "Rollback": RpcPolicy(WRITE, _tenant),
+    "RecordUsage": RpcPolicy(WRITE, _tenant),
+    "GetReservation": RpcPolicy(READ, _tenant),
+    "GetBalance": RpcPolicy(READ, _tenant),
+    "QueryUsage": RpcPolicy(READ, _query_tenant),
+    "ExportUsage": RpcPolicy(READ, _query_tenant),
+    "SubscribeEvents": RpcPolicy(READ, _tenant, empty_is_all=True),
+    "ReplayHistory": RpcPolicy(AUDIT, _tenant),
+    "VerifyAudit": RpcPolicy(AUDIT, _tenant),
+    "SetQuota": RpcPolicy(ADMIN, _tenant),
+    "SetRateLimit": RpcPolicy(ADMIN, _tenant),
+    "GrantTokens": RpcPolicy(ADMIN, _tenant),
+    "AdjustBalance": RpcPolicy(ADMIN, _tenant),
+}
+_CONTEXT: dict[str, RpcPolicy] = {
+    "PrepareContext": RpcPolicy(WRITE, _tenant),
+    # Counting reads no ledger data and names no tenant: any authenticated caller may count.
+    "CountTokens": RpcPolicy(ANY_ROLE, None),
+}
+POLICIES: dict[str, RpcPolicy] = {
+    f"/{service.full_name}/{name}": policy
+    for service, table in ((LEDGER_SERVICE, _LEDGER), (CONTEXT_SERVICE, _CONTEXT))
+    for name, policy in table.items()
+}
+
+
+def unguarded_methods() -> list[str]:
+    """Methods of our services with no policy; each would be refused to everyone."""
+    return [
+        f"/{service.full_name}/{method.name}"
+        for service in GUARDED_SERVICES
+        for method in service.methods
+        if f"/{service.full_name}/{method.name}" not in POLICIES
+    ]
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+class AuthRefusal(Exception):
+    """UNAUTHENTICATED (who are you?) or PERMISSION_DENIED (not you, not this)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, **metadata: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.metadata = metadata
+
+    def status(self) -> status_pb2.Status:
+        info = any_pb2.Any()
+        info.Pack(
+            error_details_pb2.ErrorInfo(
+                reason=self.code.name, domain=ERROR_DOMAIN, metadata=self.metadata
+            )
+        )
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=self.message, details=[info]
+        )
+
+
+def unauthenticated(message: str) -> AuthRefusal:
+    return AuthRefusal(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+# --- authentication --------------------------------------------------------------------------
+
+
+def _principal(row: Mapping[str, Any], actor: str) -> Principal:
+    return Principal(row["key_id"], actor, row["tenant_id"], frozenset(row["roles"]))
+
+
+class Authenticator:
+    """Finds the principal of a call: from its bearer API key (modes api_key, mtls+api_key;
+    under mtls+api_key the verified client certificate only admits the connection) or from
+    its client certificate's CN registered as an identity (mode mtls)."""
+
+    def __init__(
+        self, mode: str, keys: KeyStore, stream_recheck_s: float = stream_recheck_s_default
+    ) -> None:
+        if mode not in ("api_key", "mtls", "mtls+api_key"):
+            raise ValueError(f"no authenticator for auth mode {mode!r}")
+        self.mode = mode
+        self.keys = keys
+        self.stream_recheck_s = stream_recheck_s
+
+    async def authenticate(self, context: Context) -> Principal:
+        if self.mode == "api_key":
+            return await self._by_api_key(context)
+        cn = _client_cn(context)
+        if self.mode == "mtls+api_key":
+            return await self._by_api_key(context)
+        row = await self.keys.by_cert_cn(cn)
+        if row is None:
+            raise unauthenticated(
+                f"client certificate CN={cn!r} is not registered: "
+                "`tokenledger keys create --cert-cn …`"
+            )
+        return _principal(row, f"cert:{cn}")
+
+    async def _by_api_key(self, context: Context) -> Principal:
+        token = _bearer(context)
+        parsed = parse_token(token)
+        if parsed is None:
+            raise unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
+        key_id, secret = parsed
+        row = await self.keys.by_key_id(key_id)
+        # Unknown id and wrong secret read the same; the hash comparison takes constant time.
+        if row is None or row["secret_sha256"] is None:
+            raise unauthenticated("invalid API key")
+        if not hmac.compare_digest(bytes(row["secret_sha256"]), secret_hash(secret)):
+            raise unauthenticated("invalid API key")
+        if row["revoked_at"] is not None:
+            raise unauthenticated(f"API key {key_id} was revoked")
+        return _principal(row, f"key:{key_id}")
+
+
+def _bearer(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == AUTHORIZATION and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise unauthenticated("the authorization metadata must be `Bearer <API key>`")
+            return token.strip()
+    raise unauthenticated("no API key: send metadata `authorization: Bearer tlk_…`")
+
+
+def _client_cn(context: Context) -> str:
+    """The verified client certificate's subject CN. The TLS handshake already refused a
+    connection without a certificate signed by the client CA; this refuses a plaintext one."""
+    auth = context.auth_context() or {}
+    names = list(auth.get("x509_common_name") or ())
+    if not names:
+        raise unauthenticated("no verified client certificate on this connection")
+    return names[0].decode()
+
+
+# --- the interceptor -------------------------------------------------------------------------
+
+
+def authorize(principal: Principal, policy: RpcPolicy, request: Any, rpc: str) -> None:
+    """Raise PERMISSION_DENIED unless the principal has a role of the RPC and covers its
+    tenant."""
+    if not principal.roles & policy.roles:
+        needed = ", ".join(sorted(policy.roles))
+        raise AuthRefusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{rpc} needs the role {needed}; key {principal.key_id} has "
+            f"{', '.join(sorted(principal.roles))}",
+            rpc=rpc,
+            required_roles=needed,
+        )
+    if policy.tenant is None:
+        return
+    tenant = policy.tenant(request)
+    if tenant == "" and policy.empty_is_all:
+        tenant = ALL_TENANTS
+    if not principal.covers(tenant):
+        shown = "every tenant" if tenant == ALL_TENANTS else f"tenant {tenant!r}"
+        raise AuthRefusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"key {principal.key_id} is scoped to tenant {principal.tenant_id!r} and may not "
+            f"act on {shown}",
+            rpc=rpc,
+            tenant_id=tenant,
+            key_tenant_id=principal.tenant_id,
+        )
+
+
+class AuthInterceptor(_Interceptor):
+    """Authenticates every call to our services, then checks the RPC's role and tenant
+    (POLICIES); the principal is then `current_principal` (the actor of the events it appends)
+    and `guards.PRINCIPAL`. A refused call reaches nothing behind it. Methods of our services
+    without a policy are refused to everyone; other services (health, reflection) pass.
+
+    A server stream (SubscribeEvents never ends by itself) re-authenticates every
+    `authenticator.stream_recheck_s`: once its key is revoked, it ends with UNAUTHENTICATED."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        missing = unguarded_methods()
+        if missing:
+            raise RuntimeError(f"RPCs without an auth policy: {', '.join(missing)}")
+        self.authenticator = authenticator
+        self._prefixes = tuple(f"/{s.full_name}/" for s in GUARDED_SERVICES)
+
+    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
+        policy = POLICIES.get(method)
+        if policy is None and not method.startswith(self._prefixes):
+            return behavior
+        rpc = method.rsplit("/", 1)[-1]
+        streaming = method in STREAMING_METHODS
+
+        async def guarded(request: Any, context: Context) -> Any:
+            try:
+                if policy is None:
+                    raise AuthRefusal(grpc.StatusCode.PERMISSION_DENIED, f"{rpc}: no policy")
+                principal = await self.authenticator.authenticate(context)
+                structlog.contextvars.bind_contextvars(actor=principal.actor)
+                authorize(principal, policy, request, rpc)
+            except (AuthRefusal, errors.LedgerError) as exc:
+                await _abort(context, exc)
+            token = current_principal.set(principal)
+            key_token = PRINCIPAL.set(principal.key_id)
+            try:
+                if streaming:
+                    return await self._watched(behavior, request, context)
+                return await behavior(request, context)
+            finally:
+                PRINCIPAL.reset(key_token)
+                current_principal.reset(token)
+
+        return guarded
+
+    async def _watched(self, behavior: UnaryBehavior, request: Any, context: Context) -> Any:
+        """Run a stream while its caller stays authenticated; a database hiccup during a
+        re-check lets the stream go on (the next re-check decides)."""
+        stream = asyncio.ensure_future(behavior(request, context))
+        try:
+            while True:
+                recheck_s = self.authenticator.stream_recheck_s
+                done, _ = await asyncio.wait({stream}, timeout=recheck_s)
+                if done:
+                    return stream.result()
+                try:
+                    await self.authenticator.authenticate(context)
+                except errors.LedgerError:
+                    continue
+                except AuthRefusal as refusal:
+                    stream.cancel()
+                    await asyncio.gather(stream, return_exceptions=True)
+                    await _abort(context, refusal)
+        finally:
+            if not stream.done():
+                stream.cancel()
+                await asyncio.gather(stream, return_exceptions=True)
+
+
+async def _abort(context: Context, exc: AuthRefusal | errors.LedgerError) -> NoReturn:
+    if isinstance(exc, AuthRefusal):
+        code, status = exc.code, exc.status()
+    else:  # the key store is unavailable: retryable
+        code, status = to_status(exc)
+    await context.abort(code, status.message, rpc_status.to_status(status).trailing_metadata)
+    raise AssertionError("abort returned")  # pragma: no cover
+
+
+def warn_if_off(authenticator: Authenticator | None, service: str) -> None:
+    """The loud line a server logs at start when anyone may call it."""
+    if authenticator is None:
+        log.warning(
+            "AUTHENTICATION IS OFF: any caller may call any RPC on any tenant; "
+            "set TOKENLEDGER_AUTH=api_key, mtls or mtls+api_key outside local development",
+            service=service,
+            auth="off",
+        )
+
+
+# --- TLS credentials -------------------------------------------------------------------------
+
+
+def server_credentials(settings: AuthSettings) -> grpc.ServerCredentials | None:
+    """TLS for the listening port when a certificate is configured; client certificates
+    signed by TOKENLEDGER_TLS_CLIENT_CA are required and verified under the mtls modes."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=settings.client_certs,
+    )
+
+
+def make_authenticator(
+    settings: AuthSettings, pool: AsyncConnectionPool[Any]
+) -> Authenticator | None:
+    return None if settings.mode == "off" else Authenticator(settings.mode, KeyStore(pool))
+
+
+# --- the client side: how a process calls the ledger -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """A ledger client's credentials (TOKENLEDGER_LEDGER_API_KEY, TOKENLEDGER_LEDGER_TLS_CA,
+    _CERT, _KEY): the API key it sends, the CA that verifies the ledger's certificate (TLS when
+    set) and its own client certificate."""
+
+    api_key: str = ""
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClientAuth:
+        api_key = env.get("TOKENLEDGER_LEDGER_API_KEY", "").strip()
+        if api_key and parse_token(api_key) is None:
+            raise ConfigError("TOKENLEDGER_LEDGER_API_KEY is not a tlk_<id>_<secret> key")
+        paths = []
+        for name in ("CA", "CERT", "KEY"):
+            raw = env.get(f"TOKENLEDGER_LEDGER_TLS_{name}", "").strip()
+            if raw and not Path(raw).is_file():
+                raise ConfigError(f"TOKENLEDGER_LEDGER_TLS_{name}={raw!r}: no such file")
+            paths.append(Path(raw) if raw else None)
+        ca, cert, key = paths
+        if (cert is None) != (key is None):
+            raise ConfigError("TOKENLEDGER_LEDGER_TLS_CERT and _KEY go together")
+        if cert is not None and ca is None:
+            raise ConfigError("a client certificate needs TOKENLEDGER_LEDGER_TLS_CA (TLS)")
+        return cls(api_key, ca, cert, key)
+
+    def metadata(self) -> Sequence[tuple[str, str]]:
+        return [(AUTHORIZATION, f"Bearer {self.api_key}")] if self.api_key else []
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.tls_ca is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca.read_bytes(),
+            private_key=self.tls_key.read_bytes() if self.tls_key else None,
+            certificate_chain=self.tls_cert.read_bytes() if self.tls_cert else None,
+        )
+
+    def channel(self, target: str) -> grpc.Channel:
+        """A blocking channel to `target` that sends these credentials on every call."""
+        creds = self.credentials()
+        channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+        metadata = list(self.metadata())
+        if not metadata:
+            return channel
+        return grpc.intercept_channel(channel, _MetadataInterceptor(metadata))
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str]] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds fixed metadata (the bearer key) to every unary and server-streaming call."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self._metadata = list(metadata)
+
+    def _details(self, details: Any) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self._metadata],
+            details.credentials,
+            details.wait_for_ready,
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
