@@ -105,14 +105,22 @@ GROUPS: dict[str, tuple[str, ...]] = {
 class LedgerAudit:
     """Read-only access to the log and the projections for auditors, finance and followers."""
 
-    def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
+    def __init__(
+        self, pool: AsyncConnectionPool[Conn], primary: AsyncConnectionPool[Conn] | None = None
+    ) -> None:
+        """Reads go to `pool`, which may be a read replica's; past balances and the follower
+        feed read the `primary` (default: `pool`): a replica's lag would hide recent events,
+        and the feed's cursor rule (transaction ids below the oldest running one) must not meet
+        a replica's cancelled queries or a failover's other history."""
         self._pool = pool
+        self._primary = primary or pool
 
     @asynccontextmanager
-    async def _snapshot(self) -> AsyncIterator[Conn]:
+    async def _snapshot(self, primary: bool = False) -> AsyncIterator[Conn]:
         """A read-only transaction on one snapshot: every query in it sees the same log and
         the same projections, whatever commits meanwhile."""
-        async with self._pool.connection() as conn, conn.transaction():
+        pool = self._primary if primary else self._pool
+        async with pool.connection() as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             yield conn
 
@@ -128,9 +136,9 @@ class LedgerAudit:
                     yield row
 
     async def _rows(
-        self, sql: str, params: tuple[Any, ...]
+        self, sql: str, params: tuple[Any, ...], primary: bool = False
     ) -> AsyncGenerator[dict[str, Any], None]:
-        async with self._snapshot() as conn:
+        async with self._snapshot(primary) as conn:
             async for row in self._stream(conn, sql, params):
                 yield row
 
@@ -145,12 +153,13 @@ class LedgerAudit:
         return self._rows(*_events_sql(scope, from_position, from_time, limit))
 
     async def balance_at(self, key: AccountKey, as_of: datetime) -> BalanceResult:
-        """The balance of `key` and its ancestors as it stood at `as_of`, from the log."""
+        """The balance of `key` and its ancestors as it stood at `as_of`, from the log (the
+        primary's: on a replica, an instant within its lag would silently miss events)."""
         scope = Scope(key.tenant_id)
         where, params = scope.where()
         projection = Projection()
         sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND occurred_at <= %s "  # noqa: S608
-        async for row in self._rows(sql + "ORDER BY position", (*params, as_of)):
+        async for row in self._rows(sql + "ORDER BY position", (*params, as_of), primary=True):
             projection.feed(codec.event_from_row(row))
         accounts = [projection.accounts.get(k, Account(k)).rolled(as_of) for k in key.lineage()]
         return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
@@ -279,7 +288,7 @@ class LedgerAudit:
         while not stop.is_set():
             params: tuple[Any, ...] = (str(xid), position, from_position)
             params += (tenant_id,) if tenant_id else ()
-            async with self._pool.connection() as conn:
+            async with self._primary.connection() as conn:
                 cur = await conn.execute(sql, (*params, FETCH_ROWS))
                 rows = await cur.fetchall()
             for row in rows:

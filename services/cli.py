@@ -34,8 +34,13 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
 
     pool = db.make_pool(url, settings.pool_size_max)
     await pool.open(wait=True, timeout=30)
+    read_pool = None
+    if settings.database_url_readonly:
+        read_pool = db.make_pool(settings.database_url_readonly, settings.pool_size_max)
+        await read_pool.open(wait=True, timeout=30)
     server = LedgerServer(
         pool,
+        read_pool=read_pool,
         sweep_interval_s=settings.sweep_interval_s,
         cheaper_models=settings.cheaper_models,
         guards=settings.guards,
@@ -52,6 +57,8 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
     log.info("shutting down", grace_s=settings.shutdown_grace_s)
     await server.stop(settings.shutdown_grace_s)
     await pool.close()
+    if read_pool is not None:
+        await read_pool.close()
 
 
 def cmd_serve(settings: Settings) -> int:

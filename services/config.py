@@ -125,6 +125,7 @@ def _file(env: Mapping[str, str], name: str) -> Path | None:
 @dataclass(frozen=True)
 class Settings:
     database_url: str
+    database_url_readonly: str
     data_dir: Path
     listen: str
     log_format: str
@@ -143,6 +144,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         return cls(
             database_url=env.get("DATABASE_URL", ""),
+            database_url_readonly=env.get("DATABASE_URL_READONLY", ""),
             data_dir=Path(env.get("TOKENLEDGER_DATA_DIR", "var")),
             listen=env.get("TOKENLEDGER_LISTEN", "127.0.0.1:50051"),
             log_format=_choice(env, "TOKENLEDGER_LOG_FORMAT", "json", LOG_FORMATS),

@@ -75,9 +75,11 @@ class LedgerServer:
         held_refresh_s: float = held_refresh_s_default,
         auth: Authenticator | None = None,
         credentials: grpc.ServerCredentials | None = None,
+        read_pool: AsyncConnectionPool[Any] | None = None,
     ) -> None:
         """Metrics go to `meter_provider` (default: the global one); only with one given is the
-        held-tokens gauge kept fresh (a database read every `held_refresh_s`)."""
+        held-tokens gauge kept fresh (a database read every `held_refresh_s`). Audit and usage
+        reads go to `read_pool` (a read replica's) when given."""
         self.pool = pool
         self.metrics = LedgerMetrics(pool, meter_provider)
         self.held_refresh_s = held_refresh_s if meter_provider is not None else None
@@ -100,7 +102,13 @@ class LedgerServer:
             options=server_options(message_bytes_max),
         )
         self.stopping = asyncio.Event()
-        service = LedgerService(self.store, LedgerAudit(pool), self.stopping, clock, cheaper_models)
+        service = LedgerService(
+            self.store,
+            LedgerAudit(read_pool or pool, primary=pool),
+            self.stopping,
+            clock,
+            cheaper_models,
+        )
         pb_grpc.add_LedgerServiceServicer_to_server(service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

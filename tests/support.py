@@ -83,11 +83,14 @@ class ServerThread:
         auth_mode: str = "off",
         credentials: grpc.ServerCredentials | None = None,
         stream_recheck_s: float = 5.0,
+        read_url: str = "",
     ) -> None:
         """`auth_mode` other than "off" authenticates callers against the api_keys table
         (services/auth.py), re-checking open streams every `stream_recheck_s`;
-        `credentials` make the port TLS (mTLS with a client CA)."""
+        `credentials` make the port TLS (mTLS with a client CA); `read_url` is the database
+        audit and usage reads go to (a read replica's)."""
         self.url = url
+        self.read_url = read_url
         self.auth_mode = auth_mode
         self.stream_recheck_s = stream_recheck_s
         self.credentials = credentials
@@ -135,6 +138,9 @@ class ServerThread:
             )
         if self.credentials is not None:
             kwargs["credentials"] = self.credentials
+        if self.read_url:
+            kwargs["read_pool"] = self.read_pool = db.make_pool(self.read_url, 4)
+            await self.read_pool.open(wait=True, timeout=10)
         self.server = LedgerServer(
             self.pool,
             sweep_interval_s=self.sweep_interval_s,
@@ -152,6 +158,8 @@ class ServerThread:
         async def shutdown() -> None:
             await self.server.stop(grace_s)
             await self.pool.close()
+            if self.read_url:
+                await self.read_pool.close()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
