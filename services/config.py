@@ -21,15 +21,15 @@ class ConfigError(ValueError):
     """A setting has a value the process cannot use."""
 
 
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+def choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env.get(name, default).strip().lower()
     if value not in choices:
         raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
     return value
 
 
-def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name, "")
+def number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
     try:
         value = float(raw) if raw else default
     except ValueError:
@@ -63,7 +63,7 @@ class AuthSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> AuthSettings:
-        mode = _choice(env, "TOKENLEDGER_AUTH", "off", AUTH_MODES)
+        mode = choice(env, "TOKENLEDGER_AUTH", "off", AUTH_MODES)
         cert, key, ca = (
             _file(env, f"TOKENLEDGER_TLS_{name}") for name in ("CERT", "KEY", "CLIENT_CA")
         )
@@ -103,7 +103,7 @@ class MetricsSettings:
                 raise ConfigError(f"{listen_name}={listen!r}: must be host:port") from None
         default = "prometheus" if listen else "none"
         name = "TOKENLEDGER_METRICS_EXPORTER"
-        exporter = _choice(env, name, default, METRICS_EXPORTERS)
+        exporter = choice(env, name, default, METRICS_EXPORTERS)
         prometheus = "prometheus" in exporter_parts(exporter)
         if prometheus and not listen:
             raise ConfigError(f"{name}={exporter}: set {listen_name} (host:port) for /metrics")
@@ -147,14 +147,14 @@ class Settings:
             database_url_readonly=env.get("DATABASE_URL_READONLY", ""),
             data_dir=Path(env.get("TOKENLEDGER_DATA_DIR", "var")),
             listen=env.get("TOKENLEDGER_LISTEN", "127.0.0.1:50051"),
-            log_format=_choice(env, "TOKENLEDGER_LOG_FORMAT", "json", LOG_FORMATS),
-            log_level=_choice(
+            log_format=choice(env, "TOKENLEDGER_LOG_FORMAT", "json", LOG_FORMATS),
+            log_level=choice(
                 env, "TOKENLEDGER_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
-            trace_exporter=_choice(env, "TOKENLEDGER_TRACE_EXPORTER", "none", TRACE_EXPORTERS),
-            sweep_interval_s=_number(env, "TOKENLEDGER_SWEEP_INTERVAL_S", 1.0, 0.05, 3600),
-            pool_size_max=int(_number(env, "TOKENLEDGER_POOL_SIZE_MAX", 10, 1, 1000)),
-            shutdown_grace_s=_number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
+            trace_exporter=choice(env, "TOKENLEDGER_TRACE_EXPORTER", "none", TRACE_EXPORTERS),
+            sweep_interval_s=number(env, "TOKENLEDGER_SWEEP_INTERVAL_S", 1.0, 0.05, 3600),
+            pool_size_max=int(number(env, "TOKENLEDGER_POOL_SIZE_MAX", 10, 1, 1000)),
+            shutdown_grace_s=number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
             cheaper_models=_pairs(env, "TOKENLEDGER_CHEAPER_MODELS"),
             migrate_on_start=_flag(env, "TOKENLEDGER_MIGRATE_ON_START", default=True),
             guards=guards_from_env(env),
@@ -167,12 +167,12 @@ def guards_from_env(env: Mapping[str, str], deadline_s: float = deadline_s_defau
     """Default deadlines and the per-caller cap (services/guards.py); both services read the
     same variables, each with its own unary default."""
     return Guards(
-        deadline_s=_number(env, "TOKENLEDGER_DEFAULT_DEADLINE_S", deadline_s, 0.01, 86_400),
-        stream_deadline_s=_number(
+        deadline_s=number(env, "TOKENLEDGER_DEFAULT_DEADLINE_S", deadline_s, 0.01, 86_400),
+        stream_deadline_s=number(
             env, "TOKENLEDGER_STREAM_DEADLINE_S", stream_deadline_s_default, 0.01, 7 * 86_400
         ),
         caller_calls_max=int(
-            _number(
+            number(
                 env, "TOKENLEDGER_CALLER_CONCURRENCY_MAX", caller_calls_max_default, 0, 1_000_000
             )
         ),
@@ -180,7 +180,7 @@ def guards_from_env(env: Mapping[str, str], deadline_s: float = deadline_s_defau
 
 
 def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
-    return _choice(env, name, "true" if default else "false", ("true", "false")) == "true"
+    return choice(env, name, "true" if default else "false", ("true", "false")) == "true"
 
 
 def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import psycopg
@@ -68,8 +68,66 @@ class Clock:
         self.now += timedelta(seconds=seconds)
 
 
-class ServerThread:
+class _LoopThread:
+    """A server running on its own event loop in a daemon thread; subclasses say how to start
+    it (`_start`, which sets `self.server` and `self.port`) and what to close after it."""
+
+    what = "server"
+    server: Any
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        if not self._ready.wait(SERVER_START_TIMEOUT_S) or self._error:
+            raise RuntimeError(f"{self.what} did not start: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        """What to close once the server has stopped (its pools)."""
+
+    def run(self, coro: Any, timeout_s: float = 30) -> Any:
+        """Run a coroutine on the server's event loop (e.g. one of its store's) and return
+        its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop(self, grace_s: float = 1) -> None:
+        async def shutdown() -> None:
+            await self.server.stop(grace_s)
+            await self._close()
+
+        self.run(shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+
+class ServerThread(_LoopThread):
     """A real LedgerServer on 127.0.0.1:0, running its own event loop in a thread."""
+
+    what = "ledger server"
 
     def __init__(
         self,
@@ -99,32 +157,7 @@ class ServerThread:
         self.wait_for_database = wait_for_database
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        if not self._ready.wait(SERVER_START_TIMEOUT_S) or self._error:
-            raise RuntimeError(f"ledger server did not start: {self._error}")
-        return self
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
+        super().__init__()
 
     async def _start(self) -> None:
         self.pool = db.make_pool(self.url, 10)
@@ -149,21 +182,10 @@ class ServerThread:
         )
         self.port = await self.server.start("127.0.0.1:0")
 
-    def run(self, coro: Any, timeout_s: float = 30) -> Any:
-        """Run a coroutine on the server's event loop (e.g. one of its store's) and return
-        its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
-
-    def stop(self, grace_s: float = 1) -> None:
-        async def shutdown() -> None:
-            await self.server.stop(grace_s)
-            await self.pool.close()
-            if self.read_url:
-                await self.read_pool.close()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
+    async def _close(self) -> None:
+        await self.pool.close()
+        if self.read_url:
+            await self.read_pool.close()
 
     @contextmanager
     def stub(self) -> Iterator[pb_grpc.LedgerServiceStub]:
@@ -329,10 +351,12 @@ def cycle(
     return rid
 
 
-class ContextServerThread:
+class ContextServerThread(_LoopThread):
     """A real ContextServer on 127.0.0.1:0 that calls the ledger at `ledger_target` over gRPC,
     running its own event loop in a thread. `kwargs` go to ContextServer (e.g. a shared
     tokenizer `pool`, a `meter_provider`, a `remote_summarizer`)."""
+
+    what = "context server"
 
     def __init__(
         self, ledger_target: str, *, auth_mode: str = "off", keys_url: str = "", **kwargs: Any
@@ -344,32 +368,7 @@ class ContextServerThread:
         self.keys_url = keys_url
         self.keys_pool: Any = None
         self.kwargs = kwargs
-        self.port = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> ContextServerThread:
-        self._thread.start()
-        if not self._ready.wait(SERVER_START_TIMEOUT_S) or self._error:
-            raise RuntimeError(f"context server did not start: {self._error}")
-        return self
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
+        super().__init__()
 
     async def _start(self) -> None:
         from services.context.server import ContextServer
@@ -382,15 +381,9 @@ class ContextServerThread:
         self.server = ContextServer(self.ledger_target, **kwargs)
         self.port = await self.server.start("127.0.0.1:0")
 
-    def stop(self, grace_s: float = 1) -> None:
-        async def shutdown() -> None:
-            await self.server.stop(grace_s)
-            if self.keys_pool is not None:
-                await self.keys_pool.close()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
+    async def _close(self) -> None:
+        if self.keys_pool is not None:
+            await self.keys_pool.close()
 
     @contextmanager
     def stub(self) -> Iterator[Any]:

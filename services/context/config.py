@@ -10,7 +10,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from services.auth import ClientAuth
-from services.config import AuthSettings, ConfigError, MetricsSettings, guards_from_env
+from services.config import (
+    AuthSettings,
+    ConfigError,
+    MetricsSettings,
+    choice,
+    guards_from_env,
+    number,
+)
 from services.context.fitting import AllocationPolicy
 from services.context.tokenizers import (
     COUNT_CACHE_ENTRIES_MAX_DEFAULT,
@@ -33,24 +40,6 @@ POLICY_KEYS = {
 _ADDRESS = re.compile(r"[^\s]+:[0-9]{1,5}")
 _SIZE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB)?")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env.get(name, default).strip().lower()
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r}: must be one of {', '.join(choices)}")
-    return value
-
-
-def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name, "").strip()
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r}: must be a number") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name}={raw!r}: must be between {low:g} and {high:g}")
-    return value
 
 
 def _integer(
@@ -133,12 +122,12 @@ class ContextSettings:
         return cls(
             listen=_address(env, "TOKENLEDGER_CONTEXT_LISTEN", LISTEN_DEFAULT),
             ledger_target=_address(env, "TOKENLEDGER_LEDGER_TARGET", LEDGER_TARGET_DEFAULT),
-            ledger_timeout_s=_number(env, "TOKENLEDGER_LEDGER_TIMEOUT_S", 5.0, 0.05, 300),
+            ledger_timeout_s=number(env, "TOKENLEDGER_LEDGER_TIMEOUT_S", 5.0, 0.05, 300),
             summarizer_url=_url(env, "CONTEXT_SUMMARIZER_URL"),
             summarizer_model=env.get("CONTEXT_SUMMARIZER_MODEL", "").strip()
             or SUMMARIZER_MODEL_DEFAULT,
             summarizer_api_key=env.get("CONTEXT_SUMMARIZER_API_KEY", "").strip(),
-            summarizer_timeout_s=_number(env, "CONTEXT_SUMMARIZER_TIMEOUT_S", 30.0, 0.1, 600),
+            summarizer_timeout_s=number(env, "CONTEXT_SUMMARIZER_TIMEOUT_S", 30.0, 0.1, 600),
             policy=parse_policy(env.get("CONTEXT_POLICY", "")),
             pool_bytes_max=_integer(
                 env,
@@ -152,12 +141,12 @@ class ContextSettings:
                 env, "COUNT_CACHE_ENTRIES_MAX", COUNT_CACHE_ENTRIES_MAX_DEFAULT, 0, 10**8
             ),
             count_workers=_integer(env, "CONTEXT_COUNT_WORKERS", 4, 1, 256),
-            log_format=_choice(env, "TOKENLEDGER_LOG_FORMAT", "json", LOG_FORMATS),
-            log_level=_choice(
+            log_format=choice(env, "TOKENLEDGER_LOG_FORMAT", "json", LOG_FORMATS),
+            log_level=choice(
                 env, "TOKENLEDGER_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
             ),
-            trace_exporter=_choice(env, "TOKENLEDGER_TRACE_EXPORTER", "none", TRACE_EXPORTERS),
-            shutdown_grace_s=_number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
+            trace_exporter=choice(env, "TOKENLEDGER_TRACE_EXPORTER", "none", TRACE_EXPORTERS),
+            shutdown_grace_s=number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
             guards=guards_from_env(env, DEADLINE_S_DEFAULT),
             metrics=MetricsSettings.from_env(env, "TOKENLEDGER_CONTEXT_METRICS_LISTEN"),
             auth=AuthSettings.from_env(env),
