@@ -39,8 +39,8 @@ def _retry_info(seconds: float) -> any_pb2.Any:
     return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
-MESSAGE_CHARS_MAX = 512
-VIOLATIONS_BYTES_MAX = 4_096
+MESSAGE_CHARS_MAX = 256
+VIOLATIONS_BYTES_MAX = 2_048
 """Error texts and lists are bounded: gRPC refuses trailers over 16 KiB (the message goes
 percent-encoded, up to 12 bytes a character, and again in the base64 status details), and a
 client would then get RESOURCE_EXHAUSTED with no details at all. Inputs may be echoed in

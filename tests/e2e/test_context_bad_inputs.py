@@ -17,7 +17,7 @@ from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.config import ConfigError
-from services.context import service
+from services.context import requests as limits
 from services.context.config import ContextSettings
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
@@ -89,8 +89,8 @@ USER, SYSTEM, ASSISTANT, TOOL = (
     cpb.CHAT_ROLE_ASSISTANT,
     cpb.CHAT_ROLE_TOOL,
 )
-BIG = "x" * (service.message_content_bytes_max + 1)
-QUARTER = "y" * (service.messages_content_bytes_max // 4 + 1)
+BIG = "x" * (limits.message_content_bytes_max + 1)
+QUARTER = "y" * (limits.messages_content_bytes_max // 4 + 1)
 
 CASES: list[tuple[str, Callable[[cpb.PrepareContextRequest], None], str]] = [
     ("no messages", replace_messages(), "messages"),
@@ -100,7 +100,7 @@ CASES: list[tuple[str, Callable[[cpb.PrepareContextRequest], None], str]] = [
     ("empty assistant without calls", replace_messages(msg(ASSISTANT, ""), msg(USER)),
      "messages[0].content"),
     ("too many messages",
-     replace_messages(*[msg(USER)] * (service.messages_count_max + 1)), "messages"),
+     replace_messages(*[msg(USER)] * (limits.messages_count_max + 1)), "messages"),
     ("one message too big", replace_messages(msg(USER, BIG)), "messages[0].content"),
     ("all contents too big", replace_messages(*[msg(USER, QUARTER)] * 4), "messages"),
     ("name with spaces", replace_messages(msg(USER, name="Ann Lee")), "messages[0].name"),
@@ -133,7 +133,7 @@ CASES: list[tuple[str, Callable[[cpb.PrepareContextRequest], None], str]] = [
     ("bad conversation id", setter(conversation_id="chat 1"), "conversation_id"),
     ("missing idempotency key", setter(idempotency_key=""), "idempotency_key"),
     ("idempotency key too long",
-     setter(idempotency_key="k" * (service.idempotency_key_chars_max + 1)), "idempotency_key"),
+     setter(idempotency_key="k" * (limits.idempotency_key_chars_max + 1)), "idempotency_key"),
     ("unknown strategy", setter(strategy=99), "strategy"),
     ("share above 1", with_policy(history_share=1.5), "policy.history_share"),
     ("negative share", with_policy(system_share=-0.1), "policy.system_share"),
@@ -189,7 +189,7 @@ def test_a_request_above_the_message_cap_is_refused_by_grpc_before_parsing(
 ) -> None:
     tenant = new_id("t")
     request = valid(tenant)
-    request.messages.append(msg(USER, "z" * service.request_bytes_max))
+    request.messages.append(msg(USER, "z" * limits.request_bytes_max))
     failed = call_fails(ctx.PrepareContext, request)
     assert failed.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert tenant_events(stub, tenant) == 0
@@ -204,7 +204,7 @@ COUNT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("tools with text", {"model": "gpt-4o", "text": "hi", "tools": [cpb.ToolDefinition(name="a")]},
      "tools"),
     ("unknown role", {"model": "gpt-4o", "messages": [msg(7)]}, "messages[0].role"),
-    ("text too big", {"model": "gpt-4o", "text": "t" * (service.messages_content_bytes_max + 1)},
+    ("text too big", {"model": "gpt-4o", "text": "t" * (limits.messages_content_bytes_max + 1)},
      "text"),
 ]  # fmt: skip
 

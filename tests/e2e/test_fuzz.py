@@ -669,3 +669,19 @@ def test_fuzzer_builds_every_field_kind() -> None:
     assert prepare.messages[0].role == 99
     usage = build(pb.QueryUsageRequest.DESCRIPTOR, {"query": {"from_time": {"seconds": -(2**63)}}})
     assert usage.query.from_time.seconds == -(2**63)
+
+
+@pytest.mark.parametrize("char", ["x", "é", "€", "😀"])
+def test_an_error_about_a_huge_input_stays_under_the_trailer_limit(
+    channels: dict[str, grpc.Channel], char: str
+) -> None:
+    """A model name of 20,000 four-byte characters and 100 bad messages at once: the error
+    still arrives whole, as INVALID_ARGUMENT with its ErrorInfo."""
+    method = cpb.DESCRIPTOR.services_by_name["ContextService"].methods_by_name["CountTokens"]
+    request = cpb.CountTokensRequest(
+        model=char * 20_000,
+        messages=[cpb.ChatMessage(role=99, content=char * 300) for _ in range(100)],  # type: ignore[arg-type]
+    )
+    channel = channels[method.containing_service.full_name]
+    outcome = send(channel, method, request.SerializeToString(), Tally())
+    assert outcome == Outcome(grpc.StatusCode.INVALID_ARGUMENT, True)

@@ -1,0 +1,407 @@
+"""PrepareContext and CountTokens requests checked at the edge: the limits (each with its
+unit last), the refusals of the context service itself, and the parsing of a request into
+the values the service works on. Nothing is reserved for a request refused here."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from ledger.validation import Checker
+from services._gen.tokenledger.v1 import context_pb2 as cpb
+from services.context.fitting import (
+    AllocationPolicy,
+    Strategy,
+)
+from services.context.messages import ChatMessage, Role
+from services.context.registry import ModelRegistry, UnknownModelError
+from services.context.tokenizers import (
+    CountTarget,
+    known_encodings,
+)
+from services.errors import ERROR_DOMAIN, bad_request, clip
+
+Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
+
+# --- limits (each checked at the edge; the unit is the last word) ----------------------------
+
+MiB = 2**20
+request_bytes_max = 8 * MiB
+"""gRPC refuses a larger request (RESOURCE_EXHAUSTED) before it is parsed."""
+messages_count_max = 2_000
+message_content_bytes_max = 2 * MiB
+messages_content_bytes_max = 6 * MiB
+"""All contents of one request together (CountTokens text too)."""
+name_chars_max = 64
+tool_call_id_chars_max = 128
+tool_call_ids_count_max = 128
+"""Tool calls one assistant message may make."""
+tools_count_max = 128
+tool_description_chars_max = 8_192
+tool_parameters_bytes_max = 64 * 1024
+priority_abs_max = 1_000
+idempotency_key_chars_max = 96
+"""The ledger's keys are 128 characters: "ctx:" + this key must fit, with room to spare."""
+id_chars_max = 128
+model_chars_max = 128
+context_window_tokens_max = 10_000_000
+output_tokens_max = 10_000_000
+ttl_s_max = 86_400
+
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")  # the ledger's id syntax
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")  # the ledger's model syntax
+_KEY = re.compile(r"[\x21-\x7e]+")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")  # OpenAI's name and function-name syntax
+
+ROLES: dict[cpb.ChatRole.ValueType, Role] = {
+    cpb.CHAT_ROLE_SYSTEM: Role.SYSTEM,
+    cpb.CHAT_ROLE_DEVELOPER: Role.DEVELOPER,
+    cpb.CHAT_ROLE_USER: Role.USER,
+    cpb.CHAT_ROLE_ASSISTANT: Role.ASSISTANT,
+    cpb.CHAT_ROLE_TOOL: Role.TOOL,
+}
+PB_ROLES = {role: value for value, role in ROLES.items()}
+STRATEGIES: dict[cpb.Strategy.ValueType, Strategy] = {
+    cpb.STRATEGY_UNSPECIFIED: Strategy.WINDOW,
+    cpb.STRATEGY_WINDOW: Strategy.WINDOW,
+    cpb.STRATEGY_PRIORITY: Strategy.PRIORITY,
+    cpb.STRATEGY_TRUNCATE: Strategy.TRUNCATE,
+    cpb.STRATEGY_SUMMARIZE: Strategy.SUMMARIZE,
+}
+PB_STRATEGIES = {s: v for v, s in STRATEGIES.items() if v != cpb.STRATEGY_UNSPECIFIED}
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def pack(detail: message.Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
+
+
+class ContextError(Exception):
+    """A refusal of the context service itself, with its google.rpc details."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message_text: str,
+        *,
+        metadata: dict[str, str] | None = None,
+        violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.code = code
+        self.reason = reason
+        self.metadata = metadata or {}
+        self.violations = tuple(violations)
+        super().__init__(message_text)
+
+    def status(self) -> status_pb2.Status:
+        info = error_details_pb2.ErrorInfo(
+            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
+        )
+        details = [pack(info)]
+        if self.violations:
+            details.append(pack(bad_request(self.violations)))
+        return status_pb2.Status(
+            code=getattr(code_pb2, self.code.name), message=clip(str(self)), details=details
+        )
+
+
+def _invalid(
+    violations: Sequence[tuple[str, str]], reason: str = "INVALID_ARGUMENT", **meta: str
+) -> ContextError:
+    text = "; ".join(f"{f}: {d}" for f, d in violations)
+    return ContextError(
+        grpc.StatusCode.INVALID_ARGUMENT, reason, text, metadata=meta, violations=violations
+    )
+
+
+def _raise_violations(c: Checker, unknown_model: str = "", families: str = "") -> None:
+    found = [(v.field, v.description) for v in c.violations]
+    if unknown_model:
+        raise _invalid(found, "UNKNOWN_MODEL", model=clip(unknown_model, 128), families=families)
+    if found:
+        raise _invalid(found)
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What to count with, and the model's limits (0: not known)."""
+
+    count_target: CountTarget | str
+    encoding: str
+    family: str
+    window_tokens: int
+    output_cap_tokens: int
+
+
+def _content_bytes(text: str) -> int:
+    """UTF-8 bytes of `text`; isascii() is O(1) in CPython, so ASCII text is never encoded."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _resolve(
+    c: Checker, registry: ModelRegistry, model: str, encoding: str, window_override: int
+) -> tuple[Target | None, str]:
+    """The target, or None with the unknown model's name."""
+    spec = None
+    if model:
+        try:
+            spec = registry.resolve(model)
+        except UnknownModelError:
+            if not encoding:
+                c.fail("model", f"unknown model {model!r}; known families: "
+                       f"{', '.join(registry.families())} (or pass `encoding`)")  # fmt: skip
+                return None, model
+    if encoding and encoding not in known_encodings():
+        c.fail("encoding", f"unknown encoding {encoding!r}; known: {', '.join(known_encodings())}")
+        return None, ""
+    if spec is None and not encoding:
+        return None, ""
+    window = spec.context_window_tokens if spec else 0
+    if window_override:
+        if spec and window_override > window:
+            c.fail("context_window_tokens", f"is {window_override}; {spec.name}'s window is "
+                   f"{window} tokens")  # fmt: skip
+        window = window_override
+    return (
+        Target(
+            count_target=encoding or spec,  # type: ignore[arg-type]
+            encoding=encoding or (spec.encoding if spec else ""),
+            family=spec.family if spec and not encoding else "",
+            window_tokens=window,
+            output_cap_tokens=spec.max_output_tokens if spec else 0,
+        ),
+        "",
+    )
+
+
+def _message(
+    c: Checker, i: int, m: cpb.ChatMessage, size: int, calls: set[str]
+) -> ChatMessage | None:
+    f = f"messages[{i}]"
+    role = ROLES.get(m.role)
+    if role is None:
+        c.fail(f"{f}.role", f"is {m.role}; must be one of {', '.join(r.name for r in Role)} "
+               "(CHAT_ROLE_*)")  # fmt: skip
+    if size > message_content_bytes_max:
+        c.fail(f"{f}.content", f"is {size} bytes; at most {message_content_bytes_max} allowed")
+    elif not m.content and not (role is Role.ASSISTANT and m.tool_call_ids):
+        c.fail(f"{f}.content", "is required (only an assistant message making tool calls may "
+               "be empty)")  # fmt: skip
+    c.text(f"{f}.name", m.name, chars_max=name_chars_max, pattern=_NAME, required=False)
+    c.number(f"{f}.priority", m.priority, low=-priority_abs_max, high=priority_abs_max)
+    if m.tool_call_ids and role is not Role.ASSISTANT:
+        c.fail(f"{f}.tool_call_ids", "only an assistant message makes tool calls")
+    if len(m.tool_call_ids) > tool_call_ids_count_max:
+        c.fail(f"{f}.tool_call_ids", f"has {len(m.tool_call_ids)}; at most "
+               f"{tool_call_ids_count_max} allowed")  # fmt: skip
+    for j, call in enumerate(m.tool_call_ids):
+        c.text(f"{f}.tool_call_ids[{j}]", call, chars_max=tool_call_id_chars_max, pattern=_KEY)
+    if role is Role.TOOL:
+        c.text(f"{f}.tool_call_id", m.tool_call_id, chars_max=tool_call_id_chars_max, pattern=_KEY)
+        if m.tool_call_id and m.tool_call_id not in calls:
+            c.fail(f"{f}.tool_call_id", f"{m.tool_call_id!r} answers no earlier assistant tool "
+                   "call; a tool result must follow its call")  # fmt: skip
+    elif m.tool_call_id:
+        c.fail(f"{f}.tool_call_id", "only a tool message answers a tool call")
+    calls.update(m.tool_call_ids)
+    if role is None:
+        return None
+    return ChatMessage(
+        role=role,
+        content=m.content,
+        name=m.name,
+        pinned=m.pinned,
+        priority=m.priority,
+        tool_call_id=m.tool_call_id,
+        tool_call_ids=tuple(m.tool_call_ids),
+    )
+
+
+def _messages(c: Checker, messages: Sequence[cpb.ChatMessage]) -> tuple[list[ChatMessage], int]:
+    if not messages:
+        c.fail("messages", "is required: at least one message")
+        return [], 0
+    if len(messages) > messages_count_max:
+        c.fail("messages", f"has {len(messages)} messages; at most {messages_count_max} allowed")
+        return [], 0
+    calls: set[str] = set()
+    sizes = [_content_bytes(m.content) for m in messages]
+    parsed = [_message(c, i, messages[i], n, calls) for i, n in enumerate(sizes)]
+    size = sum(sizes)
+    if size > messages_content_bytes_max:
+        c.fail("messages", f"contents total {size} bytes; at most {messages_content_bytes_max}")
+    return [m for m in parsed if m is not None], size
+
+
+def _tool_text(c: Checker, i: int, tool: cpb.ToolDefinition) -> str:
+    """The tool as the JSON a provider would be sent (what its count is estimated from)."""
+    f = f"tools[{i}]"
+    c.text(f"{f}.name", tool.name, chars_max=name_chars_max, pattern=_NAME)
+    if len(tool.description) > tool_description_chars_max:
+        c.fail(f"{f}.description", f"is {len(tool.description)} characters long; at most "
+               f"{tool_description_chars_max} allowed")  # fmt: skip
+    parameters = tool.parameters_json or "{}"
+    if len(parameters.encode()) > tool_parameters_bytes_max:
+        c.fail(f"{f}.parameters_json", f"is over {tool_parameters_bytes_max} bytes")
+        return ""
+    try:
+        schema = json.loads(parameters)
+    except ValueError as exc:
+        c.fail(f"{f}.parameters_json", f"is not JSON: {exc}")
+        return ""
+    if not isinstance(schema, dict):
+        c.fail(f"{f}.parameters_json", "must be a JSON object (a JSON Schema)")
+        return ""
+    function = {"name": tool.name, "description": tool.description, "parameters": schema}
+    return json.dumps({"type": "function", "function": function}, separators=(",", ":"))
+
+
+def _tools(c: Checker, tools: Sequence[cpb.ToolDefinition]) -> list[str]:
+    if len(tools) > tools_count_max:
+        c.fail("tools", f"has {len(tools)} tools; at most {tools_count_max} allowed")
+        return []
+    return [_tool_text(c, i, t) for i, t in enumerate(tools)]
+
+
+_SHARES = ("system_share", "history_share", "input_share", "reserve_share")
+
+
+def _policy(
+    c: Checker, request: cpb.PrepareContextRequest, default: AllocationPolicy
+) -> AllocationPolicy:
+    if not request.HasField("policy"):
+        return default
+    shares = {name: getattr(default, name) for name in _SHARES}
+    for name in _SHARES:
+        if request.policy.HasField(name):  # type: ignore[arg-type]
+            value = getattr(request.policy, name)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                c.fail(f"policy.{name}", f"is {value}; must be in [0, 1]")
+            shares[name] = value
+    if any(f.startswith("policy.") for f in (v.field for v in c.violations)):
+        return default
+    try:
+        return AllocationPolicy(**shares)
+    except ValueError as exc:
+        c.fail("policy", str(exc))
+        return default
+
+
+def _account(c: Checker, r: cpb.PrepareContextRequest) -> None:
+    c.text("idempotency_key", r.idempotency_key, chars_max=idempotency_key_chars_max, pattern=_KEY)
+    c.text("tenant_id", r.tenant_id, chars_max=id_chars_max, pattern=_ID)
+    c.text("user_id", r.user_id, chars_max=id_chars_max, pattern=_ID)
+    c.text("conversation_id", r.conversation_id, chars_max=id_chars_max, pattern=_ID,
+           required=False)  # fmt: skip
+    c.number("ttl_seconds", r.ttl_seconds, low=0, high=ttl_s_max)
+
+
+def _output(c: Checker, r: cpb.PrepareContextRequest, target: Target | None) -> None:
+    cap = (target.output_cap_tokens if target else 0) or output_tokens_max
+    if not 1 <= r.max_output_tokens <= cap:
+        who = "the model" if target and target.output_cap_tokens else "the service"
+        c.fail("max_output_tokens", f"is {r.max_output_tokens}; must be between 1 and {cap} "
+               f"({who}'s output cap)")  # fmt: skip
+    elif target and target.window_tokens and r.max_output_tokens >= target.window_tokens:
+        c.fail("max_output_tokens", f"is {r.max_output_tokens}; the context window is "
+               f"{target.window_tokens} tokens and the prompt needs some")  # fmt: skip
+    if not 0 <= r.min_output_tokens <= max(r.max_output_tokens, 0):
+        c.fail("min_output_tokens", f"is {r.min_output_tokens}; must be between 0 and "
+               "max_output_tokens")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """A validated PrepareContext request."""
+
+    model: str
+    target: Target
+    messages: list[ChatMessage]
+    tools: list[str]
+    strategy: Strategy
+    policy: AllocationPolicy
+    max_output: int
+    min_output: int
+    content_bytes: int
+
+
+def parse_prepare(
+    r: cpb.PrepareContextRequest, registry: ModelRegistry, default_policy: AllocationPolicy
+) -> Prepare:
+    """Every field checked; all problems reported at once (ContextError)."""
+    c = Checker()
+    _account(c, r)
+    c.text("model", r.model, chars_max=model_chars_max, pattern=_MODEL)
+    c.number("context_window_tokens", r.context_window_tokens, low=0,
+             high=context_window_tokens_max)  # fmt: skip
+    target, unknown = _resolve(c, registry, r.model, r.encoding, r.context_window_tokens)
+    if target is not None and not target.window_tokens:
+        c.fail("context_window_tokens", "is required when the model is not known")
+    _output(c, r, target)
+    messages, size = _messages(c, r.messages)
+    tools = _tools(c, r.tools)
+    strategy = STRATEGIES.get(r.strategy)
+    if strategy is None:
+        c.fail("strategy", f"is {r.strategy}; must be one of STRATEGY_*")
+    policy = _policy(c, r, default_policy)
+    _raise_violations(c, unknown, ", ".join(registry.families()))
+    assert target is not None and strategy is not None
+    return Prepare(
+        model=r.model,
+        target=target,
+        messages=messages,
+        tools=tools,
+        strategy=strategy,
+        policy=policy,
+        max_output=r.max_output_tokens,
+        min_output=r.min_output_tokens or r.max_output_tokens,
+        content_bytes=size,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """A validated CountTokens request: messages (with tools) or a text."""
+
+    target: Target
+    messages: list[ChatMessage]
+    tools: list[str]
+    text: str
+    content_bytes: int
+
+
+def parse_count(r: cpb.CountTokensRequest, registry: ModelRegistry) -> Count:
+    """Every field checked; all problems reported at once (ContextError)."""
+    c = Checker()
+    c.text("model", r.model, chars_max=model_chars_max, pattern=_MODEL,
+           required=not r.encoding)  # fmt: skip
+    target, unknown = _resolve(c, registry, r.model, r.encoding, 0)
+    if bool(r.messages) == bool(r.text):
+        c.fail("messages", "exactly one of messages and text is required")
+    messages, size = _messages(c, r.messages) if r.messages else ([], 0)
+    if _content_bytes(r.text) > messages_content_bytes_max:
+        c.fail("text", f"is over {messages_content_bytes_max} bytes")
+    if r.tools and not r.messages:
+        c.fail("tools", "are counted with messages only")
+    tools = _tools(c, r.tools)
+    _raise_violations(c, unknown, ", ".join(registry.families()))
+    assert target is not None
+    return Count(target, messages, tools, r.text, max(size, len(r.text)))
