@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 import uuid
 
@@ -30,7 +29,7 @@ def _database_url(settings: Settings) -> str:
 
 async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | None = None) -> None:
     from services.auth import make_authenticator, server_credentials
-    from services.server import LedgerServer
+    from services.server import LedgerServer, serve_until_signalled
 
     pool = db.make_pool(url, settings.pool_size_max)
     await pool.open(wait=True, timeout=30)
@@ -48,14 +47,7 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
         auth=make_authenticator(settings.auth, pool),
         credentials=server_credentials(settings.auth),
     )
-    await server.start(settings.listen)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("shutting down", grace_s=settings.shutdown_grace_s)
-    await server.stop(settings.shutdown_grace_s)
+    await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
     await pool.close()
     if read_pool is not None:
         await read_pool.close()

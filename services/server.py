@@ -4,9 +4,10 @@ graceful stop (in-flight calls finish within the grace period)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -47,6 +48,24 @@ SLOW_METHODS = ("VerifyAudit",)
 LIVENESS = "liveness"
 """A health service name that says only that the process serves, for liveness probes: "" and
 the ledger's own name go NOT_SERVING while the database is away, which a restart cannot fix."""
+
+
+class _Serving(Protocol):
+    async def start(self, address: str) -> int: ...
+    async def stop(self, grace_s: float) -> None: ...
+
+
+async def serve_until_signalled(server: _Serving, address: str, grace_s: float) -> None:
+    """Start `server` on `address`, serve until SIGTERM or SIGINT, then stop it gracefully
+    (calls in flight get up to `grace_s`)."""
+    await server.start(address)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", grace_s=grace_s)
+    await server.stop(grace_s)
 
 
 def server_options(message_bytes_max: int) -> list[tuple[str, int]]:

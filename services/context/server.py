@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -60,7 +59,7 @@ from services.interceptors import (
 )
 from services.metrics import RpcMetricsInterceptor, configure_metrics
 from services.observability import configure_logging, configure_tracing
-from services.server import server_options
+from services.server import serve_until_signalled, server_options
 
 log = structlog.get_logger("tokenledger.context.server")
 
@@ -248,14 +247,7 @@ async def serve(
         ledger_credentials=settings.ledger_auth.credentials(),
     )
     await server.preload(preload)
-    await server.start(settings.listen)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("shutting down", grace_s=settings.shutdown_grace_s)
-    await server.stop(settings.shutdown_grace_s)
+    await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
     if keys_pool is not None:
         await keys_pool.close()
 
