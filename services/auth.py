@@ -424,14 +424,28 @@ async def _abort(context: Context, exc: AuthRefusal | errors.LedgerError) -> NoR
     raise AssertionError("abort returned")  # pragma: no cover
 
 
-def warn_if_off(authenticator: Authenticator | None, service: str) -> None:
-    """The loud line a server logs at start when anyone may call it."""
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
+
+
+def warn_if_off(
+    authenticator: Authenticator | None, service: str, *, tls: bool, address: str
+) -> None:
+    """The loud line a server logs at start when anyone may call it, or when bearer keys
+    would cross a network in cleartext."""
     if authenticator is None:
         log.warning(
             "AUTHENTICATION IS OFF: any caller may call any RPC on any tenant; "
             "set TOKENLEDGER_AUTH=api_key, mtls or mtls+api_key outside local development",
             service=service,
             auth="off",
+        )
+    elif not tls and address.rpartition(":")[0] not in _LOOPBACK_HOSTS:
+        log.warning(
+            "API KEYS IN CLEARTEXT: this port is not loopback and has no TLS, so bearer keys "
+            "can be read on the network; set TOKENLEDGER_TLS_CERT and TOKENLEDGER_TLS_KEY",
+            service=service,
+            auth="cleartext",
+            address=address,
         )
 
 

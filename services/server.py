@@ -155,7 +155,7 @@ class LedgerServer:
             self._held_refresher = asyncio.create_task(
                 self.metrics.refresh_forever(self.store, self.held_refresh_s), name="held-gauge"
             )
-        warn_if_off(self.auth, SERVICE_NAME)
+        warn_if_off(self.auth, SERVICE_NAME, tls=self.credentials is not None, address=address)
         log.info("serving", address=address, port=self.port, tls=self.credentials is not None)
         return self.port
 

@@ -173,7 +173,7 @@ class ContextServer:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        warn_if_off(self.auth, SERVICE_NAME)
+        warn_if_off(self.auth, SERVICE_NAME, tls=self.credentials is not None, address=address)
         log.info(
             "serving",
             address=address,

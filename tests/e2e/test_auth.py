@@ -21,11 +21,18 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services import db
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import ClientAuth, parse_token, server_credentials
+from services.auth import (
+    ClientAuth,
+    make_authenticator,
+    parse_token,
+    server_credentials,
+    warn_if_off,
+)
 from services.config import AuthSettings, ConfigError
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
@@ -552,3 +559,28 @@ def test_the_context_service_calls_the_ledger_over_mtls_with_its_own_key(
     assert prepared.reservation_id and counted.total_tokens > 0
     assert no_cert == grpc.StatusCode.UNAVAILABLE
     assert _actors(database_url, tenant) == {f"key:{context_key.key_id}"}
+
+
+@pytest.mark.parametrize(
+    ("address", "tls", "warned"),
+    [
+        ("0.0.0.0:50051", False, True),
+        ("10.1.2.3:50051", False, True),
+        ("0.0.0.0:50051", True, False),
+        ("127.0.0.1:50051", False, False),
+        ("[::1]:50051", False, False),
+        ("localhost:50051", False, False),
+    ],
+)
+def test_bearer_keys_in_cleartext_off_loopback_are_warned_about(
+    database_url: str, address: str, tls: bool, warned: bool
+) -> None:
+    """With API keys on, a port reachable from the network without TLS gets a loud line."""
+    unopened = db.make_pool(database_url, 1)  # the check never reaches the database
+    authenticator = make_authenticator(AuthSettings(mode="api_key"), unopened)
+    with structlog.testing.capture_logs() as logs:
+        warn_if_off(authenticator, "svc", tls=tls, address=address)
+    cleartext = [e for e in logs if e.get("auth") == "cleartext"]
+    assert bool(cleartext) is warned
+    if warned:
+        assert cleartext[0]["log_level"] == "warning" and "TLS" in cleartext[0]["event"]
