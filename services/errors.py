@@ -27,7 +27,7 @@ STATUS_BY_ERROR: dict[type[errors.LedgerError], grpc.StatusCode] = {
 STORE_RETRY_DELAY_S = 1
 
 
-def _pack(message: object) -> any_pb2.Any:
+def pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)  # type: ignore[arg-type]
     return packed
@@ -36,7 +36,7 @@ def _pack(message: object) -> any_pb2.Any:
 def _retry_info(seconds: float) -> any_pb2.Any:
     delay = duration_pb2.Duration()
     delay.FromNanoseconds(round(seconds * 1e9))
-    return _pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return pack(error_details_pb2.RetryInfo(retry_delay=delay))
 
 
 MESSAGE_CHARS_MAX = 256
@@ -74,17 +74,17 @@ def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Stat
     """The status code and google.rpc.Status (with details) for a domain error."""
     code = STATUS_BY_ERROR[type(exc)]
     details = [
-        _pack(
+        pack(
             error_details_pb2.ErrorInfo(
                 reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata()
             )
         )
     ]
     if isinstance(exc, errors.InvalidArgument):
-        details.append(_pack(bad_request([(v.field, v.description) for v in exc.violations])))
+        details.append(pack(bad_request([(v.field, v.description) for v in exc.violations])))
     elif isinstance(exc, errors.BudgetExhausted):
         details.append(
-            _pack(
+            pack(
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
@@ -97,7 +97,7 @@ def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Stat
         )
     elif isinstance(exc, errors.RateLimited):
         details.append(
-            _pack(
+            pack(
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(

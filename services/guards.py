@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.errors import ERROR_DOMAIN
+from services.errors import ERROR_DOMAIN, pack
 from services.interceptors import UnaryBehavior, _Interceptor, _wrap
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -78,12 +78,6 @@ def caller_of(context: Context) -> str:
     return f"peer:{host}"[:caller_chars_max]
 
 
-def _pack(detail: Any) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    return packed
-
-
 async def _abort(
     context: Context,
     code: grpc.StatusCode,
@@ -94,7 +88,7 @@ async def _abort(
     violations: Sequence[tuple[str, str]] = (),
 ) -> NoReturn:
     details = [
-        _pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+        pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
     ]
     if violations:
         bad = error_details_pb2.BadRequest(
@@ -103,11 +97,11 @@ async def _abort(
                 for f, d in violations
             ]
         )
-        details.append(_pack(bad))
+        details.append(pack(bad))
     if retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(retry_after_s * 1e9))
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        details.append(pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     await context.abort(code, message, rpc_status.to_status(status).trailing_metadata)
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from ledger.validation import Checker
@@ -27,7 +26,7 @@ from services.context.tokenizers import (
     CountTarget,
     known_encodings,
 )
-from services.errors import ERROR_DOMAIN, bad_request, clip
+from services.errors import ERROR_DOMAIN, bad_request, clip, pack
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -82,12 +81,6 @@ PB_STRATEGIES = {s: v for v, s in STRATEGIES.items() if v != cpb.STRATEGY_UNSPEC
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-def pack(detail: message.Message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(detail)
-    return packed
 
 
 class ContextError(Exception):

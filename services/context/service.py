@@ -62,7 +62,6 @@ from services.context.requests import (
     ContextError,
     Prepare,
     Target,
-    pack,
     parse_count,
     parse_prepare,
 )
@@ -71,7 +70,7 @@ from services.context.tokenizers import (
     TokenCounter,
     TokenizationError,
 )
-from services.errors import ERROR_DOMAIN
+from services.errors import ERROR_DOMAIN, pack
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
