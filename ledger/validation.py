@@ -30,9 +30,9 @@ from ledger.model import (
     zone,
 )
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
-_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
-_KEY = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
+KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _TIME_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI)
@@ -88,16 +88,17 @@ class Checker:
             raise errors.InvalidArgument(self.violations)
 
 
-def _key(
+def account_key(
     c: Checker, tenant_id: str, user_id: str, conversation_id: str, *, user: bool
 ) -> AccountKey:
-    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
-    c.text("user_id", user_id, chars_max=limits.id_chars_max, pattern=_ID, required=user)
+    """The account a request names, its ids checked into `c` (the ledger's id syntax)."""
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
+    c.text("user_id", user_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN, required=user)
     c.text(
         "conversation_id",
         conversation_id,
         chars_max=limits.id_chars_max,
-        pattern=_ID,
+        pattern=ID_PATTERN,
         required=False,
     )
     if conversation_id and not user_id:
@@ -106,11 +107,13 @@ def _key(
 
 
 def _idempotency_key(c: Checker, key: str) -> str:
-    return c.text("idempotency_key", key, chars_max=limits.idempotency_key_chars_max, pattern=_KEY)
+    return c.text(
+        "idempotency_key", key, chars_max=limits.idempotency_key_chars_max, pattern=KEY_PATTERN
+    )
 
 
 def _model(c: Checker, model: str) -> str:
-    return c.text("model", model, chars_max=limits.model_chars_max, pattern=_MODEL)
+    return c.text("model", model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN)
 
 
 def _usage(c: Checker, usage: Usage, *, prefix: str = "usage.") -> Usage:
@@ -149,7 +152,7 @@ def reserve(
         c.fail("min_amount", f"is {min_amount}; must not exceed amount ({amount})")
     cmd = Reserve(
         idempotency_key=_idempotency_key(c, idempotency_key),
-        key=_key(c, tenant_id, user_id, conversation_id, user=True),
+        key=account_key(c, tenant_id, user_id, conversation_id, user=True),
         model=_model(c, model),
         amount=c.number("amount", amount, low=1, high=limits.amount_tokens_max),
         ttl_s=c.number("ttl_seconds", ttl_seconds, low=0, high=limits.reservation_ttl_s_max)
@@ -162,8 +165,8 @@ def reserve(
 
 
 def _reservation_ref(c: Checker, tenant_id: str, reservation_id: str) -> None:
-    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
-    c.text("reservation_id", reservation_id, chars_max=limits.id_chars_max, pattern=_ID)
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
+    c.text("reservation_id", reservation_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
 
 
 def commit(*, tenant_id: str, reservation_id: str, usage: Usage | None) -> Commit:
@@ -194,7 +197,7 @@ def reservation_ref(*, tenant_id: str, reservation_id: str) -> tuple[str, str]:
 
 def account(*, tenant_id: str, user_id: str, conversation_id: str) -> AccountKey:
     c = Checker()
-    key = _key(c, tenant_id, user_id, conversation_id, user=False)
+    key = account_key(c, tenant_id, user_id, conversation_id, user=False)
     c.done()
     return key
 
@@ -213,7 +216,7 @@ def set_quota(
     grant_order: GrantOrder | None = GrantOrder.QUOTA_FIRST,
 ) -> SetQuota:
     c = Checker()
-    key = _key(c, tenant_id, user_id, conversation_id, user=False)
+    key = account_key(c, tenant_id, user_id, conversation_id, user=False)
     if limit is not None:
         c.number("limit", limit, low=0, high=limits.limit_tokens_max)
     if period is None:
@@ -267,7 +270,7 @@ def grant_tokens(
     c = Checker()
     cmd = GrantTokens(
         idempotency_key=_idempotency_key(c, idempotency_key),
-        key=_key(c, tenant_id, user_id, conversation_id, user=False),
+        key=account_key(c, tenant_id, user_id, conversation_id, user=False),
         amount=c.number("amount", amount, low=1, high=limits.limit_tokens_max),
         expires_at=expires_at,
         reason=c.text("reason", reason, chars_max=limits.reason_chars_max, required=False),
@@ -291,7 +294,7 @@ def adjust_balance(
         c.fail("tokens", "must not be 0: > 0 charges, < 0 credits")
     cmd = AdjustBalance(
         idempotency_key=_idempotency_key(c, idempotency_key),
-        key=_key(c, tenant_id, user_id, conversation_id, user=False),
+        key=account_key(c, tenant_id, user_id, conversation_id, user=False),
         tokens=c.number("tokens", tokens, low=-bound, high=bound),
         reason=c.text("reason", reason, chars_max=limits.reason_chars_max),
     )
@@ -312,8 +315,8 @@ def set_rate_limit(
     c = Checker()
     cmd = SetRateLimit(
         idempotency_key=_idempotency_key(c, idempotency_key),
-        key=_key(c, tenant_id, user_id, conversation_id, user=False),
-        model=c.text("model", model, chars_max=limits.model_chars_max, pattern=_MODEL,
+        key=account_key(c, tenant_id, user_id, conversation_id, user=False),
+        model=c.text("model", model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN,
                      required=False),
         tokens_per_minute=c.number(
             "tokens_per_minute", tokens_per_minute, low=0, high=limits.limit_tokens_max
@@ -341,7 +344,7 @@ def record_usage(
         usage = usage or Usage()
     cmd = RecordUsage(
         idempotency_key=_idempotency_key(c, idempotency_key),
-        key=_key(c, tenant_id, user_id, conversation_id, user=True),
+        key=account_key(c, tenant_id, user_id, conversation_id, user=True),
         model=_model(c, model),
         usage=_usage(c, usage),
     )
@@ -360,7 +363,7 @@ def replay(
 ) -> tuple[Scope, int, datetime | None, int]:
     """(scope, first position, first time, how many events at most)."""
     c = Checker()
-    key = _key(c, tenant_id, user_id, conversation_id, user=False)
+    key = account_key(c, tenant_id, user_id, conversation_id, user=False)
     c.number("from_position", from_position, low=0, high=2**62)
     c.number("max_events", max_events, low=0, high=limits.replay_events_max)
     c.done()
@@ -370,7 +373,7 @@ def replay(
 
 def verify(*, tenant_id: str, user_id: str) -> Scope:
     c = Checker()
-    key = _key(c, tenant_id, user_id, "", user=False)
+    key = account_key(c, tenant_id, user_id, "", user=False)
     c.done()
     return Scope(key.tenant_id, key.user_id)
 
@@ -398,16 +401,24 @@ def usage_query(
 ) -> UsageQuery:
     """A usage query; `group_by` holds names of USAGE_GROUPS (None for an unknown value)."""
     c = Checker()
-    c.text("query.tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID)
-    c.text("query.user_id", user_id, chars_max=limits.id_chars_max, pattern=_ID, required=False)
+    c.text("query.tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
+    c.text(
+        "query.user_id", user_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN, required=False
+    )
     c.text(
         "query.conversation_id",
         conversation_id,
         chars_max=limits.id_chars_max,
-        pattern=_ID,
+        pattern=ID_PATTERN,
         required=False,
     )
-    c.text("query.model", model, chars_max=limits.model_chars_max, pattern=_MODEL, required=False)
+    c.text(
+        "query.model",
+        model,
+        chars_max=limits.model_chars_max,
+        pattern=MODEL_PATTERN,
+        required=False,
+    )
     if from_time is None or to_time is None:
         c.fail("query.from_time", "from_time and to_time are both required")
     elif to_time <= from_time:
@@ -453,7 +464,9 @@ def _query_digest(query: UsageQuery) -> str:
 def subscription(*, tenant_id: str, after_cursor: str, from_position: int) -> tuple[int, int]:
     """The (transaction id, position) to follow after."""
     c = Checker()
-    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=_ID, required=False)
+    c.text(
+        "tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN, required=False
+    )
     c.number("from_position", from_position, low=0, high=2**62)
     after = (0, 0)
     if after_cursor:

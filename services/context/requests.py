@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from ledger.validation import Checker
+from ledger import limits
+from ledger.validation import KEY_PATTERN, MODEL_PATTERN, Checker, account_key
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services.context.fitting import (
     AllocationPolicy,
@@ -50,16 +51,11 @@ tool_parameters_bytes_max = 64 * 1024
 priority_abs_max = 1_000
 idempotency_key_chars_max = 96
 """The ledger's keys are 128 characters: "ctx:" + this key must fit, with room to spare."""
-id_chars_max = 128
-model_chars_max = 128
 context_window_tokens_max = 10_000_000
 output_tokens_max = 10_000_000
 ttl_s_max = 86_400
 
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")  # the ledger's id syntax
-_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")  # the ledger's model syntax
-_KEY = re.compile(r"[\x21-\x7e]+")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")  # OpenAI's name and function-name syntax
 
 ROLES: dict[cpb.ChatRole.ValueType, Role] = {
@@ -206,9 +202,16 @@ def _message(
         c.fail(f"{f}.tool_call_ids", f"has {len(m.tool_call_ids)}; at most "
                f"{tool_call_ids_count_max} allowed")  # fmt: skip
     for j, call in enumerate(m.tool_call_ids):
-        c.text(f"{f}.tool_call_ids[{j}]", call, chars_max=tool_call_id_chars_max, pattern=_KEY)
+        c.text(
+            f"{f}.tool_call_ids[{j}]", call, chars_max=tool_call_id_chars_max, pattern=KEY_PATTERN
+        )
     if role is Role.TOOL:
-        c.text(f"{f}.tool_call_id", m.tool_call_id, chars_max=tool_call_id_chars_max, pattern=_KEY)
+        c.text(
+            f"{f}.tool_call_id",
+            m.tool_call_id,
+            chars_max=tool_call_id_chars_max,
+            pattern=KEY_PATTERN,
+        )
         if m.tool_call_id and m.tool_call_id not in calls:
             c.fail(f"{f}.tool_call_id", f"{m.tool_call_id!r} answers no earlier assistant tool "
                    "call; a tool result must follow its call")  # fmt: skip
@@ -299,11 +302,13 @@ def _policy(
 
 
 def _account(c: Checker, r: cpb.PrepareContextRequest) -> None:
-    c.text("idempotency_key", r.idempotency_key, chars_max=idempotency_key_chars_max, pattern=_KEY)
-    c.text("tenant_id", r.tenant_id, chars_max=id_chars_max, pattern=_ID)
-    c.text("user_id", r.user_id, chars_max=id_chars_max, pattern=_ID)
-    c.text("conversation_id", r.conversation_id, chars_max=id_chars_max, pattern=_ID,
-           required=False)  # fmt: skip
+    c.text(
+        "idempotency_key",
+        r.idempotency_key,
+        chars_max=idempotency_key_chars_max,
+        pattern=KEY_PATTERN,
+    )
+    account_key(c, r.tenant_id, r.user_id, r.conversation_id, user=True)
     c.number("ttl_seconds", r.ttl_seconds, low=0, high=ttl_s_max)
 
 
@@ -342,7 +347,7 @@ def parse_prepare(
     """Every field checked; all problems reported at once (ContextError)."""
     c = Checker()
     _account(c, r)
-    c.text("model", r.model, chars_max=model_chars_max, pattern=_MODEL)
+    c.text("model", r.model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN)
     c.number("context_window_tokens", r.context_window_tokens, low=0,
              high=context_window_tokens_max)  # fmt: skip
     target, unknown = _resolve(c, registry, r.model, r.encoding, r.context_window_tokens)
@@ -384,7 +389,7 @@ class Count:
 def parse_count(r: cpb.CountTokensRequest, registry: ModelRegistry) -> Count:
     """Every field checked; all problems reported at once (ContextError)."""
     c = Checker()
-    c.text("model", r.model, chars_max=model_chars_max, pattern=_MODEL,
+    c.text("model", r.model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN,
            required=not r.encoding)  # fmt: skip
     target, unknown = _resolve(c, registry, r.model, r.encoding, 0)
     if bool(r.messages) == bool(r.text):
