@@ -26,8 +26,7 @@ from typing import Any, NamedTuple, NoReturn
 import grpc
 import psycopg
 import structlog
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -35,7 +34,7 @@ from ledger import errors
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.config import AuthSettings, ConfigError
-from services.errors import ERROR_DOMAIN, to_status
+from services.errors import clip, error_info, to_status
 from services.guards import PRINCIPAL
 from services.interceptors import UnaryBehavior, _Interceptor
 
@@ -228,14 +227,10 @@ class AuthRefusal(Exception):
         self.metadata = metadata
 
     def status(self) -> status_pb2.Status:
-        info = any_pb2.Any()
-        info.Pack(
-            error_details_pb2.ErrorInfo(
-                reason=self.code.name, domain=ERROR_DOMAIN, metadata=self.metadata
-            )
-        )
         return status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=self.message, details=[info]
+            code=getattr(code_pb2, self.code.name),
+            message=clip(self.message),
+            details=[error_info(self.code.name, self.metadata)],
         )
 
 

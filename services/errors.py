@@ -51,6 +51,12 @@ def clip(text: str, chars_max: int = MESSAGE_CHARS_MAX) -> str:
     return text if len(text) <= chars_max else text[: chars_max - 1] + "…"
 
 
+def error_info(reason: str, metadata: dict[str, str]) -> any_pb2.Any:
+    """ErrorInfo of our domain, packed, its metadata values clipped (they may echo input)."""
+    clipped = {k: clip(v, 512) for k, v in metadata.items()}
+    return pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=clipped))
+
+
 def bad_request(violations: Sequence[tuple[str, str]]) -> error_details_pb2.BadRequest:
     """BadRequest with as many violations (each clipped) as fit VIOLATIONS_BYTES_MAX, then a
     count of the rest."""
@@ -73,13 +79,7 @@ def bad_request(violations: Sequence[tuple[str, str]]) -> error_details_pb2.BadR
 def to_status(exc: errors.LedgerError) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The status code and google.rpc.Status (with details) for a domain error."""
     code = STATUS_BY_ERROR[type(exc)]
-    details = [
-        pack(
-            error_details_pb2.ErrorInfo(
-                reason=exc.reason, domain=ERROR_DOMAIN, metadata=exc.metadata()
-            )
-        )
-    ]
+    details = [error_info(exc.reason, exc.metadata())]
     if isinstance(exc, errors.InvalidArgument):
         details.append(pack(bad_request([(v.field, v.description) for v in exc.violations])))
     elif isinstance(exc, errors.BudgetExhausted):

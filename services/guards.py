@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.errors import ERROR_DOMAIN, pack
+from services.errors import bad_request, error_info, pack
 from services.interceptors import UnaryBehavior, _Interceptor, _wrap
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -87,17 +87,9 @@ async def _abort(
     retry_after_s: float | None = None,
     violations: Sequence[tuple[str, str]] = (),
 ) -> NoReturn:
-    details = [
-        pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
-    ]
+    details = [error_info(reason, metadata)]
     if violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                for f, d in violations
-            ]
-        )
-        details.append(pack(bad))
+        details.append(pack(bad_request(violations)))
     if retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(retry_after_s * 1e9))

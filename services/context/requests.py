@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 
 from ledger import limits
 from ledger.validation import KEY_PATTERN, MODEL_PATTERN, Checker, account_key
@@ -27,7 +27,7 @@ from services.context.tokenizers import (
     CountTarget,
     known_encodings,
 )
-from services.errors import ERROR_DOMAIN, bad_request, clip, pack
+from services.errors import bad_request, clip, error_info, pack
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -98,10 +98,7 @@ class ContextError(Exception):
         super().__init__(message_text)
 
     def status(self) -> status_pb2.Status:
-        info = error_details_pb2.ErrorInfo(
-            reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata
-        )
-        details = [pack(info)]
+        details = [error_info(self.reason, self.metadata)]
         if self.violations:
             details.append(pack(bad_request(self.violations)))
         return status_pb2.Status(
@@ -121,7 +118,7 @@ def _invalid(
 def _raise_violations(c: Checker, unknown_model: str = "", families: str = "") -> None:
     found = [(v.field, v.description) for v in c.violations]
     if unknown_model:
-        raise _invalid(found, "UNKNOWN_MODEL", model=clip(unknown_model, 128), families=families)
+        raise _invalid(found, "UNKNOWN_MODEL", model=unknown_model, families=families)
     if found:
         raise _invalid(found)
 

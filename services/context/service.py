@@ -70,7 +70,7 @@ from services.context.tokenizers import (
     TokenCounter,
     TokenizationError,
 )
-from services.errors import ERROR_DOMAIN, pack
+from services.errors import error_info, pack
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -103,14 +103,10 @@ def ledger_refusal(exc: LedgerCallError, what: str) -> LedgerCallError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         code, status.code = grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE
         if not status.details:
-            info = error_details_pb2.ErrorInfo(
-                reason="LEDGER_UNAVAILABLE",
-                domain=ERROR_DOMAIN,
-                metadata={"ledger_status": exc.code.name},
-            )
+            info = error_info("LEDGER_UNAVAILABLE", {"ledger_status": exc.code.name})
             delay = duration_pb2.Duration(seconds=LEDGER_RETRY_DELAY_S)
             retry = error_details_pb2.RetryInfo(retry_delay=delay)
-            status.details.extend([pack(info), pack(retry)])
+            status.details.extend([info, pack(retry)])
         status.message = f"the ledger could not be reached to {what}: {exc.message}"
     else:
         status.message = f"the ledger refused to {what}: {exc.message}"
