@@ -6,27 +6,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from multiprocessing import get_context
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from ledger import codec, limits
-from ledger.model import Account, AccountKey, BalanceResult, RateLimit, RateLimitKey
-from ledger.replay import ChainBreak, ChainVerifier, Projection
-from ledger.rows import (
-    ACCOUNT_COLUMNS,
-    RATE_LIMIT_COLUMNS,
-    RESERVATION_COLUMNS,
-    account_from_row,
-    account_key,
-    rate_limit_from_row,
-    reservation_from_row,
-)
-from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
+from ledger import limits, verify
+from ledger.errors import StoreUnavailable
+from ledger.model import AccountKey, BalanceResult
+from ledger.usage import COUNTER_NAMES, UsageCounters
+from ledger.verify import Scope, VerifyReport
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
@@ -35,41 +30,7 @@ _EVENT_COLUMNS = """position, tenant_id, user_id, conversation_id, version, even
     cached_input_tokens, idempotency_key, actor, trace_id, data, xid::text AS xid, prev_hash,
     hash"""
 FETCH_ROWS = 2_000
-
-
-@dataclass(frozen=True)
-class Scope:
-    """A tenant, one user of it, or one conversation of that user."""
-
-    tenant_id: str
-    user_id: str = ""
-    conversation_id: str = ""
-
-    def where(self) -> tuple[str, tuple[Any, ...]]:
-        """A WHERE clause (constant text, values as parameters) selecting the scope."""
-        sql, params = "tenant_id = %s", [self.tenant_id]
-        if self.user_id:
-            sql, params = sql + " AND user_id = %s", [*params, self.user_id]
-        if self.conversation_id:
-            sql, params = sql + " AND conversation_id = %s", [*params, self.conversation_id]
-        return sql, tuple(params)
-
-
-@dataclass(frozen=True)
-class Difference:
-    kind: str  # "account", "stream", "reservation" or "usage"
-    key: str
-    field: str
-    live: str
-    rebuilt: str
-
-
-@dataclass
-class VerifyReport:
-    events_checked: int = 0
-    streams_checked: int = 0
-    breaks: list[ChainBreak] = field(default_factory=list)
-    differences: list[Difference] = field(default_factory=list)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -106,7 +67,10 @@ class LedgerAudit:
     """Read-only access to the log and the projections for auditors, finance and followers."""
 
     def __init__(
-        self, pool: AsyncConnectionPool[Conn], primary: AsyncConnectionPool[Conn] | None = None
+        self,
+        pool: AsyncConnectionPool[Conn],
+        primary: AsyncConnectionPool[Conn] | None = None,
+        workers: int = 1,
     ) -> None:
         """Reads go to `pool`, which may be a read replica's; past balances and the follower
         feed read the `primary` (default: `pool`): a replica's lag would hide recent events,
@@ -114,6 +78,8 @@ class LedgerAudit:
         a replica's cancelled queries or a failover's other history."""
         self._pool = pool
         self._primary = primary or pool
+        self._workers = workers
+        self._executor: ProcessPoolExecutor | None = None
 
     @asynccontextmanager
     async def _snapshot(self, primary: bool = False) -> AsyncIterator[Conn]:
@@ -154,77 +120,39 @@ class LedgerAudit:
 
     async def balance_at(self, key: AccountKey, as_of: datetime) -> BalanceResult:
         """The balance of `key` and its ancestors as it stood at `as_of`, from the log (the
-        primary's: on a replica, an instant within its lag would silently miss events)."""
-        scope = Scope(key.tenant_id)
-        where, params = scope.where()
-        projection = Projection()
-        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND occurred_at <= %s "  # noqa: S608
-        async for row in self._rows(sql + "ORDER BY position", (*params, as_of), primary=True):
-            projection.feed(codec.event_from_row(row))
-        accounts = [projection.accounts.get(k, Account(k)).rolled(as_of) for k in key.lineage()]
-        return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+        primary's: on a replica, an instant within its lag would silently miss events).
+        Folded in a worker process, like a verification."""
+        return await self._in_worker(verify.balance_at, self._primary.conninfo, key, as_of)
 
     async def verify(self, scope: Scope) -> VerifyReport:
-        """Recompute every chain in scope and rebuild its projections from the log in one pass
-        in log order, then compare with the live rows. A user scope covers its own accounts,
-        reservations and usage (the tenant's account needs the whole tenant)."""
-        chains, rebuilt = ChainVerifier(), Projection()
-        usage: dict[UsageKey, UsageCounters] = {}
-        unreadable: list[Difference] = []
+        """Recompute every chain in scope and rebuild its projections from the log, then
+        compare with the live rows (ledger/verify.py), in parts on the worker processes, all
+        reading one snapshot. A user scope covers its own accounts, reservations and usage
+        (the tenant's account needs the whole tenant)."""
+        parts = verify.plan(scope, self._workers)
         async with self._snapshot() as conn:
-            async for row in self._stream(conn, *_events_sql(scope, 0, None, None)):
-                chains.feed(row)
-                try:  # a tampered row may not even decode; the chain check names it too
-                    event = codec.event_from_row(row)
-                except (KeyError, ValueError, TypeError) as exc:
-                    unreadable.append(
-                        Difference("event", str(row["position"]), "*", "unreadable", repr(exc))
-                    )
-                    continue
-                rebuilt.feed(event)
-                add_usage(usage, event)
-            live = await self._live(conn, scope)
-        report = VerifyReport(
-            events_checked=chains.checked, streams_checked=len(chains.heads), breaks=chains.breaks
-        )
-        report.differences += unreadable
-        report.differences += _compare_accounts(live.accounts, rebuilt.accounts, scope)
-        report.differences += _compare_streams(live.streams, chains.heads)
-        report.differences += _compare(
-            "reservation", live.reservations, rebuilt.reservations, lambda r: r
-        )
-        report.differences += _compare("usage", live.usage, usage, _usage_key_text)
-        report.differences += _compare(
-            "rate_limit", live.rate_limits, rebuilt.rate_limits, _rate_limit_key_text
-        )
-        return report
+            cur = await conn.execute("SELECT pg_export_snapshot() AS snapshot")
+            snapshot = (await cur.fetchone() or {})["snapshot"]
+            reports = await asyncio.gather(
+                *(self._in_worker(verify.check, self._pool.conninfo, snapshot, p) for p in parts)
+            )
+        return verify.merge(list(reports))
 
-    @staticmethod
-    async def _live(conn: Conn, scope: Scope) -> _Live:
-        where, params = scope.where()
-        out = _Live()
-        sql = f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE {where}"  # noqa: S608
-        cur = await conn.execute(sql, params)
-        for row in await cur.fetchall():
-            out.accounts[account_key(row)] = account_from_row(row)
-            out.streams[account_key(row)] = (row["stream_version"], bytes(row["head_hash"]))
-        sql = f"SELECT {RESERVATION_COLUMNS} FROM reservations WHERE {where}"  # noqa: S608
-        cur = await conn.execute(sql, params)
-        for row in await cur.fetchall():
-            out.reservations[row["reservation_id"]] = reservation_from_row(row)
-        sql = f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE {where}"  # noqa: S608
-        cur = await conn.execute(sql, params)
-        for row in await cur.fetchall():
-            rl = rate_limit_from_row(row)
-            out.rate_limits[rl.key] = rl
-        cur = await conn.execute(f"SELECT * FROM usage_hourly WHERE {where}", params)  # noqa: S608
-        for row in await cur.fetchall():
-            key = UsageKey(
-                row["tenant_id"], row["hour"], row["user_id"], row["conversation_id"],
-                row["model"],
-            )  # fmt: skip
-            out.usage[key] = UsageCounters(**{c: row[c] for c in COUNTER_NAMES})
-        return out
+    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """fn(*args) in a worker process: CPU-bound folds would stall this event loop."""
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(self._workers, mp_context=get_context("spawn"))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except BrokenProcessPool:
+            self._executor = None  # a worker died (killed, out of memory): start afresh
+            raise StoreUnavailable("an audit worker process died; retry") from None
+
+    def close(self) -> None:
+        """Stop the worker processes (a part in progress is abandoned)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     # --- usage ------------------------------------------------------------------------------
 
@@ -299,15 +227,6 @@ class LedgerAudit:
                     await asyncio.wait_for(stop.wait(), poll_s)
 
 
-@dataclass
-class _Live:
-    accounts: dict[AccountKey, Account] = field(default_factory=dict)
-    streams: dict[AccountKey, tuple[int, bytes]] = field(default_factory=dict)
-    reservations: dict[str, Any] = field(default_factory=dict)
-    usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
-    rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
-
-
 def _events_sql(
     scope: Scope, from_position: int, from_time: datetime | None, limit: int | None
 ) -> tuple[str, tuple[Any, ...]]:
@@ -330,67 +249,3 @@ def _usage_row(row: dict[str, Any]) -> UsageRow:
         period_start=row.get("period_start"),
         counters=UsageCounters(**{c: row[c] for c in COUNTER_NAMES}),
     )
-
-
-def _usage_key_text(key: UsageKey) -> str:
-    return f"{key.tenant_id}/{key.user_id}/{key.conversation_id}@{key.hour.isoformat()}:{key.model}"
-
-
-def _rate_limit_key_text(key: RateLimitKey) -> str:
-    return f"{key.account}:{key.model or '*'}"
-
-
-def _compare_accounts(
-    live: dict[AccountKey, Account], rebuilt: dict[AccountKey, Account], scope: Scope
-) -> list[Difference]:
-    if scope.user_id:  # the tenant's own account needs the whole tenant's log
-        live = {k: v for k, v in live.items() if k.user_id}
-        rebuilt = {k: v for k, v in rebuilt.items() if k.user_id}
-    # An account row exists once anything was written for it; one with no events (a refused
-    # first reservation never makes a row: its transaction commits nothing) equals a new one.
-    return _compare("account", live, rebuilt, str, default=Account)
-
-
-def _compare_streams(
-    live: dict[AccountKey, tuple[int, bytes]], heads: dict[AccountKey, tuple[int, bytes]]
-) -> list[Difference]:
-    out = []
-    for key in sorted(live.keys() | heads.keys()):
-        a, b = live.get(key, (0, codec.GENESIS_HASH)), heads.get(key, (0, codec.GENESIS_HASH))
-        if a != b:
-            out.append(
-                Difference(
-                    "stream", str(key), "head", f"{a[0]}:{a[1].hex()}", f"{b[0]}:{b[1].hex()}"
-                )
-            )
-    return out
-
-
-def _compare(
-    kind: str,
-    live: dict[Any, Any],
-    rebuilt: dict[Any, Any],
-    name: Callable[[Any], str],
-    default: Callable[[Any], Any] | None = None,
-) -> list[Difference]:
-    """Field by field differences between two maps of dataclasses."""
-    out = []
-    for key in sorted(live.keys() | rebuilt.keys()):
-        a = live.get(key) or (default(key) if default else None)
-        b = rebuilt.get(key) or (default(key) if default else None)
-        if a == b:
-            continue
-        if a is None or b is None:
-            out.append(Difference(kind, name(key), "*", _text(a), _text(b)))
-            continue
-        for f in fields(a):
-            if not f.compare:  # derived from the time of reading, not state
-                continue
-            va, vb = getattr(a, f.name), getattr(b, f.name)
-            if va != vb:
-                out.append(Difference(kind, name(key), f.name, _text(va), _text(vb)))
-    return out
-
-
-def _text(value: Any) -> str:
-    return "(missing)" if value is None else str(value)

@@ -6,6 +6,7 @@ live tables means the log or the tables were changed outside the ledger.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,14 @@ from ledger.model import (
 )
 
 
+def _every(key: AccountKey) -> bool:
+    return True
+
+
 @dataclass
 class Projection:
+    keep: Callable[[AccountKey], bool] = _every
+    """Which accounts to build (with their limiters and reservations); the others are skipped."""
     accounts: dict[AccountKey, Account] = field(default_factory=dict)
     reservations: dict[str, Reservation] = field(default_factory=dict)
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
@@ -43,14 +50,19 @@ class Projection:
         """Apply one event (in log order). An event about a reservation the log never placed
         (its TokensReserved was removed) changes the balances but no reservation, so the
         rebuild shows the reservation as missing instead of failing."""
+        keep = self.keep
         for key in affected(event):
-            self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)
+            if keep(key):
+                self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)
         for rk in rate_limit_keys(event):
-            rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
-            if rl is not None:
-                self.rate_limits[rk] = rl
+            if keep(rk.account):
+                rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
+                if rl is not None:
+                    self.rate_limits[rk] = rl
         rid = getattr(event, "reservation_id", "")
-        if rid and (rid in self.reservations or isinstance(event, TokensReserved)):
+        if not (rid and keep(event.key)):
+            return
+        if rid in self.reservations or isinstance(event, TokensReserved):
             res = evolve_reservation(self.reservations.get(rid), event)
             assert res is not None
             self.reservations[rid] = res

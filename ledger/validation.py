@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from ledger import errors, limits
-from ledger.audit import GROUPS, Scope, UsageQuery
+from ledger.audit import GROUPS, UsageQuery
 from ledger.model import (
     AccountKey,
     AdjustBalance,
@@ -29,6 +29,7 @@ from ledger.model import (
     rolling_window_hours_max,
     zone,
 )
+from ledger.verify import Scope
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")

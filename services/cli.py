@@ -46,6 +46,7 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
         meter_provider=meter_provider,
         auth=make_authenticator(settings.auth, pool),
         credentials=server_credentials(settings.auth),
+        audit_workers=settings.audit_workers,
     )
     await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
     await pool.close()

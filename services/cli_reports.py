@@ -9,7 +9,7 @@ import csv
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ledger.audit import LedgerAudit, Scope, VerifyReport
+from ledger.audit import LedgerAudit
 from ledger.store import LedgerStore, RebuildReport
+from ledger.verify import Scope, VerifyReport
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -158,7 +159,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     async def run() -> tuple[RebuildReport, VerifyReport]:
         async with db.make_pool(url, 2) as pool:
             report = await LedgerStore(pool).rebuild(args.tenant)
-            return report, await LedgerAudit(pool).verify(Scope(args.tenant))
+            with closing(LedgerAudit(pool, workers=settings.audit_workers)) as audit:
+                return report, await audit.verify(Scope(args.tenant))
 
     with _progress("rebuilding") as progress:
         progress.add_task("rebuild", total=None)

@@ -136,6 +136,7 @@ class Settings:
     shutdown_grace_s: float
     cheaper_models: dict[str, str]
     migrate_on_start: bool
+    audit_workers: int
     guards: Guards
     auth: AuthSettings = AuthSettings()
     metrics: MetricsSettings = MetricsSettings()
@@ -157,6 +158,9 @@ class Settings:
             shutdown_grace_s=number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
             cheaper_models=_pairs(env, "TOKENLEDGER_CHEAPER_MODELS"),
             migrate_on_start=_flag(env, "TOKENLEDGER_MIGRATE_ON_START", default=True),
+            audit_workers=int(
+                number(env, "TOKENLEDGER_AUDIT_WORKERS", min(4, os.cpu_count() or 1), 1, 64)
+            ),
             guards=guards_from_env(env),
             auth=AuthSettings.from_env(env),
             metrics=MetricsSettings.from_env(env),

@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from ledger import codec, errors, limits, validation
-from ledger.audit import Scope, UsageQuery, UsageRow, VerifyReport
+from ledger.audit import UsageQuery, UsageRow
 from ledger.model import (
     Account,
     AccountKey,
@@ -33,6 +33,7 @@ from ledger.model import (
     Usage,
 )
 from ledger.usage import COUNTER_NAMES
+from ledger.verify import Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 
 USAGE_GROUP_NAMES = {

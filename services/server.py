@@ -95,6 +95,7 @@ class LedgerServer:
         auth: Authenticator | None = None,
         credentials: grpc.ServerCredentials | None = None,
         read_pool: AsyncConnectionPool[Any] | None = None,
+        audit_workers: int = 1,
     ) -> None:
         """Metrics go to `meter_provider` (default: the global one); only with one given is the
         held-tokens gauge kept fresh (a database read every `held_refresh_s`). Audit and usage
@@ -121,9 +122,10 @@ class LedgerServer:
             options=server_options(message_bytes_max),
         )
         self.stopping = asyncio.Event()
+        self.audit = LedgerAudit(read_pool or pool, primary=pool, workers=audit_workers)
         service = LedgerService(
             self.store,
-            LedgerAudit(read_pool or pool, primary=pool),
+            self.audit,
             self.stopping,
             clock,
             cheaper_models,
@@ -171,6 +173,7 @@ class LedgerServer:
         if not await self.drain.drain(grace_s):
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)
+        self.audit.close()
         log.info("stopped")
 
     async def _set_serving(self, serving: bool) -> None:

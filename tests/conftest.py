@@ -4,9 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.observability import configure_logging, configure_tracing
-from tests.support import ServerThread, scratch_database
+from tests.support import ServerThread, cycle, new_id, scratch_database
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,3 +36,34 @@ def ledger(database_url: str) -> Iterator[ServerThread]:
 def stub(ledger: ServerThread) -> Iterator[pb_grpc.LedgerServiceStub]:
     with ledger.stub() as s:
         yield s
+
+
+@pytest.fixture
+def busy_tenant(ledger: ServerThread) -> Iterator[str]:
+    """A tenant with quotas of every kind, a rate limit, a grant, an adjustment, commits with
+    overage, a rollback and usage without a hold."""
+    tenant = new_id("t")
+    with ledger.stub() as stub:
+        for user, period, extra in (
+            ("", pb.PERIOD_DAY, {"time_zone": "Europe/Berlin"}),
+            ("ann", pb.PERIOD_ROLLING, {"window_hours": 5, "soft_limit_percent": 50}),
+            ("bob", pb.PERIOD_MONTH, {"grant_order": pb.GRANT_ORDER_GRANTS_FIRST}),
+        ):
+            stub.SetQuota(pb.SetQuotaRequest(
+                idempotency_key=new_id("q"), tenant_id=tenant, user_id=user, limit=50_000,
+                period=period, **extra,  # type: ignore[arg-type]
+            ))  # fmt: skip
+        stub.SetRateLimit(pb.SetRateLimitRequest(
+            idempotency_key=new_id("l"), tenant_id=tenant, tokens_per_minute=10**6,
+        ))  # fmt: skip
+        stub.GrantTokens(pb.GrantTokensRequest(
+            idempotency_key=new_id("g"), tenant_id=tenant, user_id="bob", amount=500, reason="x",
+        ))  # fmt: skip
+        cycle(stub, tenant, "ann", "c1", 300, 200)
+        cycle(stub, tenant, "ann", "c2", 100, 400)  # overage
+        cycle(stub, tenant, "bob", "", 700, -1)  # rolled back
+        cycle(stub, tenant, "bob", "c9", 900, 850)
+        stub.AdjustBalance(pb.AdjustBalanceRequest(
+            idempotency_key=new_id("a"), tenant_id=tenant, user_id="ann", tokens=-50, reason="y",
+        ))  # fmt: skip
+    yield tenant

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from ledger.audit import LedgerAudit, Scope, VerifyReport
+from ledger.audit import LedgerAudit
+from ledger.verify import Scope, VerifyReport
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -142,11 +143,13 @@ class ServerThread(_LoopThread):
         credentials: grpc.ServerCredentials | None = None,
         stream_recheck_s: float = 5.0,
         read_url: str = "",
+        audit_workers: int = 2,
     ) -> None:
         """`auth_mode` other than "off" authenticates callers against the api_keys table
         (services/auth.py), re-checking open streams every `stream_recheck_s`;
         `credentials` make the port TLS (mTLS with a client CA); `read_url` is the database
-        audit and usage reads go to (a read replica's)."""
+        audit and usage reads go to (a read replica's). With `audit_workers` > 1 (the
+        default), every verification runs in parts (ledger/verify.py)."""
         self.url = url
         self.read_url = read_url
         self.auth_mode = auth_mode
@@ -157,6 +160,7 @@ class ServerThread(_LoopThread):
         self.wait_for_database = wait_for_database
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
+        self.audit_workers = audit_workers
         super().__init__()
 
     async def _start(self) -> None:
@@ -177,6 +181,7 @@ class ServerThread(_LoopThread):
         self.server = LedgerServer(
             self.pool,
             sweep_interval_s=self.sweep_interval_s,
+            audit_workers=self.audit_workers,
             cheaper_models=self.cheaper_models,
             **kwargs,
         )
@@ -240,12 +245,14 @@ def call_fails(fn: Any, request: Any) -> RpcFailure:
     raise AssertionError(f"{request.__class__.__name__} succeeded but should have failed")
 
 
-def verify_tenant(url: str, tenant: str) -> VerifyReport:
-    """VerifyAudit of a tenant, in process: chains, and projections rebuilt from the log."""
+def verify_tenant(url: str, tenant: str, workers: int = 1) -> VerifyReport:
+    """VerifyAudit of a tenant, without a server: chains, and projections rebuilt from the
+    log, on `workers` processes."""
 
     async def run() -> VerifyReport:
         async with db.make_pool(url, 2) as pool:
-            return await LedgerAudit(pool).verify(Scope(tenant))
+            with closing(LedgerAudit(pool, workers=workers)) as audit:
+                return await audit.verify(Scope(tenant))
 
     return asyncio.run(run())
 

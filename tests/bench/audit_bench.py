@@ -14,9 +14,10 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psycopg
@@ -38,11 +39,12 @@ from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.bench.harness import bench_database, ledger_process
+from tests.bench.harness import Latencies, bench_database, ledger_process
 
 TENANT = "bench-audit"
 START = datetime(2026, 10, 1, tzinfo=UTC)
 CALL_TIMEOUT_S = 3600
+_T = TypeVar("_T")
 EVENT_COLUMNS = (*codec.HASHED_COLUMNS, "prev_hash", "hash")
 
 
@@ -138,6 +140,45 @@ def stamp(at: datetime) -> timestamp_pb2.Timestamp:
     return out
 
 
+async def reserve_loop(stub: pb_grpc.LedgerServiceStub, stop: asyncio.Event) -> Latencies:
+    """Reserve then commit on another tenant, one call at a time, until `stop`: what the
+    ledger's writers see while an audit runs on the same server."""
+    latencies, n = Latencies(), 0
+    while not stop.is_set():
+        n += 1
+        started = time.perf_counter()
+        answer = await stub.Reserve(
+            pb.ReserveRequest(
+                idempotency_key=f"live-{n}-{time.time_ns()}",
+                tenant_id="bench-live",
+                user_id=f"u{n % 50}",
+                model="gpt-4o",
+                amount=100,
+            )
+        )
+        latencies.add(started)
+        await stub.Commit(
+            pb.CommitRequest(
+                tenant_id="bench-live",
+                reservation_id=answer.reservation.reservation_id,
+                usage=pb.Usage(input_tokens=60, output_tokens=20),
+            )
+        )
+    return latencies
+
+
+async def reserve_latency(
+    stub: pb_grpc.LedgerServiceStub, during: Awaitable[_T]
+) -> tuple[dict[str, float], _T]:
+    """Reserve latency for as long as `during` runs, and what `during` returned."""
+    stop = asyncio.Event()
+    loop = asyncio.create_task(reserve_loop(stub, stop))
+    result = await during
+    stop.set()
+    latencies = await loop
+    return {**latencies.summary(), "calls": len(latencies.samples_s)}, result
+
+
 async def measure(target: str, events: int, repeats: int) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(
         target, options=[("grpc.max_receive_message_length", 64 << 20)]
@@ -148,6 +189,11 @@ async def measure(target: str, events: int, repeats: int) -> dict[str, Any]:
             pb.VerifyAuditRequest(tenant_id=TENANT), timeout=CALL_TIMEOUT_S
         )
         verify_s = time.perf_counter() - started
+        idle, _ = await reserve_latency(stub, asyncio.sleep(5))
+        busy, again = await reserve_latency(
+            stub, stub.VerifyAudit(pb.VerifyAuditRequest(tenant_id=TENANT), timeout=CALL_TIMEOUT_S)
+        )
+        assert again.events_checked == events
         assert report.events_checked == events, report.events_checked
         assert report.chains_ok and report.projections_match, report.differences[:5]
 
@@ -182,6 +228,8 @@ async def measure(target: str, events: int, repeats: int) -> dict[str, Any]:
     return {
         "events": events,
         "verify_s": round(verify_s, 2),
+        "reserve_alone": idle,
+        "reserve_during_verify": busy,
         "verify_events_s": round(events / verify_s),
         "replay_s": round(replay_s, 2),
         "replay_events_s": round(events / replay_s),
@@ -214,6 +262,10 @@ def main() -> None:
     print(
         f"rebuild of every projection from the log (in process, one transaction): "
         f"{result['rebuild_s']} s = {result['rebuild_events_s']:,} events/s"
+    )
+    print(
+        f"Reserve latency on the same server (one caller), alone: {result['reserve_alone']}; "
+        f"while a VerifyAudit of the log above runs: {result['reserve_during_verify']}"
     )
     print(f"QueryUsage p50 over 30 days x {args.users:,} users: {result['query_usage_p50_ms']}")
     print(json.dumps(result, separators=(",", ":")))

@@ -5,16 +5,13 @@ the log and the idempotency records as they were."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 
 from ledger.model import AccountKey, Commit, Period, Reserve, SetQuota, Usage
 from ledger.store import LedgerStore, RebuildReport
 from services import db
-from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from tests.support import ServerThread, cycle, new_id, verify_tenant
 
 TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits", "idempotency_keys")
@@ -41,37 +38,6 @@ def snapshot(url: str, tenant: str) -> dict[str, list[tuple[Any, ...]]]:
             keep = [i for i, n in enumerate(names) if n not in ("updated_at", "created_at")]
             out[table] = sorted(tuple(row[i] for i in keep) for row in rows.fetchall())
     return out
-
-
-@pytest.fixture
-def busy_tenant(ledger: ServerThread) -> Iterator[str]:
-    """A tenant with quotas of every kind, a rate limit, a grant, an adjustment, commits with
-    overage, a rollback and usage without a hold."""
-    tenant = new_id("t")
-    with ledger.stub() as stub:
-        for user, period, extra in (
-            ("", pb.PERIOD_DAY, {"time_zone": "Europe/Berlin"}),
-            ("ann", pb.PERIOD_ROLLING, {"window_hours": 5, "soft_limit_percent": 50}),
-            ("bob", pb.PERIOD_MONTH, {"grant_order": pb.GRANT_ORDER_GRANTS_FIRST}),
-        ):
-            stub.SetQuota(pb.SetQuotaRequest(
-                idempotency_key=new_id("q"), tenant_id=tenant, user_id=user, limit=50_000,
-                period=period, **extra,  # type: ignore[arg-type]
-            ))  # fmt: skip
-        stub.SetRateLimit(pb.SetRateLimitRequest(
-            idempotency_key=new_id("l"), tenant_id=tenant, tokens_per_minute=10**6,
-        ))  # fmt: skip
-        stub.GrantTokens(pb.GrantTokensRequest(
-            idempotency_key=new_id("g"), tenant_id=tenant, user_id="bob", amount=500, reason="x",
-        ))  # fmt: skip
-        cycle(stub, tenant, "ann", "c1", 300, 200)
-        cycle(stub, tenant, "ann", "c2", 100, 400)  # overage
-        cycle(stub, tenant, "bob", "", 700, -1)  # rolled back
-        cycle(stub, tenant, "bob", "c9", 900, 850)
-        stub.AdjustBalance(pb.AdjustBalanceRequest(
-            idempotency_key=new_id("a"), tenant_id=tenant, user_id="ann", tokens=-50, reason="y",
-        ))  # fmt: skip
-    yield tenant
 
 
 def test_rebuild_of_intact_projections_changes_nothing(database_url: str, busy_tenant: str) -> None:

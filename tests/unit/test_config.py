@@ -29,6 +29,8 @@ def test_cheaper_models_are_read_as_pairs() -> None:
         ("TOKENLEDGER_LOG_FORMAT", "xml", "must be one of"),
         ("TOKENLEDGER_SWEEP_INTERVAL_S", "soon", "must be a number"),
         ("TOKENLEDGER_SWEEP_INTERVAL_S", "0", "must be between"),
+        ("TOKENLEDGER_AUDIT_WORKERS", "0", "must be between"),
+        ("TOKENLEDGER_AUDIT_WORKERS", "many", "must be a number"),
     ],
 )
 def test_bad_setting_is_a_config_error_naming_it(name: str, value: str, says: str) -> None:

@@ -1,0 +1,130 @@
+"""Verification in parts (ledger/verify.py): the parts of a plan cover every event and every
+projection row exactly once, a verification in parts reports exactly what a single part does,
+tampered or not, and a worker's failure reaches the caller as a clear, retryable error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from ledger import verify
+from ledger.audit import LedgerAudit
+from ledger.errors import StoreUnavailable
+from ledger.verify import Part, Scope
+from services import db
+from tests.support import ServerThread, cycle, verify_tenant
+
+TABLES = ("events", "accounts", "reservations", "usage_hourly", "rate_limits")
+USERS = [f"user-{n}" for n in range(12)]
+
+
+@pytest.fixture
+def crowded_tenant(ledger: ServerThread, busy_tenant: str) -> Iterator[str]:
+    """The busy tenant (tenant-level quota and rate limit included) with a dozen more users,
+    so that every bucket of a plan has some."""
+    with ledger.stub() as stub:
+        for n, user in enumerate(USERS):
+            cycle(stub, busy_tenant, user, f"c{n % 3}", 100 + n, 50 + n)
+    yield busy_tenant
+
+
+def count(url: str, table: str, where: str, params: tuple[object, ...]) -> int:
+    with psycopg.connect(url) as conn:
+        query = f"SELECT count(*) FROM {table} WHERE {where}"  # noqa: S608 (constant names)
+        row = conn.execute(query, params).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_the_parts_of_a_plan_cover_every_row_once(
+    database_url: str, crowded_tenant: str, workers: int
+) -> None:
+    scope = Scope(crowded_tenant)
+    parts = verify.plan(scope, workers)
+    assert [p.tenant_level for p in parts].count(True) == 1 and len(parts) == 1 + 2 * workers
+    for table in TABLES:
+        everything = count(database_url, table, *scope.where())
+        assert everything > 0, table
+        covered = sum(count(database_url, table, *p.rows_where()) for p in parts)
+        assert covered == everything, table
+        # and every bucket holds some users, so the split is real
+        assert all(count(database_url, "accounts", *p.rows_where()) for p in parts)
+    # The tenant part reads every event (its account sums them all); the user parts split the rest.
+    events = count(database_url, "events", *scope.where())
+    tenant_part, *user_parts = parts
+    assert count(database_url, "events", *tenant_part.events_where()) == events
+    own = events - sum(count(database_url, "events", *p.events_where()) for p in user_parts)
+    assert own == count(database_url, "events", *Part(scope, True, False).rows_where()) > 0
+
+
+def test_a_users_scope_is_one_part_without_the_tenants_account() -> None:
+    scope = Scope("t", "ann")
+    assert verify.plan(scope, 4) == [Part(scope, tenant_level=False, users=True)]
+    assert verify.plan(Scope("t"), 1) == [Part(Scope("t"), tenant_level=True, users=True)]
+
+
+TAMPERING = {
+    "nothing": "",
+    "a user's event": "UPDATE events SET input_tokens = input_tokens + 7 WHERE tenant_id = %s "
+    "AND user_id = 'user-3' AND version = 2",
+    "the tenant's own event": "UPDATE events SET data = jsonb_set(data, '{limit}', '1') "
+    "WHERE tenant_id = %s AND user_id = '' AND event_type = 'QuotaSet'",
+    "a deleted conversation event": "DELETE FROM events WHERE tenant_id = %s "
+    "AND user_id = 'user-5' AND conversation_id = 'c2' AND version = 1",
+    "the tenant's account row": "UPDATE accounts SET used_total = used_total + 1 "
+    "WHERE tenant_id = %s AND user_id = ''",
+    "a user's usage row": "UPDATE usage_hourly SET input_tokens = 0 WHERE tenant_id = %s "
+    "AND user_id = 'user-8'",
+    "a tenant-level limiter": "UPDATE rate_limits SET tokens_tat = tokens_tat + 5 "
+    "WHERE tenant_id = %s AND user_id = ''",
+}
+
+
+@pytest.mark.parametrize("change", TAMPERING)
+def test_a_verification_in_parts_reports_exactly_what_one_part_does(
+    database_url: str, crowded_tenant: str, change: str
+) -> None:
+    if TAMPERING[change]:
+        with psycopg.connect(database_url) as conn:
+            conn.execute("SET session_replication_role = replica")  # triggers off: superuser
+            assert conn.execute(TAMPERING[change], (crowded_tenant,)).rowcount >= 1
+    whole = verify_tenant(database_url, crowded_tenant, workers=1)
+    assert verify_tenant(database_url, crowded_tenant, workers=3) == whole
+    assert whole.events_checked == count(database_url, "events", *Scope(crowded_tenant).where())
+    found = bool(whole.breaks or whole.differences)
+    assert found == bool(TAMPERING[change]), (whole.breaks, whole.differences)
+
+
+def test_a_worker_that_dies_is_a_retryable_error_and_is_replaced(
+    database_url: str, busy_tenant: str
+) -> None:
+    async def run() -> None:
+        async with db.make_pool(database_url, 2) as pool:
+            audit = LedgerAudit(pool, workers=1)
+            try:
+                with pytest.raises(StoreUnavailable, match="worker process died"):
+                    await audit._in_worker(os._exit, 3)
+                report = await audit.verify(Scope(busy_tenant))
+                assert report.events_checked > 10 and not report.differences
+            finally:
+                audit.close()
+
+    asyncio.run(run())
+
+
+def test_database_errors_in_a_worker_survive_the_trip_back(database_url: str) -> None:
+    """A worker's exception is pickled to the server: psycopg's would not survive that."""
+    part = Part(Scope("t"), tenant_level=True, users=True)
+    with pytest.raises(StoreUnavailable, match="cannot be read") as unavailable:
+        verify.check("postgresql://postgres@127.0.0.1:1/none?connect_timeout=2", "x", part)
+    with pytest.raises(RuntimeError, match="snapshot") as refused:
+        verify.check(database_url, "00000003-0000001B-1", part)
+    for error in (unavailable.value, refused.value):
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is type(error) and str(again) == str(error)
