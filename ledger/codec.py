@@ -161,22 +161,18 @@ def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
     return row
 
 
-def normalize_row(row: dict[str, Any]) -> dict[str, Any]:
-    """A row as read from the table, with its time in the canonical text form."""
-    out = dict(row)
-    if isinstance(out["occurred_at"], datetime):
-        out["occurred_at"] = ts(out["occurred_at"])
-    return out
-
-
 def event_from_row(row: dict[str, Any]) -> Event:
     """The event an events-table row (or event_row() output) records."""
-    row = normalize_row(row)
     cls = EVENT_TYPES[row["event_type"]]
     data = row["data"]
+    occurred_at = row["occurred_at"]
     common: dict[str, Any] = {
         "key": AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"]),
-        "occurred_at": parse_ts(row["occurred_at"]),
+        "occurred_at": (
+            occurred_at.astimezone(UTC)
+            if isinstance(occurred_at, datetime)
+            else parse_ts(occurred_at)
+        ),
         "actor": row["actor"],
         "trace_id": row["trace_id"],
         "idempotency_key": row["idempotency_key"],

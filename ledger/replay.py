@@ -24,6 +24,7 @@ from ledger.model import (
     Event,
     RateLimit,
     RateLimitKey,
+    RateLimitSet,
     Reservation,
     ReservationCommitted,
     ReservationRolledBack,
@@ -54,7 +55,10 @@ class Projection:
         for key in affected(event):
             if keep(key):
                 self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)
-        for rk in rate_limit_keys(event):
+        # Only a RateLimitSet makes a limiter; until one exists, no event changes any.
+        for rk in (
+            rate_limit_keys(event) if self.rate_limits or isinstance(event, RateLimitSet) else ()
+        ):
             if keep(rk.account):
                 rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
                 if rl is not None:
@@ -102,7 +106,7 @@ class ChainVerifier:
             problem = f"version {row['version']} follows {version}"
         elif bytes(row["prev_hash"]) != head:
             problem = "prev_hash is not the previous event's hash"
-        elif codec.event_hash(codec.normalize_row(row), head) != bytes(row["hash"]):
+        elif codec.event_hash(row, head) != bytes(row["hash"]):
             problem = "hash does not match the event's content"
         if problem:
             self.breaks.append(ChainBreak(key, row["version"], problem))

@@ -243,12 +243,18 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--cycles-per-day", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--audit-workers", type=int, default=0, help="TOKENLEDGER_AUDIT_WORKERS (0: its default)"
+    )
     args = parser.parse_args()
     with bench_database() as url, tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         events = write_history(url, args.users, args.days, args.cycles_per_day)
         written_s = time.perf_counter() - started
-        with ledger_process(url, Path(tmp) / "server.log", TOKENLEDGER_LOG_LEVEL="warning") as t:
+        env = {"TOKENLEDGER_LOG_LEVEL": "warning"}
+        if args.audit_workers:
+            env["TOKENLEDGER_AUDIT_WORKERS"] = str(args.audit_workers)
+        with ledger_process(url, Path(tmp) / "server.log", **env) as t:
             result = asyncio.run(measure(t, events, args.repeats))
         result["rebuild_s"] = asyncio.run(rebuild_time(url))
         result["rebuild_events_s"] = round(events / result["rebuild_s"])

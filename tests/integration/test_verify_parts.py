@@ -20,12 +20,12 @@ from services import db
 from tests.support import ServerThread, cycle, verify_tenant
 
 TABLES = ("events", "accounts", "reservations", "usage_hourly", "rate_limits")
-USERS = [f"user-{n}" for n in range(12)]
+USERS = [f"user-{n}" for n in range(60)]
 
 
 @pytest.fixture
 def crowded_tenant(ledger: ServerThread, busy_tenant: str) -> Iterator[str]:
-    """The busy tenant (tenant-level quota and rate limit included) with a dozen more users,
+    """The busy tenant (tenant-level quota and rate limit included) with sixty more users,
     so that every bucket of a plan has some."""
     with ledger.stub() as stub:
         for n, user in enumerate(USERS):
@@ -47,7 +47,7 @@ def test_the_parts_of_a_plan_cover_every_row_once(
 ) -> None:
     scope = Scope(crowded_tenant)
     parts = verify.plan(scope, workers)
-    assert [p.tenant_level for p in parts].count(True) == 1 and len(parts) == 1 + 2 * workers
+    assert [p.tenant_level for p in parts].count(True) == 1 and len(parts) == 1 + 3 * workers
     for table in TABLES:
         everything = count(database_url, table, *scope.where())
         assert everything > 0, table

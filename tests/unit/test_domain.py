@@ -961,7 +961,7 @@ def test_event_round_trips_through_a_stored_row(event: Event) -> None:
         "position": 12345,
     }
     assert codec.event_from_row(stored) == event
-    assert codec.event_hash(codec.normalize_row(stored), codec.GENESIS_HASH) == row["hash"]
+    assert codec.event_hash(stored, codec.GENESIS_HASH) == row["hash"]
 
 
 def _other(column: str, value: Any) -> Any:
