@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 
 from ledger.model import (
+    BalanceAdjusted,
     Event,
     ReservationCommitted,
     ReservationExpired,
@@ -38,6 +39,9 @@ class UsageCounters:
     late_commits: int = 0
     usage_records: int = 0
     overage_tokens: int = 0
+    adjusted_tokens: int = 0
+    """Signed: what operators' corrections (BalanceAdjusted) added to usage."""
+    adjustments: int = 0
 
     def add(self, other: UsageCounters) -> None:
         mine = self.__dict__
@@ -53,9 +57,10 @@ def hour_of(at: datetime) -> datetime:
 
 
 def usage_delta(event: Event) -> UsageCounters | None:
-    """What `event` adds to its usage row; None for events that are not usage (quotas).
-    Overage is counted at commit; a late commit's tokens count, its overage is in its
-    reservation's figures."""
+    """What `event` adds to its usage row; None for events that are not usage (quotas,
+    grants, rate limits). Overage is counted at commit; a late commit's tokens count, its
+    overage is in its reservation's figures. A correction counts apart from the tokens used
+    (migration 0006 counts the same from the log)."""
     match event:
         case TokensReserved():
             return UsageCounters(reservations=1)
@@ -82,6 +87,8 @@ def usage_delta(event: Event) -> UsageCounters | None:
                 late_commits=int(late),
                 usage_records=int(not late),
             )
+        case BalanceAdjusted():
+            return UsageCounters(adjusted_tokens=event.tokens, adjustments=1)
     return None
 
 

@@ -37,7 +37,7 @@ DIMENSIONS: dict[str, Dimension] = {
 }
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "total_tokens",
                  "reservations", "commits", "rollbacks", "expiries", "late_commits",
-                 "usage_records", "overage_tokens")  # fmt: skip
+                 "usage_records", "overage_tokens", "adjusted_tokens", "adjustments")  # fmt: skip
 CALL_TIMEOUT_S = 600
 err = Console(stderr=True)
 

@@ -1500,6 +1500,8 @@ class UsageRow(_message.Message):
     LATE_COMMITS_FIELD_NUMBER: _builtins.int
     USAGE_RECORDS_FIELD_NUMBER: _builtins.int
     OVERAGE_TOKENS_FIELD_NUMBER: _builtins.int
+    ADJUSTED_TOKENS_FIELD_NUMBER: _builtins.int
+    ADJUSTMENTS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user, when grouped by user or conversation."""
     conversation_id: _builtins.str
@@ -1528,6 +1530,10 @@ class UsageRow(_message.Message):
     """Usage recorded without a hold."""
     overage_tokens: _builtins.int
     """Tokens used above their holds."""
+    adjusted_tokens: _builtins.int
+    """Operators' corrections (AdjustBalance), signed; not part of total_tokens."""
+    adjustments: _builtins.int
+    """Corrections made."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """Start of the day or hour, when grouped by one."""
@@ -1550,10 +1556,12 @@ class UsageRow(_message.Message):
         late_commits: _builtins.int = ...,
         usage_records: _builtins.int = ...,
         overage_tokens: _builtins.int = ...,
+        adjusted_tokens: _builtins.int = ...,
+        adjustments: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_tokens", b"cached_input_tokens", "commits", b"commits", "conversation_id", b"conversation_id", "expiries", b"expiries", "input_tokens", b"input_tokens", "late_commits", b"late_commits", "model", b"model", "output_tokens", b"output_tokens", "overage_tokens", b"overage_tokens", "period_start", b"period_start", "reservations", b"reservations", "rollbacks", b"rollbacks", "total_tokens", b"total_tokens", "usage_records", b"usage_records", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjusted_tokens", b"adjusted_tokens", "adjustments", b"adjustments", "cached_input_tokens", b"cached_input_tokens", "commits", b"commits", "conversation_id", b"conversation_id", "expiries", b"expiries", "input_tokens", b"input_tokens", "late_commits", b"late_commits", "model", b"model", "output_tokens", b"output_tokens", "overage_tokens", b"overage_tokens", "period_start", b"period_start", "reservations", b"reservations", "rollbacks", b"rollbacks", "total_tokens", b"total_tokens", "usage_records", b"usage_records", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
