@@ -5,8 +5,10 @@ tampered or not, and a worker's failure reaches the caller as a clear, retryable
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
 import pickle
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -114,6 +116,28 @@ def test_a_worker_that_dies_is_a_retryable_error_and_is_replaced(
                 assert report.events_checked > 10 and not report.differences
             finally:
                 audit.close()
+
+    asyncio.run(run())
+
+
+def test_closing_stops_workers_in_the_middle_of_a_part(database_url: str) -> None:
+    """A server's stop does not wait for a long verification to finish."""
+
+    async def run() -> None:
+        async with db.make_pool(database_url, 2) as pool:
+            others = set(multiprocessing.active_children())  # other servers' workers
+            audit = LedgerAudit(pool, workers=1)
+            part = asyncio.ensure_future(audit._in_worker(time.sleep, 600))
+            for _ in range(200):  # the worker process starts when the part is submitted
+                if set(multiprocessing.active_children()) - others:
+                    break
+                await asyncio.sleep(0.05)
+            (worker,) = set(multiprocessing.active_children()) - others
+            audit.close()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(part, 30)
+            worker.join(30)
+            assert not worker.is_alive()
 
     asyncio.run(run())
 
