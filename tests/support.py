@@ -21,6 +21,7 @@ from typing import Any, Self
 
 import grpc
 import psycopg
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -325,6 +326,12 @@ def event_count(url: str) -> int:
         row = conn.execute("SELECT count(*) FROM events").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def stamp(at: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(at)
+    return out
 
 
 def new_id(prefix: str) -> str:

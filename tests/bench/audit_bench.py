@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 
 import grpc
 import psycopg
-from google.protobuf import timestamp_pb2
 
 from ledger import codec
 from ledger.model import (
@@ -40,6 +39,7 @@ from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from tests.bench.harness import Latencies, bench_database, ledger_process
+from tests.support import stamp
 
 TENANT = "bench-audit"
 START = datetime(2026, 10, 1, tzinfo=UTC)
@@ -132,12 +132,6 @@ async def rebuild_time(url: str) -> float:
         started = time.perf_counter()
         await LedgerStore(pool).rebuild(TENANT)
         return round(time.perf_counter() - started, 2)
-
-
-def stamp(at: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(at)
-    return out
 
 
 async def reserve_loop(stub: pb_grpc.LedgerServiceStub, stop: asyncio.Event) -> Latencies:

@@ -13,20 +13,13 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import psycopg
 import pytest
-from google.protobuf import timestamp_pb2
 
 from ledger import codec
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import Clock, ServerThread, call_fails, cycle, new_id
+from tests.support import Clock, ServerThread, call_fails, cycle, new_id, stamp
 
 Stub = pb_grpc.LedgerServiceStub
-
-
-def stamp(at: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(at)
-    return out
 
 
 def replay(

@@ -38,7 +38,7 @@ from tests.e2e.test_bad_inputs import (
     events_appended_by_calls,
     varied,
 )
-from tests.support import RpcFailure, call_fails, new_id
+from tests.support import RpcFailure, call_fails, new_id, stamp
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -51,12 +51,6 @@ TIMESTAMP_SECONDS_MAX = 253_402_300_799
 
 
 # --- valid base requests ----------------------------------------------------------------------
-
-
-def stamp(at: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(at)
-    return out
 
 
 def in_a_minute() -> timestamp_pb2.Timestamp:

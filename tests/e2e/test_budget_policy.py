@@ -15,11 +15,10 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import Clock, ServerThread, call_fails, failure, new_id, verify_tenant
+from tests.support import Clock, ServerThread, call_fails, failure, new_id, stamp, verify_tenant
 
 Stub = pb_grpc.LedgerServiceStub
 CLIENTS = 64
@@ -52,12 +51,6 @@ def api(server: ServerThread) -> Iterator[Stub]:
 def assert_log_explains_projections(url: str, tenant: str) -> None:
     report = verify_tenant(url, tenant)
     assert not report.breaks and not report.differences, report.differences[:5]
-
-
-def stamp(at: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(at)
-    return out
 
 
 def quota(stub: Stub, tenant: str, user: str = "", conv: str = "", **fields: object) -> pb.Balance:

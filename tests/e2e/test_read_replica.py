@@ -10,11 +10,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import ServerThread, cycle, new_id, scratch_database
+from tests.support import ServerThread, cycle, new_id, scratch_database, stamp
 
 
 @pytest.fixture
@@ -26,12 +25,6 @@ def split(database_url: str, tmp_path: Path) -> Iterator[pb_grpc.LedgerServiceSt
                 yield stub
         finally:
             ledger.stop()
-
-
-def stamp(at: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(at)
-    return out
 
 
 def test_reads_for_audit_and_usage_go_to_the_replica(split: pb_grpc.LedgerServiceStub) -> None:

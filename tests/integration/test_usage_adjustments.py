@@ -10,17 +10,10 @@ from typing import Any
 
 import psycopg
 from alembic import command
-from google.protobuf import timestamp_pb2
 
 from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from tests.support import ServerThread, cycle, new_id, scratch_database, verify_tenant
-
-
-def stamp(at: datetime) -> timestamp_pb2.Timestamp:
-    out = timestamp_pb2.Timestamp()
-    out.FromDatetime(at)
-    return out
+from tests.support import ServerThread, cycle, new_id, scratch_database, stamp, verify_tenant
 
 
 def by_user(ledger: ServerThread, tenant: str) -> dict[str, pb.UsageRow]:
