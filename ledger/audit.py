@@ -80,6 +80,7 @@ class LedgerAudit:
         self._primary = primary or pool
         self._workers = workers
         self._executor: ProcessPoolExecutor | None = None
+        self._closed = False
 
     @asynccontextmanager
     async def _snapshot(self, primary: bool = False) -> AsyncIterator[Conn]:
@@ -140,8 +141,12 @@ class LedgerAudit:
 
     async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
         """fn(*args) in a worker process: CPU-bound folds would stall this event loop."""
+        if self._closed:
+            raise StoreUnavailable("the server is stopping; retry on another")
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(self._workers, mp_context=get_context("spawn"))
+            self._executor = ProcessPoolExecutor(
+                self._workers, mp_context=get_context("spawn"), initializer=verify.worker_started
+            )
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except BrokenProcessPool:
@@ -152,6 +157,7 @@ class LedgerAudit:
         """Stop the worker processes now, abandoning parts in progress: shutting the pool
         down alone would let the interpreter's exit wait for them (a long verification would
         hold up a server's stop for minutes). Python 3.14 has terminate_workers() for this."""
+        self._closed = True
         executor, self._executor = self._executor, None
         if executor is not None:
             workers = list(getattr(executor, "_processes", {}).values())

@@ -12,6 +12,7 @@ exactly the log and the projections that a single transaction would.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -165,6 +166,12 @@ def merge(reports: list[VerifyReport]) -> VerifyReport:
 
 
 # --- in a worker process ------------------------------------------------------------------
+
+
+def worker_started() -> None:
+    """A worker ignores Ctrl-C: the terminal sends it to the whole process group, and the
+    server that owns the worker stops it (LedgerAudit.close)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check(conninfo: str, snapshot: str, part: Part) -> VerifyReport:
