@@ -134,9 +134,17 @@ class LedgerAudit:
         async with self._snapshot() as conn:
             cur = await conn.execute("SELECT pg_export_snapshot() AS snapshot")
             snapshot = (await cur.fetchone() or {})["snapshot"]
-            reports = await asyncio.gather(
-                *(self._in_worker(verify.check, self._pool.conninfo, snapshot, p) for p in parts)
-            )
+            conninfo = self._pool.conninfo
+            checks = [
+                asyncio.ensure_future(self._in_worker(verify.check, conninfo, snapshot, p))
+                for p in parts
+            ]
+            try:
+                reports = await asyncio.gather(*checks)
+            except BaseException:  # one failed, or the call was cancelled: drop queued parts
+                for check in checks:
+                    check.cancel()
+                raise
         return verify.merge(list(reports))
 
     async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:

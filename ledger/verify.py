@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -200,10 +201,7 @@ def check(conninfo: str, snapshot: str, part: Part) -> VerifyReport:
         live = _Live.read(conn, *part.rows_where())
     report.events_checked, report.streams_checked = chains.checked, len(chains.heads)
     report.breaks = chains.breaks
-    report.differences += _compare(
-        "account", live.accounts, {k: a for k, a in rebuilt.accounts.items() if part.keep(k)},
-        str, default=Account,
-    )  # fmt: skip
+    report.differences += _compare("account", live.accounts, rebuilt.accounts, str, Account)
     report.differences += _compare_streams(live.streams, chains.heads)
     report.differences += _compare(
         "reservation", live.reservations, rebuilt.reservations, lambda r: r
@@ -227,30 +225,21 @@ def balance_at(conninfo: str, key: AccountKey, as_of: datetime) -> BalanceResult
     return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
 
 
-class _reading:
+@contextmanager
+def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
     """A read-only repeatable-read transaction, on `snapshot` when given. Database errors
     leave as StoreUnavailable or RuntimeError: a worker's exceptions cross a process boundary,
     and psycopg's do not survive pickling."""
-
-    def __init__(self, conninfo: str, snapshot: str | None) -> None:
-        self._conninfo, self._snapshot = conninfo, snapshot
-
-    def __enter__(self) -> SyncConn:
-        try:
-            self._conn = psycopg.connect(self._conninfo, row_factory=dict_row)
-            self._conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-            self._conn.read_only = True
-            if self._snapshot:  # SET takes no parameters: the id is quoted as a literal
-                set_snapshot = sql.SQL("SET TRANSACTION SNAPSHOT {}").format(self._snapshot)
-                self._conn.execute(set_snapshot)
-        except psycopg.Error as exc:
-            raise _portable(exc) from None
-        return self._conn
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        self._conn.close()
-        if isinstance(exc, psycopg.Error):
-            raise _portable(exc) from None
+    try:
+        with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            conn.read_only = True
+            if snapshot:  # SET takes no parameters: the id is quoted as a literal
+                set_snapshot = sql.SQL("SET TRANSACTION SNAPSHOT {}").format(snapshot)
+                conn.execute(set_snapshot)
+            yield conn
+    except psycopg.Error as exc:
+        raise _portable(exc) from None
 
 
 def _portable(exc: psycopg.Error) -> Exception:
