@@ -42,6 +42,7 @@ class UsageQuery:
     user_id: str = ""
     conversation_id: str = ""
     model: str = ""
+    time_zone: str = "UTC"  # of DAY groups
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "user": ("user_id",),
     "conversation": ("user_id", "conversation_id"),
     "model": ("model",),
-    "day": ("date_trunc('day', hour, 'UTC') AS period_start",),
+    "day": ("date_trunc('day', hour, %s) AS period_start",),  # %s: the query's time zone
     "hour": ("hour AS period_start",),
 }
 
@@ -185,7 +186,8 @@ class LedgerAudit:
             "hour >= date_trunc('hour', %s::timestamptz, 'UTC')",
             "hour < %s",
         ]
-        params: list[Any] = [q.tenant_id, q.from_time, q.to_time]
+        params: list[Any] = [q.time_zone] if "day" in q.group_by else []
+        params += [q.tenant_id, q.from_time, q.to_time]
         for name in ("user_id", "conversation_id", "model"):
             if getattr(q, name):
                 where.append(f"{name} = %s")

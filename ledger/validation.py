@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from ledger import errors, limits
 from ledger.audit import GROUPS, UsageQuery
@@ -243,17 +243,31 @@ def set_quota(
     return cmd
 
 
-def _time_zone(c: Checker, name: str) -> str:
+def _time_zone(c: Checker, name: str, field: str = "time_zone") -> str:
+    """`name` ("" is UTC) if it is an IANA time zone, else a violation of `field`."""
     if not name:
         return "UTC"
     before = len(c.violations)
-    c.text("time_zone", name, chars_max=limits.time_zone_chars_max, pattern=_TIME_ZONE)
+    c.text(field, name, chars_max=limits.time_zone_chars_max, pattern=_TIME_ZONE)
     if len(c.violations) == before:  # only a well-formed name reaches the zone database
         try:
             zone(name)
         except (ValueError, OSError, KeyError):
-            c.fail("time_zone", f"{name!r} is not an IANA time zone (e.g. Europe/Berlin)")
+            c.fail(field, f"{name!r} is not an IANA time zone (e.g. Europe/Berlin)")
     return name
+
+
+def _odd_offset(name: str, start: datetime, end: datetime) -> datetime | None:
+    """The first whole UTC hour in [start, end) at which `name` is not a whole number of hours
+    from UTC (then its days do not start on an hourly bucket's edge), or None."""
+    tz = zone(name)
+    at = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    while at < end:
+        offset = at.astimezone(tz).utcoffset()
+        if offset is not None and offset.total_seconds() % 3600:
+            return at
+        at += timedelta(hours=1)
+    return None
 
 
 def grant_tokens(
@@ -388,6 +402,7 @@ def balance_at(as_of: datetime, now: datetime) -> datetime:
 
 
 USAGE_GROUPS = tuple(GROUPS)
+_RANGE_MAX = timedelta(days=limits.usage_range_days_max)
 
 
 def usage_query(
@@ -399,6 +414,7 @@ def usage_query(
     user_id: str,
     conversation_id: str,
     model: str,
+    time_zone: str = "",
 ) -> UsageQuery:
     """A usage query; `group_by` holds names of USAGE_GROUPS (None for an unknown value)."""
     c = Checker()
@@ -424,7 +440,7 @@ def usage_query(
         c.fail("query.from_time", "from_time and to_time are both required")
     elif to_time <= from_time:
         c.fail("query.to_time", "must be after from_time")
-    elif to_time - from_time > timedelta(days=limits.usage_range_days_max):
+    elif to_time - from_time > _RANGE_MAX:
         c.fail("query.to_time", f"the range is at most {limits.usage_range_days_max} days")
     groups = [g for g in group_by if g is not None]
     if len(groups) != len(group_by):
@@ -433,9 +449,23 @@ def usage_query(
         c.fail("query.group_by", "names a dimension twice")
     if {"day", "hour"} <= set(groups):
         c.fail("query.group_by", "group by DAY or by HOUR, not both")
+    before = len(c.violations)
+    time_zone = _time_zone(c, time_zone, "query.time_zone")
+    zone_ok = len(c.violations) == before
+    if zone_ok and from_time and to_time and "day" in groups and time_zone != "UTC":
+        odd = _odd_offset(time_zone, from_time, min(to_time, from_time + _RANGE_MAX))
+        if odd is not None:
+            c.fail(
+                "query.time_zone",
+                f"{time_zone} is {odd.astimezone(zone(time_zone)).strftime('%z')} from UTC at "
+                f"{odd.isoformat()}; days are summed from hourly usage, so the zone's offset "
+                "must be whole hours throughout the range",
+            )
     c.done()
     assert from_time is not None and to_time is not None
-    return UsageQuery(tenant_id, from_time, to_time, tuple(groups), user_id, conversation_id, model)
+    return UsageQuery(
+        tenant_id, from_time, to_time, tuple(groups), user_id, conversation_id, model, time_zone
+    )
 
 
 def page(*, page_size: int, page_token: str, query: UsageQuery) -> tuple[int, int]:

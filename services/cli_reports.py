@@ -90,6 +90,7 @@ def add_commands(sub: Any, target_default: str) -> None:
         p.add_argument("--until", type=_time, help="ISO time (default: now)")
         p.add_argument("--user", default="")
         p.add_argument("--model", default="")
+        p.add_argument("--tz", default="", help="IANA time zone of --by day (default: UTC)")
         p.add_argument("--format", choices=("table", "csv", "json"), default="table")
         p.set_defaults(run=run)
         if name == "usage":
@@ -251,6 +252,7 @@ def _query(args: argparse.Namespace, dims: list[Dimension]) -> pb.UsageQuery:
         group_by=dims,
         user_id=args.user,
         model=args.model,
+        time_zone=args.tz,
     )
 
 

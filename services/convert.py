@@ -331,6 +331,7 @@ def usage_query(q: pb.UsageQuery) -> UsageQuery:
         user_id=q.user_id,
         conversation_id=q.conversation_id,
         model=q.model,
+        time_zone=q.time_zone,
     )
 
 

@@ -250,6 +250,38 @@ def test_usage_totals_group_and_filter(stub: Stub, history: str) -> None:
     ]  # fmt: skip
 
 
+def test_usage_days_follow_the_query_time_zone(database_url: str) -> None:
+    """Two calls an hour apart, 14:30 and 15:30 UTC: one UTC day, but two days in Tokyo
+    (23:30 and 00:30 local), each starting at its local midnight."""
+    clock = Clock(datetime(2099, 1, 1, 14, 30, tzinfo=UTC))
+    server = ServerThread(database_url, clock=clock).start()
+    tenant = new_id("t")
+    try:
+        with server.stub() as stub:
+            cycle(stub, tenant, "ann", "c1", 100, 60)
+            clock.advance(3600)
+            cycle(stub, tenant, "ann", "c1", 100, 40)
+
+            def days(time_zone: str) -> list[tuple[datetime, int]]:
+                query = pb.UsageQuery(
+                    tenant_id=tenant,
+                    from_time=stamp(datetime(2098, 12, 31, tzinfo=UTC)),
+                    to_time=stamp(datetime(2099, 1, 3, tzinfo=UTC)),
+                    group_by=[pb.USAGE_DIMENSION_DAY],
+                    time_zone=time_zone,
+                )
+                rows = stub.QueryUsage(pb.QueryUsageRequest(query=query)).rows
+                return [(r.period_start.ToDatetime(UTC), r.input_tokens) for r in rows]
+
+            assert days("") == days("UTC") == [(datetime(2099, 1, 1, tzinfo=UTC), 100)]
+            assert days("Asia/Tokyo") == [
+                (datetime(2098, 12, 31, 15, tzinfo=UTC), 60),
+                (datetime(2099, 1, 1, 15, tzinfo=UTC), 40),
+            ]
+    finally:
+        server.stop()
+
+
 def test_usage_pages_and_export_agree(stub: Stub, history: str) -> None:
     now = datetime.now(UTC)
     query = pb.UsageQuery(
@@ -290,6 +322,10 @@ def test_usage_pages_and_export_agree(stub: Stub, history: str) -> None:
         ({"group_by": [4, 5]}, "query.group_by"),
         ({"group_by": [1, 1]}, "query.group_by"),
         ({"model": "bad model"}, "query.model"),
+        ({"time_zone": "Mars/Olympus_Mons"}, "query.time_zone"),
+        ({"time_zone": "not a zone"}, "query.time_zone"),
+        # days start at 18:30 UTC there: inside an hourly bucket
+        ({"time_zone": "Asia/Kolkata", "group_by": [4]}, "query.time_zone"),
     ],
 )
 def test_bad_usage_queries_are_refused(stub: Stub, change: dict[str, object], field: str) -> None:
@@ -299,6 +335,7 @@ def test_bad_usage_queries_are_refused(stub: Stub, change: dict[str, object], fi
         to_time=stamp(now + timedelta(days=int(change.get("to_days", 1)))),  # type: ignore[call-overload]
         group_by=change.get("group_by", []),  # type: ignore[arg-type]
         model=str(change.get("model", "")),
+        time_zone=str(change.get("time_zone", "")),
     )
     if "from_time" not in change:
         query.from_time.CopyFrom(stamp(now))

@@ -1440,6 +1440,7 @@ class UsageQuery(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant."""
     user_id: _builtins.str
@@ -1448,6 +1449,10 @@ class UsageQuery(_message.Message):
     """Only this conversation, when set."""
     model: _builtins.str
     """Only this model, when set."""
+    time_zone: _builtins.str
+    """The IANA time zone whose days DAY groups are (default UTC). Days are summed from hourly
+    usage, so the zone's offset must be whole hours throughout the range.
+    """
     @_builtins.property
     def from_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the range (inclusive), rounded down to the hour."""
@@ -1470,10 +1475,11 @@ class UsageQuery(_message.Message):
         user_id: _builtins.str = ...,
         conversation_id: _builtins.str = ...,
         model: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from_time", b"from_time", "to_time", b"to_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_time", b"from_time", "group_by", b"group_by", "model", b"model", "tenant_id", b"tenant_id", "to_time", b"to_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "from_time", b"from_time", "group_by", b"group_by", "model", b"model", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "to_time", b"to_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
