@@ -72,6 +72,14 @@ def test_usage_and_top(ledger: ServerThread, history: str) -> None:
     assert bad.returncode != 0 and "unknown --by week" in bad.stderr
     refused = run(ledger, "usage", "--tenant", "bad tenant")
     assert refused.returncode == 2 and "INVALID_ARGUMENT" in refused.stderr
+    tokyo = json.loads(
+        run(ledger, "usage", "--tenant", history, "--by", "day", "--tz", "Asia/Tokyo",
+            "--format", "json").stdout
+    )  # fmt: skip
+    assert sum(d["total_tokens"] for d in tokyo) == 368
+    assert all(d["period"].endswith("T15:00:00Z") for d in tokyo)  # Tokyo's midnight in UTC
+    odd = run(ledger, "usage", "--tenant", history, "--by", "day", "--tz", "Asia/Kolkata")
+    assert odd.returncode == 2 and "whole hours" in odd.stderr
 
 
 def test_audit_rebuild_repairs_edited_projections(history: str, database_url: str) -> None:
