@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -127,6 +128,8 @@ class RebuildReport:
     """What a rebuild replayed and wrote."""
 
     events: int
+    events_under_lock: int  # appended while the log was folded, folded holding the lock
+    lock_held_s: float  # how long the tenant's writers waited for the rebuild (at most)
     accounts: int
     reservations: int
     usage_rows: int
@@ -395,35 +398,33 @@ class LedgerStore:
 
     async def rebuild(self, tenant_id: str) -> RebuildReport:
         """Replace the tenant's projections (accounts and stream heads, reservations, usage,
-        rate limits) by a replay of its log, in one transaction that first locks the tenant's
-        row, so every writer of the tenant (in any process) waits and none is lost.
+        rate limits) by a replay of its log. The log is folded first without a lock, so the
+        tenant's writers go on meanwhile; then, holding the tenant's row lock (every writer of
+        the tenant, in any process, now waits, and none is lost), what they appended is folded
+        too and the rows are replaced, in one transaction. Every write of a tenant holds that
+        lock until it commits, so the tenant's events commit in position order: the ones the
+        first fold did not see all come after the last one it did.
         Idempotency records are requests, not projections of the log, and stay as they are.
         Needs DELETE on the projection tables: an owner's job, not the service role's."""
+        log = _Refold(tenant_id)
+        async with self._connection() as conn, conn.transaction():
+            await log.fold(conn)
+        unlocked = log.events
         async with self._connection() as conn, conn.transaction():
             tx = _Tx(conn, self._clock())
             tx.tenant_id = tenant_id
             await tx.lock_accounts([AccountKey(tenant_id)])
-            rebuilt = Projection()
-            heads: dict[AccountKey, tuple[int, bytes]] = {}
-            usage: dict[UsageKey, UsageCounters] = {}
-            events = 0
-            async with conn.cursor(name="rebuild") as cur:
-                await cur.execute(
-                    "SELECT * FROM events WHERE tenant_id = %s ORDER BY position", (tenant_id,)
-                )
-                async for row in cur:
-                    event = codec.event_from_row(row)
-                    rebuilt.feed(event)
-                    add_usage(usage, event)
-                    heads[event.key] = (row["version"], bytes(row["hash"]))
-                    events += 1
-            await tx.replace_projections(rebuilt, heads, usage)
+            locked = time.monotonic()
+            await log.fold(conn)
+            await tx.replace_projections(log.projection, log.heads, log.usage)
         return RebuildReport(
-            events=events,
+            events=log.events,
+            events_under_lock=log.events - unlocked,
+            lock_held_s=round(time.monotonic() - locked, 3),
             accounts=len(tx.accounts),
-            reservations=len(rebuilt.reservations),
-            usage_rows=len(usage),
-            rate_limits=len(rebuilt.rate_limits),
+            reservations=len(log.projection.reservations),
+            usage_rows=len(log.usage),
+            rate_limits=len(log.projection.rate_limits),
         )
 
     # --- reads ------------------------------------------------------------------------------
@@ -861,6 +862,34 @@ class _Tx:
             "ended_at": res.ended_at,
             "ended_balance": None if ended is None else Jsonb(codec.account_to_json(ended)),
         }
+
+
+@dataclass
+class _Refold:
+    """A tenant's projections folded from its log, in steps that each continue from the
+    last position the one before read."""
+
+    tenant_id: str
+    projection: Projection = field(default_factory=Projection)
+    heads: dict[AccountKey, tuple[int, bytes]] = field(default_factory=dict)
+    usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
+    events: int = 0
+    position: int = 0
+
+    async def fold(self, conn: Conn) -> None:
+        """Fold the tenant's events after `position` (in a transaction: a named cursor)."""
+        async with conn.cursor(name="rebuild") as cur:
+            await cur.execute(
+                "SELECT * FROM events WHERE tenant_id = %s AND position > %s ORDER BY position",
+                (self.tenant_id, self.position),
+            )
+            async for row in cur:
+                event = codec.event_from_row(row)
+                self.projection.feed(event)
+                add_usage(self.usage, event)
+                self.heads[event.key] = (row["version"], bytes(row["hash"]))
+                self.events += 1
+                self.position = row["position"]
 
 
 def _tenant_of(cmd: Write) -> str:

@@ -171,7 +171,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         print(json.dumps({**vars(report), "verified": ok}))
     else:
         print(
-            f"replayed {report.events:,} events; wrote {report.accounts:,} accounts, "
+            f"replayed {report.events:,} events ({report.events_under_lock:,} of them holding "
+            f"the tenant's lock); wrote {report.accounts:,} accounts, "
             f"{report.reservations:,} reservations, {report.usage_rows:,} usage rows, "
             f"{report.rate_limits:,} rate limits"
         )

@@ -44,6 +44,7 @@ def test_rebuild_of_intact_projections_changes_nothing(database_url: str, busy_t
     before = snapshot(database_url, busy_tenant)
     report = rebuild(database_url, busy_tenant)
     assert report.events > 10 and report.reservations == 4 and report.rate_limits == 1
+    assert report.events_under_lock == 0  # nothing was written meanwhile
     assert snapshot(database_url, busy_tenant) == before
 
 
@@ -88,5 +89,63 @@ def test_writes_during_a_rebuild_wait_and_land(database_url: str) -> None:
             await asyncio.gather(store.rebuild(tenant), *writes)
 
     asyncio.run(run())
+    report = verify_tenant(database_url, tenant)
+    assert not report.breaks and not report.differences
+
+
+def test_what_is_appended_while_the_log_is_folded_is_folded_under_the_lock(
+    database_url: str,
+) -> None:
+    """The first fold holds no lock. A Reserve that commits after it read the log and before
+    the rebuild takes the tenant's lock is folded in then: nothing is lost, nothing doubled.
+    Order is forced with the tenant's row lock, held here by hand: the Reserve queues on it
+    first, the rebuild's second step second, and row-lock waiters are served in turn."""
+    tenant = new_id("t")
+    key = AccountKey(tenant, "u", "c")
+
+    async def waiting(conn: psycopg.AsyncConnection[Any], count: int) -> None:
+        """Until `count` backends of this database wait for a lock (the second waits for the
+        first, which waits for the holder)."""
+        for _ in range(1000):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND cardinality(pg_blocking_pids(pid)) > 0"
+            )
+            row = await cur.fetchone()
+            if row and row[0] >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"fewer than {count} waited for the lock")
+
+    async def run() -> RebuildReport:
+        async with db.make_pool(database_url, 4) as pool:
+            store = LedgerStore(pool)
+            await store.set_quota(SetQuota(new_id("q"), AccountKey(tenant), 10_000, Period.DAY))
+            await store.reserve(Reserve(new_id("r"), key, "gpt-4o", 100, 60))
+            connect = psycopg.AsyncConnection.connect
+            async with (
+                await connect(database_url) as lock,
+                await connect(database_url, autocommit=True) as watch,
+            ):
+                await lock.execute(
+                    "SELECT 1 FROM accounts WHERE tenant_id = %s AND user_id = '' "
+                    "AND conversation_id = '' FOR UPDATE",
+                    (tenant,),
+                )
+                late = asyncio.ensure_future(
+                    store.reserve(Reserve(new_id("r"), key, "gpt-4o", 200, 60))
+                )
+                await waiting(watch, 1)
+                rebuilt = asyncio.ensure_future(store.rebuild(tenant))
+                await waiting(watch, 2)  # the fold is done; the rebuild awaits the lock
+                await lock.rollback()
+                await late
+                return await rebuilt
+
+    folded = asyncio.run(run())
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tenant,)).fetchone()
+    assert row is not None and folded.events == row[0] == 3  # the quota, and both holds
+    assert folded.events_under_lock == 1  # the late hold: the rest was folded without the lock
     report = verify_tenant(database_url, tenant)
     assert not report.breaks and not report.differences
