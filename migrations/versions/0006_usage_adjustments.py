@@ -21,7 +21,7 @@ ALTER TABLE usage_hourly
     ADD COLUMN adjustments     bigint NOT NULL DEFAULT 0;
 
 -- A BalanceAdjusted event keeps its signed tokens in `amount`.
-INSERT INTO usage_hourly AS u (tenant_id, hour, user_id, conversation_id, model,
+INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model,
     input_tokens, output_tokens, cached_input_tokens, reservations, commits, rollbacks,
     expiries, late_commits, usage_records, overage_tokens, adjusted_tokens, adjustments)
 SELECT tenant_id, date_trunc('hour', occurred_at, 'UTC'), user_id, conversation_id, model,
