@@ -1,1 +1,3 @@
-"""tokenledger's processes: the ledger gRPC server and the CLI."""
+"""tokenledger's processes: `platform` (shared by both servers), `ledger` (the ledger's gRPC
+edge), `context` (the context service), `_gen` (generated stubs) and `cli` (the `tokenledger`
+entry point, the one module that knows both services)."""

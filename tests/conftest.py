@@ -6,7 +6,7 @@ import pytest
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.observability import configure_logging, configure_tracing
+from services.platform.observability import configure_logging, configure_tracing
 from tests.support import ServerThread, cycle, new_id, scratch_database
 
 

@@ -28,11 +28,11 @@ from grpc_status import rpc_status
 
 from ledger.audit import LedgerAudit
 from ledger.verify import Scope, VerifyReport
-from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import Authenticator, KeyStore, new_key
-from services.server import LedgerServer
+from services.ledger.server import LedgerServer
+from services.platform import db
+from services.platform.auth import Authenticator, KeyStore, new_key
 
 SERVER_START_TIMEOUT_S = 60
 TOKENLEDGER = Path(sys.executable).parent / "tokenledger"
@@ -147,7 +147,7 @@ class ServerThread(_LoopThread):
         audit_workers: int = 2,
     ) -> None:
         """`auth_mode` other than "off" authenticates callers against the api_keys table
-        (services/auth.py), re-checking open streams every `stream_recheck_s`;
+        (services/platform/auth.py), re-checking open streams every `stream_recheck_s`;
         `credentials` make the port TLS (mTLS with a client CA); `read_url` is the database
         audit and usage reads go to (a read replica's). With `audit_workers` > 1 (the
         default), every verification runs in parts (ledger/verify.py)."""

@@ -1,1 +1,4 @@
-"""The context service: exact token counts and budget-aware windowing (a separate process)."""
+"""The context service: imports services.platform, _gen and pure ledger modules; no services.ledger.
+
+Exact token counts and budget-aware windowing, in a process of its own that talks to the
+ledger over gRPC only."""

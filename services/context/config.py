@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from services.auth import ClientAuth
-from services.config import (
+from services.context.fitting import AllocationPolicy
+from services.context.tokenizers import (
+    COUNT_CACHE_ENTRIES_MAX_DEFAULT,
+    POOL_MEMORY_BYTES_MAX_DEFAULT,
+)
+from services.platform.auth import ClientAuth
+from services.platform.config import (
     AuthSettings,
     ConfigError,
     MetricsSettings,
@@ -18,13 +23,8 @@ from services.config import (
     guards_from_env,
     number,
 )
-from services.context.fitting import AllocationPolicy
-from services.context.tokenizers import (
-    COUNT_CACHE_ENTRIES_MAX_DEFAULT,
-    POOL_MEMORY_BYTES_MAX_DEFAULT,
-)
-from services.guards import Guards
-from services.observability import LOG_FORMATS, TRACE_EXPORTERS
+from services.platform.guards import Guards
+from services.platform.observability import LOG_FORMATS, TRACE_EXPORTERS
 
 LISTEN_DEFAULT = "127.0.0.1:50052"
 LEDGER_TARGET_DEFAULT = "127.0.0.1:50051"

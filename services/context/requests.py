@@ -27,7 +27,7 @@ from services.context.tokenizers import (
     CountTarget,
     known_encodings,
 )
-from services.errors import bad_request, clip, error_info, pack
+from services.platform.errors import bad_request, clip, error_info, pack
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")

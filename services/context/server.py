@@ -17,17 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from opentelemetry.metrics import MeterProvider
 
-from services import db
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
-from services.auth import (
-    Authenticator,
-    AuthInterceptor,
-    make_authenticator,
-    server_credentials,
-    warn_if_off,
-)
-from services.config import ConfigError
 from services.context.config import DEADLINE_S_DEFAULT, ContextSettings
 from services.context.fitting import AllocationPolicy
 from services.context.ledger_client import (
@@ -48,8 +39,17 @@ from services.context.tokenizers import (
     TokenCounter,
     TokenizerPool,
 )
-from services.guards import Guards, UndecodableRequestInterceptor
-from services.interceptors import (
+from services.platform import db
+from services.platform.auth import (
+    Authenticator,
+    AuthInterceptor,
+    make_authenticator,
+    server_credentials,
+    warn_if_off,
+)
+from services.platform.config import ConfigError
+from services.platform.guards import Guards, UndecodableRequestInterceptor
+from services.platform.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
     LoggingInterceptor,
@@ -57,9 +57,9 @@ from services.interceptors import (
     UnaryBehavior,
     _Interceptor,
 )
-from services.metrics import RpcMetricsInterceptor, configure_metrics
-from services.observability import configure_logging, configure_tracing
-from services.server import serve_until_signalled, server_options
+from services.platform.metrics import RpcMetricsInterceptor, configure_metrics
+from services.platform.observability import configure_logging, configure_tracing
+from services.platform.serve import serve_until_signalled, server_options
 
 log = structlog.get_logger("tokenledger.context.server")
 

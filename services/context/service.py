@@ -70,7 +70,7 @@ from services.context.tokenizers import (
     TokenCounter,
     TokenizationError,
 )
-from services.errors import error_info, pack
+from services.platform.errors import error_info, pack
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")

@@ -35,9 +35,9 @@ from ledger.replay import Projection
 from ledger.rows import ACCOUNT_COLUMNS
 from ledger.store import LedgerStore
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
-from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.platform import db
 from tests.bench.harness import Latencies, bench_database, ledger_process
 from tests.support import stamp
 

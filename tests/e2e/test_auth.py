@@ -21,21 +21,21 @@ import pytest
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services import db
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import (
+from services.context.tokenizer_data import DATA_DIR_ENV
+from services.context.tokenizers import TokenizerPool
+from services.platform import db
+from services.platform.auth import (
     ClientAuth,
     make_authenticator,
     parse_token,
     server_credentials,
     warn_if_off,
 )
-from services.config import AuthSettings, ConfigError
-from services.context.tokenizer_data import DATA_DIR_ENV
-from services.context.tokenizers import TokenizerPool
+from services.platform.config import AuthSettings, ConfigError
 from tests.certs import CertAuthority, Pair
 from tests.support import (
     TOKENLEDGER,

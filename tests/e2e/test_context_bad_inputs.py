@@ -16,11 +16,11 @@ import pytest
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.config import ConfigError
 from services.context import requests as limits
 from services.context.config import ContextSettings
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
+from services.platform.config import ConfigError
 from tests.support import TOKENLEDGER, ContextServerThread, ServerThread, call_fails, new_id
 
 Stub = pb_grpc.LedgerServiceStub

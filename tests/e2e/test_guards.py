@@ -1,4 +1,4 @@
-"""Guards against hostile or runaway callers (services/guards.py), on real servers: a call
+"""Guards against hostile or runaway callers (services/platform/guards.py), on real servers: a call
 without a deadline still ends (the server's default), streams are bounded, a caller over its
 cap of calls in flight is refused while others are served, and requests over the message cap
 are refused by gRPC before they reach the service."""
@@ -16,15 +16,15 @@ import grpc
 import psycopg
 import pytest
 
-from services import db
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.config import ConfigError, guards_from_env
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
-from services.guards import PRINCIPAL, Guards, caller_of
-from services.server import LedgerServer, message_bytes_max
+from services.ledger.server import LedgerServer, message_bytes_max
+from services.platform import db
+from services.platform.config import ConfigError, guards_from_env
+from services.platform.guards import PRINCIPAL, Guards, caller_of
 from tests.support import (
     ContextServerThread,
     ServerThread,

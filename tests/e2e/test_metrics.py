@@ -17,8 +17,9 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.config import ConfigError, MetricsSettings, Settings
 from services.context.config import ContextSettings
+from services.ledger.config import Settings
+from services.platform.config import ConfigError, MetricsSettings
 from tests.support import (
     Clock,
     LedgerProcess,

@@ -19,9 +19,9 @@ from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import CONTEXT_SERVICE, LEDGER_SERVICE, POLICIES, ROLES, ClientAuth
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
+from services.platform.auth import CONTEXT_SERVICE, LEDGER_SERVICE, POLICIES, ROLES, ClientAuth
 from tests.support import (
     ApiKey,
     ContextServerThread,
@@ -178,7 +178,7 @@ def _call(stub: Any, rpc: str, request: Any) -> Any:
 
 
 def test_every_rpc_of_both_services_has_an_isolation_case_and_a_policy() -> None:
-    """A new RPC must get a case here and a policy in services/auth.py."""
+    """A new RPC must get a case here and a policy in services/platform/auth.py."""
     ledger = {m.name for m in LEDGER_SERVICE.methods}
     context = {m.name for m in CONTEXT_SERVICE.methods}
     assert ledger == set(LEDGER_CASES)

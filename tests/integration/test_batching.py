@@ -12,7 +12,7 @@ import psycopg
 from ledger import errors, validation
 from ledger.model import Period, Reserve
 from ledger.store import LedgerStore
-from services import db
+from services.platform import db
 from tests.support import new_id, verify_tenant
 
 

@@ -13,7 +13,7 @@ from psycopg.rows import dict_row
 from ledger import codec, validation
 from ledger.model import Commit, Usage
 from ledger.store import LedgerStore
-from services import db
+from services.platform import db
 from tests.support import event_count, new_id, verify_tenant
 
 

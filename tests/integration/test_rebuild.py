@@ -11,7 +11,7 @@ import psycopg
 
 from ledger.model import AccountKey, Commit, Period, Reserve, SetQuota, Usage
 from ledger.store import LedgerStore, RebuildReport
-from services import db
+from services.platform import db
 from tests.support import ServerThread, cycle, new_id, verify_tenant
 
 TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits", "idempotency_keys")

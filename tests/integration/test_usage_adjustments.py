@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 from alembic import command
 
-from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services.platform import db
 from tests.support import ServerThread, cycle, new_id, scratch_database, stamp, verify_tenant
 
 

@@ -19,7 +19,7 @@ from ledger import verify
 from ledger.audit import LedgerAudit
 from ledger.errors import StoreUnavailable
 from ledger.verify import Part, Scope
-from services import db
+from services.platform import db
 from tests.support import ServerThread, cycle, verify_tenant
 
 TABLES = ("events", "accounts", "reservations", "usage_hourly", "rate_limits")

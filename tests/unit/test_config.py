@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.config import ConfigError, Settings
+from services.ledger.config import Settings
+from services.platform.config import ConfigError
 
 
 def test_defaults_need_no_environment() -> None:

@@ -31,7 +31,7 @@ from compose_spec import PyOptions
 from dockerfile_parse import DockerfileParser
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.server import LIVENESS
+from services.ledger.server import LIVENESS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -729,8 +729,9 @@ def _exported_series(provider_setup: Any) -> set[str]:
 
 
 def test_the_ledger_exports_the_metrics_the_dashboard_uses() -> None:
-    """Built from services/metrics.py's own instruments: a rename there fails here."""
-    from services.metrics import LedgerMetrics, RpcMetricsInterceptor
+    """Built from the metrics modules' own instruments: a rename there fails here."""
+    from services.ledger.metrics import LedgerMetrics
+    from services.platform.metrics import RpcMetricsInterceptor
 
     def setup(provider: Any) -> None:
         pool = SimpleNamespace(get_stats=dict)
@@ -739,7 +740,9 @@ def test_the_ledger_exports_the_metrics_the_dashboard_uses() -> None:
         RpcMetricsInterceptor(provider).duration.record(0.01, {"rpc": "Reserve", "code": "OK"})
 
     missing = _series(LEDGER_METRICS) - _exported_series(setup)
-    assert not missing, f"the dashboard uses {sorted(missing)}: renamed in services/metrics.py?"
+    assert not missing, (
+        f"the dashboard uses {sorted(missing)}: renamed in services/ledger/metrics.py?"
+    )
 
 
 def test_the_context_service_exports_the_metrics_the_dashboard_uses() -> None:

@@ -23,8 +23,8 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.errors import bad_request, error_info, pack
-from services.interceptors import UnaryBehavior, _Interceptor, _wrap
+from services.platform.errors import bad_request, error_info, pack
+from services.platform.interceptors import UnaryBehavior, _Interceptor, _wrap
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -21,11 +21,11 @@ from rich.table import Table
 from ledger.audit import LedgerAudit
 from ledger.store import LedgerStore, RebuildReport
 from ledger.verify import Scope, VerifyReport
-from services import db
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import ClientAuth
-from services.config import Settings
+from services.ledger.config import Settings
+from services.platform import db
+from services.platform.auth import ClientAuth
 
 Dimension: TypeAlias = pb.UsageDimension.ValueType
 DIMENSIONS: dict[str, Dimension] = {

@@ -15,11 +15,11 @@ from ledger import errors, validation
 from ledger.audit import LedgerAudit
 from ledger.model import AccountKey
 from ledger.store import CallMeta, LedgerStore
-from services import convert
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import current_actor
-from services.observability import current_trace_id
+from services.ledger import convert
+from services.platform.auth import current_actor
+from services.platform.observability import current_trace_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Each under the 1 MiB message cap: an event is at most a few KiB, a head about 100 bytes.
@@ -28,7 +28,7 @@ REPLAY_HEADS_PER_MESSAGE = 1_000
 
 
 def _meta() -> CallMeta:
-    # The authenticated principal (services/auth.py): who did it, in every event appended.
+    # The authenticated principal (services/platform/auth.py): who did it, in every event appended.
     return CallMeta(actor=current_actor(), trace_id=current_trace_id())
 
 

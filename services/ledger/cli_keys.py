@@ -15,10 +15,11 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from services import db
-from services.auth import ALL_TENANTS, ROLES, new_key
-from services.config import ConfigError, Settings
-from services.observability import configure_logging
+from services.ledger.config import Settings
+from services.platform import db
+from services.platform.auth import ALL_TENANTS, ROLES, new_key
+from services.platform.config import ConfigError
+from services.platform.observability import configure_logging
 
 name_chars_max = 128
 cert_cn_chars_max = 64  # ub-common-name (RFC 5280)

@@ -4,10 +4,9 @@ graceful stop (in-flight calls finish within the grace period)."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 import structlog
@@ -21,21 +20,18 @@ from ledger.errors import StoreUnavailable
 from ledger.store import LedgerStore, utc_now
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.auth import Authenticator, AuthInterceptor, warn_if_off
-from services.guards import Guards, UndecodableRequestInterceptor
-from services.interceptors import (
+from services.ledger.metrics import LedgerMetrics, RefusalInterceptor, held_refresh_s_default
+from services.ledger.servicer import LedgerService
+from services.platform.auth import Authenticator, AuthInterceptor, warn_if_off
+from services.platform.guards import Guards, UndecodableRequestInterceptor
+from services.platform.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
     LoggingInterceptor,
     TracingInterceptor,
 )
-from services.ledger_service import LedgerService
-from services.metrics import (
-    LedgerMetrics,
-    RefusalInterceptor,
-    RpcMetricsInterceptor,
-    held_refresh_s_default,
-)
+from services.platform.metrics import RpcMetricsInterceptor
+from services.platform.serve import server_options
 
 log = structlog.get_logger("tokenledger.server")
 
@@ -48,35 +44,6 @@ SLOW_METHODS = ("VerifyAudit",)
 LIVENESS = "liveness"
 """A health service name that says only that the process serves, for liveness probes: "" and
 the ledger's own name go NOT_SERVING while the database is away, which a restart cannot fix."""
-
-
-class _Serving(Protocol):
-    async def start(self, address: str) -> int: ...
-    async def stop(self, grace_s: float) -> None: ...
-
-
-async def serve_until_signalled(server: _Serving, address: str, grace_s: float) -> None:
-    """Start `server` on `address`, serve until SIGTERM or SIGINT, then stop it gracefully
-    (calls in flight get up to `grace_s`)."""
-    await server.start(address)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("shutting down", grace_s=grace_s)
-    await server.stop(grace_s)
-
-
-def server_options(message_bytes_max: int) -> list[tuple[str, int]]:
-    """Options of every server of ours. gRPC sets SO_REUSEPORT by default: a second server
-    (another process, or a test's) could then bind the same port and take half the calls.
-    One port, one server."""
-    return [
-        ("grpc.max_receive_message_length", message_bytes_max),
-        ("grpc.max_send_message_length", message_bytes_max),
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 class LedgerServer:

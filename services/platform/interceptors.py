@@ -19,7 +19,7 @@ from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
 from ledger import errors
-from services.errors import to_status
+from services.platform.errors import to_status
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Wrapper = Callable[[UnaryBehavior, str], UnaryBehavior]
@@ -140,7 +140,7 @@ class LoggingInterceptor(_Interceptor):
 
 
 class ErrorInterceptor(_Interceptor):
-    """Domain errors become their status (services/errors.py); anything unexpected becomes
+    """Domain errors become their status (services/platform/errors.py); anything unexpected becomes
     INTERNAL with no internals in the message, and is logged with its traceback."""
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:

@@ -1,4 +1,5 @@
-"""Process settings from environment variables (see README, "Configuration")."""
+"""Settings both processes parse alike from environment variables (see README,
+"Configuration"): auth, metrics, guards, and the helpers that read and check a value."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.guards import (
+from services.platform.guards import (
     Guards,
     caller_calls_max_default,
     deadline_s_default,
     stream_deadline_s_default,
 )
-from services.metrics import METRICS_EXPORTERS, exporter_parts, split_listen
-from services.observability import LOG_FORMATS, TRACE_EXPORTERS
+from services.platform.metrics import METRICS_EXPORTERS, exporter_parts, split_listen
 
 
 class ConfigError(ValueError):
@@ -122,54 +122,9 @@ def _file(env: Mapping[str, str], name: str) -> Path | None:
     return path
 
 
-@dataclass(frozen=True)
-class Settings:
-    database_url: str
-    database_url_readonly: str
-    data_dir: Path
-    listen: str
-    log_format: str
-    log_level: str
-    trace_exporter: str
-    sweep_interval_s: float
-    pool_size_max: int
-    shutdown_grace_s: float
-    cheaper_models: dict[str, str]
-    migrate_on_start: bool
-    audit_workers: int
-    guards: Guards
-    auth: AuthSettings = AuthSettings()
-    metrics: MetricsSettings = MetricsSettings()
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
-        return cls(
-            database_url=env.get("DATABASE_URL", ""),
-            database_url_readonly=env.get("DATABASE_URL_READONLY", ""),
-            data_dir=Path(env.get("TOKENLEDGER_DATA_DIR", "var")),
-            listen=env.get("TOKENLEDGER_LISTEN", "127.0.0.1:50051"),
-            log_format=choice(env, "TOKENLEDGER_LOG_FORMAT", "json", LOG_FORMATS),
-            log_level=choice(
-                env, "TOKENLEDGER_LOG_LEVEL", "info", ("debug", "info", "warning", "error")
-            ),
-            trace_exporter=choice(env, "TOKENLEDGER_TRACE_EXPORTER", "none", TRACE_EXPORTERS),
-            sweep_interval_s=number(env, "TOKENLEDGER_SWEEP_INTERVAL_S", 1.0, 0.05, 3600),
-            pool_size_max=int(number(env, "TOKENLEDGER_POOL_SIZE_MAX", 10, 1, 1000)),
-            shutdown_grace_s=number(env, "TOKENLEDGER_SHUTDOWN_GRACE_S", 10.0, 0, 600),
-            cheaper_models=_pairs(env, "TOKENLEDGER_CHEAPER_MODELS"),
-            migrate_on_start=_flag(env, "TOKENLEDGER_MIGRATE_ON_START", default=True),
-            audit_workers=int(
-                number(env, "TOKENLEDGER_AUDIT_WORKERS", min(4, os.cpu_count() or 1), 1, 64)
-            ),
-            guards=guards_from_env(env),
-            auth=AuthSettings.from_env(env),
-            metrics=MetricsSettings.from_env(env),
-        )
-
-
 def guards_from_env(env: Mapping[str, str], deadline_s: float = deadline_s_default) -> Guards:
-    """Default deadlines and the per-caller cap (services/guards.py); both services read the
-    same variables, each with its own unary default."""
+    """Default deadlines and the per-caller cap (services/platform/guards.py); both services
+    read the same variables, each with its own unary default."""
     return Guards(
         deadline_s=number(env, "TOKENLEDGER_DEFAULT_DEADLINE_S", deadline_s, 0.01, 86_400),
         stream_deadline_s=number(
@@ -181,18 +136,3 @@ def guards_from_env(env: Mapping[str, str], deadline_s: float = deadline_s_defau
             )
         ),
     )
-
-
-def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:
-    return choice(env, name, "true" if default else "false", ("true", "false")) == "true"
-
-
-def _pairs(env: Mapping[str, str], name: str) -> dict[str, str]:
-    """`a=b,c=d` as {a: b, c: d}."""
-    out: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in env.get(name, "").split(","))):
-        model, sep, cheaper = (s.strip() for s in item.partition("="))
-        if not (sep and model and cheaper):
-            raise ConfigError(f"{name}: {item!r} is not model=cheaper_model")
-        out[model] = cheaper
-    return out

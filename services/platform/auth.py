@@ -33,10 +33,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ledger import errors
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from services.config import AuthSettings, ConfigError
-from services.errors import clip, error_info, to_status
-from services.guards import PRINCIPAL
-from services.interceptors import UnaryBehavior, _Interceptor
+from services.platform.config import AuthSettings, ConfigError
+from services.platform.errors import clip, error_info, to_status
+from services.platform.guards import PRINCIPAL
+from services.platform.interceptors import UnaryBehavior, _Interceptor
 
 log = structlog.get_logger("tokenledger.auth")
 

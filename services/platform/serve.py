@@ -1,0 +1,41 @@
+"""The serve loop of both processes: the options every server of ours gets, and serving until
+SIGTERM or SIGINT, then stopping gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Protocol
+
+import structlog
+
+log = structlog.get_logger("tokenledger.server")
+
+
+class _Serving(Protocol):
+    async def start(self, address: str) -> int: ...
+    async def stop(self, grace_s: float) -> None: ...
+
+
+async def serve_until_signalled(server: _Serving, address: str, grace_s: float) -> None:
+    """Start `server` on `address`, serve until SIGTERM or SIGINT, then stop it gracefully
+    (calls in flight get up to `grace_s`)."""
+    await server.start(address)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down", grace_s=grace_s)
+    await server.stop(grace_s)
+
+
+def server_options(message_bytes_max: int) -> list[tuple[str, int]]:
+    """Options of every server of ours. gRPC sets SO_REUSEPORT by default: a second server
+    (another process, or a test's) could then bind the same port and take half the calls.
+    One port, one server."""
+    return [
+        ("grpc.max_receive_message_length", message_bytes_max),
+        ("grpc.max_send_message_length", message_bytes_max),
+        ("grpc.so_reuseport", 0),
+    ]
