@@ -1,0 +1,381 @@
+"""The import rules of DESIGN §1, read from the source with `ast`: every import of every module
+under ledger/, services/ (but services/_gen) and migrations/, those inside functions and
+`if TYPE_CHECKING:` blocks included, and `importlib.import_module("…")` with a literal name.
+
+- `ledger` imports no `services`, grpc, protobuf (`google.protobuf`, `google.rpc`) or
+  OpenTelemetry; a pure ledger module imports, of `ledger`, only pure modules, and no database
+  driver;
+- `services.platform` imports neither `services.ledger` nor `services.context` (nor the
+  `services.cli` entry point), and of `ledger` only pure modules;
+- `services.context` imports no `services.ledger` (nor `services.cli`), and of `ledger` only
+  pure modules;
+- `services.ledger` imports no `services.context` (nor `services.cli`): two processes;
+- `migrations` imports neither `ledger` nor `services`.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PURE_LEDGER_MODULES = frozenset(
+    {
+        "ledger.limits",
+        "ledger.errors",
+        "ledger.model",
+        "ledger.domain",
+        "ledger.validation",
+    }
+)
+"""Ledger modules that do no I/O: the only ones `services.platform` and `services.context` may
+import. A new pure module goes here; the rules below then hold it to importing pure ones only."""
+
+REPO = Path(__file__).resolve().parents[2]
+ROOTS = ("ledger", "services", "migrations")
+SKIPPED = ("services/_gen",)
+"""Generated stubs: rebuilt by `make proto`, never edited by hand."""
+GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "grpc_tools")
+PROTOBUF = ("google.protobuf", "google.rpc")
+DATABASE_DRIVERS = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic")
+
+
+@dataclass(frozen=True)
+class Import:
+    path: str
+    """The importing file, relative to the root, e.g. services/context/server.py."""
+    line: int
+    source: str
+    """The importing module, e.g. services.context.server."""
+    target: str
+    """The imported module, e.g. services.platform.auth (`from a import b` gives a.b when b is
+    a module, else a)."""
+
+
+def _under(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def _impure_ledger(target: str) -> bool:
+    return _under(target, "ledger") and target not in PURE_LEDGER_MODULES
+
+
+@dataclass(frozen=True)
+class Rule:
+    applies: Callable[[str], bool]
+    """Whether the rule binds the importing module."""
+    forbids: Callable[[str], bool]
+    """Whether the imported module breaks it."""
+    text: str
+
+
+RULES = (
+    Rule(
+        lambda m: _under(m, "ledger"),
+        lambda t: _under(t, "services", "opentelemetry", *GRPC, *PROTOBUF),
+        "ledger imports no services, grpc, protobuf or opentelemetry",
+    ),
+    Rule(
+        lambda m: m in PURE_LEDGER_MODULES,
+        lambda t: _impure_ledger(t) or _under(t, *DATABASE_DRIVERS),
+        "a pure ledger module imports only pure ledger modules and no database driver",
+    ),
+    Rule(
+        lambda m: _under(m, "services.platform"),
+        lambda t: (
+            _under(t, "services.ledger", "services.context", "services.cli") or _impure_ledger(t)
+        ),
+        "services.platform imports neither services.ledger nor services.context, and of "
+        "ledger only pure modules",
+    ),
+    Rule(
+        lambda m: _under(m, "services.context"),
+        lambda t: _under(t, "services.ledger", "services.cli") or _impure_ledger(t),
+        "services.context imports no services.ledger, and of ledger only pure modules",
+    ),
+    Rule(
+        lambda m: _under(m, "services.ledger"),
+        lambda t: _under(t, "services.context", "services.cli"),
+        "services.ledger imports no services.context",
+    ),
+    Rule(
+        lambda m: _under(m, "migrations"),
+        lambda t: _under(t, "ledger", "services"),
+        "migrations imports neither ledger nor services",
+    ),
+)
+
+
+def module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_module(root: Path, dotted: str) -> bool:
+    base = root.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or base.is_dir()
+
+
+def _from_base(root: Path, path: Path, node: ast.ImportFrom) -> str:
+    """The module a `from … import` names, relative imports resolved against `path`."""
+    if not node.level:
+        return node.module or ""
+    package = module_name(root, path).split(".")
+    if path.name != "__init__.py":
+        package.pop()
+    package = package[: len(package) - (node.level - 1)]
+    return ".".join([*package, *([node.module] if node.module else [])])
+
+
+def _dynamic(node: ast.Call) -> str | None:
+    """The literal name of `importlib.import_module("…")` or `__import__("…")`."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if name not in ("import_module", "__import__") or not node.args:
+        return None
+    first = node.args[0]
+    if isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    return None
+
+
+def imports(root: Path, path: Path) -> Iterator[Import]:
+    """Every import in `path`, wherever it stands in the file."""
+    rel, source = path.relative_to(root).as_posix(), module_name(root, path)
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Import(rel, node.lineno, source, alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            base = _from_base(root, path, node)
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                target = sub if alias.name != "*" and _is_module(root, sub) else base
+                yield Import(rel, node.lineno, source, target)
+        elif isinstance(node, ast.Call) and (name := _dynamic(node)):
+            yield Import(rel, node.lineno, source, name)
+
+
+def source_files(root: Path) -> list[Path]:
+    files = (p for r in ROOTS if (root / r).is_dir() for p in (root / r).rglob("*.py"))
+    return sorted(
+        p
+        for p in files
+        if not any(p.relative_to(root).as_posix().startswith(s + "/") for s in SKIPPED)
+    )
+
+
+def violations(root: Path) -> list[str]:
+    """`file:line: importer -> imported (the rule)` for each forbidden arrow under `root`."""
+    found: dict[str, None] = {}  # `from a import b, c` is one arrow when b and c are names
+    for path in source_files(root):
+        for imp in imports(root, path):
+            for rule in RULES:
+                if rule.applies(imp.source) and rule.forbids(imp.target):
+                    arrow = f"{imp.source} -> {imp.target}"
+                    found[f"{imp.path}:{imp.line}: {arrow} ({rule.text})"] = None
+    return list(found)
+
+
+# --- the repository ---------------------------------------------------------------------------
+
+
+def test_no_module_imports_across_a_forbidden_arrow() -> None:
+    """Every import of ledger/, services/ and migrations/ keeps the rules of DESIGN §1."""
+    found = violations(REPO)
+    assert not found, "forbidden imports:\n" + "\n".join(found)
+
+
+def test_the_scan_reads_every_module_of_the_three_roots() -> None:
+    """Nothing is skipped but the generated stubs, and each root has imports to check."""
+    scanned = source_files(REPO)
+    assert len(scanned) > 40
+    assert not [p for p in scanned if "_gen" in p.parts]
+    for root in ROOTS:
+        assert any(imports(REPO, p) for p in scanned if p.relative_to(REPO).parts[0] == root)
+
+
+def test_every_pure_ledger_module_exists() -> None:
+    """A renamed or removed pure module must leave the allow-list too."""
+    assert not [m for m in sorted(PURE_LEDGER_MODULES) if not _is_module(REPO, m)]
+
+
+# --- the checker, on planted trees --------------------------------------------------------------
+
+PACKAGES = (
+    "ledger",
+    "services",
+    "services/platform",
+    "services/ledger",
+    "services/context",
+    "services/_gen",
+    "migrations",
+)
+MODULES = (
+    "ledger/limits.py",
+    "ledger/errors.py",
+    "ledger/model.py",
+    "ledger/validation.py",
+    "ledger/store.py",
+    "ledger/audit.py",
+    "services/cli.py",
+    "services/platform/errors.py",
+    "services/platform/serve.py",
+    "services/ledger/server.py",
+    "services/context/config.py",
+    "services/context/server.py",
+    "migrations/env.py",
+)
+
+
+def _plant(root: Path, files: dict[str, str]) -> Path:
+    """A tree with the real packages' shape (empty modules), then `files` written over it."""
+    for package in PACKAGES:
+        (root / package).mkdir(parents=True, exist_ok=True)
+        (root / package / "__init__.py").write_text("")
+    for module in MODULES:
+        (root / module).write_text("")
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+PLANTED = {
+    "ledger-grpc-in-a-function": (
+        "ledger/store.py",
+        "def f():\n    import grpc\n",
+        "ledger/store.py:2: ledger.store -> grpc",
+    ),
+    "ledger-services-under-type-checking": (
+        "ledger/model.py",
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from services.platform import errors\n",
+        "ledger/model.py:3: ledger.model -> services.platform.errors",
+    ),
+    "ledger-protobuf": (
+        "ledger/audit.py",
+        "from google.protobuf import any_pb2\n",
+        "ledger/audit.py:1: ledger.audit -> google.protobuf",
+    ),
+    "ledger-google-rpc": (
+        "ledger/audit.py",
+        "import google.rpc.status_pb2\n",
+        "ledger/audit.py:1: ledger.audit -> google.rpc.status_pb2",
+    ),
+    "ledger-opentelemetry": (
+        "ledger/store.py",
+        "from opentelemetry import trace\n",
+        "ledger/store.py:1: ledger.store -> opentelemetry",
+    ),
+    "pure-imports-io": (
+        "ledger/validation.py",
+        "from ledger.audit import GROUPS\n",
+        "ledger/validation.py:1: ledger.validation -> ledger.audit",
+    ),
+    "pure-imports-driver": (
+        "ledger/model.py",
+        "import psycopg\n",
+        "ledger/model.py:1: ledger.model -> psycopg",
+    ),
+    "platform-ledger-edge": (
+        "services/platform/errors.py",
+        "from services.ledger import server\n",
+        "services/platform/errors.py:1: services.platform.errors -> services.ledger.server",
+    ),
+    "platform-context-relative": (
+        "services/platform/serve.py",
+        "from ..context import config\n",
+        "services/platform/serve.py:1: services.platform.serve -> services.context.config",
+    ),
+    "platform-store": (
+        "services/platform/db.py",
+        "x = 1\nimport ledger.store\n",
+        "services/platform/db.py:2: services.platform.db -> ledger.store",
+    ),
+    "platform-cli": (
+        "services/platform/auth.py",
+        "def f():\n    from services import cli\n",
+        "services/platform/auth.py:2: services.platform.auth -> services.cli",
+    ),
+    "context-ledger-edge": (
+        "services/context/server.py",
+        "import services.ledger\n",
+        "services/context/server.py:1: services.context.server -> services.ledger",
+    ),
+    "context-store": (
+        "services/context/requests.py",
+        "from ledger import store\n",
+        "services/context/requests.py:1: services.context.requests -> ledger.store",
+    ),
+    "context-dynamic": (
+        "services/context/service.py",
+        "import importlib\nimportlib.import_module('ledger.audit')\n",
+        "services/context/service.py:2: services.context.service -> ledger.audit",
+    ),
+    "ledger-edge-context": (
+        "services/ledger/server.py",
+        "from services.context.server import ContextServer\n",
+        "services/ledger/server.py:1: services.ledger.server -> services.context.server",
+    ),
+    "migrations-ledger": (
+        "migrations/env.py",
+        "from ledger.model import Event\n",
+        "migrations/env.py:1: migrations.env -> ledger.model",
+    ),
+    "migrations-services": (
+        "migrations/versions/0009_x.py",
+        "def upgrade():\n    from services.platform import serve\n",
+        "migrations/versions/0009_x.py:2: migrations.versions.0009_x -> services.platform.serve",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLANTED))
+def test_a_planted_forbidden_import_is_reported_with_file_line_and_arrow(
+    case: str, tmp_path: Path
+) -> None:
+    rel, text, expected = PLANTED[case]
+    found = violations(_plant(tmp_path, {rel: text}))
+    assert len(found) == 1, found
+    assert found[0].startswith(expected + " ("), found
+
+
+CLEAN = {
+    "ledger/domain.py": "from ledger import errors\nfrom ledger.model import Event\n",
+    "ledger/validation.py": "from . import limits\nfrom ledger.errors import InvalidArgument\n",
+    "ledger/store.py": "import psycopg\nfrom ledger.audit import LedgerAudit\n",
+    "services/platform/errors.py": "import grpc\nfrom google.rpc import status_pb2\n"
+    "from opentelemetry import trace\nfrom ledger import errors\nimport migrations\n",
+    "services/platform/auth.py": "from services._gen.tokenledger.v1 import ledger_pb2\n"
+    "from .errors import pack\n",
+    "services/context/requests.py": "from typing import TYPE_CHECKING\n"
+    "from ledger.validation import Checker\nfrom ..platform import errors\n"
+    "if TYPE_CHECKING:\n    from ledger import limits\n",
+    "services/ledger/server.py": "from ledger.store import LedgerStore\n"
+    "from services.platform.serve import serve_until_signalled\n",
+    "services/cli.py": "def main():\n    import services.context.server\n"
+    "    import services.ledger.server\n",
+    "services/_gen/stub.py": "import services.ledger\n",
+    "migrations/env.py": "import alembic\nfrom sqlalchemy import text\n",
+}
+
+
+def test_a_tree_that_keeps_the_rules_reports_nothing(tmp_path: Path) -> None:
+    """Allowed arrows pass (pure ledger modules, platform, _gen, the entry point, relative
+    imports), and the generated stubs are not read."""
+    assert violations(_plant(tmp_path, CLEAN)) == []
+
+
+def test_one_import_planted_in_a_clean_tree_is_the_one_reported(tmp_path: Path) -> None:
+    planted = {**CLEAN, "services/context/extra.py": "import services.ledger.server\n"}
+    found = violations(_plant(tmp_path, planted))
+    assert len(found) == 1, found
+    assert found[0].startswith(
+        "services/context/extra.py:1: services.context.extra -> services.ledger.server ("
+    )
