@@ -9,52 +9,48 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, date, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, get_args, get_type_hints
 
 from ledger.model import (
     EVENT_TYPES,
     Account,
     AccountKey,
-    BalanceAdjusted,
     Event,
     Grant,
     GrantOrder,
     Period,
-    QuotaSet,
-    RateLimitSet,
     Reservation,
-    ReservationCommitted,
-    ReservationExpired,
-    ReservationRolledBack,
     State,
-    TokensGranted,
-    TokensReserved,
     Usage,
-    UsageRecorded,
 )
 
 GENESIS_HASH = bytes(32)
 
-# The columns the hash covers, in the events table.
-HASHED_COLUMNS = (
-    "tenant_id",
-    "user_id",
-    "conversation_id",
-    "version",
-    "event_type",
-    "occurred_at",
-    "model",
-    "reservation_id",
-    "amount",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "idempotency_key",
-    "actor",
-    "trace_id",
-    "data",
-)
+# The events table's columns that an event fills, with their SQL types. The hash covers all of
+# them; the database adds position, recorded_at and xid, and the chain prev_hash and hash.
+EVENT_COLUMNS: dict[str, str] = {
+    "tenant_id": "text",
+    "user_id": "text",
+    "conversation_id": "text",
+    "version": "bigint",
+    "event_type": "text",
+    "occurred_at": "timestamptz",
+    "model": "text",
+    "reservation_id": "text",
+    "amount": "bigint",
+    "input_tokens": "bigint",
+    "output_tokens": "bigint",
+    "cached_input_tokens": "bigint",
+    "idempotency_key": "text",
+    "actor": "text",
+    "trace_id": "text",
+    "data": "jsonb",
+}
+HASHED_COLUMNS = tuple(EVENT_COLUMNS)
+CHAIN_COLUMNS = {"prev_hash": "bytea", "hash": "bytea"}
 
 
 def ts(at: datetime) -> str:
@@ -85,59 +81,75 @@ def event_hash(row: dict[str, Any], prev_hash: bytes) -> bytes:
     return hashlib.sha256(prev_hash + canonical_json(body)).digest()
 
 
-def _usage(event: Event) -> Usage:
-    if isinstance(event, ReservationCommitted | UsageRecorded):
-        return event.usage
-    return Usage()
+# --- the layout of each event type, derived from its declaration in ledger/model.py ----------
+
+_COMMON = frozenset(f.name for f in fields(Event))
+_OWN_COLUMNS = frozenset({"reservation_id", "amount"})
 
 
-def _data(event: Event) -> dict[str, Any]:
-    match event:
-        case QuotaSet():
-            return {
-                "limit": event.limit,
-                "period": event.period.value,
-                "window_hours": event.window_hours,
-                "time_zone": event.time_zone,
-                "soft_limit_percent": event.soft_limit_percent,
-                "grant_order": event.grant_order.value,
-            }
-        case TokensReserved():
-            return {
-                "expires_at": ts(event.expires_at),
-                "labels": dict(event.labels),
-                "requested": event.requested,
-            }
-        case TokensGranted():
-            expires = ts(event.expires_at) if event.expires_at else None
-            return {"grant_id": event.grant_id, "expires_at": expires, "reason": event.reason}
-        case BalanceAdjusted():
-            return {"reason": event.reason}
-        case RateLimitSet():
-            return {
-                "tokens_per_minute": event.tokens_per_minute,
-                "requests_per_minute": event.requests_per_minute,
-            }
-        case ReservationCommitted():
-            return {"reserved_at": ts(event.reserved_at)}
-        case ReservationRolledBack():
-            return {"reason": event.reason}
-        case UsageRecorded() if event.reserved_at is not None:
-            return {"reserved_at": ts(event.reserved_at)}
-    return {}
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    kind: Any  # the declared type
+    column: str  # "" for a field kept in `data`
+    required: bool
+    default: Any
+    omit_none: bool
+    absent_is: str
 
 
-def _amount(event: Event) -> int:
-    """The amount column: tokens held, released, granted or (signed) adjusted."""
-    if isinstance(event, BalanceAdjusted):
-        return event.tokens
-    amount: int = getattr(event, "amount", 0)
-    return amount
+def _layout(cls: type[Event]) -> tuple[_Field, ...]:
+    """The fields of an event type beyond the common ones, with where each is stored."""
+    hints = get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        if f.name in _COMMON:
+            continue
+        column = f.metadata.get("column") or (f.name if f.name in _OWN_COLUMNS else "")
+        out.append(
+            _Field(
+                name=f.name,
+                kind=hints[f.name],
+                column="usage" if f.name == "usage" else column,
+                required=f.default is MISSING,
+                default=f.default,
+                omit_none=f.metadata.get("omit_none", False),
+                absent_is=f.metadata.get("absent_is", ""),
+            )
+        )
+    return tuple(out)
+
+
+_LAYOUTS = {cls: _layout(cls) for cls in EVENT_TYPES.values()}
+
+
+def _to_json(kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind == tuple[tuple[str, str], ...]:  # labels
+        return dict(value)
+    if isinstance(value, datetime):
+        return ts(value)
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+def _from_json(kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    if kind == tuple[tuple[str, str], ...]:
+        return tuple(sorted(value.items()))
+    base = next((a for a in get_args(kind) if a is not type(None)), kind)  # X | None -> X
+    if base is datetime:
+        return parse_ts(value)
+    if isinstance(base, type) and issubclass(base, StrEnum):
+        return base(value)
+    return value
 
 
 def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
     """The events-table row of `event` at `version` of its stream, hash included."""
-    usage = _usage(event)
     row: dict[str, Any] = {
         "tenant_id": event.key.tenant_id,
         "user_id": event.key.user_id,
@@ -146,16 +158,24 @@ def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
         "event_type": type(event).__name__,
         "occurred_at": ts(event.occurred_at),
         "model": event.model,
-        "reservation_id": getattr(event, "reservation_id", ""),
-        "amount": _amount(event),
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cached_input_tokens": usage.cached_input_tokens,
+        "reservation_id": "",
+        "amount": 0,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cached_input_tokens": 0,
         "idempotency_key": event.idempotency_key,
         "actor": event.actor,
         "trace_id": event.trace_id,
-        "data": _data(event),
+        "data": {},
     }
+    for f in _LAYOUTS[type(event)]:
+        value = getattr(event, f.name)
+        if f.column == "usage":
+            row |= vars(value)
+        elif f.column:
+            row[f.column] = value
+        elif not (f.omit_none and value is None):
+            row["data"][f.name] = _to_json(f.kind, value)
     row["prev_hash"] = prev_hash
     row["hash"] = event_hash(row, prev_hash)
     return row
@@ -164,9 +184,8 @@ def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
 def event_from_row(row: dict[str, Any]) -> Event:
     """The event an events-table row (or event_row() output) records."""
     cls = EVENT_TYPES[row["event_type"]]
-    data = row["data"]
     occurred_at = row["occurred_at"]
-    common: dict[str, Any] = {
+    values: dict[str, Any] = {
         "key": AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"]),
         "occurred_at": (
             occurred_at.astimezone(UTC)
@@ -178,63 +197,21 @@ def event_from_row(row: dict[str, Any]) -> Event:
         "idempotency_key": row["idempotency_key"],
         "model": row["model"],
     }
-    usage = Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
-    rid, amount = row["reservation_id"], row["amount"]
-    if cls is QuotaSet:
-        return QuotaSet(
-            limit=data["limit"],
-            period=Period(data["period"]),
-            # Quotas set before migration 0003 carry only limit and period.
-            window_hours=data.get("window_hours", 0),
-            time_zone=data.get("time_zone", "UTC"),
-            soft_limit_percent=data.get("soft_limit_percent", 0),
-            grant_order=GrantOrder(data.get("grant_order", GrantOrder.QUOTA_FIRST)),
-            **common,
-        )
-    if cls is TokensReserved:
-        return TokensReserved(
-            reservation_id=rid,
-            amount=amount,
-            expires_at=parse_ts(data["expires_at"]),
-            labels=tuple(sorted(data["labels"].items())),
-            requested=data.get("requested", amount),
-            **common,
-        )
-    if cls is TokensGranted:
-        expires = data["expires_at"]
-        return TokensGranted(
-            grant_id=data["grant_id"],
-            amount=amount,
-            expires_at=parse_ts(expires) if expires else None,
-            reason=data["reason"],
-            **common,
-        )
-    if cls is BalanceAdjusted:
-        return BalanceAdjusted(tokens=amount, reason=data["reason"], **common)
-    if cls is RateLimitSet:
-        return RateLimitSet(
-            tokens_per_minute=data["tokens_per_minute"],
-            requests_per_minute=data["requests_per_minute"],
-            **common,
-        )
-    if cls is ReservationCommitted:
-        reserved_at = parse_ts(data["reserved_at"])
-        return ReservationCommitted(
-            reservation_id=rid, amount=amount, usage=usage, reserved_at=reserved_at, **common
-        )
-    if cls is ReservationRolledBack:
-        return ReservationRolledBack(
-            reservation_id=rid, amount=amount, reason=data["reason"], **common
-        )
-    if cls is ReservationExpired:
-        return ReservationExpired(reservation_id=rid, amount=amount, **common)
-    reserved = data.get("reserved_at")
-    return UsageRecorded(
-        usage=usage,
-        reservation_id=rid,
-        reserved_at=parse_ts(reserved) if reserved else None,
-        **common,
-    )
+    data = row["data"]
+    for f in _LAYOUTS[cls]:
+        if f.column == "usage":
+            values[f.name] = Usage(
+                row["input_tokens"], row["output_tokens"], row["cached_input_tokens"]
+            )
+        elif f.column:
+            values[f.name] = row[f.column]
+        elif f.name in data:
+            values[f.name] = _from_json(f.kind, data[f.name])
+        elif f.absent_is:  # logged before the field existed
+            values[f.name] = values.get(f.absent_is, row.get(f.absent_is))
+        elif f.required:
+            raise KeyError(f"{cls.__name__} row has no {f.name!r} in its data")
+    return cls(**values)
 
 
 # --- stored outcomes (idempotent replies) ---------------------------------------------------

@@ -1,4 +1,4 @@
-"""Domain errors. The gRPC layer maps each class to one status code (services/errors.py)."""
+"""Domain errors. No gRPC in them: the servers map each class to one status code in one table."""
 
 from __future__ import annotations
 
@@ -188,3 +188,9 @@ class StoreUnavailable(LedgerError):
     """The database cannot be reached; the call changed nothing and may be retried."""
 
     reason = "STORE_UNAVAILABLE"
+
+
+class Conflict(StoreUnavailable):
+    """The transaction lost a race with another writer (a serialization failure, a deadlock,
+    a duplicate key). Nothing was written; the ledger retries the batch a few times, and a
+    caller that still gets it may retry too."""

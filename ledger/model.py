@@ -237,6 +237,16 @@ class Reservation:
 
 
 # --- events --------------------------------------------------------------------------------
+# Each event type is declared once, here: its fields and their types. ledger/codec.py derives
+# the log's row from the declaration: the fields every event carries, `reservation_id`,
+# `amount` and `usage` have columns of their own; every other field goes in the `data` JSON.
+# Field metadata says where a field differs from that rule (see `stored`).
+
+
+def stored(*, column: str = "", omit_none: bool = False, absent_is: str = "") -> dict[str, Any]:
+    """Metadata of a field stored unlike the rule: in `column`; left out of `data` when None
+    (`omit_none`); or, in rows logged before it existed, equal to the field `absent_is`."""
+    return {"column": column, "omit_none": omit_none, "absent_is": absent_is}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,7 +280,7 @@ class TokensReserved(Event):
     amount: int
     expires_at: datetime
     labels: tuple[tuple[str, str], ...] = ()
-    requested: int = 0
+    requested: int = field(default=0, metadata=stored(absent_is="amount"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -302,7 +312,7 @@ class UsageRecorded(Event):
 
     usage: Usage
     reservation_id: str = ""
-    reserved_at: datetime | None = None
+    reserved_at: datetime | None = field(default=None, metadata=stored(omit_none=True))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,7 +330,7 @@ class BalanceAdjusted(Event):
     """An operator's correction of usage: `tokens` > 0 charges, < 0 credits. It rolls up to
     every ancestor, as usage does, and counts in the current period."""
 
-    tokens: int
+    tokens: int = field(metadata=stored(column="amount"))
     reason: str
 
 

@@ -12,7 +12,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from ledger import errors, limits
-from ledger.audit import GROUPS, UsageQuery
 from ledger.model import (
     AccountKey,
     AdjustBalance,
@@ -29,7 +28,7 @@ from ledger.model import (
     rolling_window_hours_max,
     zone,
 )
-from ledger.verify import Scope
+from ledger.reads import GROUP_NAMES, Scope, UsageQuery
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
@@ -401,7 +400,7 @@ def balance_at(as_of: datetime, now: datetime) -> datetime:
     return as_of
 
 
-USAGE_GROUPS = tuple(GROUPS)
+USAGE_GROUPS = GROUP_NAMES
 _RANGE_MAX = timedelta(days=limits.usage_range_days_max)
 
 

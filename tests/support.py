@@ -26,8 +26,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from ledger.audit import LedgerAudit
-from ledger.verify import Scope, VerifyReport
+from ledger.postgres.audit import LedgerAudit
+from ledger.reads import Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger.server import LedgerServer

@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ledger.audit import LedgerAudit
-from ledger.store import LedgerStore, RebuildReport
-from ledger.verify import Scope, VerifyReport
+from ledger.application import Ledger
+from ledger.postgres.audit import LedgerAudit
+from ledger.postgres.store import PostgresStore
+from ledger.reads import RebuildReport, Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger.config import Settings
@@ -159,7 +160,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
     async def run() -> tuple[RebuildReport, VerifyReport]:
         async with db.make_pool(url, 2) as pool:
-            report = await LedgerStore(pool).rebuild(args.tenant)
+            report = await Ledger(PostgresStore(pool)).rebuild(args.tenant)
             with closing(LedgerAudit(pool, workers=settings.audit_workers)) as audit:
                 return report, await audit.verify(Scope(args.tenant))
 

@@ -9,7 +9,6 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from ledger import codec, errors, limits, validation
-from ledger.audit import UsageQuery, UsageRow
 from ledger.model import (
     Account,
     AccountKey,
@@ -32,8 +31,8 @@ from ledger.model import (
     State,
     Usage,
 )
+from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.usage import COUNTER_NAMES
-from ledger.verify import Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 
 USAGE_GROUP_NAMES = {
@@ -335,29 +334,27 @@ def usage_query(q: pb.UsageQuery) -> UsageQuery:
     )
 
 
-def ledger_event(row: dict[str, Any]) -> pb.LedgerEvent:
+def ledger_event(e: LoggedEvent) -> pb.LedgerEvent:
     return pb.LedgerEvent(
-        position=row["position"],
-        tenant_id=row["tenant_id"],
-        user_id=row["user_id"],
-        conversation_id=row["conversation_id"],
-        version=row["version"],
-        event_type=row["event_type"],
-        occurred_at=_timestamp(row["occurred_at"]),
-        recorded_at=_timestamp(row["recorded_at"]),
-        model=row["model"],
-        reservation_id=row["reservation_id"],
-        amount=row["amount"],
-        usage=usage_pb(
-            Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"])
-        ),
-        idempotency_key=row["idempotency_key"],
-        actor=row["actor"],
-        trace_id=row["trace_id"],
-        data_json=codec.canonical_json(row["data"]).decode(),
-        transaction_id=int(row["xid"]),
-        prev_hash=bytes(row["prev_hash"]),
-        hash=bytes(row["hash"]),
+        position=e.position,
+        tenant_id=e.key.tenant_id,
+        user_id=e.key.user_id,
+        conversation_id=e.key.conversation_id,
+        version=e.version,
+        event_type=e.event_type,
+        occurred_at=_timestamp(e.occurred_at),
+        recorded_at=_timestamp(e.recorded_at),
+        model=e.model,
+        reservation_id=e.reservation_id,
+        amount=e.amount,
+        usage=usage_pb(e.usage),
+        idempotency_key=e.idempotency_key,
+        actor=e.actor,
+        trace_id=e.trace_id,
+        data_json=codec.canonical_json(e.data).decode(),
+        transaction_id=e.transaction_id,
+        prev_hash=e.prev_hash,
+        hash=e.hash,
     )
 
 

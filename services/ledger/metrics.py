@@ -20,6 +20,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from psycopg_pool import AsyncConnectionPool
 
 from ledger import errors
+from ledger.application import Ledger
 from ledger.model import (
     Event,
     ReservationCommitted,
@@ -27,7 +28,6 @@ from ledger.model import (
     TokensReserved,
     UsageRecorded,
 )
-from ledger.store import LedgerStore
 from services.platform.errors import STATUS_BY_ERROR
 from services.platform.interceptors import UnaryBehavior, _Interceptor
 
@@ -122,11 +122,11 @@ class LedgerMetrics:
     def refused(self, exc: errors.LedgerError) -> None:
         self.refusals.add(1, {"reason": exc.reason})
 
-    async def refresh_held(self, store: LedgerStore) -> int:
+    async def refresh_held(self, store: Ledger) -> int:
         self.held = await store.held_total()
         return self.held
 
-    async def refresh_forever(self, store: LedgerStore, interval_s: float) -> None:
+    async def refresh_forever(self, store: Ledger, interval_s: float) -> None:
         while True:
             try:
                 await self.refresh_held(store)

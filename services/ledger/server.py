@@ -15,9 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
 from psycopg_pool import AsyncConnectionPool
 
-from ledger.audit import LedgerAudit
+from ledger.application import Ledger, utc_now
 from ledger.errors import StoreUnavailable
-from ledger.store import LedgerStore, utc_now
+from ledger.postgres.audit import LedgerAudit
+from ledger.postgres.store import PostgresStore
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger.metrics import LedgerMetrics, RefusalInterceptor, held_refresh_s_default
@@ -70,7 +71,7 @@ class LedgerServer:
         self.pool = pool
         self.metrics = LedgerMetrics(pool, meter_provider)
         self.held_refresh_s = held_refresh_s if meter_provider is not None else None
-        self.store = LedgerStore(pool, clock=clock, on_appended=self.metrics.appended)
+        self.store = Ledger(PostgresStore(pool), clock=clock, on_appended=self.metrics.appended)
         self.sweep_interval_s = sweep_interval_s
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")

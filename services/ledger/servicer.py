@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 
 from ledger import errors, validation
-from ledger.audit import LedgerAudit
+from ledger.application import CallMeta, Ledger
 from ledger.model import AccountKey
-from ledger.store import CallMeta, LedgerStore
+from ledger.postgres.audit import LedgerAudit
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger import convert
@@ -35,7 +35,7 @@ def _meta() -> CallMeta:
 class LedgerService(pb_grpc.LedgerServiceServicer):
     def __init__(
         self,
-        store: LedgerStore,
+        store: Ledger,
         audit: LedgerAudit,
         stopping: asyncio.Event,
         clock: Callable[[], datetime],
@@ -130,14 +130,13 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         sent, last, complete = 0, 0, True
         rows = self._audit.events(scope, from_position, from_time, max_events + 1)
         async with aclosing(rows):  # returns its connection even when the client leaves
-            async for row in rows:
+            async for event in rows:
                 if sent == max_events:
                     complete = False
                     break
-                chunk.append(convert.ledger_event(row))
-                key = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
-                heads[key] = (row["version"], bytes(row["hash"]))
-                sent, last = sent + 1, row["position"]
+                chunk.append(convert.ledger_event(event))
+                heads[event.key] = (event.version, event.hash)
+                sent, last = sent + 1, event.position
                 if len(chunk) == REPLAY_EVENTS_PER_MESSAGE:
                     yield pb.ReplayHistoryResponse(events=chunk)
                     chunk = []
@@ -187,8 +186,8 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         )
         follow = self._audit.follow(request.tenant_id, after, request.from_position, self._stopping)
         async with aclosing(follow):
-            async for row in follow:
+            async for event in follow:
                 yield pb.SubscribeEventsResponse(
-                    event=convert.ledger_event(row),
-                    cursor=validation.cursor(int(row["xid"]), row["position"]),
+                    event=convert.ledger_event(event),
+                    cursor=validation.cursor(event.transaction_id, event.position),
                 )

@@ -23,6 +23,7 @@ import grpc
 import psycopg
 
 from ledger import codec
+from ledger.application import Ledger
 from ledger.model import (
     AccountKey,
     Period,
@@ -31,9 +32,9 @@ from ledger.model import (
     TokensReserved,
     Usage,
 )
+from ledger.postgres.rows import ACCOUNT_COLUMNS
+from ledger.postgres.store import PostgresStore
 from ledger.replay import Projection
-from ledger.rows import ACCOUNT_COLUMNS
-from ledger.store import LedgerStore
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
@@ -131,7 +132,7 @@ async def rebuild_time(url: str) -> tuple[float, float]:
     seconds it held the tenant's lock (writers waited)."""
     async with db.make_pool(url, 2) as pool:
         started = time.perf_counter()
-        report = await LedgerStore(pool).rebuild(TENANT)
+        report = await Ledger(PostgresStore(pool)).rebuild(TENANT)
         return round(time.perf_counter() - started, 2), report.lock_held_s
 
 

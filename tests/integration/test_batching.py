@@ -10,8 +10,9 @@ from typing import Any
 import psycopg
 
 from ledger import errors, validation
+from ledger.application import Ledger
 from ledger.model import Period, Reserve
-from ledger.store import LedgerStore
+from ledger.postgres.store import PostgresStore
 from services.platform import db
 from tests.support import new_id, verify_tenant
 
@@ -29,7 +30,7 @@ def reserve(tenant: str, amount: int, key: str = "") -> Reserve:
     )
 
 
-async def set_limit(store: LedgerStore, tenant: str, limit: int) -> None:
+async def set_limit(store: Ledger, tenant: str, limit: int) -> None:
     await store.set_quota(
         validation.set_quota(
             idempotency_key=new_id("q"),
@@ -42,10 +43,10 @@ async def set_limit(store: LedgerStore, tenant: str, limit: int) -> None:
     )
 
 
-def with_store(url: str, body: Callable[[LedgerStore], Awaitable[Any]]) -> Any:
+def with_store(url: str, body: Callable[[Ledger], Awaitable[Any]]) -> Any:
     async def run() -> Any:
         async with db.make_pool(url, 4) as pool:
-            return await body(LedgerStore(pool))
+            return await body(Ledger(PostgresStore(pool)))
 
     return asyncio.run(run())
 
@@ -62,7 +63,7 @@ def transactions_of(url: str, tenant: str) -> int:
 def test_concurrent_writes_share_transactions_and_never_overspend(database_url: str) -> None:
     tenant = new_id("t")
 
-    async def body(store: LedgerStore) -> list[Any]:
+    async def body(store: Ledger) -> list[Any]:
         await set_limit(store, tenant, 2_000)
         return await asyncio.gather(
             *(store.reserve(reserve(tenant, 100)) for _ in range(50)), return_exceptions=True
@@ -86,7 +87,7 @@ def test_a_refused_write_does_not_undo_its_batch_neighbours(database_url: str) -
     tenant = new_id("t")
     key = new_id("k")
 
-    async def body(store: LedgerStore) -> list[Any]:
+    async def body(store: Ledger) -> list[Any]:
         await set_limit(store, tenant, 100)
         await store.reserve(reserve(tenant, 10, key))
         return await asyncio.gather(
@@ -109,7 +110,7 @@ def test_the_same_key_twice_in_one_batch_is_applied_once(database_url: str) -> N
     tenant = new_id("t")
     key = new_id("k")
 
-    async def body(store: LedgerStore) -> list[Any]:
+    async def body(store: Ledger) -> list[Any]:
         return await asyncio.gather(*(store.reserve(reserve(tenant, 10, key)) for _ in range(5)))
 
     results = with_store(database_url, body)

@@ -11,15 +11,16 @@ import pytest
 from psycopg.rows import dict_row
 
 from ledger import codec, validation
+from ledger.application import Ledger
 from ledger.model import Commit, Usage
-from ledger.store import LedgerStore
+from ledger.postgres.store import PostgresStore
 from services.platform import db
 from tests.support import event_count, new_id, verify_tenant
 
 
 async def _write_history(url: str, tenant: str) -> None:
     async with db.make_pool(url, 2) as pool:
-        store = LedgerStore(pool)
+        store = Ledger(PostgresStore(pool))
         for n in range(3):
             r = await store.reserve(
                 validation.reserve(

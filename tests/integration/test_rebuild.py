@@ -1,4 +1,4 @@
-"""`LedgerStore.rebuild`: the projections of a tenant rewritten from its log equal what the
+"""`Ledger.rebuild`: the projections of a tenant rewritten from its log equal what the
 ledger kept live, repair edited or deleted projection rows, touch no other tenant, and leave
 the log and the idempotency records as they were."""
 
@@ -9,8 +9,10 @@ from typing import Any
 
 import psycopg
 
+from ledger.application import Ledger
 from ledger.model import AccountKey, Commit, Period, Reserve, SetQuota, Usage
-from ledger.store import LedgerStore, RebuildReport
+from ledger.postgres.store import PostgresStore
+from ledger.reads import RebuildReport
 from services.platform import db
 from tests.support import ServerThread, cycle, new_id, verify_tenant
 
@@ -20,7 +22,7 @@ TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits", "idempotenc
 def rebuild(url: str, tenant: str) -> RebuildReport:
     async def run() -> RebuildReport:
         async with db.make_pool(url, 2) as pool:
-            return await LedgerStore(pool).rebuild(tenant)
+            return await Ledger(PostgresStore(pool)).rebuild(tenant)
 
     return asyncio.run(run())
 
@@ -78,7 +80,7 @@ def test_writes_during_a_rebuild_wait_and_land(database_url: str) -> None:
 
     async def run() -> None:
         async with db.make_pool(database_url, 4) as pool:
-            store = LedgerStore(pool)
+            store = Ledger(PostgresStore(pool))
             await store.set_quota(SetQuota(new_id("q"), AccountKey(tenant), 10_000, Period.DAY))
             writes = []
             for i in range(20):
@@ -119,7 +121,7 @@ def test_what_is_appended_while_the_log_is_folded_is_folded_under_the_lock(
 
     async def run() -> RebuildReport:
         async with db.make_pool(database_url, 4) as pool:
-            store = LedgerStore(pool)
+            store = Ledger(PostgresStore(pool))
             await store.set_quota(SetQuota(new_id("q"), AccountKey(tenant), 10_000, Period.DAY))
             await store.reserve(Reserve(new_id("r"), key, "gpt-4o", 100, 60))
             connect = psycopg.AsyncConnection.connect

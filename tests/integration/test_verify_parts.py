@@ -15,10 +15,12 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from ledger import verify
-from ledger.audit import LedgerAudit
 from ledger.errors import StoreUnavailable
-from ledger.verify import Part, Scope
+from ledger.postgres import verify
+from ledger.postgres.audit import LedgerAudit
+from ledger.postgres.rows import scope_where
+from ledger.postgres.verify import Part
+from ledger.reads import Scope
 from services.platform import db
 from tests.support import ServerThread, cycle, verify_tenant
 
@@ -52,14 +54,14 @@ def test_the_parts_of_a_plan_cover_every_row_once(
     parts = verify.plan(scope, workers)
     assert [p.tenant_level for p in parts].count(True) == 1 and len(parts) == 1 + 3 * workers
     for table in TABLES:
-        everything = count(database_url, table, *scope.where())
+        everything = count(database_url, table, *scope_where(scope))
         assert everything > 0, table
         covered = sum(count(database_url, table, *p.rows_where()) for p in parts)
         assert covered == everything, table
         # and every bucket holds some users, so the split is real
         assert all(count(database_url, "accounts", *p.rows_where()) for p in parts)
     # The tenant part reads every event (its account sums them all); the user parts split the rest.
-    events = count(database_url, "events", *scope.where())
+    events = count(database_url, "events", *scope_where(scope))
     tenant_part, *user_parts = parts
     assert count(database_url, "events", *tenant_part.events_where()) == events
     own = events - sum(count(database_url, "events", *p.events_where()) for p in user_parts)
@@ -99,7 +101,9 @@ def test_a_verification_in_parts_reports_exactly_what_one_part_does(
             assert conn.execute(TAMPERING[change], (crowded_tenant,)).rowcount >= 1
     whole = verify_tenant(database_url, crowded_tenant, workers=1)
     assert verify_tenant(database_url, crowded_tenant, workers=3) == whole
-    assert whole.events_checked == count(database_url, "events", *Scope(crowded_tenant).where())
+    assert whole.events_checked == count(
+        database_url, "events", *scope_where(Scope(crowded_tenant))
+    )
     found = bool(whole.breaks or whole.differences)
     assert found == bool(TAMPERING[change]), (whole.breaks, whole.differences)
 

@@ -3,8 +3,10 @@ under ledger/, services/ (but services/_gen) and migrations/, those inside funct
 `if TYPE_CHECKING:` blocks included, and `importlib.import_module("…")` with a literal name.
 
 - `ledger` imports no `services`, grpc, protobuf (`google.protobuf`, `google.rpc`) or
-  OpenTelemetry; a pure ledger module imports, of `ledger`, only pure modules, and no database
-  driver;
+  OpenTelemetry; of `ledger`, only the PostgreSQL adapter (`ledger.postgres`) imports a
+  database driver or is imported (the application reaches it through ledger/ports.py, and
+  the composition roots name it); a pure ledger module imports, of `ledger`, only pure
+  modules, and no database driver;
 - `services.platform` imports neither `services.ledger` nor `services.context` (nor the
   `services.cli` entry point), and of `ledger` only pure modules;
 - `services.context` imports no `services.ledger` (nor `services.cli`), and of `ledger` only
@@ -29,6 +31,10 @@ PURE_LEDGER_MODULES = frozenset(
         "ledger.model",
         "ledger.domain",
         "ledger.validation",
+        "ledger.reads",
+        "ledger.replay",
+        "ledger.codec",
+        "ledger.usage",
     }
 )
 """Ledger modules that do no I/O: the only ones `services.platform` and `services.context` may
@@ -77,6 +83,11 @@ RULES = (
         lambda m: _under(m, "ledger"),
         lambda t: _under(t, "services", "opentelemetry", *GRPC, *PROTOBUF),
         "ledger imports no services, grpc, protobuf or opentelemetry",
+    ),
+    Rule(
+        lambda m: _under(m, "ledger") and not _under(m, "ledger.postgres"),
+        lambda t: _under(t, *DATABASE_DRIVERS, "ledger.postgres"),
+        "of ledger, only the PostgreSQL adapter (ledger.postgres) touches the database",
     ),
     Rule(
         lambda m: m in PURE_LEDGER_MODULES,
@@ -179,6 +190,7 @@ def violations(root: Path) -> list[str]:
                 if rule.applies(imp.source) and rule.forbids(imp.target):
                     arrow = f"{imp.source} -> {imp.target}"
                     found[f"{imp.path}:{imp.line}: {arrow} ({rule.text})"] = None
+                    break  # one rule named per arrow is enough
     return list(found)
 
 
@@ -209,6 +221,7 @@ def test_every_pure_ledger_module_exists() -> None:
 
 PACKAGES = (
     "ledger",
+    "ledger/postgres",
     "services",
     "services/platform",
     "services/ledger",
@@ -221,8 +234,9 @@ MODULES = (
     "ledger/errors.py",
     "ledger/model.py",
     "ledger/validation.py",
-    "ledger/store.py",
-    "ledger/audit.py",
+    "ledger/application.py",
+    "ledger/postgres/store.py",
+    "ledger/postgres/audit.py",
     "services/cli.py",
     "services/platform/errors.py",
     "services/platform/serve.py",
@@ -247,10 +261,15 @@ def _plant(root: Path, files: dict[str, str]) -> Path:
 
 
 PLANTED = {
+    "ledger-application-reaches-for-the-database": (
+        "ledger/application.py",
+        "def f():\n    from ledger.postgres import store\n",
+        "ledger/application.py:2: ledger.application -> ledger.postgres.store",
+    ),
     "ledger-grpc-in-a-function": (
-        "ledger/store.py",
+        "ledger/postgres/store.py",
         "def f():\n    import grpc\n",
-        "ledger/store.py:2: ledger.store -> grpc",
+        "ledger/postgres/store.py:2: ledger.postgres.store -> grpc",
     ),
     "ledger-services-under-type-checking": (
         "ledger/model.py",
@@ -259,24 +278,24 @@ PLANTED = {
         "ledger/model.py:3: ledger.model -> services.platform.errors",
     ),
     "ledger-protobuf": (
-        "ledger/audit.py",
+        "ledger/postgres/audit.py",
         "from google.protobuf import any_pb2\n",
-        "ledger/audit.py:1: ledger.audit -> google.protobuf",
+        "ledger/postgres/audit.py:1: ledger.postgres.audit -> google.protobuf",
     ),
     "ledger-google-rpc": (
-        "ledger/audit.py",
+        "ledger/postgres/audit.py",
         "import google.rpc.status_pb2\n",
-        "ledger/audit.py:1: ledger.audit -> google.rpc.status_pb2",
+        "ledger/postgres/audit.py:1: ledger.postgres.audit -> google.rpc.status_pb2",
     ),
     "ledger-opentelemetry": (
-        "ledger/store.py",
+        "ledger/postgres/store.py",
         "from opentelemetry import trace\n",
-        "ledger/store.py:1: ledger.store -> opentelemetry",
+        "ledger/postgres/store.py:1: ledger.postgres.store -> opentelemetry",
     ),
     "pure-imports-io": (
         "ledger/validation.py",
-        "from ledger.audit import GROUPS\n",
-        "ledger/validation.py:1: ledger.validation -> ledger.audit",
+        "from ledger.postgres.audit import GROUPS\n",
+        "ledger/validation.py:1: ledger.validation -> ledger.postgres.audit",
     ),
     "pure-imports-driver": (
         "ledger/model.py",
@@ -295,8 +314,8 @@ PLANTED = {
     ),
     "platform-store": (
         "services/platform/db.py",
-        "x = 1\nimport ledger.store\n",
-        "services/platform/db.py:2: services.platform.db -> ledger.store",
+        "x = 1\nimport ledger.postgres.store\n",
+        "services/platform/db.py:2: services.platform.db -> ledger.postgres.store",
     ),
     "platform-cli": (
         "services/platform/auth.py",
@@ -310,13 +329,13 @@ PLANTED = {
     ),
     "context-store": (
         "services/context/requests.py",
-        "from ledger import store\n",
-        "services/context/requests.py:1: services.context.requests -> ledger.store",
+        "from ledger.postgres import store\n",
+        "services/context/requests.py:1: services.context.requests -> ledger.postgres.store",
     ),
     "context-dynamic": (
         "services/context/service.py",
-        "import importlib\nimportlib.import_module('ledger.audit')\n",
-        "services/context/service.py:2: services.context.service -> ledger.audit",
+        "import importlib\nimportlib.import_module('ledger.application')\n",
+        "services/context/service.py:2: services.context.service -> ledger.application",
     ),
     "ledger-edge-context": (
         "services/ledger/server.py",
@@ -349,7 +368,8 @@ def test_a_planted_forbidden_import_is_reported_with_file_line_and_arrow(
 CLEAN = {
     "ledger/domain.py": "from ledger import errors\nfrom ledger.model import Event\n",
     "ledger/validation.py": "from . import limits\nfrom ledger.errors import InvalidArgument\n",
-    "ledger/store.py": "import psycopg\nfrom ledger.audit import LedgerAudit\n",
+    "ledger/postgres/store.py": "import psycopg\nfrom ledger.postgres.audit import LedgerAudit\n",
+    "ledger/application.py": "from ledger.ports import Store\nfrom ledger import domain\n",
     "services/platform/errors.py": "import grpc\nfrom google.rpc import status_pb2\n"
     "from opentelemetry import trace\nfrom ledger import errors\nimport migrations\n",
     "services/platform/auth.py": "from services._gen.tokenledger.v1 import ledger_pb2\n"
@@ -357,7 +377,7 @@ CLEAN = {
     "services/context/requests.py": "from typing import TYPE_CHECKING\n"
     "from ledger.validation import Checker\nfrom ..platform import errors\n"
     "if TYPE_CHECKING:\n    from ledger import limits\n",
-    "services/ledger/server.py": "from ledger.store import LedgerStore\n"
+    "services/ledger/server.py": "from ledger.postgres.store import PostgresStore\n"
     "from services.platform.serve import serve_until_signalled\n",
     "services/cli.py": "def main():\n    import services.context.server\n"
     "    import services.ledger.server\n",

@@ -25,65 +25,69 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("ledger", "services", "migrations")
 RUFF = Path(sys.executable).parent / "ruff"
-_WHERE = "a WHERE clause from Scope.where(): constant text, values as %s parameters"
+_WHERE = "a WHERE clause from scope_where(): constant text, values as %s parameters"
 
 REVIEWED_S608: dict[tuple[str, str], str] = {
-    ("ledger/rows.py", 'f"SELECT {ACCOUNT_COLUMNS} FROM accounts "'): (
+    ("ledger/postgres/rows.py", 'f"SELECT {ACCOUNT_COLUMNS} FROM accounts "'): (
         "constant column list; the IN list is '(%s, %s)' placeholders, one pair per key"
     ),
     (
-        "ledger/verify.py",
+        "ledger/postgres/verify.py",
         "query = f\"COPY (SELECT {', '.join(names)} FROM events WHERE {where} "
         'ORDER BY position) "',
     ): "constant column names; " + _WHERE + " (a Part adds constant text and %s parameters)",
     (
-        "ledger/verify.py",
+        "ledger/postgres/verify.py",
         'query = f"SELECT {columns} FROM {table} WHERE {where}"',
     ): (
         "columns and table are constants from _Live.read's four calls; "
         + _WHERE
         + " (a Part adds constant text and %s parameters)"
     ),
-    ("ledger/audit.py", "f\"SELECT {', '.join([*columns, sums])} FROM usage_hourly \""): (
+    ("ledger/postgres/audit.py", "f\"SELECT {', '.join([*columns, sums])} FROM usage_hourly \""): (
         "columns from GROUPS (a constant table keyed by validated dimension names), sums "
         "from COUNTER_NAMES; the WHERE parts are constant text with %s, values are params"
     ),
-    ("ledger/audit.py", 'f"SELECT {_EVENT_COLUMNS} FROM events "'): (
+    ("ledger/postgres/audit.py", 'f"SELECT {_EVENT_COLUMNS} FROM events "'): (
         "constant column list; the tenant filter is one of two constant strings"
     ),
     (
-        "ledger/audit.py",
+        "ledger/postgres/audit.py",
         'sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND position >= %s"',
     ): _WHERE,
     (
-        "ledger/store.py",
+        "ledger/postgres/store.py",
         '"INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model, "',
     ): "module constant joined from COUNTER_NAMES; values are %(name)s parameters",
-    ("ledger/store.py", 'f"SELECT {RESERVATION_COLUMNS} FROM reservations "'): (
+    ("ledger/postgres/store.py", 'f"SELECT {RESERVATION_COLUMNS} FROM reservations "'): (
         "constant column list; get_reservation passes ids as parameters, _reservations_sql "
-        "gets constant WHERE text from its two callers in _Tx.prepare"
+        "gets constant WHERE text from its two callers in _Unit.read_locked"
     ),
-    ("ledger/store.py", 'f"DELETE FROM {table} WHERE tenant_id = %s",'): (
+    ("ledger/postgres/store.py", 'f"DELETE FROM {table} WHERE tenant_id = %s",'): (
         "table from a fixed tuple of projection table names; the tenant is a parameter"
     ),
-    ("ledger/store.py", 'f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "'): (
+    (
+        "ledger/postgres/store.py",
+        "f\"INSERT INTO events ({', '.join(_EVENT_NAMES)}) VALUES (\"",
+    ): "column names from codec.EVENT_COLUMNS (constants); values are %(column)s parameters",
+    ("ledger/postgres/store.py", 'f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "'): (
         "constant column list; values are %s parameters"
     ),
-    ("ledger/store.py", 'f"INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ("'): (
+    ("ledger/postgres/store.py", 'f"INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ("'): (
         "constant column list; values are %(column)s parameters named after it"
     ),
     (
-        "ledger/store.py",
+        "ledger/postgres/store.py",
         'f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "',
     ): "constant column list; the IN list is '(%s, %s)' placeholders, one pair per key",
 }
 """(file, the suppressed line without its comment) -> why it is safe."""
 
 REVIEWED_DYNAMIC: dict[tuple[str, str, str], str] = {
-    ("ledger/audit.py", "query_usage", "sql"): (
+    ("ledger/postgres/audit.py", "query_usage", "sql"): (
         "from _usage_sql (reviewed S608 above); LIMIT and OFFSET are %s parameters"
     ),
-    ("ledger/store.py", "replace_projections", "table"): (
+    ("ledger/postgres/store.py", "replace_projections", "table"): (
         "loops over a fixed tuple of projection table names"
     ),
 }

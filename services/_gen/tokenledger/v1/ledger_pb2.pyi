@@ -1055,8 +1055,8 @@ class LedgerEvent(_message.Message):
     version: _builtins.int
     """Version of the event in its stream: 1, 2, 3… without gaps."""
     event_type: _builtins.str
-    """QuotaSet, TokensReserved, ReservationCommitted, ReservationRolledBack, ReservationExpired
-    or UsageRecorded.
+    """QuotaSet, TokensGranted, BalanceAdjusted, RateLimitSet, TokensReserved,
+    ReservationCommitted, ReservationRolledBack, ReservationExpired or UsageRecorded.
     """
     model: _builtins.str
     """The model, if any."""

@@ -24,10 +24,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from ledger import codec
-from ledger.errors import StoreUnavailable
 from ledger.model import Account, AccountKey, BalanceResult, RateLimit, RateLimitKey
-from ledger.replay import ChainBreak, ChainVerifier, Projection
-from ledger.rows import (
+from ledger.postgres.errors import translate
+from ledger.postgres.rows import (
     ACCOUNT_COLUMNS,
     RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
@@ -35,69 +34,16 @@ from ledger.rows import (
     account_key,
     rate_limit_from_row,
     reservation_from_row,
+    scope_where,
 )
+from ledger.reads import DIFFERENCE_KINDS, Difference, Scope, VerifyReport
+from ledger.replay import ChainVerifier, Projection
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
 
 SyncConn = psycopg.Connection[dict[str, Any]]
 
 # The columns a check reads, with their types for a binary COPY (the fastest way to read).
-_EVENT_TYPES = {
-    "position": "bigint",
-    "tenant_id": "text",
-    "user_id": "text",
-    "conversation_id": "text",
-    "version": "bigint",
-    "event_type": "text",
-    "occurred_at": "timestamptz",
-    "model": "text",
-    "reservation_id": "text",
-    "amount": "bigint",
-    "input_tokens": "bigint",
-    "output_tokens": "bigint",
-    "cached_input_tokens": "bigint",
-    "idempotency_key": "text",
-    "actor": "text",
-    "trace_id": "text",
-    "data": "jsonb",
-    "prev_hash": "bytea",
-    "hash": "bytea",
-}
-_DIFFERENCE_KINDS = ("event", "account", "stream", "reservation", "usage", "rate_limit")
-
-
-@dataclass(frozen=True)
-class Scope:
-    """A tenant, one user of it, or one conversation of that user."""
-
-    tenant_id: str
-    user_id: str = ""
-    conversation_id: str = ""
-
-    def where(self) -> tuple[str, tuple[Any, ...]]:
-        """A WHERE clause (constant text, values as parameters) selecting the scope."""
-        sql, params = "tenant_id = %s", [self.tenant_id]
-        if self.user_id:
-            sql, params = sql + " AND user_id = %s", [*params, self.user_id]
-        if self.conversation_id:
-            sql, params = sql + " AND conversation_id = %s", [*params, self.conversation_id]
-        return sql, tuple(params)
-
-
-@dataclass(frozen=True)
-class Difference:
-    kind: str  # one of _DIFFERENCE_KINDS
-    key: str
-    field: str
-    live: str
-    rebuilt: str
-
-
-@dataclass
-class VerifyReport:
-    events_checked: int = 0
-    streams_checked: int = 0
-    breaks: list[ChainBreak] = field(default_factory=list)
-    differences: list[Difference] = field(default_factory=list)
+_EVENT_TYPES = {"position": "bigint", **codec.EVENT_COLUMNS, **codec.CHAIN_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -118,12 +64,12 @@ class Part:
     def events_where(self) -> tuple[str, tuple[Any, ...]]:
         """The events this part reads: all of the scope's when it checks the tenant's account
         (which sums them all), else only its users'."""
-        where, params = self.scope.where()
+        where, params = scope_where(self.scope)
         return self._users_only(where, params) if not self.tenant_level else (where, params)
 
     def rows_where(self) -> tuple[str, tuple[Any, ...]]:
         """The projection rows this part compares."""
-        where, params = self.scope.where()
+        where, params = scope_where(self.scope)
         if not self.users:
             return where + " AND user_id = ''", params
         return self._users_only(where, params) if not self.tenant_level else (where, params)
@@ -162,7 +108,7 @@ def merge(reports: list[VerifyReport]) -> VerifyReport:
         out.breaks += r.breaks
         out.differences += r.differences
     out.breaks.sort(key=lambda b: (str(b.stream), b.version))
-    out.differences.sort(key=lambda d: (_DIFFERENCE_KINDS.index(d.kind), d.key, d.field))
+    out.differences.sort(key=lambda d: (DIFFERENCE_KINDS.index(d.kind), d.key, d.field))
     return out
 
 
@@ -218,7 +164,7 @@ def balance_at(conninfo: str, key: AccountKey, as_of: datetime) -> BalanceResult
     lineage = key.lineage()
     projection = Projection(keep=lineage.__contains__)
     with _reading(conninfo, None) as conn:
-        where, params = Scope(key.tenant_id).where()
+        where, params = scope_where(Scope(key.tenant_id))
         for row in _event_rows(conn, where + " AND occurred_at <= %s", (*params, as_of)):
             projection.feed(codec.event_from_row(row))
     accounts = [projection.accounts.get(k, Account(k)).rolled(as_of) for k in lineage]
@@ -243,9 +189,10 @@ def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
 
 
 def _portable(exc: psycopg.Error) -> Exception:
-    if isinstance(exc, psycopg.OperationalError):
-        return StoreUnavailable(f"the database cannot be read: {exc}")
-    return RuntimeError(f"{type(exc).__name__}: {exc}")
+    kind = type(translate(exc))
+    if kind is type(exc):
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return kind(f"the database cannot be read: {exc}")
 
 
 def _event_rows(conn: SyncConn, where: str, params: tuple[Any, ...]) -> Iterator[dict[str, Any]]:

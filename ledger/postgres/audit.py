@@ -9,7 +9,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from multiprocessing import get_context
 from typing import Any, TypeVar
@@ -17,44 +16,25 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from ledger import limits, verify
+from ledger import codec, limits
 from ledger.errors import StoreUnavailable
-from ledger.model import AccountKey, BalanceResult
+from ledger.model import AccountKey, BalanceResult, Usage
+from ledger.postgres import verify
+from ledger.postgres.errors import translated
+from ledger.postgres.rows import scope_where
+from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.usage import COUNTER_NAMES, UsageCounters
-from ledger.verify import Scope, VerifyReport
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
-_EVENT_COLUMNS = """position, tenant_id, user_id, conversation_id, version, event_type,
-    occurred_at, recorded_at, model, reservation_id, amount, input_tokens, output_tokens,
-    cached_input_tokens, idempotency_key, actor, trace_id, data, xid::text AS xid, prev_hash,
-    hash"""
+_EVENT_COLUMNS = ", ".join(
+    ["position", *codec.EVENT_COLUMNS, *codec.CHAIN_COLUMNS, "recorded_at", "xid::text AS xid"]
+)
 FETCH_ROWS = 2_000
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class UsageQuery:
-    tenant_id: str
-    from_time: datetime
-    to_time: datetime
-    group_by: tuple[str, ...] = ()  # of GROUPS
-    user_id: str = ""
-    conversation_id: str = ""
-    model: str = ""
-    time_zone: str = "UTC"  # of DAY groups
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    user_id: str
-    conversation_id: str
-    model: str
-    period_start: datetime | None
-    counters: UsageCounters
-
-
-# group name -> the columns it selects and groups by
+# group name (reads.GROUP_NAMES) -> the columns it selects and groups by
 GROUPS: dict[str, tuple[str, ...]] = {
     "user": ("user_id",),
     "conversation": ("user_id", "conversation_id"),
@@ -88,9 +68,10 @@ class LedgerAudit:
         """A read-only transaction on one snapshot: every query in it sees the same log and
         the same projections, whatever commits meanwhile."""
         pool = self._primary if primary else self._pool
-        async with pool.connection() as conn, conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            yield conn
+        with translated():
+            async with pool.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield conn
 
     @staticmethod
     async def _stream(
@@ -116,9 +97,9 @@ class LedgerAudit:
         from_position: int = 0,
         from_time: datetime | None = None,
         limit: int | None = None,
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """The event rows of `scope` in log order (at most `limit`)."""
-        return self._rows(*_events_sql(scope, from_position, from_time, limit))
+    ) -> AsyncGenerator[LoggedEvent, None]:
+        """The events of `scope` in log order (at most `limit`)."""
+        return _logged(self._rows(*_events_sql(scope, from_position, from_time, limit)))
 
     async def balance_at(self, key: AccountKey, as_of: datetime) -> BalanceResult:
         """The balance of `key` and its ancestors as it stood at `as_of`, from the log (the
@@ -204,9 +185,10 @@ class LedgerAudit:
 
     async def query_usage(self, q: UsageQuery, offset: int, limit: int) -> list[UsageRow]:
         sql, params = self._usage_sql(q)
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(sql + " LIMIT %s OFFSET %s", (*params, limit, offset))
-            return [_usage_row(row) for row in await cur.fetchall()]
+        with translated():
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(sql + " LIMIT %s OFFSET %s", (*params, limit, offset))
+                return [_usage_row(row) for row in await cur.fetchall()]
 
     async def export_usage(self, q: UsageQuery) -> AsyncGenerator[UsageRow, None]:
         async for row in self._rows(*self._usage_sql(q)):
@@ -221,7 +203,7 @@ class LedgerAudit:
         from_position: int,
         stop: asyncio.Event,
         poll_s: float = limits.follow_poll_s,
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[LoggedEvent, None]:
         """Committed events after the cursor (transaction id, position), in that order, then
         new ones as they commit, until `stop`. Only transactions below the snapshot's xmin are
         read: they are all finished, and any that commits later has a larger id, so ordering
@@ -237,12 +219,13 @@ class LedgerAudit:
         while not stop.is_set():
             params: tuple[Any, ...] = (str(xid), position, from_position)
             params += (tenant_id,) if tenant_id else ()
-            async with self._primary.connection() as conn:
-                cur = await conn.execute(sql, (*params, FETCH_ROWS))
-                rows = await cur.fetchall()
+            with translated():
+                async with self._primary.connection() as conn:
+                    cur = await conn.execute(sql, (*params, FETCH_ROWS))
+                    rows = await cur.fetchall()
             for row in rows:
                 xid, position = int(row["xid"]), row["position"]
-                yield row
+                yield logged_event(row)
             if len(rows) < FETCH_ROWS:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), poll_s)
@@ -251,7 +234,7 @@ class LedgerAudit:
 def _events_sql(
     scope: Scope, from_position: int, from_time: datetime | None, limit: int | None
 ) -> tuple[str, tuple[Any, ...]]:
-    where, params = scope.where()
+    where, params = scope_where(scope)
     sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND position >= %s"  # noqa: S608
     params += (from_position,)
     if from_time is not None:
@@ -269,4 +252,31 @@ def _usage_row(row: dict[str, Any]) -> UsageRow:
         model=row.get("model", ""),
         period_start=row.get("period_start"),
         counters=UsageCounters(**{c: row[c] for c in COUNTER_NAMES}),
+    )
+
+
+async def _logged(rows: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[LoggedEvent, None]:
+    async for row in rows:
+        yield logged_event(row)
+
+
+def logged_event(row: dict[str, Any]) -> LoggedEvent:
+    return LoggedEvent(
+        position=row["position"],
+        key=AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"]),
+        version=row["version"],
+        event_type=row["event_type"],
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+        model=row["model"],
+        reservation_id=row["reservation_id"],
+        amount=row["amount"],
+        usage=Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"]),
+        idempotency_key=row["idempotency_key"],
+        actor=row["actor"],
+        trace_id=row["trace_id"],
+        data=row["data"],
+        transaction_id=int(row["xid"]),
+        prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]),
     )

@@ -18,6 +18,7 @@ from ledger.model import (
     State,
     Usage,
 )
+from ledger.reads import Scope
 
 ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, window_hours,
     time_zone, soft_limit_percent, grant_order, held, used_total, used_day, day_start, used_month,
@@ -96,3 +97,13 @@ def reservation_from_row(row: dict[str, Any]) -> Reservation:
         late=row["late"],
         ended_at=row["ended_at"].astimezone(UTC) if row["ended_at"] else None,
     )
+
+
+def scope_where(scope: Scope) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause (constant text, values as parameters) selecting the scope."""
+    sql, params = "tenant_id = %s", [scope.tenant_id]
+    if scope.user_id:
+        sql, params = sql + " AND user_id = %s", [*params, scope.user_id]
+    if scope.conversation_id:
+        sql, params = sql + " AND conversation_id = %s", [*params, scope.conversation_id]
+    return sql, tuple(params)

@@ -1,0 +1,465 @@
+"""The ledger's application: commands in, results out, over any `Store` (ledger/ports.py).
+
+Batching (group commit): writes are queued per tenant. While a tenant's transaction is in
+flight, further writes for it wait in its queue; the next transaction takes all of them (up to
+`limits.batch_commands_max`) and applies them one after another, in arrival order, exactly as
+if each had its own transaction, with one outcome per write. A write that arrives alone goes
+alone at once, so batching adds no latency; under load it saves a commit (and its WAL flush),
+the row locks and the round trips per write.
+
+Concurrency: a transaction locks the account rows it touches in key order, the tenant row
+first (its key sorts first). Every writer of a tenant takes the tenant row first, so writers of
+one tenant never deadlock, and a writer holding it may lock any other row of that tenant (to
+expire someone else's overdue hold). A batch holds one tenant's writes only.
+
+Each write is dispatched through `_HANDLERS`, one function per command type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from ledger import codec, errors, limits
+from ledger.batch import EXPIRY_ACTOR, Batch
+from ledger.domain import Decidable, commit_outcome, decide, headroom, soft_limit_warnings
+from ledger.model import (
+    Account,
+    AccountKey,
+    AdjustBalance,
+    BalanceResult,
+    Commit,
+    CommitResult,
+    Event,
+    GrantTokens,
+    RateLimit,
+    RateLimitKey,
+    RecordUsage,
+    Reservation,
+    Reserve,
+    ReserveResult,
+    Rollback,
+    RollbackResult,
+    SetQuota,
+    SetRateLimit,
+    SoftLimitWarning,
+    State,
+    Usage,
+)
+from ledger.ports import Store, UnitOfWork
+from ledger.reads import RebuildReport
+from ledger.replay import Projection
+from ledger.usage import UsageCounters, UsageKey, add_usage
+
+_ATTEMPTS_MAX = 3
+
+# Told the events of each transaction once it has committed (metrics count them). It runs on
+# the event loop between transactions: it must be quick and must not block.
+EventObserver = Callable[[Sequence[Event]], None]
+
+_log = logging.getLogger("tokenledger.ledger")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_reservation_id() -> str:
+    return "rsv_" + uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class CallMeta:
+    """Who made the call and under which trace; recorded with every event it appends."""
+
+    actor: str = ""
+    trace_id: str = ""
+
+
+@dataclass(frozen=True)
+class ExpireTenant:
+    """Internal: expire a tenant's overdue holds (the sweeper's work for one tenant)."""
+
+    tenant_id: str
+
+
+# Writes on one account whose response is that account's balance (or, for SetRateLimit, the
+# limiter): they differ only in their events.
+AccountWrite = SetQuota | RecordUsage | GrantTokens | AdjustBalance | SetRateLimit
+Write = Reserve | Commit | Rollback | AccountWrite | ExpireTenant
+
+
+@dataclass
+class _Pending:
+    command: Write
+    meta: CallMeta
+    future: asyncio.Future[Any]
+
+
+class Ledger:
+    """Reserve, commit, roll back and the account writes, batched per tenant over `store`;
+    balance and reservation reads; expiry and rebuild."""
+
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], datetime] = utc_now,
+        new_id: Callable[[], str] = new_reservation_id,
+        batch_max: int = limits.batch_commands_max,
+        on_appended: EventObserver | None = None,
+    ) -> None:
+        self._store = store
+        self._on_appended = on_appended
+        self._clock = clock
+        self._new_id = new_id
+        self._batch_max = batch_max
+        self._queues: dict[str, deque[_Pending]] = {}
+        self._workers: dict[str, asyncio.Task[None]] = {}
+
+    # --- writes -----------------------------------------------------------------------------
+
+    async def reserve(self, cmd: Reserve, meta: CallMeta = CallMeta()) -> ReserveResult:
+        result: ReserveResult = await self._submit(cmd, meta)
+        return result
+
+    async def commit(self, cmd: Commit, meta: CallMeta = CallMeta()) -> CommitResult:
+        result: CommitResult = await self._submit(cmd, meta)
+        return result
+
+    async def rollback(self, cmd: Rollback, meta: CallMeta = CallMeta()) -> RollbackResult:
+        result: RollbackResult = await self._submit(cmd, meta)
+        return result
+
+    async def set_quota(self, cmd: SetQuota, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def record_usage(self, cmd: RecordUsage, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def grant_tokens(self, cmd: GrantTokens, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def adjust_balance(self, cmd: AdjustBalance, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def set_rate_limit(self, cmd: SetRateLimit, meta: CallMeta = CallMeta()) -> RateLimit:
+        result: RateLimit = await self._submit(cmd, meta)
+        return result
+
+    async def expire_overdue(self) -> int:
+        """End overdue holds of every tenant (the sweeper's pass); returns how many expired."""
+        tenants = await self._store.overdue_tenants(self._clock(), limits.expire_batch_max)
+        meta = CallMeta(actor=EXPIRY_ACTOR)
+        counts = await asyncio.gather(*(self._submit(ExpireTenant(t), meta) for t in tenants))
+        return sum(counts)
+
+    # --- batching ---------------------------------------------------------------------------
+
+    async def _submit(self, cmd: Write, meta: CallMeta) -> Any:
+        """Queue a write for its tenant's next transaction and wait for its outcome. A caller
+        that gives up before its transaction starts leaves no effect; after, the whole one."""
+        tenant_id = _tenant_of(cmd)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(tenant_id, deque()).append(_Pending(cmd, meta, future))
+        if tenant_id not in self._workers:
+            self._workers[tenant_id] = asyncio.create_task(self._drain(tenant_id))
+        return await future
+
+    async def _drain(self, tenant_id: str) -> None:
+        queue = self._queues[tenant_id]
+        try:
+            while queue:
+                batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
+                batch = [p for p in batch if not p.future.cancelled()]
+                if batch:
+                    await self._run_batch(tenant_id, batch)
+        finally:
+            # No await between the emptiness check and here: a write queued meanwhile would
+            # otherwise find a worker that is about to end.
+            del self._workers[tenant_id]
+            del self._queues[tenant_id]
+
+    async def _run_batch(self, tenant_id: str, batch: list[_Pending]) -> None:
+        """Apply a batch in one transaction, retrying lost races; settle each write's future
+        with its outcome once the transaction has committed."""
+        outcomes: list[Any] = []
+        failure: BaseException | None = None
+        for attempt in range(_ATTEMPTS_MAX):
+            try:
+                outcomes = await self._apply_batch(tenant_id, batch)
+            except errors.Conflict as exc:
+                failure = exc
+                if attempt < _ATTEMPTS_MAX - 1:
+                    continue
+            except Exception as exc:
+                failure = exc
+            else:
+                failure = None
+            break
+        for i, pending in enumerate(batch):
+            if pending.future.done():
+                continue
+            outcome = failure if failure is not None else outcomes[i]
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            else:
+                pending.future.set_result(outcome)
+
+    async def _apply_batch(self, tenant_id: str, batch: list[_Pending]) -> list[Any]:
+        async with self._store.transaction(tenant_id) as uow:
+            work = Batch(uow, tenant_id, self._clock(), self._new_id)
+            await _load(work, [p.command for p in batch])
+            outcomes: list[Any] = []
+            for pending in batch:
+                work.actor, work.trace_id = pending.meta.actor, pending.meta.trace_id
+                handler = _HANDLERS[type(pending.command)]
+                try:
+                    outcomes.append(await handler(work, pending.command))
+                except errors.LedgerError as exc:
+                    outcomes.append(exc)
+            await uow.write(work.changes())
+        self._observe(work.events)
+        return outcomes
+
+    def _observe(self, events: Sequence[Event]) -> None:
+        """Tell the observer what a committed transaction appended; its failure is no failure
+        of the writes, which are durable by now."""
+        if self._on_appended is None or not events:
+            return
+        try:
+            self._on_appended(events)
+        except Exception:
+            _log.exception("event observer failed")
+
+    # --- maintenance ------------------------------------------------------------------------
+
+    async def rebuild(self, tenant_id: str) -> RebuildReport:
+        """Replace the tenant's projections (accounts and stream heads, reservations, usage,
+        rate limits) by a replay of its log. The log is folded first without a lock, so the
+        tenant's writers go on meanwhile; then, holding the tenant's row lock (every writer of
+        the tenant, in any process, now waits, and none is lost), what they appended is folded
+        too and the rows are replaced, in one transaction. Every write of a tenant holds that
+        lock until it commits, so the tenant's events commit in position order: the ones the
+        first fold did not see all come after the last one it did.
+        Idempotency records are requests, not projections of the log, and stay as they are.
+        Needs DELETE on the projection tables: an owner's job, not the service role's."""
+        log = _Refold()
+        async with self._store.transaction(tenant_id) as uow:
+            await log.fold(uow)
+        unlocked = log.events
+        async with self._store.transaction(tenant_id) as uow:
+            work = Batch(uow, tenant_id, self._clock(), self._new_id)
+            await work.lock_accounts([AccountKey(tenant_id)])
+            locked = time.monotonic()
+            await log.fold(uow)
+            p = log.projection
+            changes = work.replacing(
+                p.accounts, log.heads, p.reservations, p.ended_balances, p.rate_limits, log.usage
+            )
+            await uow.replace_projections(changes)
+        return RebuildReport(
+            events=log.events,
+            events_under_lock=log.events - unlocked,
+            lock_held_s=round(time.monotonic() - locked, 3),
+            accounts=len(changes.accounts),
+            reservations=len(p.reservations),
+            usage_rows=len(log.usage),
+            rate_limits=len(p.rate_limits),
+        )
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def get_reservation(self, tenant_id: str, reservation_id: str) -> Reservation:
+        res = await self._store.reservation(tenant_id, reservation_id)
+        if res is None:
+            raise errors.ReservationNotFound(tenant_id, reservation_id)
+        return res
+
+    async def get_balance(self, key: AccountKey) -> BalanceResult:
+        now = self._clock()
+        lineage = key.lineage()
+        stored = await self._store.accounts(lineage)
+        accounts = [stored.get(k, Account(k)).rolled(now) for k in lineage]
+        return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+
+    async def held_total(self) -> int:
+        """Tokens held now across all tenants: for a periodic gauge, not the request path."""
+        return await self._store.held_total()
+
+
+# --- the handlers: one per command type -------------------------------------------------------
+
+
+async def _load(work: Batch, commands: Sequence[Write]) -> None:
+    """Lock and load what the batch's commands will read."""
+    keyed = [c for c in commands if isinstance(c, Reserve | AccountWrite)]
+    await work.load(
+        {k for c in keyed for k in c.key.lineage()},
+        [c.reservation_id for c in commands if isinstance(c, Commit | Rollback)],
+        [c.idempotency_key for c in keyed],
+    )
+
+
+async def _reserve(work: Batch, cmd: Reserve) -> ReserveResult:
+    request = _request_json(cmd)
+    stored = work.stored_response(cmd.idempotency_key, "Reserve", request)
+    if stored is not None:
+        return _reserve_result(cmd, stored)
+    await work.expire_overdue()
+    events = decide(work.snapshot(cmd.key, model=cmd.model), cmd, work.context(work.new_id()))
+    res = work.apply(events)
+    assert res is not None
+    levels = [work.accounts[k].rolled(work.now) for k in cmd.key.lineage()]
+    reservable, resets_at = headroom(levels)
+    result = ReserveResult(
+        reservation=res,
+        balance=work.accounts[cmd.key],
+        requested=cmd.amount,
+        warnings=soft_limit_warnings(levels),
+        reservable=reservable,
+        resets_at=resets_at,
+    )
+    response = {
+        "reservation": codec.reservation_to_json(res),
+        "balance": codec.account_to_json(result.balance),
+        "warnings": [vars(w) for w in result.warnings],
+        "reservable": reservable,
+        "resets_at": codec.ts(resets_at) if resets_at else None,
+    }
+    work.remember(cmd.idempotency_key, "Reserve", request, response)
+    return result
+
+
+def _reserve_result(cmd: Reserve, stored: dict[str, Any]) -> ReserveResult:
+    resets_at = stored["resets_at"]
+    return ReserveResult(
+        reservation=codec.reservation_from_json(stored["reservation"]),
+        balance=codec.account_from_json(stored["balance"]),
+        requested=cmd.amount,
+        warnings=tuple(SoftLimitWarning(**w) for w in stored["warnings"]),
+        reservable=stored["reservable"],
+        resets_at=codec.parse_ts(resets_at) if resets_at else None,
+    )
+
+
+async def _commit(work: Batch, cmd: Commit) -> CommitResult:
+    res, balance = await _end_reservation(work, cmd)
+    return commit_outcome(res, balance)
+
+
+async def _rollback(work: Batch, cmd: Rollback) -> RollbackResult:
+    res, balance = await _end_reservation(work, cmd)
+    return RollbackResult(reservation=res, released=res.amount, balance=balance)
+
+
+async def _end_reservation(work: Batch, cmd: Commit | Rollback) -> tuple[Reservation, Account]:
+    """Commit or roll back; a repeat of the call that ended the reservation writes nothing and
+    returns the balance recorded when it ended."""
+    res = work.reservations.get(cmd.reservation_id)
+    if res is None:
+        raise errors.ReservationNotFound(cmd.tenant_id, cmd.reservation_id)
+    if res.state is not State.HELD and not decide(work.snapshot(res.key, res), cmd, work.context()):
+        return res, work.ended_balances[res.reservation_id]
+    await work.expire_overdue()
+    res = work.reservations[cmd.reservation_id]
+    res_after = work.apply(decide(work.snapshot(res.key, res), cmd, work.context()))
+    assert res_after is not None
+    work.end(res_after.reservation_id, work.accounts[res.key])
+    return res_after, work.accounts[res.key]
+
+
+async def _account_write(work: Batch, cmd: AccountWrite) -> Account | RateLimit:
+    """A write on one account; its response (the account's balance after it, or the rate
+    limit as set) is stored with its key, and a retry gets that first response."""
+    operation = type(cmd).__name__
+    request = _request_json(cmd)
+    stored = work.stored_response(cmd.idempotency_key, operation, request)
+    if stored is None:
+        await work.expire_overdue()
+        work.apply(decide(work.snapshot(cmd.key), cmd, work.context()))
+        if isinstance(cmd, SetRateLimit):
+            rl = work.rate_limits[RateLimitKey(cmd.key, cmd.model)]
+            stored = {"rate_limit": [rl.tokens_per_minute, rl.requests_per_minute]}
+        else:
+            stored = {"balance": codec.account_to_json(work.accounts[cmd.key])}
+        work.remember(cmd.idempotency_key, operation, request, stored)
+    if isinstance(cmd, SetRateLimit):
+        return RateLimit(RateLimitKey(cmd.key, cmd.model), *stored["rate_limit"])
+    return codec.account_from_json(stored["balance"])
+
+
+async def _expire(work: Batch, cmd: ExpireTenant) -> int:
+    return await work.expire_overdue()
+
+
+Handler = Callable[[Batch, Any], Awaitable[Any]]
+_HANDLERS: dict[type, Handler] = {
+    Reserve: _reserve,
+    Commit: _commit,
+    Rollback: _rollback,
+    SetQuota: _account_write,
+    RecordUsage: _account_write,
+    GrantTokens: _account_write,
+    AdjustBalance: _account_write,
+    SetRateLimit: _account_write,
+    ExpireTenant: _expire,
+}
+
+
+@dataclass
+class _Refold:
+    """A tenant's projections folded from its log, in steps that each continue from the last
+    position the one before read."""
+
+    projection: Projection = field(default_factory=Projection)
+    heads: dict[AccountKey, tuple[int, bytes]] = field(default_factory=dict)
+    usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
+    events: int = 0
+    position: int = 0
+
+    async def fold(self, uow: UnitOfWork) -> None:
+        async for logged in uow.events_after(self.position):
+            self.projection.feed(logged.event)
+            add_usage(self.usage, logged.event)
+            self.heads[logged.event.key] = (logged.version, logged.hash)
+            self.events += 1
+            self.position = logged.position
+
+
+def _tenant_of(cmd: Write) -> str:
+    return cmd.key.tenant_id if isinstance(cmd, Reserve | AccountWrite) else cmd.tenant_id
+
+
+def _request_json(cmd: Decidable) -> dict[str, Any]:
+    """The fields of a request compared on an idempotent retry."""
+    fields: dict[str, Any] = {}
+    for name, value in vars(cmd).items():
+        if name == "idempotency_key":
+            continue
+        if isinstance(value, AccountKey):
+            fields |= {
+                "tenant_id": value.tenant_id,
+                "user_id": value.user_id,
+                "conversation_id": value.conversation_id,
+            }
+        elif isinstance(value, Usage):
+            fields |= vars(value)
+        elif name == "labels":
+            fields[name] = dict(value)
+        elif isinstance(value, datetime):
+            fields[name] = codec.ts(value)
+        else:
+            fields[name] = value.value if isinstance(value, StrEnum) else value
+    return fields

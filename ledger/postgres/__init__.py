@@ -1,0 +1,1 @@
+"""The PostgreSQL adapter: the unit of work and every SQL statement, rows and their mapping."""

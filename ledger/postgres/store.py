@@ -1,0 +1,364 @@
+"""The ledger's store in PostgreSQL: a unit of work per tenant transaction (ledger/ports.py), and
+the reads the application needs. Every write statement of the ledger is here.
+
+Locks: account rows are locked with SELECT ... FOR UPDATE in key order, the tenant row first;
+limiter and reservation rows after them. The (stream, version) primary key of the events
+table is the backstop should two writers ever race on one stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from ledger import codec
+from ledger.model import Account, AccountKey, RateLimit, Reservation
+from ledger.ports import (
+    Changes,
+    FoldedEvent,
+    Locked,
+    Outcome,
+    StoredReservation,
+    StreamHead,
+)
+from ledger.postgres.errors import translated
+from ledger.postgres.rows import (
+    RATE_LIMIT_COLUMNS,
+    RESERVATION_COLUMNS,
+    account_from_row,
+    account_key,
+    rate_limit_from_row,
+    reservation_from_row,
+    select_accounts_sql,
+)
+from ledger.usage import COUNTER_NAMES
+
+Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+_EVENT_NAMES = (*codec.EVENT_COLUMNS, *codec.CHAIN_COLUMNS)
+_INSERT_EVENTS = (
+    f"INSERT INTO events ({', '.join(_EVENT_NAMES)}) VALUES ("  # noqa: S608 (constant names)
+    + ", ".join(f"%({c})s" for c in _EVENT_NAMES)
+    + ")"
+)
+_UPDATE_ACCOUNTS = """UPDATE accounts SET quota_limit = %s, period = %s, window_hours = %s,
+       time_zone = %s, soft_limit_percent = %s, grant_order = %s, held = %s, used_total = %s,
+       used_day = %s, day_start = %s, used_month = %s, month_start = %s, recent = %s,
+       grants = %s, stream_version = %s, head_hash = %s, updated_at = now()
+   WHERE tenant_id = %s AND user_id = %s AND conversation_id = %s"""
+_UPSERT_RATE_LIMITS = (
+    f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "  # noqa: S608 (constant)
+    "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
+    "(tenant_id, user_id, conversation_id, model) DO UPDATE SET "
+    "tokens_per_minute = EXCLUDED.tokens_per_minute, "
+    "requests_per_minute = EXCLUDED.requests_per_minute, "
+    "tokens_tat = EXCLUDED.tokens_tat, requests_tat = EXCLUDED.requests_tat"
+)
+_INSERT_RESERVATIONS = (
+    f"INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ("  # noqa: S608 (constant)
+    + ", ".join(f"%({c.strip()})s" for c in RESERVATION_COLUMNS.split(","))
+    + ")"
+)
+_UPDATE_RESERVATIONS = """UPDATE reservations SET state = %(state)s,
+       input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s,
+       cached_input_tokens = %(cached_input_tokens)s, late = %(late)s,
+       ended_at = %(ended_at)s, ended_balance = %(ended_balance)s
+   WHERE tenant_id = %(tenant_id)s AND reservation_id = %(reservation_id)s"""
+_UPSERT_USAGE = (
+    "INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model, "  # noqa: S608
+    + ", ".join(COUNTER_NAMES)
+    + ") VALUES (%(tenant_id)s, %(hour)s, %(user_id)s, %(conversation_id)s, %(model)s, "
+    + ", ".join(f"%({c})s" for c in COUNTER_NAMES)
+    + ") ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
+    + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
+)
+_INSERT_OUTCOMES = """INSERT INTO idempotency_keys
+       (tenant_id, idempotency_key, operation, request, response)
+   VALUES (%s, %s, %s, %s, %s)"""
+_PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits")
+
+
+class PostgresStore:
+    """The `Store` of ledger/ports.py over a PostgreSQL connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        """A pooled connection; database errors leave the block as ledger errors."""
+        with translated():
+            async with self._pool.connection() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def transaction(self, tenant_id: str) -> AsyncIterator[_Unit]:
+        async with self._connection() as conn, conn.transaction():
+            yield _Unit(conn, tenant_id)
+
+    async def overdue_tenants(self, at: datetime, limit: int) -> list[str]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                """SELECT DISTINCT tenant_id FROM reservations
+                   WHERE state = 'held' AND expires_at <= %s LIMIT %s""",
+                (at, limit),
+            )
+            return [row["tenant_id"] for row in await cur.fetchall()]
+
+    async def reservation(self, tenant_id: str, reservation_id: str) -> Reservation | None:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                f"SELECT {RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+                "WHERE tenant_id = %s AND reservation_id = %s",
+                (tenant_id, reservation_id),
+            )
+            row = await cur.fetchone()
+        return None if row is None else reservation_from_row(row)
+
+    async def accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, Account]:
+        async with self._connection() as conn:
+            cur = await conn.execute(*select_accounts_sql(keys, lock=False))
+            return {account_key(row): account_from_row(row) for row in await cur.fetchall()}
+
+    async def held_total(self) -> int:
+        """Every hold counts in its tenant's row: this reads every tenant row."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT coalesce(sum(held), 0) AS held FROM accounts WHERE user_id = ''"
+            )
+            row = await cur.fetchone()
+        return int(row["held"]) if row else 0
+
+
+class _Unit:
+    """A unit of work in one PostgreSQL transaction."""
+
+    def __init__(self, conn: Conn, tenant_id: str) -> None:
+        self._conn = conn
+        self._tenant_id = tenant_id
+
+    async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
+        if not reservation_ids:
+            return []
+        cur = await self._conn.execute(
+            "SELECT tenant_id, user_id, conversation_id FROM reservations "
+            "WHERE tenant_id = %s AND reservation_id = ANY(%s)",
+            (self._tenant_id, list(reservation_ids)),
+        )
+        return [account_key(row) for row in await cur.fetchall()]
+
+    async def lock_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
+        found = await self._select_accounts(keys)
+        missing = [k for k in keys if k not in found]
+        if missing:
+            async with self._conn.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO accounts (tenant_id, user_id, conversation_id) "
+                    "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                    [(k.tenant_id, k.user_id, k.conversation_id) for k in missing],
+                )
+            found |= await self._select_accounts(missing)
+        return found
+
+    async def _select_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
+        cur = await self._conn.execute(*select_accounts_sql(keys, lock=True))
+        return {
+            account_key(row): StreamHead(
+                account_from_row(row), row["stream_version"], bytes(row["head_hash"])
+            )
+            for row in await cur.fetchall()
+        }
+
+    async def read_locked(
+        self,
+        idempotency_keys: Sequence[str],
+        limiter_accounts: Sequence[AccountKey],
+        reservation_ids: Sequence[str],
+        overdue_at: datetime,
+        overdue_max: int,
+    ) -> Locked:
+        """One round trip: the four queries in a pipeline."""
+        async with self._conn.pipeline():
+            known = await self._conn.execute(
+                "SELECT idempotency_key, operation, request, response FROM idempotency_keys "
+                "WHERE tenant_id = %s AND idempotency_key = ANY(%s)",
+                (self._tenant_id, list(idempotency_keys)),
+            )
+            limiters = await self._conn.execute(*_rate_limits_sql(limiter_accounts))
+            named = await self._conn.execute(
+                *self._reservations_sql(
+                    "reservation_id = ANY(%s) ORDER BY reservation_id", list(reservation_ids)
+                )
+            )
+            overdue = await self._conn.execute(
+                *self._reservations_sql(
+                    "state = 'held' AND expires_at <= %s ORDER BY expires_at LIMIT %s",
+                    overdue_at,
+                    overdue_max,
+                )
+            )
+        outcomes = {
+            row["idempotency_key"]: Outcome(row["operation"], row["request"], row["response"])
+            for row in await known.fetchall()
+        }
+        return Locked(
+            outcomes=outcomes,
+            rate_limits=[rate_limit_from_row(row) for row in await limiters.fetchall()],
+            reservations=[
+                _stored_reservation(row)
+                for rows in (await named.fetchall(), await overdue.fetchall())
+                for row in rows
+            ],
+        )
+
+    def _reservations_sql(self, where: str, *params: Any) -> tuple[str, tuple[Any, ...]]:
+        return (
+            f"SELECT {RESERVATION_COLUMNS} FROM reservations "  # noqa: S608 (constant)
+            f"WHERE tenant_id = %s AND {where} FOR UPDATE",
+            (self._tenant_id, *params),
+        )
+
+    async def write(self, changes: Changes) -> None:
+        """Every statement in one pipeline (one round trip)."""
+        if not (changes.events or changes.accounts):
+            return
+        async with self._conn.pipeline(), self._conn.cursor() as cur:
+            await cur.executemany(
+                _INSERT_EVENTS, [{**row, "data": Jsonb(row["data"])} for row in changes.events]
+            )
+            await cur.executemany(_UPDATE_ACCOUNTS, [_account_params(h) for h in changes.accounts])
+            if changes.rate_limits:
+                await cur.executemany(
+                    _UPSERT_RATE_LIMITS, [_rate_limit_params(rl) for rl in changes.rate_limits]
+                )
+            if changes.new_reservations:
+                await cur.executemany(
+                    _INSERT_RESERVATIONS,
+                    [_reservation_params(r) for r in changes.new_reservations],
+                )
+            if changes.changed_reservations:
+                await cur.executemany(
+                    _UPDATE_RESERVATIONS,
+                    [_reservation_params(r) for r in changes.changed_reservations],
+                )
+            await cur.executemany(
+                _UPSERT_USAGE, [vars(k) | vars(c) for k, c in changes.usage.items()]
+            )
+            if changes.outcomes:
+                await cur.executemany(
+                    _INSERT_OUTCOMES,
+                    [
+                        (self._tenant_id, key, o.operation, Jsonb(o.request), Jsonb(o.response))
+                        for key, o in changes.outcomes.items()
+                    ],
+                )
+
+    async def replace_projections(self, changes: Changes) -> None:
+        for table in _PROJECTION_TABLES:
+            await self._conn.execute(
+                f"DELETE FROM {table} WHERE tenant_id = %s",  # noqa: S608 (constant names)
+                (self._tenant_id,),
+            )
+        async with self._conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO accounts (tenant_id, user_id, conversation_id) VALUES (%s, %s, %s)",
+                [
+                    (h.account.key.tenant_id, h.account.key.user_id, h.account.key.conversation_id)
+                    for h in changes.accounts
+                ],
+            )
+        await self.write(changes)
+
+    async def events_after(self, position: int) -> AsyncIterator[FoldedEvent]:
+        """Through a named cursor: needs the transaction the unit of work runs in."""
+        async with self._conn.cursor(name="rebuild") as cur:
+            await cur.execute(
+                "SELECT * FROM events WHERE tenant_id = %s AND position > %s ORDER BY position",
+                (self._tenant_id, position),
+            )
+            async for row in cur:
+                yield FoldedEvent(
+                    row["position"], codec.event_from_row(row), row["version"], bytes(row["hash"])
+                )
+
+
+def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[str, ...]]:
+    """The limiters of the accounts `keys` (one tenant's), locked; account rows are locked
+    before, so the order is fixed."""
+    placeholders = ", ".join(["(%s, %s)"] * len(keys))
+    params = [keys[0].tenant_id]
+    for k in keys:
+        params += [k.user_id, k.conversation_id]
+    return (
+        f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
+        f"AND (user_id, conversation_id) IN ({placeholders}) "
+        "ORDER BY user_id, conversation_id, model FOR UPDATE",
+        tuple(params),
+    )
+
+
+def _stored_reservation(row: dict[str, Any]) -> StoredReservation:
+    ended = row["ended_balance"]
+    return StoredReservation(
+        reservation_from_row(row), None if ended is None else codec.account_from_json(ended)
+    )
+
+
+def _account_params(head: StreamHead) -> tuple[Any, ...]:
+    acc, k = head.account, head.account.key
+    return (
+        acc.limit,
+        acc.period.value,
+        acc.window_hours,
+        acc.time_zone,
+        acc.soft_limit_percent,
+        acc.grant_order.value,
+        acc.held,
+        acc.used_total,
+        acc.used_day,
+        acc.day_start,
+        acc.used_month,
+        acc.month_start,
+        Jsonb([list(b) for b in acc.recent]),
+        Jsonb(codec.grants_to_json(acc.grants)),
+        head.version,
+        head.hash,
+        k.tenant_id,
+        k.user_id,
+        k.conversation_id,
+    )
+
+
+def _rate_limit_params(rl: RateLimit) -> tuple[Any, ...]:
+    k = rl.key.account
+    return (k.tenant_id, k.user_id, k.conversation_id, rl.key.model, rl.tokens_per_minute,
+            rl.requests_per_minute, rl.tokens_tat, rl.requests_tat)  # fmt: skip
+
+
+def _reservation_params(stored: StoredReservation) -> dict[str, Any]:
+    res, ended = stored.reservation, stored.ended_balance
+    usage = res.usage
+    return {
+        "tenant_id": res.key.tenant_id,
+        "reservation_id": res.reservation_id,
+        "user_id": res.key.user_id,
+        "conversation_id": res.key.conversation_id,
+        "model": res.model,
+        "amount": res.amount,
+        "state": res.state.value,
+        "created_at": res.created_at,
+        "expires_at": res.expires_at,
+        "labels": Jsonb(dict(res.labels)),
+        "input_tokens": None if usage is None else usage.input_tokens,
+        "output_tokens": None if usage is None else usage.output_tokens,
+        "cached_input_tokens": None if usage is None else usage.cached_input_tokens,
+        "late": res.late,
+        "ended_at": res.ended_at,
+        "ended_balance": None if ended is None else Jsonb(codec.account_to_json(ended)),
+    }

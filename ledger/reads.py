@@ -1,0 +1,103 @@
+"""Values of the read side: scopes, usage queries and rows, logged events, verification and
+rebuild reports. Pure: validation and the servers' conversion use them without any I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ledger.model import AccountKey, Usage
+from ledger.replay import ChainBreak
+from ledger.usage import UsageCounters
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A tenant, one user of it, or one conversation of that user."""
+
+    tenant_id: str
+    user_id: str = ""
+    conversation_id: str = ""
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    tenant_id: str
+    from_time: datetime
+    to_time: datetime
+    group_by: tuple[str, ...] = ()  # of GROUP_NAMES
+    user_id: str = ""
+    conversation_id: str = ""
+    model: str = ""
+    time_zone: str = "UTC"  # of DAY groups
+
+
+GROUP_NAMES = ("user", "conversation", "model", "day", "hour")
+"""What usage can be grouped by."""
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    user_id: str
+    conversation_id: str
+    model: str
+    period_start: datetime | None
+    counters: UsageCounters
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One event as the log holds it: its stored fields, and what the database assigned
+    (position, recorded_at, the writing transaction's id)."""
+
+    position: int
+    key: AccountKey
+    version: int
+    event_type: str
+    occurred_at: datetime
+    recorded_at: datetime
+    model: str
+    reservation_id: str
+    amount: int
+    usage: Usage
+    idempotency_key: str
+    actor: str
+    trace_id: str
+    data: dict[str, Any]
+    transaction_id: int
+    prev_hash: bytes
+    hash: bytes
+
+
+DIFFERENCE_KINDS = ("event", "account", "stream", "reservation", "usage", "rate_limit")
+
+
+@dataclass(frozen=True)
+class Difference:
+    kind: str  # one of DIFFERENCE_KINDS
+    key: str
+    field: str
+    live: str
+    rebuilt: str
+
+
+@dataclass
+class VerifyReport:
+    events_checked: int = 0
+    streams_checked: int = 0
+    breaks: list[ChainBreak] = field(default_factory=list)
+    differences: list[Difference] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What a rebuild replayed and wrote."""
+
+    events: int
+    events_under_lock: int  # appended while the log was folded, folded holding the lock
+    lock_held_s: float  # how long the tenant's writers waited for the rebuild (at most)
+    accounts: int
+    reservations: int
+    usage_rows: int
+    rate_limits: int
