@@ -7,10 +7,10 @@ so a balance rebuilt from the log equals the live one by construction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from ledger import errors
 from ledger.model import (
@@ -87,119 +87,133 @@ def decide(snap: Snapshot, cmd: Decidable, ctx: Context) -> list[Event]:
     """The events that carry out `cmd`, or a LedgerError. An empty list means the command
     repeats one already applied: the caller returns the recorded outcome."""
     meta = _Meta(occurred_at=ctx.now, actor=ctx.actor, trace_id=ctx.trace_id)
-    match cmd:
-        case Reserve():
-            return [
-                TokensReserved(
-                    key=cmd.key,
-                    model=cmd.model,
-                    idempotency_key=cmd.idempotency_key,
-                    reservation_id=ctx.new_id,
-                    amount=_grantable(snap, cmd, ctx.now),
-                    requested=cmd.amount,
-                    expires_at=ctx.now + timedelta(seconds=cmd.ttl_s),
-                    labels=cmd.labels,
-                    **meta,
-                )
-            ]
-        case SetQuota():
-            return [
-                QuotaSet(
-                    key=cmd.key,
-                    idempotency_key=cmd.idempotency_key,
-                    limit=cmd.limit,
-                    period=cmd.period,
-                    window_hours=cmd.window_hours,
-                    time_zone=cmd.time_zone,
-                    soft_limit_percent=cmd.soft_limit_percent,
-                    grant_order=cmd.grant_order,
-                    **meta,
-                )
-            ]
-        case GrantTokens():
-            if cmd.expires_at is not None and cmd.expires_at <= ctx.now:
-                raise errors.InvalidArgument(
-                    [
-                        errors.FieldViolation(
-                            "expires_at", f"is {cmd.expires_at.isoformat()}; must be in the future"
-                        )
-                    ]
-                )
-            return [
-                TokensGranted(
-                    key=cmd.key,
-                    idempotency_key=cmd.idempotency_key,
-                    grant_id=ctx.new_id,
-                    amount=cmd.amount,
-                    expires_at=cmd.expires_at,
-                    reason=cmd.reason,
-                    **meta,
-                )
-            ]
-        case AdjustBalance():
-            return [
-                BalanceAdjusted(
-                    key=cmd.key,
-                    idempotency_key=cmd.idempotency_key,
-                    tokens=cmd.tokens,
-                    reason=cmd.reason,
-                    **meta,
-                )
-            ]
-        case SetRateLimit():
-            return [
-                RateLimitSet(
-                    key=cmd.key,
-                    model=cmd.model,
-                    idempotency_key=cmd.idempotency_key,
-                    tokens_per_minute=cmd.tokens_per_minute,
-                    requests_per_minute=cmd.requests_per_minute,
-                    **meta,
-                )
-            ]
-        case RecordUsage():
-            return [
-                UsageRecorded(
-                    key=cmd.key,
-                    model=cmd.model,
-                    idempotency_key=cmd.idempotency_key,
-                    usage=cmd.usage,
-                    **meta,
-                )
-            ]
-        case Commit():
-            return _decide_commit(_reservation(snap, cmd.tenant_id, cmd.reservation_id), cmd, meta)
-        case Rollback():
-            res = _reservation(snap, cmd.tenant_id, cmd.reservation_id)
-            if res.state is State.ROLLED_BACK:
-                return []
-            if res.state is not State.HELD:
-                raise errors.ReservationEnded(
-                    res.reservation_id, res.state.value, "only a held reservation can roll back"
-                )
-            return [
-                ReservationRolledBack(
-                    key=res.key,
-                    model=res.model,
-                    reservation_id=res.reservation_id,
-                    amount=res.amount,
-                    reason=cmd.reason,
-                    **meta,
-                )
-            ]
-        case Expire():
-            res = _reservation(snap, cmd.tenant_id, cmd.reservation_id)
-            if res.state is not State.HELD or ctx.now < res.expires_at:
-                return []
-            return [
-                ReservationExpired(
-                    key=res.key,
-                    model=res.model,
-                    reservation_id=res.reservation_id,
-                    amount=res.amount,
-                    **meta,
-                )
-            ]
+    decider: Callable[[Snapshot, Any, Context, _Meta], list[Event]] = _DECIDERS[type(cmd)]
+    return decider(snap, cmd, ctx, meta)
+
+
+def _decide_reserve(snap: Snapshot, cmd: Reserve, ctx: Context, meta: _Meta) -> list[Event]:
+    return [
+        TokensReserved(
+            key=cmd.key,
+            model=cmd.model,
+            idempotency_key=cmd.idempotency_key,
+            reservation_id=ctx.new_id,
+            amount=_grantable(snap, cmd, ctx.now),
+            requested=cmd.amount,
+            expires_at=ctx.now + timedelta(seconds=cmd.ttl_s),
+            labels=cmd.labels,
+            **meta,
+        )
+    ]
+
+
+def _decide_set_quota(snap: Snapshot, cmd: SetQuota, ctx: Context, meta: _Meta) -> list[Event]:
+    return [
+        QuotaSet(
+            key=cmd.key,
+            idempotency_key=cmd.idempotency_key,
+            limit=cmd.limit,
+            period=cmd.period,
+            window_hours=cmd.window_hours,
+            time_zone=cmd.time_zone,
+            soft_limit_percent=cmd.soft_limit_percent,
+            grant_order=cmd.grant_order,
+            **meta,
+        )
+    ]
+
+
+def _decide_grant(snap: Snapshot, cmd: GrantTokens, ctx: Context, meta: _Meta) -> list[Event]:
+    if cmd.expires_at is not None and cmd.expires_at <= ctx.now:
+        future = f"is {cmd.expires_at.isoformat()}; must be in the future"
+        raise errors.InvalidArgument([errors.FieldViolation("expires_at", future)])
+    return [
+        TokensGranted(
+            key=cmd.key,
+            idempotency_key=cmd.idempotency_key,
+            grant_id=ctx.new_id,
+            amount=cmd.amount,
+            expires_at=cmd.expires_at,
+            reason=cmd.reason,
+            **meta,
+        )
+    ]
+
+
+def _decide_adjust(snap: Snapshot, cmd: AdjustBalance, ctx: Context, meta: _Meta) -> list[Event]:
+    return [
+        BalanceAdjusted(
+            key=cmd.key,
+            idempotency_key=cmd.idempotency_key,
+            tokens=cmd.tokens,
+            reason=cmd.reason,
+            **meta,
+        )
+    ]
+
+
+def _decide_rate_limit(snap: Snapshot, cmd: SetRateLimit, ctx: Context, meta: _Meta) -> list[Event]:
+    return [
+        RateLimitSet(
+            key=cmd.key,
+            model=cmd.model,
+            idempotency_key=cmd.idempotency_key,
+            tokens_per_minute=cmd.tokens_per_minute,
+            requests_per_minute=cmd.requests_per_minute,
+            **meta,
+        )
+    ]
+
+
+def _decide_usage(snap: Snapshot, cmd: RecordUsage, ctx: Context, meta: _Meta) -> list[Event]:
+    return [
+        UsageRecorded(
+            key=cmd.key,
+            model=cmd.model,
+            idempotency_key=cmd.idempotency_key,
+            usage=cmd.usage,
+            **meta,
+        )
+    ]
+
+
+def _decide_rollback(snap: Snapshot, cmd: Rollback, ctx: Context, meta: _Meta) -> list[Event]:
+    res = _reservation(snap, cmd.tenant_id, cmd.reservation_id)
+    if res.state is State.ROLLED_BACK:
+        return []
+    if res.state is not State.HELD:
+        raise errors.ReservationEnded(
+            res.reservation_id, res.state.value, "only a held reservation can roll back"
+        )
+    return [
+        ReservationRolledBack(
+            key=res.key,
+            model=res.model,
+            reservation_id=res.reservation_id,
+            amount=res.amount,
+            reason=cmd.reason,
+            **meta,
+        )
+    ]
+
+
+def _decide_expire(snap: Snapshot, cmd: Expire, ctx: Context, meta: _Meta) -> list[Event]:
+    res = _reservation(snap, cmd.tenant_id, cmd.reservation_id)
+    if res.state is not State.HELD or ctx.now < res.expires_at:
+        return []
+    return [
+        ReservationExpired(
+            key=res.key,
+            model=res.model,
+            reservation_id=res.reservation_id,
+            amount=res.amount,
+            **meta,
+        )
+    ]
+
+
+def _decide_commit_cmd(snap: Snapshot, cmd: Commit, ctx: Context, meta: _Meta) -> list[Event]:
+    return _decide_commit(_reservation(snap, cmd.tenant_id, cmd.reservation_id), cmd, meta)
 
 
 def _reservation(snap: Snapshot, tenant_id: str, reservation_id: str) -> Reservation:
@@ -560,3 +574,17 @@ def commit_outcome(res: Reservation, balance: Account) -> CommitResult:
         late=res.late,
         balance=balance,
     )
+
+
+_DECIDERS: dict[type, Callable[[Snapshot, Any, Context, _Meta], list[Event]]] = {
+    Reserve: _decide_reserve,
+    SetQuota: _decide_set_quota,
+    GrantTokens: _decide_grant,
+    AdjustBalance: _decide_adjust,
+    SetRateLimit: _decide_rate_limit,
+    RecordUsage: _decide_usage,
+    Commit: _decide_commit_cmd,
+    Rollback: _decide_rollback,
+    Expire: _decide_expire,
+}
+"""One decider per command type."""

@@ -17,7 +17,7 @@ from ledger.memory import MemoryStore
 from ledger.model import AccountKey, Period, State, TokensGranted, Usage
 from ledger.ports import Changes, Store
 from ledger.postgres.store import PostgresStore
-from services import db
+from services.platform import db
 from tests.support import new_id, scratch_database
 
 START = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
