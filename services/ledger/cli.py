@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from typing import Any
 
 import grpc
 import structlog
@@ -82,6 +83,25 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
+def _demo_refusal(stub: Any, tenant: str, user: str, run: str) -> bool:
+    """Whether a Reserve far over the limit is refused (and say how)."""
+    from services._gen.tokenledger.v1 import ledger_pb2 as pb
+
+    too_much = pb.ReserveRequest(
+        idempotency_key=f"demo-too-much-{run}",
+        tenant_id=tenant,
+        user_id=user,
+        model="gpt-4o",
+        amount=50_000,
+    )
+    try:
+        stub.Reserve(too_much)
+    except grpc.RpcError as exc:
+        print(f"--- Reserve 50000 tokens is refused\n{exc.code().name}: {exc.details()}")
+        return True
+    return False
+
+
 def cmd_demo(target: str) -> int:
     """Reserve → commit → balance against a running server, printing each step."""
     from google.protobuf import json_format
@@ -140,19 +160,7 @@ def cmd_demo(target: str) -> int:
             pb.GetBalanceRequest(tenant_id=tenant, user_id=user, conversation_id=conversation)
         )
         show("GetBalance", balance)
-        try:
-            stub.Reserve(
-                pb.ReserveRequest(
-                    idempotency_key=f"demo-too-much-{run}",
-                    tenant_id=tenant,
-                    user_id=user,
-                    model="gpt-4o",
-                    amount=50_000,
-                )
-            )
-        except grpc.RpcError as exc:
-            print(f"--- Reserve 50000 tokens is refused\n{exc.code().name}: {exc.details()}")
-        else:
+        if not _demo_refusal(stub, tenant, user, run):
             print("error: a reservation over the limit was granted", file=sys.stderr)
             return 1
     ok = committed.released == 250 and balance.ancestors[1].used == 1_250
