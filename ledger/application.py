@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -115,8 +115,12 @@ class Ledger:
         new_id: Callable[[], str] = new_reservation_id,
         batch_max: int = limits.batch_commands_max,
         on_appended: EventObserver | None = None,
+        key_retention_s: int = limits.idempotency_retention_s_default,
     ) -> None:
+        """`key_retention_s`: how long an idempotency key's first outcome is the answer to
+        it; after that the key is a new request (and its record is pruned)."""
         self._store = store
+        self._key_retention = timedelta(seconds=key_retention_s)
         self._on_appended = on_appended
         self._clock = clock
         self._new_id = new_id
@@ -219,7 +223,7 @@ class Ledger:
 
     async def _apply_batch(self, tenant_id: str, batch: list[_Pending]) -> list[Any]:
         async with self._store.transaction(tenant_id) as uow:
-            work = Batch(uow, tenant_id, self._clock(), self._new_id)
+            work = Batch(uow, tenant_id, self._clock(), self._new_id, self._key_retention)
             await _load(work, [p.command for p in batch])
             outcomes: list[Any] = []
             for pending in batch:
@@ -244,6 +248,19 @@ class Ledger:
             _log.exception("event observer failed")
 
     # --- maintenance ------------------------------------------------------------------------
+
+    async def prune_keys(self, batches_max: int = 100) -> int:
+        """Delete expired idempotency keys, `limits.prune_batch_max` at a time, each batch a
+        short transaction of its own that skips rows a writer holds (it never waits for one);
+        returns how many. At most `batches_max` batches a call: the sweeper calls again."""
+        before = self._clock() - self._key_retention
+        pruned = 0
+        for _ in range(batches_max):
+            n = await self._store.prune_outcomes(before, limits.prune_batch_max)
+            pruned += n
+            if n < limits.prune_batch_max:
+                break
+        return pruned
 
     async def rebuild(self, tenant_id: str) -> RebuildReport:
         """Replace the tenant's projections (accounts and stream heads, reservations, usage,
@@ -318,7 +335,13 @@ async def _reserve(work: Batch, cmd: Reserve) -> ReserveResult:
     if stored is not None:
         return _reserve_result(cmd, stored)
     await work.expire_overdue()
-    events = decide(work.snapshot(cmd.key, model=cmd.model), cmd, work.context(work.new_id()))
+    try:
+        events = decide(work.snapshot(cmd.key, model=cmd.model), cmd, work.context(work.new_id()))
+    except errors.Refusal as refusal:  # the key's outcome, as a grant would be
+        work.remember(
+            cmd.idempotency_key, "Reserve", request, {"refusal": codec.refusal_to_json(refusal)}
+        )
+        raise
     res = work.apply(events)
     assert res is not None
     levels = [work.accounts[k].rolled(work.now) for k in cmd.key.lineage()]
@@ -343,6 +366,9 @@ async def _reserve(work: Batch, cmd: Reserve) -> ReserveResult:
 
 
 def _reserve_result(cmd: Reserve, stored: dict[str, Any]) -> ReserveResult:
+    """The first outcome of a key: its hold, or its refusal raised again."""
+    if "refusal" in stored:
+        raise codec.refusal_from_json(stored["refusal"])
     resets_at = stored["resets_at"]
     return ReserveResult(
         reservation=codec.reservation_from_json(stored["reservation"]),

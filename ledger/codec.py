@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, get_args, get_type_hints
 
+from ledger import errors
 from ledger.model import (
     EVENT_TYPES,
     Account,
@@ -321,3 +322,43 @@ def reservation_from_json(obj: dict[str, Any]) -> Reservation:
         late=obj["late"],
         ended_at=parse_ts(obj["ended_at"]) if obj["ended_at"] else None,
     )
+
+
+# --- stored refusals (one key, one outcome) -------------------------------------------------
+
+
+def refusal_to_json(exc: errors.Refusal) -> dict[str, Any]:
+    """A budget or rate refusal as its key's stored outcome: every figure it was made of."""
+    if isinstance(exc, errors.BudgetExhausted):
+        return {
+            "reason": exc.reason,
+            "requested": exc.requested,
+            "level": asdict(exc.level),
+            "reservable": exc.reservable,
+            "resets_at": ts(exc.resets_at) if exc.resets_at else None,
+        }
+    if isinstance(exc, errors.RateLimited):
+        return {
+            "reason": exc.reason,
+            "kind": exc.kind,
+            "account": exc.account,
+            "model": exc.model,
+            "per_minute": exc.per_minute,
+            "requested": exc.requested,
+            "room": exc.room,
+            "retry_after_s": exc.retry_after_s,
+        }
+    raise TypeError(f"no stored form for {type(exc).__name__}")
+
+
+def refusal_from_json(obj: dict[str, Any]) -> errors.Refusal:
+    """The refusal a key's first call got, as it was."""
+    fields = {k: v for k, v in obj.items() if k != "reason"}
+    if obj["reason"] == errors.BudgetExhausted.reason:
+        resets_at = fields.pop("resets_at")
+        return errors.BudgetExhausted(
+            level=errors.RefusingLevel(**fields.pop("level")),
+            resets_at=parse_ts(resets_at) if resets_at else None,
+            **fields,
+        )
+    return errors.RateLimited(**fields)
