@@ -6,7 +6,7 @@ Pure bookkeeping: all reading and writing goes through the unit of work it is gi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ledger import codec, errors, limits
@@ -48,8 +48,14 @@ class Batch:
     """The locked state of one tenant's transaction and what it changed."""
 
     def __init__(
-        self, uow: UnitOfWork, tenant_id: str, now: datetime, new_id: Callable[[], str]
+        self,
+        uow: UnitOfWork,
+        tenant_id: str,
+        now: datetime,
+        new_id: Callable[[], str],
+        key_retention: timedelta = timedelta(seconds=limits.idempotency_retention_s_default),
     ) -> None:
+        self.key_retention = key_retention
         self.uow = uow
         self.new_id = new_id
         self.tenant_id = tenant_id
@@ -89,7 +95,12 @@ class Batch:
             keys.update(owner.lineage())
         await self.lock_accounts(sorted(keys))
         locked = await self.uow.read_locked(
-            idempotency_keys, sorted(keys), reservation_ids, self.now, limits.expire_batch_max
+            idempotency_keys,
+            sorted(keys),
+            reservation_ids,
+            self.now,
+            limits.expire_batch_max,
+            outcomes_since=self.now - self.key_retention,
         )
         self._take(locked)
 
@@ -207,7 +218,7 @@ class Batch:
     def remember(
         self, key: str, operation: str, request: dict[str, Any], response: dict[str, Any]
     ) -> None:
-        outcome = Outcome(operation, request, response)
+        outcome = Outcome(operation, request, response, self.now)
         self._outcomes[key] = outcome
         self._changes.outcomes[key] = outcome
 

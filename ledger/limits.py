@@ -34,3 +34,12 @@ follow_poll_s = 0.2
 """How often a follower with nothing new looks again."""
 verify_listed_max = 1_000
 """Chain breaks and projection differences one VerifyAudit response lists (it counts all)."""
+
+idempotency_retention_s_default = 7 * 86_400
+"""How long a key's first outcome is kept: a week, seven times the longest hold
+(reservation_ttl_s_max), so a caller's retries (seconds to hours after an outage, a queue
+replayed next day or after a weekend) meet their first answer. After it, the key is a new
+request."""
+idempotency_retention_s_min = 86_400
+prune_batch_max = 1_000
+"""Expired keys deleted in one statement (a short transaction that skips locked rows)."""

@@ -74,6 +74,15 @@ class MemoryStore:
     async def held_total(self) -> int:
         return sum(h.account.held for k, h in self.tables.accounts.items() if not k.user_id)
 
+    async def prune_outcomes(self, before: datetime, limit: int) -> int:
+        old = [k for k, o in self.tables.outcomes.items() if o.created_at < before][:limit]
+        for k in old:
+            del self.tables.outcomes[k]
+        return len(old)
+
+    async def outcome_count(self) -> int:
+        return len(self.tables.outcomes)
+
 
 class _Unit:
     def __init__(self, tables: _Tables, tenant_id: str) -> None:
@@ -100,6 +109,7 @@ class _Unit:
         reservation_ids: Sequence[str],
         overdue_at: datetime,
         overdue_max: int,
+        outcomes_since: datetime,
     ) -> Locked:
         t, tenant = self._tables, self._tenant_id
         accounts = set(limiter_accounts)
@@ -120,7 +130,9 @@ class _Unit:
         )
         return Locked(
             outcomes={
-                k: t.outcomes[(tenant, k)] for k in idempotency_keys if (tenant, k) in t.outcomes
+                k: o
+                for k in idempotency_keys
+                if (o := t.outcomes.get((tenant, k))) and o.created_at >= outcomes_since
             },
             rate_limits=[rl for k, rl in sorted(t.rate_limits.items()) if k.account in accounts],
             reservations=named + overdue[:overdue_max],

@@ -44,6 +44,7 @@ class Outcome:
     operation: str
     request: dict[str, Any]
     response: dict[str, Any]
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Changes:
     usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
     """Additions to the hourly usage rows."""
     outcomes: dict[str, Outcome] = field(default_factory=dict)
-    """New idempotency keys."""
+    """New idempotency keys; each replaces an expired one of the same name, if any."""
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,11 @@ class UnitOfWork(Protocol):
         reservation_ids: Sequence[str],
         overdue_at: datetime,
         overdue_max: int,
+        outcomes_since: datetime,
     ) -> Locked:
-        """Read and lock, after the accounts: stored outcomes of the keys, the rate limits of
-        the accounts, the named reservations and up to `overdue_max` holds overdue at
-        `overdue_at`."""
+        """Read and lock, after the accounts: stored outcomes of the keys (those created at
+        or after `outcomes_since`; older ones have expired), the rate limits of the accounts,
+        the named reservations and up to `overdue_max` holds overdue at `overdue_at`."""
 
     async def write(self, changes: Changes) -> None:
         """Append the events and write the projection rows."""
@@ -132,3 +134,10 @@ class Store(Protocol):
 
     async def held_total(self) -> int:
         """Tokens held now, across all tenants."""
+
+    async def prune_outcomes(self, before: datetime, limit: int) -> int:
+        """Delete up to `limit` idempotency keys created before `before`, without waiting for
+        any writer; returns how many."""
+
+    async def outcome_count(self) -> int:
+        """Idempotency keys stored, expired or not (for the retention figure)."""

@@ -78,9 +78,16 @@ _UPSERT_USAGE = (
     + ") ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
     + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
 )
+# A key written again has expired (a live one is answered, not decided): the row is replaced.
 _INSERT_OUTCOMES = """INSERT INTO idempotency_keys
-       (tenant_id, idempotency_key, operation, request, response)
-   VALUES (%s, %s, %s, %s, %s)"""
+       (tenant_id, idempotency_key, operation, request, response, created_at)
+   VALUES (%s, %s, %s, %s, %s, %s)
+   ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET operation = EXCLUDED.operation,
+       request = EXCLUDED.request, response = EXCLUDED.response,
+       created_at = EXCLUDED.created_at"""
+_PRUNE_OUTCOMES = """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+       SELECT ctid FROM idempotency_keys WHERE created_at < %s
+       LIMIT %s FOR UPDATE SKIP LOCKED))"""
 _PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits")
 
 
@@ -125,6 +132,17 @@ class PostgresStore:
         async with self._connection() as conn:
             cur = await conn.execute(*select_accounts_sql(keys, lock=False))
             return {account_key(row): account_from_row(row) for row in await cur.fetchall()}
+
+    async def prune_outcomes(self, before: datetime, limit: int) -> int:
+        async with self._connection() as conn:
+            cur = await conn.execute(_PRUNE_OUTCOMES, (before, limit))
+            return cur.rowcount
+
+    async def outcome_count(self) -> int:
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT count(*) AS n FROM idempotency_keys")
+            row = await cur.fetchone()
+        return int(row["n"]) if row else 0
 
     async def held_total(self) -> int:
         """Every hold counts in its tenant's row: this reads every tenant row."""
@@ -182,13 +200,15 @@ class _Unit:
         reservation_ids: Sequence[str],
         overdue_at: datetime,
         overdue_max: int,
+        outcomes_since: datetime,
     ) -> Locked:
         """One round trip: the four queries in a pipeline."""
         async with self._conn.pipeline():
             known = await self._conn.execute(
-                "SELECT idempotency_key, operation, request, response FROM idempotency_keys "
-                "WHERE tenant_id = %s AND idempotency_key = ANY(%s)",
-                (self._tenant_id, list(idempotency_keys)),
+                "SELECT idempotency_key, operation, request, response, created_at "
+                "FROM idempotency_keys "
+                "WHERE tenant_id = %s AND idempotency_key = ANY(%s) AND created_at >= %s",
+                (self._tenant_id, list(idempotency_keys), outcomes_since),
             )
             limiters = await self._conn.execute(*_rate_limits_sql(limiter_accounts))
             named = await self._conn.execute(
@@ -204,7 +224,9 @@ class _Unit:
                 )
             )
         outcomes = {
-            row["idempotency_key"]: Outcome(row["operation"], row["request"], row["response"])
+            row["idempotency_key"]: Outcome(
+                row["operation"], row["request"], row["response"], row["created_at"]
+            )
             for row in await known.fetchall()
         }
         return Locked(
@@ -226,7 +248,7 @@ class _Unit:
 
     async def write(self, changes: Changes) -> None:
         """Every statement in one pipeline (one round trip)."""
-        if not (changes.events or changes.accounts):
+        if not (changes.events or changes.accounts or changes.outcomes):
             return
         async with self._conn.pipeline(), self._conn.cursor() as cur:
             await cur.executemany(
@@ -254,7 +276,14 @@ class _Unit:
                 await cur.executemany(
                     _INSERT_OUTCOMES,
                     [
-                        (self._tenant_id, key, o.operation, Jsonb(o.request), Jsonb(o.response))
+                        (
+                            self._tenant_id,
+                            key,
+                            o.operation,
+                            Jsonb(o.request),
+                            Jsonb(o.response),
+                            o.created_at,
+                        )
                         for key, o in changes.outcomes.items()
                     ],
                 )

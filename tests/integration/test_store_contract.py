@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ledger import codec, errors, validation
+from ledger import codec, errors, limits, validation
 from ledger.application import Ledger
 from ledger.memory import MemoryStore
 from ledger.model import AccountKey, Period, State, TokensGranted, Usage
@@ -276,3 +276,51 @@ def _granted(key: AccountKey) -> TokensGranted:
     return TokensGranted(
         key=key, occurred_at=START, grant_id="g", amount=5, expires_at=None, reason="r"
     )
+
+
+def test_a_refusal_is_the_keys_outcome(run: Callable[[Body], Any]) -> None:
+    """A key refused for budget stays refused, with the same figures, after budget is freed."""
+
+    async def body(ledger: Ledger, store: Store, clock: Clock, t: str) -> None:
+        await set_limit(ledger, t, 100)
+        filler = await ledger.reserve(reserve(t, 100))
+        with pytest.raises(errors.BudgetExhausted) as first:
+            await ledger.reserve(reserve(t, 10, key="k"))
+        await ledger.rollback(
+            validation.rollback(
+                tenant_id=t, reservation_id=filler.reservation.reservation_id, reason=""
+            )
+        )
+        with pytest.raises(errors.BudgetExhausted) as again:
+            await ledger.reserve(reserve(t, 10, key="k"))
+        assert (str(again.value), again.value.metadata()) == (
+            str(first.value),
+            first.value.metadata(),
+        )
+        assert (await ledger.reserve(reserve(t, 10))).reservation.amount == 10
+
+    run(body)
+
+
+def test_a_key_past_its_retention_is_a_new_request_and_is_pruned(
+    run: Callable[[Body], Any],
+) -> None:
+    async def body(ledger: Ledger, store: Store, clock: Clock, t: str) -> None:
+        retention = timedelta(seconds=limits.idempotency_retention_s_default)
+        first = await ledger.reserve(reserve(t, 10, key="k", ttl=60))
+        clock.now += retention - timedelta(seconds=1)
+        assert (await ledger.reserve(reserve(t, 10, key="k", ttl=60))).reservation == (
+            first.reservation
+        )
+        with pytest.raises(errors.IdempotencyKeyReused):
+            await ledger.reserve(reserve(t, 11, key="k", ttl=60))
+        clock.now += timedelta(seconds=2)
+        second = await ledger.reserve(reserve(t, 11, key="k", ttl=60))
+        assert second.reservation.reservation_id != first.reservation.reservation_id
+        stored = await store.outcome_count()
+        clock.now += retention + timedelta(seconds=1)
+        assert await ledger.prune_keys() >= 1  # this test's key, and any other test's
+        assert await store.outcome_count() < stored
+        assert await ledger.prune_keys() == 0
+
+    run(body)
