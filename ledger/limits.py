@@ -31,7 +31,10 @@ usage_range_days_max = 400
 usage_page_size_default = 100
 usage_page_size_max = 1_000
 follow_poll_s = 0.2
-"""How often a follower with nothing new looks again."""
+"""How often a follower looks again while event notifications are down, or while the events
+of one it got are held back by an older open transaction."""
+follow_backstop_s = 5.0
+"""How long a follower waits for a notification before it looks again anyway."""
 verify_listed_max = 1_000
 """Chain breaks and projection differences one VerifyAudit response lists (it counts all)."""
 

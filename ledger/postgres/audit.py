@@ -4,7 +4,6 @@ follower feed. Nothing here writes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -19,7 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 from ledger import codec, limits
 from ledger.errors import StoreUnavailable
 from ledger.model import AccountKey, BalanceResult, Usage
-from ledger.postgres import verify
+from ledger.postgres import notify, verify
 from ledger.postgres.errors import translated
 from ledger.postgres.rows import scope_where
 from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
@@ -61,6 +60,7 @@ class LedgerAudit:
         self._primary = primary or pool
         self._workers = workers
         self._executor: ProcessPoolExecutor | None = None
+        self._log_watcher: notify.LogWatcher | None = None
         self._closed = False
 
     @asynccontextmanager
@@ -148,6 +148,8 @@ class LedgerAudit:
         down alone would let the interpreter's exit wait for them (a long verification would
         hold up a server's stop for minutes). Python 3.14 has terminate_workers() for this."""
         self._closed = True
+        if self._log_watcher is not None:
+            self._log_watcher.close()
         executor, self._executor = self._executor, None
         if executor is not None:
             workers = list(getattr(executor, "_processes", {}).values())
@@ -207,7 +209,11 @@ class LedgerAudit:
         """Committed events after the cursor (transaction id, position), in that order, then
         new ones as they commit, until `stop`. Only transactions below the snapshot's xmin are
         read: they are all finished, and any that commits later has a larger id, so ordering
-        by it never skips a late commit (ordering by position would)."""
+        by it never skips a late commit (ordering by position would).
+
+        It looks again when the tenant's events commit (ledger/postgres/notify.py), and every
+        `poll_s` while notifications are down or after one whose events the rule still held
+        back (an older transaction was open), for up to `limits.follow_backstop_s`."""
         xid, position = after
         tenant_sql = "AND tenant_id = %s " if tenant_id else ""
         sql = (
@@ -216,19 +222,42 @@ class LedgerAudit:
             "AND xid < pg_snapshot_xmin(pg_current_snapshot()) AND position >= %s "
             f"{tenant_sql}ORDER BY xid, position LIMIT %s"
         )
-        while not stop.is_set():
-            params: tuple[Any, ...] = (str(xid), position, from_position)
-            params += (tenant_id,) if tenant_id else ()
-            with translated():
-                async with self._primary.connection() as conn:
-                    cur = await conn.execute(sql, (*params, FETCH_ROWS))
-                    rows = await cur.fetchall()
-            for row in rows:
-                xid, position = int(row["xid"]), row["position"]
-                yield logged_event(row)
-            if len(rows) < FETCH_ROWS:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_s)
+        waiter = self._watcher().waiter(tenant_id)
+        held_back_s = 0.0  # how long the last notification's events have not shown
+        try:
+            while not stop.is_set():
+                waiter.event.clear()  # before reading: a commit during the read wakes us
+                params: tuple[Any, ...] = (str(xid), position, from_position)
+                params += (tenant_id,) if tenant_id else ()
+                with translated():
+                    async with self._primary.connection() as conn:
+                        cur = await conn.execute(sql, (*params, FETCH_ROWS))
+                        rows = await cur.fetchall()
+                for row in rows:
+                    xid, position = int(row["xid"]), row["position"]
+                    yield logged_event(row)
+                if len(rows) == FETCH_ROWS:
+                    continue
+                if rows:
+                    held_back_s = 0.0
+                polling = not self._watcher().listening or held_back_s > 0
+                timeout = poll_s if polling else limits.follow_backstop_s
+                woken = await notify.wait(waiter, stop, timeout)
+                if woken and not rows:
+                    held_back_s = held_back_s or poll_s
+                elif held_back_s:
+                    held_back_s += timeout
+                    if held_back_s > limits.follow_backstop_s:
+                        held_back_s = 0.0
+        finally:
+            self._watcher().forget(waiter)
+
+    def _watcher(self) -> notify.LogWatcher:
+        if self._log_watcher is None:
+            conninfo = self._primary.conninfo
+            assert isinstance(conninfo, str), "pools here are made from a URL"
+            self._log_watcher = notify.LogWatcher(conninfo)
+        return self._log_watcher
 
 
 def _events_sql(

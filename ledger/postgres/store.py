@@ -27,6 +27,7 @@ from ledger.ports import (
     StoredReservation,
     StreamHead,
 )
+from ledger.postgres import notify
 from ledger.postgres.errors import translated
 from ledger.postgres.rows import (
     RATE_LIMIT_COLUMNS,
@@ -272,6 +273,8 @@ class _Unit:
             await cur.executemany(
                 _UPSERT_USAGE, [vars(k) | vars(c) for k, c in changes.usage.items()]
             )
+            if changes.events:  # wakes the followers when the transaction commits
+                await cur.execute(notify.NOTIFY_SQL, (self._tenant_id,))
             if changes.outcomes:
                 await cur.executemany(
                     _INSERT_OUTCOMES,
