@@ -28,14 +28,15 @@ from services.context.ledger_client import (
     MetadataProvider,
 )
 from services.context.metrics import ContextMetrics
-from services.context.registry import DEFAULT_REGISTRY, ModelRegistry
 from services.context.remote_summarizer import RemoteSummarizerConfig
 from services.context.requests import ContextError, request_bytes_max
 from services.context.service import ContextService
 from services.context.tokenizers import (
     COUNT_CACHE_ENTRIES_MAX_DEFAULT,
+    DEFAULT_REGISTRY,
     ENCODINGS,
     POOL_MEMORY_BYTES_MAX_DEFAULT,
+    ModelRegistry,
     TokenCounter,
     TokenizerPool,
 )

@@ -49,7 +49,6 @@ from services.context.fitting import (
 from services.context.ledger_client import LedgerCallError, LedgerClient
 from services.context.messages import ChatMessage, Role
 from services.context.metrics import ContextMetrics
-from services.context.registry import ModelRegistry
 from services.context.remote_summarizer import (
     Account,
     RemoteSummarizer,
@@ -65,10 +64,11 @@ from services.context.requests import (
     parse_count,
     parse_prepare,
 )
-from services.context.tokenizer_data import TokenizerDataError
 from services.context.tokenizers import (
+    ModelRegistry,
     TokenCounter,
     TokenizationError,
+    TokenizerDataError,
 )
 from services.platform.errors import error_info, pack
 
