@@ -139,7 +139,7 @@ class ContextServer:
             ],
             options=server_options(request_bytes_max),
         )
-        service = ContextService(
+        self.service = ContextService(
             self.counter,
             self.ledger,
             self.metrics,
@@ -148,7 +148,7 @@ class ContextServer:
             policy=policy or AllocationPolicy(),
             remote_summarizer=remote_summarizer,
         )
-        cpb_grpc.add_ContextServiceServicer_to_server(service, self.server)
+        cpb_grpc.add_ContextServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -192,6 +192,7 @@ class ContextServer:
         if not await self.drain.drain(grace_s):
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)
+        await self.service.aclose()
         await self.ledger.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
