@@ -21,7 +21,7 @@ from enum import StrEnum
 
 from services.context.messages import ChatMessage, Role
 from services.context.relevance import Bm25, normalised, terms
-from services.context.summarizer import ExtractiveSummarizer, Summarizer
+from services.context.summarizer import ExtractiveSummarizer, Summarizer, TextCount
 
 __all__ = [
     "SUMMARY_NAME",
@@ -32,9 +32,14 @@ __all__ = [
     "DoesNotFit",
     "FitRequest",
     "FitResult",
+    "PendingFit",
     "Strategy",
     "Summarizer",
+    "SummaryRequest",
+    "finish_fit",
     "fit",
+    "fit_until_summary",
+    "summary_text_count",
 ]
 
 Count = Callable[[ChatMessage], int]  # tokens of one message incl. chat overhead (caller-cached)
@@ -434,42 +439,71 @@ def _cut_tail(text: str, limit: int, count_text: Callable[[str], int]) -> str:
     return text[:best].rstrip() + " …" if best else ""
 
 
-def _make_summary(
-    conv: _Conversation, dropped: list[int], room: int, count: Count, summarizer: Summarizer
-) -> _Summary | None:
-    """One summary message of the dropped messages in at most `room` tokens, or None."""
-    if not dropped or room <= 0:
-        return None
+def summary_text_count(count: Count) -> TextCount:
+    """The count a summarizer gets: of the whole summary message, overhead included."""
 
     def count_text(text: str) -> int:
-        # The summarizer budgets the whole message, overhead included.
         return count(_summary_message(text))
 
-    query = conv.messages[conv.input_index].content if conv.input_index is not None else ""
-    spans = [conv.messages[i] for i in dropped]
-    # A remote summarizer may ignore the limit: cut what it returns rather than trust it.
-    text = _cut_tail(summarizer.summarize(spans, room, count_text, query=query), room, count_text)
-    if not text:
-        return None
-    message = _summary_message(text)
-    return _Summary(message, count(message), tuple(dropped))
+    return count_text
 
 
-def _summarize(
-    conv: _Conversation, request: FitRequest, count: Count, summarizer: Summarizer
-) -> tuple[set[int], _Summary | None]:
-    """WINDOW with room set aside, then the dropped units replaced by one summary message.
+@dataclass(frozen=True, slots=True)
+class SummaryRequest:
+    """What SUMMARIZE needs summarized: the dropped span, the room for the summary message
+    (overhead included) and the latest user message, for summarizers that favour it."""
+
+    messages: tuple[ChatMessage, ...]
+    max_tokens: int
+    query: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PendingFit:
+    """A SUMMARIZE fit stopped where its summary is needed. Whoever holds it asks a summarizer
+    for `summary` (the built-in one, or an endpoint on the event loop), then calls `finish_fit`
+    with the text: fitting itself never waits on I/O."""
+
+    summary: SummaryRequest
+    conversation: _Conversation
+    request: FitRequest
+    kept: frozenset[int]  # droppable units the window keeps
+    dropped: tuple[int, ...]  # the indices the summary stands for
+    original_tokens: int
+
+
+def _start_summary(
+    conv: _Conversation, request: FitRequest, original: int
+) -> FitResult | PendingFit:
+    """WINDOW with room set aside, the dropped units to be replaced by one summary message.
 
     The room is reserve_share of the budget (or what is left after the mandatory part), so more
     history is dropped than WINDOW would to make the summary fit; whatever the window leaves
-    unused is given to the summary too.
+    unused is given to the summary too. Nothing dropped, or no room: no summary is asked for.
     """
     room = _require_mandatory(conv, request)
     reserve = min(request.policy.tokens(request.policy.reserve_share, request.budget_tokens), room)
     kept = _window(conv, room - reserve)
     dropped = sorted(i for u in conv.candidates() if u not in kept for i in conv.units[u])
     left = room - sum(conv.unit_cost(u) for u in kept)
-    return kept, _make_summary(conv, dropped, left, count, summarizer)
+    if not dropped or left <= 0:
+        return _result(conv, request, kept, set(), None, original)
+    query = conv.messages[conv.input_index].content if conv.input_index is not None else ""
+    span = SummaryRequest(tuple(conv.messages[i] for i in dropped), left, query)
+    return PendingFit(span, conv, request, frozenset(kept), tuple(dropped), original)
+
+
+def finish_fit(pending: PendingFit, text: str, count: Count) -> FitResult:
+    """The fit with `text` as its summary: cut to the room if it is longer (a remote summarizer
+    may ignore the limit, so it is not trusted), left out if nothing fits or `text` is empty."""
+    count_text = summary_text_count(count)
+    text = _cut_tail(text, pending.summary.max_tokens, count_text)
+    summary = None
+    if text:
+        message = _summary_message(text)
+        summary = _Summary(message, count(message), pending.dropped)
+    conv, request = pending.conversation, pending.request
+    return _result(conv, request, set(pending.kept), set(), summary, pending.original_tokens)
 
 
 # --- the result ------------------------------------------------------------------------------
@@ -535,20 +569,13 @@ def _result(
     )
 
 
-def fit(request: FitRequest, count: Count, summarizer: Summarizer | None = None) -> FitResult:
-    """Fit `request.messages` into `request.budget_tokens` with `request.strategy`.
-
-    Raises DoesNotFit when system, pinned and input messages plus fixed_tokens exceed the
-    budget. Under TRUNCATE an oversized input (not pinned, not system) is first cut middle-out,
-    so DoesNotFit is raised only if even that is not enough. `summarizer` is used by SUMMARIZE
-    only; the default is the offline ExtractiveSummarizer.
-    """
+def fit_until_summary(request: FitRequest, count: Count) -> FitResult | PendingFit:
+    """Like `fit`, but a SUMMARIZE fit that needs a summary stops there (see PendingFit)."""
     conv = _conversation(request.messages, count)
     original = sum(conv.costs) + request.fixed_tokens
     if original <= request.budget_tokens:
         return _result(conv, request, conv.all_units(), set(), None, original)
     truncated: set[int] = set()
-    summary: _Summary | None = None
     if request.strategy is Strategy.WINDOW:
         kept = _window(conv, _require_mandatory(conv, request))
     elif request.strategy is Strategy.PRIORITY:
@@ -557,5 +584,23 @@ def fit(request: FitRequest, count: Count, summarizer: Summarizer | None = None)
         truncated = _truncate(conv, request, count)
         kept = _window(conv, _require_mandatory(conv, request))
     else:
-        kept, summary = _summarize(conv, request, count, summarizer or ExtractiveSummarizer())
-    return _result(conv, request, kept, truncated, summary, original)
+        return _start_summary(conv, request, original)
+    return _result(conv, request, kept, truncated, None, original)
+
+
+def fit(request: FitRequest, count: Count, summarizer: Summarizer | None = None) -> FitResult:
+    """Fit `request.messages` into `request.budget_tokens` with `request.strategy`.
+
+    Raises DoesNotFit when system, pinned and input messages plus fixed_tokens exceed the
+    budget. Under TRUNCATE an oversized input (not pinned, not system) is first cut middle-out,
+    so DoesNotFit is raised only if even that is not enough. `summarizer` is used by SUMMARIZE
+    only; the default is the offline ExtractiveSummarizer.
+    """
+    step = fit_until_summary(request, count)
+    if isinstance(step, FitResult):
+        return step
+    span = step.summary
+    count_text = summary_text_count(count)
+    summarizer = summarizer or ExtractiveSummarizer()
+    text = summarizer.summarize(span.messages, span.max_tokens, count_text, query=span.query)
+    return finish_fit(step, text, count)

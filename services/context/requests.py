@@ -22,9 +22,10 @@ from services.context.fitting import (
     Strategy,
 )
 from services.context.messages import ChatMessage, Role
-from services.context.registry import ModelRegistry, UnknownModelError
 from services.context.tokenizers import (
     CountTarget,
+    ModelRegistry,
+    UnknownModelError,
     known_encodings,
 )
 from services.platform.errors import bad_request, clip, error_info, pack

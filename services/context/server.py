@@ -28,14 +28,15 @@ from services.context.ledger_client import (
     MetadataProvider,
 )
 from services.context.metrics import ContextMetrics
-from services.context.registry import DEFAULT_REGISTRY, ModelRegistry
 from services.context.remote_summarizer import RemoteSummarizerConfig
 from services.context.requests import ContextError, request_bytes_max
 from services.context.service import ContextService
 from services.context.tokenizers import (
     COUNT_CACHE_ENTRIES_MAX_DEFAULT,
+    DEFAULT_REGISTRY,
     ENCODINGS,
     POOL_MEMORY_BYTES_MAX_DEFAULT,
+    ModelRegistry,
     TokenCounter,
     TokenizerPool,
 )
@@ -138,7 +139,7 @@ class ContextServer:
             ],
             options=server_options(request_bytes_max),
         )
-        service = ContextService(
+        self.service = ContextService(
             self.counter,
             self.ledger,
             self.metrics,
@@ -147,7 +148,7 @@ class ContextServer:
             policy=policy or AllocationPolicy(),
             remote_summarizer=remote_summarizer,
         )
-        cpb_grpc.add_ContextServiceServicer_to_server(service, self.server)
+        cpb_grpc.add_ContextServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
@@ -191,6 +192,7 @@ class ContextServer:
         if not await self.drain.drain(grace_s):
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)
+        await self.service.aclose()
         await self.ledger.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")

@@ -522,6 +522,7 @@ class _Endpoint(http.server.BaseHTTPRequestHandler):
     """An OpenAI-compatible /chat/completions that returns a canned completion (or fails)."""
 
     status = 200
+    report_usage = True
     requests: list[tuple[dict[str, str], dict[str, Any]]] = []
 
     def do_POST(self) -> None:
@@ -533,6 +534,8 @@ class _Endpoint(http.server.BaseHTTPRequestHandler):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": CANNED_SUMMARY}}],
             "usage": {"prompt_tokens": 321, "completion_tokens": 17, "total_tokens": 338},
         }
+        if not self.report_usage:
+            del reply["usage"]
         data = json.dumps(reply).encode()
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
@@ -615,6 +618,30 @@ def test_a_failing_endpoint_falls_back_to_extractive_and_rolls_its_hold_back(
     res = reservation(stub, tenant, reply.summarizer.reservation_id)
     assert res.state == pb.RESERVATION_STATE_ROLLED_BACK
     assert held(stub, tenant) == reply.granted_tokens
+
+
+def test_an_endpoint_that_reports_no_usage_is_charged_what_the_service_counts(
+    remote_ctx: Any, stub: Stub, endpoint: type[_Endpoint]
+) -> None:
+    """Without `usage` in the completion, the hold is committed with the prompt as counted
+    before the call and the summary as counted after it (off the event loop)."""
+    endpoint.status, endpoint.report_usage = 200, False
+    try:
+        tenant = new_id("t")
+        reply = prepare(
+            remote_ctx, tenant, conversation(20), strategy=cpb.STRATEGY_SUMMARIZE,
+            context_window_tokens=1_500,
+        )  # fmt: skip
+    finally:
+        endpoint.report_usage = True
+    assert reply.summarizer.kind == "remote" and not reply.summarizer.fallback_reason
+    res = reservation(stub, tenant, reply.summarizer.reservation_id)
+    assert res.state == pb.RESERVATION_STATE_COMMITTED
+    assert res.usage.input_tokens == reply.summarizer.prompt_tokens > 0
+    summary = reply.messages[list(reply.source_indices).index(-1)]
+    assert summary.content == CANNED_SUMMARY
+    # The summary message as the fit counts it: the text and its chat overhead.
+    assert res.usage.output_tokens == reply.summarizer.completion_tokens == reply.summary_tokens
 
 
 # --- the process -----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import pytest
 
 from services.context import tokenizer_data
 from services.context.messages import ChatMessage, Role
-from services.context.registry import DEFAULT_REGISTRY, UnknownModelError, resolve_model
 from services.context.tokenizer_data import (
     DATA_DIR_ENV,
     FETCH_COMMAND,
@@ -30,6 +29,7 @@ from services.context.tokenizer_data import (
 from services.context.tokenizers import (
     CL100K,
     CLAUDE_ESTIMATE,
+    DEFAULT_REGISTRY,
     ENCODINGS,
     GEMMA_ESTIMATE,
     LLAMA3,
@@ -39,8 +39,10 @@ from services.context.tokenizers import (
     TokenCounter,
     TokenizerPool,
     UnknownEncodingError,
+    UnknownModelError,
     known_encodings,
     load_encoding,
+    resolve_model,
     split_long_whitespace,
 )
 

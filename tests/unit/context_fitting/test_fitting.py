@@ -15,8 +15,11 @@ from services.context.fitting import (
     DoesNotFit,
     FitRequest,
     FitResult,
+    PendingFit,
     Strategy,
+    finish_fit,
     fit,
+    fit_until_summary,
 )
 from services.context.messages import ChatMessage, Role
 from services.context.summarizer import TextCount
@@ -430,6 +433,20 @@ def test_summarize_gives_the_summarizer_the_span_the_query_and_the_room() -> Non
     assert max_tokens == 25
     assert query == TRAVEL[5].content
     assert count_text("two words") == 2 + 4  # the whole summary message, overhead included
+
+
+def test_a_summarize_fit_stops_at_its_summary_and_finishes_with_any_text() -> None:
+    """fit_until_summary hands out the span, the room and the query without calling a
+    summarizer; finish_fit with a text gives what fit gives when a summarizer returns it."""
+    request = FitRequest(TRAVEL, TRAVEL_BUDGET, Strategy.SUMMARIZE, TRAVEL_POLICY)
+    step = fit_until_summary(request, count)
+    assert isinstance(step, PendingFit)
+    assert step.summary.messages == tuple(TRAVEL[1:4])
+    assert (step.summary.max_tokens, step.summary.query) == (25, TRAVEL[5].content)
+    assert finish_fit(step, "short", count) == summarize(FixedSummarizer("short"))
+    assert finish_fit(step, text(500), count) == summarize(FixedSummarizer(text(500)))
+    unchanged = FitRequest(TRAVEL, total(TRAVEL), Strategy.SUMMARIZE, TRAVEL_POLICY)
+    assert fit_until_summary(unchanged, count) == fit(unchanged, count)
 
 
 def test_summarize_cuts_a_summary_that_does_not_fit() -> None:

@@ -1,0 +1,248 @@
+"""PrepareContext's planning and fitting, pure: no I/O, no event loop. The servicer runs these
+in a worker thread (small requests inline) and does the ledger and endpoint calls on the event
+loop between them:
+
+1. `plan_request` (thread): count every message (cached per content), the tool definitions
+   (estimated) and the reply priming; find the mandatory part (system, pinned and input
+   messages with their tool pairs); plan one Reserve: amount = the prompt capped by the window
+   + max_output_tokens, floor = the mandatory part + min_output_tokens (WindowTooSmall when
+   even the floor exceeds the window: nothing is reserved);
+2. the Reserve (loop); `Plan.split` turns the grant into a prompt budget and an output reserve;
+3. `fit_budget` (thread): fit the conversation to the budget with the strategy; with a
+   summarizer that does I/O, a SUMMARIZE fit stops where its summary is needed;
+4. the summarizer's ledger hold and endpoint call (loop), then `finish_summary` (thread).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from services.context.fitting import (
+    DoesNotFit,
+    FitRequest,
+    FitResult,
+    PendingFit,
+    Strategy,
+    SummaryRequest,
+    finish_fit,
+    fit,
+    fit_until_summary,
+    summary_text_count,
+)
+from services.context.messages import ChatMessage, Role
+from services.context.requests import Prepare, Target
+from services.context.summarizer import ExtractiveSummarizer, TextCount
+from services.context.tokenizers import TokenCounter
+
+Job = TypeVar("Job")
+
+# Tool definitions: providers render them in undocumented ways. The JSON text is counted with
+# the model's encoding, plus a per-tool and a per-request allowance (OpenAI's function-calling
+# rendering measured at ~7-12 tokens of scaffolding per tool and per request).
+TOOL_TOKENS_OVERHEAD = 8
+TOOLS_TOKENS_OVERHEAD = 12
+TOOL_METHOD = f"estimate:json+{TOOL_TOKENS_OVERHEAD}/tool+{TOOLS_TOKENS_OVERHEAD}"
+
+
+# --- counting --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """A conversation's count: per message (overhead included), tools and priming."""
+
+    messages: Sequence[ChatMessage]
+    per_message: tuple[int, ...]
+    reply_priming: int
+    tool_tokens: int
+    encoding: str
+    exact: bool
+    method: str
+    chat_format: str
+
+    @property
+    def fixed_tokens(self) -> int:
+        """Tokens no strategy can remove: tool definitions and reply priming."""
+        return self.reply_priming + self.tool_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.per_message) + self.fixed_tokens
+
+
+def count_tools(counter: TokenCounter, target: Target, tools: Sequence[str]) -> int:
+    """Estimated: the JSON of each tool counted (and cached) as message text, plus allowances."""
+    if not tools:
+        return 0
+    overhead = counter.chat_overhead(target.count_target).per_role[Role.SYSTEM]
+    text = sum(
+        counter.count_message(target.count_target, ChatMessage(Role.SYSTEM, t)) - overhead
+        for t in tools
+    )
+    return text + TOOL_TOKENS_OVERHEAD * len(tools) + TOOLS_TOKENS_OVERHEAD
+
+
+def count_conversation(
+    counter: TokenCounter, target: Target, messages: Sequence[ChatMessage], tools: Sequence[str]
+) -> Counted:
+    chat = counter.count_chat(target.count_target, messages)
+    return Counted(
+        messages=messages,
+        per_message=chat.per_message,
+        reply_priming=chat.reply_priming,
+        tool_tokens=count_tools(counter, target, tools),
+        encoding=chat.encoding,
+        exact=chat.exact,
+        method=chat.method,
+        chat_format=chat.chat_format,
+    )
+
+
+def message_count(
+    counter: TokenCounter, target: Target, counted: Counted
+) -> Callable[[ChatMessage], int]:
+    """fitting.Count that reuses the counts already made (by identity), counting only the
+    messages fitting creates (cut messages, the summary)."""
+    known = {id(m): n for m, n in zip(counted.messages, counted.per_message, strict=True)}
+    count_new = counter.message_counter(target.count_target)
+
+    def count(m: ChatMessage) -> int:
+        found = known.get(id(m))
+        return count_new(m) if found is None else found
+
+    return count
+
+
+def mandatory_tokens(
+    counted: Counted, strategy: Strategy, count: Callable[[ChatMessage], int]
+) -> tuple[int, tuple[int, ...]]:
+    """Tokens of what cannot be dropped (tools and priming included), and its indices.
+
+    Under TRUNCATE the input may be cut, so it counts as its template and one token only.
+    """
+    try:
+        fit(FitRequest(counted.messages, budget_tokens=0, fixed_tokens=counted.fixed_tokens), count)
+    except DoesNotFit as exc:
+        required, indices = exc.required_tokens, exc.mandatory_indices
+    else:
+        return counted.prompt_tokens, tuple(range(len(counted.messages)))
+    if strategy is Strategy.TRUNCATE:
+        users = [i for i, m in enumerate(counted.messages) if m.role is Role.USER]
+        if users and not counted.messages[users[-1]].pinned:
+            i = users[-1]
+            required -= counted.per_message[i] - count(replace(counted.messages[i], content="x"))
+    return required, indices
+
+
+# --- the reservation plan --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One Reserve: `amount` wanted, at least `floor`; and how a grant splits."""
+
+    prompt_tokens: int
+    mandatory_tokens: int
+    window_tokens: int
+    max_output: int
+    min_output: int
+    amount: int
+    floor: int
+
+    def split(self, granted: int) -> tuple[int, int]:
+        """(prompt budget, output reserve) for a grant: the output keeps max_output while the
+        mandatory part allows, and gives way down to min_output only when it does not."""
+        output = min(self.max_output, max(granted - self.mandatory_tokens, self.min_output))
+        return granted - output, output
+
+    def bound_by(self, granted: int) -> str:
+        """What limits a fit of `granted`: "BUDGET" when the ledger granted less than the plan
+        asked for, else the model's "WINDOW"."""
+        return "BUDGET" if granted < self.amount else "WINDOW"
+
+    def limited_by(self, granted: int, budget: int, output: int) -> str:
+        """NONE when the whole prompt and the full output fit, else what bound the fit."""
+        if budget >= self.prompt_tokens and output == self.max_output:
+            return "NONE"
+        return self.bound_by(granted)
+
+
+class WindowTooSmall(Exception):
+    """The mandatory part plus min_output exceeds the window: nothing is worth reserving."""
+
+    def __init__(
+        self, required: int, window: int, mandatory: int = 0, indices: Sequence[int] = ()
+    ) -> None:
+        self.required = required
+        self.window = window
+        self.mandatory = mandatory
+        self.indices = tuple(indices)
+        super().__init__(f"{required} > {window}")
+
+
+def plan(prompt: int, mandatory: int, window: int, max_output: int, min_output: int) -> Plan:
+    if mandatory + min_output > window:
+        raise WindowTooSmall(mandatory + min_output, window)
+    output = min(max_output, window - mandatory)
+    amount = min(prompt, window - output) + output
+    return Plan(prompt, mandatory, window, max_output, min_output, amount,
+                mandatory + min_output)  # fmt: skip
+
+
+# --- the phases ------------------------------------------------------------------------------
+
+
+def plan_request(counter: TokenCounter, p: Prepare) -> tuple[Counted, Plan]:
+    """Count the conversation and plan its Reserve (WindowTooSmall: do not reserve at all)."""
+    counted = count_conversation(counter, p.target, p.messages, p.tools)
+    count = message_count(counter, p.target, counted)
+    mandatory, indices = mandatory_tokens(counted, p.strategy, count)
+    try:
+        plan_ = plan(counted.prompt_tokens, mandatory, p.target.window_tokens, p.max_output,
+                     p.min_output)  # fmt: skip
+    except WindowTooSmall as exc:
+        raise WindowTooSmall(exc.required, exc.window, mandatory, indices) from None
+    return counted, plan_
+
+
+def fit_budget(
+    counter: TokenCounter,
+    p: Prepare,
+    counted: Counted,
+    budget: int,
+    summary_job: Callable[[SummaryRequest, TextCount], Job] | None = None,
+) -> FitResult | tuple[PendingFit, Job]:
+    """The conversation fitted to `budget` (DoesNotFit if its mandatory part cannot be).
+
+    Without `summary_job`, SUMMARIZE uses the built-in summarizer and the fit is complete. With
+    it, a fit that needs a summary stops there and returns what `summary_job` makes of the span
+    (counted here, off the event loop) for a summarizer that does I/O; `finish_summary` ends it.
+    """
+    count = message_count(counter, p.target, counted)
+    request = FitRequest(p.messages, budget, p.strategy, p.policy, counted.fixed_tokens)
+    if summary_job is None:
+        return fit(request, count)
+    step = fit_until_summary(request, count)
+    if isinstance(step, FitResult):
+        return step
+    return step, summary_job(step.summary, summary_text_count(count))
+
+
+def finish_summary(
+    counter: TokenCounter, p: Prepare, counted: Counted, pending: PendingFit, text: str | None
+) -> FitResult:
+    """The fit ended with `text` as its summary, or the built-in summary when `text` is None."""
+    count = message_count(counter, p.target, counted)
+    if text is None:
+        span = pending.summary
+        text = ExtractiveSummarizer().summarize(
+            span.messages, span.max_tokens, summary_text_count(count), query=span.query
+        )
+    return finish_fit(pending, text, count)
+
+
+def summary_counter(counter: TokenCounter, target: Target) -> TextCount:
+    """Tokens of a summary message with a given text, for the model of `target`."""
+    return summary_text_count(counter.message_counter(target.count_target))

@@ -1,0 +1,131 @@
+"""From the context service's results to its protobuf responses (the servicer's "map" step)."""
+
+from __future__ import annotations
+
+from services._gen.tokenledger.v1 import context_pb2 as cpb
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services.context.fitting import FitResult
+from services.context.messages import ChatMessage
+from services.context.planning import TOOL_METHOD, Counted, Plan, count_conversation
+from services.context.remote_summarizer import SummarizerOutcome
+from services.context.requests import PB_ROLES, PB_STRATEGIES, Prepare, Target
+from services.context.tokenizers import TokenCounter
+
+LIMITED_BY = {
+    "NONE": cpb.LIMITED_BY_NONE,
+    "BUDGET": cpb.LIMITED_BY_BUDGET,
+    "WINDOW": cpb.LIMITED_BY_WINDOW,
+}
+
+
+def count_reply(
+    counter: TokenCounter, target: Target, messages: list[ChatMessage], tools: list[str], text: str
+) -> cpb.CountTokensResponse:
+    """CountTokens' answer: `text` alone if given, else the chat with its tools (it counts, so
+    it runs where counting runs)."""
+    reply = cpb.CountTokensResponse(
+        model_family=target.family,
+        context_window_tokens=target.window_tokens if target.family else 0,
+    )
+    if text:
+        counted = counter.count_text(target.count_target, text)
+        reply.total_tokens, reply.encoding = counted.tokens, counted.encoding
+        reply.exact, reply.method = counted.exact, counted.method
+        return reply
+    chat = count_conversation(counter, target, messages, tools)
+    reply.total_tokens = chat.prompt_tokens
+    reply.message_tokens.extend(chat.per_message)
+    reply.reply_priming_tokens, reply.tool_tokens = chat.reply_priming, chat.tool_tokens
+    reply.encoding, reply.exact, reply.method = chat.encoding, chat.exact, chat.method
+    reply.chat_format = chat.chat_format
+    reply.tool_method = TOOL_METHOD if tools else ""
+    return reply
+
+
+def _pb_message(m: ChatMessage) -> cpb.ChatMessage:
+    return cpb.ChatMessage(
+        role=PB_ROLES[m.role],
+        content=m.content,
+        name=m.name,
+        pinned=m.pinned,
+        priority=m.priority,
+        tool_call_id=m.tool_call_id,
+        tool_call_ids=m.tool_call_ids,
+    )
+
+
+def _breakdown(result: FitResult, counted: Counted, output: int) -> cpb.TokenBreakdown:
+    b = result.breakdown
+    return cpb.TokenBreakdown(
+        system=b.system,
+        pinned=b.pinned,
+        history=b.history,
+        tool_definitions=counted.tool_tokens,
+        tool_results=b.tool_results,
+        input=b.input,
+        summary=b.summary,
+        reply_priming=counted.reply_priming,
+        output_reserve=output,
+        prompt_total=result.tokens,
+    )
+
+
+def _summarizer_report(outcome: SummarizerOutcome | None) -> cpb.SummarizerReport:
+    if outcome is None:
+        return cpb.SummarizerReport(kind="extractive")
+    return cpb.SummarizerReport(
+        kind=outcome.kind,
+        model=outcome.model,
+        reservation_id=outcome.reservation_id,
+        prompt_tokens=outcome.prompt_tokens,
+        completion_tokens=outcome.completion_tokens,
+        fallback_reason=outcome.fallback_reason,
+    )
+
+
+def prepare_response(
+    request: cpb.PrepareContextRequest,
+    p: Prepare,
+    counted: Counted,
+    plan: Plan,
+    reply: pb.ReserveResponse,
+    fitted: FitResult,
+    output: int,
+    outcome: SummarizerOutcome | None,
+) -> cpb.PrepareContextResponse:
+    """PrepareContext's answer. Messages kept as they were come back as sent (no re-encoding)."""
+    granted = reply.reservation.amount
+    budget = granted - output
+    response = cpb.PrepareContextResponse(
+        reservation_id=reply.reservation.reservation_id,
+        granted_tokens=granted,
+        requested_tokens=plan.amount,
+        partial=reply.partial,
+        breakdown=_breakdown(fitted, counted, output),
+        original_prompt_tokens=fitted.original_tokens,
+        dropped_indices=fitted.dropped,
+        summarized_indices=fitted.summarized,
+        truncated_indices=fitted.truncated,
+        summary_tokens=fitted.summary_tokens,
+        limited_by=LIMITED_BY[plan.limited_by(granted, budget, output)],
+        strategy=PB_STRATEGIES[p.strategy],
+        encoding=counted.encoding,
+        exact=counted.exact,
+        method=counted.method,
+        warnings=reply.warnings,
+        over_share=fitted.over_share,
+        context_window_tokens=p.target.window_tokens,
+        tokens_saved=fitted.tokens_saved,
+    )
+    if reply.HasField("suggestion"):
+        response.suggestion.CopyFrom(reply.suggestion)
+    truncated = set(fitted.truncated)
+    for source, m in zip(fitted.sources, fitted.messages, strict=True):
+        if source is None or source in truncated:
+            response.messages.append(_pb_message(m))
+        else:
+            response.messages.append(request.messages[source])
+        response.source_indices.append(-1 if source is None else source)
+    if fitted.summarized or outcome is not None:
+        response.summarizer.CopyFrom(_summarizer_report(outcome))
+    return response
