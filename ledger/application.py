@@ -48,6 +48,7 @@ from ledger.model import (
     ReserveResult,
     Rollback,
     RollbackResult,
+    SetBudgetAlerts,
     SetQuota,
     SetRateLimit,
     SoftLimitWarning,
@@ -93,7 +94,7 @@ class ExpireTenant:
 
 # Writes on one account whose response is that account's balance (or, for SetRateLimit, the
 # limiter): they differ only in their events.
-AccountWrite = SetQuota | RecordUsage | GrantTokens | AdjustBalance | SetRateLimit
+AccountWrite = SetQuota | RecordUsage | GrantTokens | AdjustBalance | SetRateLimit | SetBudgetAlerts
 Write = Reserve | Commit | Rollback | AccountWrite | ExpireTenant
 
 
@@ -160,6 +161,10 @@ class Ledger:
 
     async def set_rate_limit(self, cmd: SetRateLimit, meta: CallMeta = CallMeta()) -> RateLimit:
         result: RateLimit = await self._submit(cmd, meta)
+        return result
+
+    async def set_budget_alerts(self, cmd: SetBudgetAlerts, meta: CallMeta = CallMeta()) -> Account:
+        result: Account = await self._submit(cmd, meta)
         return result
 
     async def expire_overdue(self) -> int:
@@ -440,6 +445,7 @@ _HANDLERS: dict[type, Handler] = {
     GrantTokens: _account_write,
     AdjustBalance: _account_write,
     SetRateLimit: _account_write,
+    SetBudgetAlerts: _account_write,
     ExpireTenant: _expire,
 }
 

@@ -19,6 +19,7 @@ from ledger.domain import (
     evolve_rate_limit,
     evolve_reservation,
     rate_limit_keys,
+    threshold_crossings,
 )
 from ledger.model import (
     Account,
@@ -164,11 +165,14 @@ class Batch:
         return count
 
     def apply(self, events: list[Event]) -> Reservation | None:
-        """Evolve the locked state by `events` and chain them onto their streams; returns the
-        reservation the events concern, if any."""
+        """Evolve the locked state by `events` and chain them onto their streams, then log the
+        budget alerts they made the accounts cross; returns the reservation the events
+        concern, if any."""
         res: Reservation | None = None
+        touched: dict[AccountKey, None] = {}
         for event in events:
             for k in affected(event):
+                touched[k] = None
                 self.accounts[k] = evolve_account(self.accounts[k], event)
                 self._dirty_accounts.add(k)
             rid = getattr(event, "reservation_id", "")
@@ -191,6 +195,11 @@ class Batch:
             self._changes.events.append(row)
             self.events.append(event)
             add_usage(self._changes.usage, event)
+        crossed = [
+            e for k in touched for e in threshold_crossings(self.accounts[k], self.context())
+        ]
+        if crossed:
+            self.apply(crossed)
         return res
 
     def end(self, reservation_id: str, balance: Account) -> None:

@@ -129,6 +129,8 @@ def _to_json(kind: Any, value: Any) -> Any:
         return None
     if kind == tuple[tuple[str, str], ...]:  # labels
         return dict(value)
+    if kind == tuple[int, ...]:
+        return list(value)
     if isinstance(value, datetime):
         return ts(value)
     if isinstance(value, StrEnum):
@@ -141,6 +143,8 @@ def _from_json(kind: Any, value: Any) -> Any:
         return None
     if kind == tuple[tuple[str, str], ...]:
         return tuple(sorted(value.items()))
+    if kind == tuple[int, ...]:
+        return tuple(value)
     base = next((a for a in get_args(kind) if a is not type(None)), kind)  # X | None -> X
     if base is datetime:
         return parse_ts(value)
@@ -233,6 +237,15 @@ def account_to_json(acc: Account) -> dict[str, Any]:
         "window_start_hour": acc.window_start_hour,
         "recent": [list(b) for b in acc.recent],
         "grants": grants_to_json(acc.grants),
+        **alerts_to_json(acc),
+    }
+
+
+def alerts_to_json(acc: Account) -> dict[str, Any]:
+    return {
+        "alert_thresholds": list(acc.alert_thresholds),
+        "alerts_fired": list(acc.alerts_fired),
+        "alerts_period": acc.alerts_period.isoformat(),
     }
 
 
@@ -286,6 +299,10 @@ def account_from_json(obj: dict[str, Any]) -> Account:
         recent=tuple((h, t) for h, t in obj.get("recent", ())),
         grants=grants_from_json(obj.get("grants", [])),
         window_start_hour=obj.get("window_start_hour", 0),
+        # Balances stored before budget alerts have none.
+        alert_thresholds=tuple(obj.get("alert_thresholds", ())),
+        alerts_fired=tuple(obj.get("alerts_fired", ())),
+        alerts_period=date.fromisoformat(obj.get("alerts_period", "1970-01-01")),
     )
 
 

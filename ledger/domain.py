@@ -19,6 +19,8 @@ from ledger.model import (
     AccountKey,
     AdjustBalance,
     BalanceAdjusted,
+    BudgetAlertsSet,
+    BudgetThresholdCrossed,
     Commit,
     CommitResult,
     Context,
@@ -38,6 +40,7 @@ from ledger.model import (
     ReservationRolledBack,
     Reserve,
     Rollback,
+    SetBudgetAlerts,
     SetQuota,
     SetRateLimit,
     SoftLimitWarning,
@@ -74,6 +77,7 @@ Decidable = (
     | GrantTokens
     | AdjustBalance
     | SetRateLimit
+    | SetBudgetAlerts
 )
 
 
@@ -162,6 +166,36 @@ def _decide_rate_limit(snap: Snapshot, cmd: SetRateLimit, ctx: Context, meta: _M
             requests_per_minute=cmd.requests_per_minute,
             **meta,
         )
+    ]
+
+
+def _decide_alerts(snap: Snapshot, cmd: SetBudgetAlerts, ctx: Context, meta: _Meta) -> list[Event]:
+    return [
+        BudgetAlertsSet(
+            key=cmd.key,
+            idempotency_key=cmd.idempotency_key,
+            thresholds_percent=cmd.thresholds_percent,
+            **meta,
+        )
+    ]
+
+
+def threshold_crossings(acc: Account, ctx: Context) -> list[Event]:
+    """The budget alerts `acc` has reached and not yet logged in its period, lowest first."""
+    spent = acc.percent_spent
+    if spent is None or not acc.alert_thresholds:
+        return []
+    meta = _Meta(occurred_at=ctx.now, actor=ctx.actor, trace_id=ctx.trace_id)
+    return [
+        BudgetThresholdCrossed(
+            key=acc.key,
+            threshold_percent=t,
+            used=acc.used,
+            capacity=(acc.limit or 0) + acc.granted,
+            **meta,
+        )
+        for t in acc.alert_thresholds
+        if t <= spent and t not in acc.alerts_fired
     ]
 
 
@@ -392,7 +426,7 @@ def soft_limit_warnings(accounts: list[Account]) -> tuple[SoftLimitWarning, ...]
 def affected(event: Event) -> tuple[AccountKey, ...]:
     """The accounts an event changes: quotas and grants only their own, a rate limit none
     (its stream is the account's), a charge or hold every level."""
-    if isinstance(event, QuotaSet | TokensGranted):
+    if isinstance(event, QuotaSet | TokensGranted | BudgetAlertsSet | BudgetThresholdCrossed):
         return (event.key,)
     if isinstance(event, RateLimitSet):
         return ()
@@ -436,6 +470,13 @@ def evolve_account(acc: Account, event: Event) -> Account:
             return acc.with_(grants=tuple(sorted((*acc.grants, grant), key=Grant.draw_order)))
         case BalanceAdjusted():
             return _charge(acc, event.tokens, event.occurred_at, event.occurred_at, draw=False)
+        case BudgetAlertsSet():
+            thresholds = tuple(sorted(event.thresholds_percent))
+            fired = tuple(t for t in acc.alerts_fired if t in thresholds)
+            return acc.with_(alert_thresholds=thresholds, alerts_fired=fired)
+        case BudgetThresholdCrossed():
+            fired = tuple(sorted((*acc.alerts_fired, event.threshold_percent)))
+            return acc.with_(alerts_fired=fired, alerts_period=acc.alert_period())
     raise TypeError(f"unknown event {type(event).__name__}")
 
 
@@ -582,6 +623,7 @@ _DECIDERS: dict[type, Callable[[Snapshot, Any, Context, _Meta], list[Event]]] = 
     GrantTokens: _decide_grant,
     AdjustBalance: _decide_adjust,
     SetRateLimit: _decide_rate_limit,
+    SetBudgetAlerts: _decide_alerts,
     RecordUsage: _decide_usage,
     Commit: _decide_commit_cmd,
     Rollback: _decide_rollback,

@@ -142,6 +142,11 @@ class Account:
     month_start: date = EPOCH_DAY
     recent: tuple[tuple[int, int], ...] = ()
     grants: tuple[Grant, ...] = ()
+    alert_thresholds: tuple[int, ...] = ()
+    """Budget alerts: percentages of the limit (plus grants) whose crossing is logged."""
+    alerts_fired: tuple[int, ...] = ()
+    """The thresholds already crossed in the period starting `alerts_period`."""
+    alerts_period: date = EPOCH_DAY
     window_start_hour: int = field(default=0, compare=False)
 
     def rolled(self, at: datetime) -> Account:
@@ -165,7 +170,19 @@ class Account:
         window_start = hour - self.window_hours + 1
         if window_start != self.window_start_hour:
             changes["window_start_hour"] = window_start
-        return self.with_(**changes) if changes else self
+        out = self.with_(**changes) if changes else self
+        if out.alerts_fired and out.alert_period() != out.alerts_period:
+            out = out.with_(alerts_fired=(), alerts_period=out.alert_period())
+        return out
+
+    def alert_period(self) -> date:
+        """The period budget alerts fire once in: the quota's day or month; for other
+        periods one that never ends (they fire once, until the thresholds are set again)."""
+        if self.period is Period.DAY:
+            return self.day_start
+        if self.period is Period.MONTH:
+            return self.month_start
+        return EPOCH_DAY
 
     def with_(self, **changes: Any) -> Account:
         """A copy with `changes`; dataclasses.replace does the same, several times slower,
@@ -194,6 +211,15 @@ class Account:
         if self.limit is None:
             return None
         return max(0, max(0, self.limit - self.used) + self.granted - self.held)
+
+    @property
+    def percent_spent(self) -> int | None:
+        """Usage (not holds) as a share of the limit and grants, in whole percent (rounded
+        down); None without a limit. What budget alerts watch: a hold may yet be released."""
+        capacity = (self.limit or 0) + self.granted
+        if self.limit is None:
+            return None
+        return self.used * 100 // capacity if capacity else (100 if self.used else 0)
 
     @property
     def percent_used(self) -> int:
@@ -343,6 +369,24 @@ class RateLimitSet(Event):
     requests_per_minute: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class BudgetAlertsSet(Event):
+    """The percentages of the account's limit whose crossing is logged (none: no alerts)."""
+
+    thresholds_percent: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetThresholdCrossed(Event):
+    """The account's usage reached `threshold_percent` of its limit and grants in the current
+    period: logged once per threshold and period (a day or month quota's period; for other
+    periods, once until the thresholds are set again)."""
+
+    threshold_percent: int
+    used: int
+    capacity: int
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.__name__: cls
     for cls in (
@@ -355,6 +399,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         ReservationRolledBack,
         ReservationExpired,
         UsageRecorded,
+        BudgetAlertsSet,
+        BudgetThresholdCrossed,
     )
 }
 
@@ -435,6 +481,13 @@ class AdjustBalance:
     key: AccountKey
     tokens: int
     reason: str
+
+
+@dataclass(frozen=True)
+class SetBudgetAlerts:
+    idempotency_key: str
+    key: AccountKey
+    thresholds_percent: tuple[int, ...]
 
 
 @dataclass(frozen=True)

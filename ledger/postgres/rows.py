@@ -22,7 +22,8 @@ from ledger.reads import Scope
 
 ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, window_hours,
     time_zone, soft_limit_percent, grant_order, held, used_total, used_day, day_start, used_month,
-    month_start, recent, grants, stream_version, head_hash"""
+    month_start, recent, grants, alert_thresholds, alerts_fired, alerts_period, stream_version,
+    head_hash"""
 RATE_LIMIT_COLUMNS = """tenant_id, user_id, conversation_id, model, tokens_per_minute,
     requests_per_minute, tokens_tat, requests_tat"""
 RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, model, amount,
@@ -65,6 +66,9 @@ def account_from_row(row: dict[str, Any]) -> Account:
         grant_order=GrantOrder(row["grant_order"]),
         recent=tuple((h, t) for h, t in row["recent"]),
         grants=grants_from_json(row["grants"]),
+        alert_thresholds=tuple(row["alert_thresholds"]),
+        alerts_fired=tuple(row["alerts_fired"]),
+        alerts_period=row["alerts_period"],
     )
 
 

@@ -51,7 +51,8 @@ _INSERT_EVENTS = (
 _UPDATE_ACCOUNTS = """UPDATE accounts SET quota_limit = %s, period = %s, window_hours = %s,
        time_zone = %s, soft_limit_percent = %s, grant_order = %s, held = %s, used_total = %s,
        used_day = %s, day_start = %s, used_month = %s, month_start = %s, recent = %s,
-       grants = %s, stream_version = %s, head_hash = %s, updated_at = now()
+       grants = %s, alert_thresholds = %s, alerts_fired = %s, alerts_period = %s,
+       stream_version = %s, head_hash = %s, updated_at = now()
    WHERE tenant_id = %s AND user_id = %s AND conversation_id = %s"""
 _UPSERT_RATE_LIMITS = (
     f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "  # noqa: S608 (constant)
@@ -359,6 +360,9 @@ def _account_params(head: StreamHead) -> tuple[Any, ...]:
         acc.month_start,
         Jsonb([list(b) for b in acc.recent]),
         Jsonb(codec.grants_to_json(acc.grants)),
+        Jsonb(list(acc.alert_thresholds)),
+        Jsonb(list(acc.alerts_fired)),
+        acc.alerts_period,
         head.version,
         head.hash,
         k.tenant_id,

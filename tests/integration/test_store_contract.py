@@ -14,7 +14,16 @@ import pytest
 from ledger import codec, errors, limits, validation
 from ledger.application import Ledger
 from ledger.memory import MemoryStore
-from ledger.model import AccountKey, Period, State, TokensGranted, Usage
+from ledger.model import (
+    AccountKey,
+    BudgetThresholdCrossed,
+    Period,
+    RecordUsage,
+    SetBudgetAlerts,
+    State,
+    TokensGranted,
+    Usage,
+)
 from ledger.ports import Changes, Store
 from ledger.postgres.store import PostgresStore
 from services.platform import db
@@ -322,5 +331,64 @@ def test_a_key_past_its_retention_is_a_new_request_and_is_pruned(
         assert await ledger.prune_keys() >= 1  # this test's key, and any other test's
         assert await store.outcome_count() < stored
         assert await ledger.prune_keys() == 0
+
+    run(body)
+
+
+def _alerts(tenant: str, user: str, *thresholds: int) -> Any:
+    return SetBudgetAlerts(new_id("a"), AccountKey(tenant, user), tuple(thresholds))
+
+
+def test_each_budget_alert_is_logged_once_under_concurrent_usage(
+    run: Callable[[Body], Any],
+) -> None:
+    async def body(ledger: Ledger, store: Store, clock: Clock, t: str) -> None:
+        await set_limit(ledger, t, 1_000)
+        await ledger.set_budget_alerts(_alerts(t, "u", 50, 80, 100))
+
+        async def spend() -> None:
+            rid = (await ledger.reserve(reserve(t, 20))).reservation.reservation_id
+            await ledger.commit(validation.commit(tenant_id=t, reservation_id=rid, usage=Usage(20)))
+
+        await asyncio.gather(*(spend() for _ in range(50)))  # 1,000 tokens: 100 %
+        async with store.transaction(t) as uow:
+            crossed = [
+                (f.event.threshold_percent, f.event.used)
+                async for f in uow.events_after(0)
+                if isinstance(f.event, BudgetThresholdCrossed)
+            ]
+        assert [c[0] for c in crossed] == [50, 80, 100]
+        assert all(used >= 10 * threshold for threshold, used in crossed)
+        balance = (await ledger.get_balance(AccountKey(t, "u"))).balance
+        assert balance.alerts_fired == (50, 80, 100)
+
+    run(body)
+
+
+def test_a_day_quotas_alerts_fire_again_the_next_day(run: Callable[[Body], Any]) -> None:
+    async def body(ledger: Ledger, store: Store, clock: Clock, t: str) -> None:
+        await ledger.set_quota(
+            validation.set_quota(
+                idempotency_key=new_id("q"), tenant_id=t, user_id="u", conversation_id="",
+                limit=100, period=Period.DAY,
+            )
+        )  # fmt: skip
+        await ledger.set_budget_alerts(_alerts(t, "u", 50))
+
+        async def use(tokens: int) -> None:
+            await ledger.record_usage(
+                RecordUsage(new_id("r"), AccountKey(t, "u"), "m", Usage(tokens))
+            )
+
+        await use(60)
+        await use(10)  # still the same day: no second alert
+        clock.now += timedelta(days=1)
+        await use(30)
+        await use(30)
+        kinds = [e[0] for e in await logged(store, t)]
+        assert kinds.count("BudgetThresholdCrossed") == 2
+        report = await ledger.rebuild(t)  # the alert state is a projection of the log too
+        assert report.events == len(kinds)
+        assert (await ledger.get_balance(AccountKey(t, "u"))).balance.alerts_fired == (50,)
 
     run(body)

@@ -27,6 +27,8 @@ from ledger.model import (
     Account,
     AccountKey,
     BalanceAdjusted,
+    BudgetAlertsSet,
+    BudgetThresholdCrossed,
     Commit,
     Context,
     Event,
@@ -928,6 +930,8 @@ EVENTS: list[Event] = [
     BalanceAdjusted(**COMMON, tokens=-250, reason="refund for a failed call"),
     BalanceAdjusted(**COMMON, tokens=40, reason="unrecorded usage"),
     RateLimitSet(**COMMON, tokens_per_minute=90_000, requests_per_minute=0),
+    BudgetAlertsSet(**COMMON, thresholds_percent=(50, 80, 100)),
+    BudgetThresholdCrossed(**COMMON, threshold_percent=80, used=812, capacity=1_000),
 ]
 
 
