@@ -87,9 +87,7 @@ _INSERT_OUTCOMES = """INSERT INTO idempotency_keys
    ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET operation = EXCLUDED.operation,
        request = EXCLUDED.request, response = EXCLUDED.response,
        created_at = EXCLUDED.created_at"""
-_PRUNE_OUTCOMES = """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-       SELECT ctid FROM idempotency_keys WHERE created_at < %s
-       LIMIT %s FOR UPDATE SKIP LOCKED))"""
+_PRUNE_OUTCOMES = "SELECT prune_idempotency_keys(%s, %s) AS pruned"  # migration 0007
 _PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits")
 
 
@@ -138,7 +136,8 @@ class PostgresStore:
     async def prune_outcomes(self, before: datetime, limit: int) -> int:
         async with self._connection() as conn:
             cur = await conn.execute(_PRUNE_OUTCOMES, (before, limit))
-            return cur.rowcount
+            row = await cur.fetchone()
+        return int(row["pruned"]) if row else 0
 
     async def outcome_count(self) -> int:
         async with self._connection() as conn:

@@ -172,7 +172,7 @@ class Reference:
         self.now = now
         self.accounts = {k: RefAccount() for k in ACCOUNTS}
         self.reservations: dict[str, RefReservation] = {}
-        self.answered: dict[str, tuple[Message, Message]] = {}  # key -> (request, response)
+        self.answered: dict[str, tuple[Message, Outcome]] = {}  # key -> (request, outcome)
         self.notes: Counter[str] = Counter()  # what happened, to show the run exercised it
 
     @property
@@ -216,7 +216,7 @@ class Reference:
         available = {k: self.accounts[k].available(self.today) for k in limited}
         for k in limited:
             if req.amount > available[k]:  # type: ignore[operator]
-                return Refusal(
+                refusal = Refusal(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "BUDGET_EXHAUSTED",
                     {
@@ -230,6 +230,8 @@ class Reference:
                     }
                     | self._resets(k),
                 )
+                self.answered[req.idempotency_key] = (req, refusal)  # one key, one outcome
+                return refusal
         self._hold(key, req.amount)
         r = RefReservation(
             request=req,

@@ -118,3 +118,28 @@ def test_serve_refuses_a_database_at_another_schema_revision(database_url: str) 
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
     assert run.returncode == 2
     assert "schema revision none" in run.stderr and "tokenledger migrate" in run.stderr
+
+
+def test_the_app_role_prunes_expired_keys_only_through_the_function(
+    database_url: str, login_role: str
+) -> None:
+    """It may not DELETE keys; prune_idempotency_keys deletes those created before a time."""
+    tenant = new_id("t")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO idempotency_keys (tenant_id, idempotency_key, operation, request, "
+            "response, created_at) VALUES (%s, 'old', 'Reserve', '{}', '{}', now() - "
+            "interval '9 days'), (%s, 'new', 'Reserve', '{}', '{}', now())",
+            (tenant, tenant),
+        )
+    with psycopg.connect(as_role(database_url, login_role), autocommit=True) as conn:
+        with pytest.raises(pg_errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM idempotency_keys WHERE tenant_id = %s", (tenant,))
+        pruned = conn.execute(
+            "SELECT prune_idempotency_keys(now() - interval '8 days', 1000)"
+        ).fetchone()
+        left = conn.execute(
+            "SELECT idempotency_key FROM idempotency_keys WHERE tenant_id = %s", (tenant,)
+        ).fetchall()
+    assert pruned is not None and pruned[0] >= 1
+    assert left == [("new",)]
