@@ -64,7 +64,8 @@ from services.platform.serve import serve_until_signalled, server_options
 
 log = structlog.get_logger("tokenledger.context.server")
 
-SERVICE_NAME = cpb.DESCRIPTOR.services_by_name["ContextService"].full_name
+SERVICE = cpb.DESCRIPTOR.services_by_name["ContextService"]
+SERVICE_NAME = SERVICE.full_name
 COUNT_WORKERS_DEFAULT = 4
 KEYS_POOL_SIZE_MAX = 4
 """Database connections for callers' key lookups (one short primary-key read per call)."""
@@ -132,7 +133,7 @@ class ContextServer:
                 LoggingInterceptor(),
                 self.drain,
                 UndecodableRequestInterceptor(),  # before auth, which reads the request
-                *([AuthInterceptor(auth)] if auth else []),
+                *([AuthInterceptor(auth, [SERVICE])] if auth else []),
                 *(guards or Guards(DEADLINE_S_DEFAULT)).interceptors(f"/{SERVICE_NAME}/"),
                 ErrorInterceptor(),
                 ContextErrorInterceptor(),

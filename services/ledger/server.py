@@ -36,7 +36,8 @@ from services.platform.serve import server_options
 
 log = structlog.get_logger("tokenledger.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["LedgerService"]
+SERVICE_NAME = SERVICE.full_name
 message_bytes_max = 1 << 20
 SLOW_METHODS = ("VerifyAudit",)
 """Unary calls that may run for minutes (a whole tenant's log): the stream default deadline."""
@@ -82,7 +83,7 @@ class LedgerServer:
                 LoggingInterceptor(),
                 self.drain,
                 UndecodableRequestInterceptor(),  # before auth, which reads the request
-                *([AuthInterceptor(auth)] if auth else []),
+                *([AuthInterceptor(auth, [SERVICE])] if auth else []),
                 *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
                 ErrorInterceptor(),
                 RefusalInterceptor(self.metrics),
