@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 import grpc
-import psycopg
 import structlog
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.descriptor import ServiceDescriptor as Service
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from ledger import errors
+from ledger.postgres.errors import translated
 from services._gen.tokenledger.v1 import options_pb2
 from services.platform.config import AuthSettings, ConfigError
 from services.platform.errors import clip, error_info, to_status
@@ -134,15 +134,11 @@ class KeyStore:
         return await self._one(self._SELECT + " WHERE cert_cn = %s AND revoked_at IS NULL", cn)
 
     async def _one(self, sql: str, arg: str) -> dict[str, Any] | None:
-        try:
+        with translated():  # an unreachable database is StoreUnavailable, as for the ledger
             async with self.pool.connection() as conn:
                 cur = await conn.execute(sql, (arg,))
                 row: dict[str, Any] | None = await cur.fetchone()
                 return row
-        except PoolTimeout as exc:
-            raise errors.StoreUnavailable(f"no database connection available: {exc}") from exc
-        except psycopg.OperationalError as exc:
-            raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
 # --- which RPC needs what ----------------------------------------------------------------------
