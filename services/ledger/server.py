@@ -81,11 +81,11 @@ class LedgerServer:
                 RpcMetricsInterceptor(meter_provider),
                 TracingInterceptor(),
                 LoggingInterceptor(),
+                ErrorInterceptor(),  # the boundary: every refusal raised below ends here
                 self.drain,
                 UndecodableRequestInterceptor(),  # before auth, which reads the request
                 *([AuthInterceptor(auth, [SERVICE])] if auth else []),
                 *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
-                ErrorInterceptor(),
                 RefusalInterceptor(self.metrics),
             ],
             options=server_options(message_bytes_max),

@@ -22,21 +22,19 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import grpc
 import structlog
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.descriptor import ServiceDescriptor as Service
-from google.rpc import code_pb2, status_pb2
-from grpc_status import rpc_status
 from psycopg_pool import AsyncConnectionPool
 
 from ledger import errors
 from ledger.postgres.errors import translated
 from services._gen.tokenledger.v1 import options_pb2
 from services.platform.config import AuthSettings, ConfigError
-from services.platform.errors import clip, error_info, to_status
+from services.platform.errors import CallRefused, PermissionDenied, Unauthenticated
 from services.platform.guards import PRINCIPAL
 from services.platform.interceptors import UnaryBehavior, _Interceptor
 
@@ -214,30 +212,6 @@ def unguarded_methods(*services: Service) -> list[str]:
     ]
 
 
-# --- refusals --------------------------------------------------------------------------------
-
-
-class AuthRefusal(Exception):
-    """UNAUTHENTICATED (who are you?) or PERMISSION_DENIED (not you, not this)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, **metadata: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.metadata = metadata
-
-    def status(self) -> status_pb2.Status:
-        return status_pb2.Status(
-            code=getattr(code_pb2, self.code.name),
-            message=clip(self.message),
-            details=[error_info(self.code.name, self.metadata)],
-        )
-
-
-def unauthenticated(message: str) -> AuthRefusal:
-    return AuthRefusal(grpc.StatusCode.UNAUTHENTICATED, message)
-
-
 # --- authentication --------------------------------------------------------------------------
 
 
@@ -267,7 +241,7 @@ class Authenticator:
             return await self._by_api_key(context)
         row = await self.keys.by_cert_cn(cn)
         if row is None:
-            raise unauthenticated(
+            raise Unauthenticated(
                 f"client certificate CN={cn!r} is not registered: "
                 "`tokenledger keys create --cert-cn …`"
             )
@@ -277,16 +251,16 @@ class Authenticator:
         token = _bearer(context)
         parsed = parse_token(token)
         if parsed is None:
-            raise unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
+            raise Unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
         key_id, secret = parsed
         row = await self.keys.by_key_id(key_id)
         # Unknown id and wrong secret read the same; the hash comparison takes constant time.
         if row is None or row["secret_sha256"] is None:
-            raise unauthenticated("invalid API key")
+            raise Unauthenticated("invalid API key")
         if not hmac.compare_digest(bytes(row["secret_sha256"]), secret_hash(secret)):
-            raise unauthenticated("invalid API key")
+            raise Unauthenticated("invalid API key")
         if row["revoked_at"] is not None:
-            raise unauthenticated(f"API key {key_id} was revoked")
+            raise Unauthenticated(f"API key {key_id} was revoked")
         return _principal(row, f"key:{key_id}")
 
 
@@ -295,9 +269,9 @@ def _bearer(context: Context) -> str:
         if key == AUTHORIZATION and isinstance(value, str):
             scheme, _, token = value.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise unauthenticated("the authorization metadata must be `Bearer <API key>`")
+                raise Unauthenticated("the authorization metadata must be `Bearer <API key>`")
             return token.strip()
-    raise unauthenticated("no API key: send metadata `authorization: Bearer tlk_…`")
+    raise Unauthenticated("no API key: send metadata `authorization: Bearer tlk_…`")
 
 
 def _client_cn(context: Context) -> str:
@@ -306,7 +280,7 @@ def _client_cn(context: Context) -> str:
     auth = context.auth_context() or {}
     names = list(auth.get("x509_common_name") or ())
     if not names:
-        raise unauthenticated("no verified client certificate on this connection")
+        raise Unauthenticated("no verified client certificate on this connection")
     return names[0].decode()
 
 
@@ -318,12 +292,10 @@ def authorize(principal: Principal, policy: RpcPolicy, request: Any, rpc: str) -
     tenant."""
     if not principal.roles & policy.roles:
         needed = ", ".join(sorted(policy.roles))
-        raise AuthRefusal(
-            grpc.StatusCode.PERMISSION_DENIED,
+        raise PermissionDenied(
             f"{rpc} needs the role {needed}; key {principal.key_id} has "
             f"{', '.join(sorted(principal.roles))}",
-            rpc=rpc,
-            required_roles=needed,
+            metadata={"rpc": rpc, "required_roles": needed},
         )
     if policy.tenant is None:
         return
@@ -332,22 +304,19 @@ def authorize(principal: Principal, policy: RpcPolicy, request: Any, rpc: str) -
         tenant = ALL_TENANTS
     if not principal.covers(tenant):
         shown = "every tenant" if tenant == ALL_TENANTS else f"tenant {tenant!r}"
-        raise AuthRefusal(
-            grpc.StatusCode.PERMISSION_DENIED,
+        raise PermissionDenied(
             f"key {principal.key_id} is scoped to tenant {principal.tenant_id!r} and may not "
             f"act on {shown}",
-            rpc=rpc,
-            tenant_id=tenant,
-            key_tenant_id=principal.tenant_id,
+            metadata={"rpc": rpc, "tenant_id": tenant, "key_tenant_id": principal.tenant_id},
         )
 
 
 class AuthInterceptor(_Interceptor):
     """Authenticates every call to the given services, then checks the RPC's role and tenant
     (its declared policy); the principal is then `current_principal` (the actor of the events
-    it appends) and `guards.PRINCIPAL`. A refused call reaches nothing behind it. Other services
-    (health, reflection) pass. It refuses to be built for a service with an RPC that declares
-    no policy.
+    it appends) and `guards.PRINCIPAL`. A refused call reaches nothing behind it: the refusal is
+    raised, and the error boundary (outside) ends the call with it. Other services (health,
+    reflection) pass. It refuses to be built for a service with an RPC that declares no policy.
 
     A server stream (SubscribeEvents never ends by itself) re-authenticates every
     `authenticator.stream_recheck_s`: once its key is revoked, it ends with UNAUTHENTICATED."""
@@ -370,12 +339,9 @@ class AuthInterceptor(_Interceptor):
         streaming = method in self._streaming
 
         async def guarded(request: Any, context: Context) -> Any:
-            try:
-                principal = await self.authenticator.authenticate(context)
-                structlog.contextvars.bind_contextvars(actor=principal.actor)
-                authorize(principal, policy, request, rpc)
-            except (AuthRefusal, errors.LedgerError) as exc:
-                await _abort(context, exc)
+            principal = await self.authenticator.authenticate(context)
+            structlog.contextvars.bind_contextvars(actor=principal.actor)
+            authorize(principal, policy, request, rpc)
             token = current_principal.set(principal)
             key_token = PRINCIPAL.set(principal.key_id)
             try:
@@ -402,23 +368,14 @@ class AuthInterceptor(_Interceptor):
                     await self.authenticator.authenticate(context)
                 except errors.LedgerError:
                     continue
-                except AuthRefusal as refusal:
+                except CallRefused:
                     stream.cancel()
                     await asyncio.gather(stream, return_exceptions=True)
-                    await _abort(context, refusal)
+                    raise
         finally:
             if not stream.done():
                 stream.cancel()
                 await asyncio.gather(stream, return_exceptions=True)
-
-
-async def _abort(context: Context, exc: AuthRefusal | errors.LedgerError) -> NoReturn:
-    if isinstance(exc, AuthRefusal):
-        code, status = exc.code, exc.status()
-    else:  # the key store is unavailable: retryable
-        code, status = to_status(exc)
-    await context.abort(code, status.message, rpc_status.to_status(status).trailing_metadata)
-    raise AssertionError("abort returned")  # pragma: no cover
 
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")
