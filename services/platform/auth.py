@@ -43,9 +43,9 @@ log = structlog.get_logger("tokenledger.auth")
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _role(value: int) -> str:
+def _role(value: options_pb2.Role.ValueType) -> str:
     """`ROLE_WRITER` of the proto as the `writer` of a key's roles."""
-    return options_pb2.Role.Name(value).removeprefix("ROLE_").lower()  # type: ignore[arg-type]
+    return options_pb2.Role.Name(value).removeprefix("ROLE_").lower()
 
 
 ROLES = tuple(_role(value) for value in options_pb2.Role.values() if value)

@@ -25,6 +25,15 @@ from ledger import errors
 ERROR_DOMAIN = "tokenledger.dev"
 STORE_RETRY_DELAY_S = 1
 """RetryInfo of STORE_UNAVAILABLE: a failover or a lost race is over in about that time."""
+MESSAGE_CHARS_MAX = 256
+RELAYED_MESSAGE_CHARS_MAX = 2 * MESSAGE_CHARS_MAX
+"""What was asked, then another service's message (itself at most MESSAGE_CHARS_MAX)."""
+METADATA_VALUE_CHARS_MAX = 512
+VIOLATIONS_BYTES_MAX = 2_048
+"""Error texts and lists are bounded: gRPC refuses trailers over 16 KiB (the message goes
+percent-encoded, up to 12 bytes a character, and again in the base64 status details), and a
+client would then get RESOURCE_EXHAUSTED with no details at all. Inputs may be echoed in
+errors, so a long input must not make its own error unreadable."""
 
 
 class Code(enum.Enum):
@@ -73,8 +82,8 @@ class CallRefused(Exception):
     details it carries."""
 
     reason: ClassVar[str]
-    message_chars_max: ClassVar[int] = 256
-    """Where the message is clipped (MESSAGE_CHARS_MAX)."""
+    message_chars_max: ClassVar[int] = MESSAGE_CHARS_MAX
+    """Where the message is clipped."""
 
     def __init__(
         self,
@@ -158,7 +167,7 @@ class LedgerUnavailable(CallRefused):
     """The context service could not reach the ledger (or not within the call's deadline)."""
 
     reason = "LEDGER_UNAVAILABLE"
-    message_chars_max = 512  # what was asked, then what gRPC said (RELAYED_MESSAGE_CHARS_MAX)
+    message_chars_max = RELAYED_MESSAGE_CHARS_MAX  # what was asked, then what gRPC said
 
 
 class TokenizerUnavailable(CallRefused):
@@ -179,7 +188,7 @@ class Relayed(CallRefused):
     `status` is the other service's google.rpc.Status, serialized, as it arrived."""
 
     reason = ""
-    message_chars_max = 512  # what was asked, then what the other service said
+    message_chars_max = RELAYED_MESSAGE_CHARS_MAX
 
     def __init__(self, code: Code, message: str, status: bytes) -> None:
         super().__init__(message)
@@ -233,16 +242,6 @@ refusal class of ledger/errors.py and of this module to a row, and every row to 
 
 # --- from a refusal to its status ----------------------------------------------------------------
 
-MESSAGE_CHARS_MAX = CallRefused.message_chars_max
-RELAYED_MESSAGE_CHARS_MAX = Relayed.message_chars_max
-"""What was asked, then the other service's message (itself at most MESSAGE_CHARS_MAX)."""
-METADATA_VALUE_CHARS_MAX = 512
-VIOLATIONS_BYTES_MAX = 2_048
-"""Error texts and lists are bounded: gRPC refuses trailers over 16 KiB (the message goes
-percent-encoded, up to 12 bytes a character, and again in the base64 status details), and a
-client would then get RESOURCE_EXHAUSTED with no details at all. Inputs may be echoed in
-errors, so a long input must not make its own error unreadable."""
-
 
 def clip(text: str, chars_max: int = MESSAGE_CHARS_MAX) -> str:
     return text if len(text) <= chars_max else text[: chars_max - 1] + "…"
@@ -262,6 +261,7 @@ class Facts:
 
 
 def facts(exc: errors.LedgerError | CallRefused) -> Facts:
+    """The ledger's errors keep their facts in their own fields; ours carry them as they are."""
     if isinstance(exc, CallRefused):
         return Facts(exc.reason, exc.message, exc.metadata, exc.violations,
                      exc.quota_violations, exc.retry_after_s, exc.message_chars_max)  # fmt: skip
