@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -19,16 +20,15 @@ class LedgerError(Exception):
 class Refusal(LedgerError):
     """A Reserve refused for budget or rate; carries what to do instead."""
 
-    suggestion: dict[str, str]
+    advice: dict[str, str]
 
-    def suggest(self, *, cheaper_model: str) -> None:
-        """Add the caller's advice the ledger itself cannot know (it has no model catalogue)."""
-        self.suggestion = {"compact_context": "true"}
-        if cheaper_model:
-            self.suggestion["cheaper_model"] = cheaper_model
+    def advise(self, advice: Mapping[str, str]) -> None:
+        """Add the edge's advice, which the ledger itself cannot know (it has no model
+        catalogue): what else the caller may do, as ErrorInfo metadata."""
+        self.advice = dict(advice)
 
     def metadata(self) -> dict[str, str]:
-        return dict(getattr(self, "suggestion", {}))
+        return dict(getattr(self, "advice", {}))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import code_pb2, status_pb2
 
 from ledger import limits
 from ledger.validation import KEY_PATTERN, MODEL_PATTERN, Checker, account_key
@@ -28,7 +27,7 @@ from services.context.tokenizers import (
     UnknownModelError,
     known_encodings,
 )
-from services.platform.errors import bad_request, clip, error_info, pack
+from services.platform.errors import InvalidRequest, UnknownModel
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -78,50 +77,17 @@ PB_STRATEGIES = {s: v for v, s in STRATEGIES.items() if v != cpb.STRATEGY_UNSPEC
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-class ContextError(Exception):
-    """A refusal of the context service itself, with its google.rpc details."""
-
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        reason: str,
-        message_text: str,
-        *,
-        metadata: dict[str, str] | None = None,
-        violations: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        self.code = code
-        self.reason = reason
-        self.metadata = metadata or {}
-        self.violations = tuple(violations)
-        super().__init__(message_text)
-
-    def status(self) -> status_pb2.Status:
-        details = [error_info(self.reason, self.metadata)]
-        if self.violations:
-            details.append(pack(bad_request(self.violations)))
-        return status_pb2.Status(
-            code=getattr(code_pb2, self.code.name), message=clip(str(self)), details=details
-        )
-
-
-def _invalid(
-    violations: Sequence[tuple[str, str]], reason: str = "INVALID_ARGUMENT", **meta: str
-) -> ContextError:
-    text = "; ".join(f"{f}: {d}" for f, d in violations)
-    return ContextError(
-        grpc.StatusCode.INVALID_ARGUMENT, reason, text, metadata=meta, violations=violations
-    )
+# Refusals are values of services/platform/errors.py; the error boundary gives each its status.
 
 
 def _raise_violations(c: Checker, unknown_model: str = "", families: str = "") -> None:
     found = [(v.field, v.description) for v in c.violations]
+    text = "; ".join(f"{f}: {d}" for f, d in found)
     if unknown_model:
-        raise _invalid(found, "UNKNOWN_MODEL", model=unknown_model, families=families)
+        meta = {"model": unknown_model, "families": families}
+        raise UnknownModel(text, metadata=meta, violations=found)
     if found:
-        raise _invalid(found)
+        raise InvalidRequest(text, violations=found)
 
 
 # --- parsing ---------------------------------------------------------------------------------
@@ -342,7 +308,7 @@ class Prepare:
 def parse_prepare(
     r: cpb.PrepareContextRequest, registry: ModelRegistry, default_policy: AllocationPolicy
 ) -> Prepare:
-    """Every field checked; all problems reported at once (ContextError)."""
+    """Every field checked; all problems reported at once (InvalidRequest, UnknownModel)."""
     c = Checker()
     _account(c, r)
     c.text("model", r.model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN)
@@ -385,7 +351,7 @@ class Count:
 
 
 def parse_count(r: cpb.CountTokensRequest, registry: ModelRegistry) -> Count:
-    """Every field checked; all problems reported at once (ContextError)."""
+    """Every field checked; all problems reported at once (InvalidRequest, UnknownModel)."""
     c = Checker()
     c.text("model", r.model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN,
            required=not r.encoding)  # fmt: skip

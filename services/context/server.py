@@ -8,13 +8,11 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from grpc_status import rpc_status
 from opentelemetry.metrics import MeterProvider
 
 from services._gen.tokenledger.v1 import context_pb2 as cpb
@@ -23,13 +21,12 @@ from services.context.config import DEADLINE_S_DEFAULT, ContextSettings
 from services.context.fitting import AllocationPolicy
 from services.context.ledger_client import (
     LEDGER_TIMEOUT_S_DEFAULT,
-    LedgerCallError,
     LedgerClient,
     MetadataProvider,
 )
 from services.context.metrics import ContextMetrics
 from services.context.remote_summarizer import RemoteSummarizerConfig
-from services.context.requests import ContextError, request_bytes_max
+from services.context.requests import request_bytes_max
 from services.context.service import ContextService
 from services.context.tokenizers import (
     COUNT_CACHE_ENTRIES_MAX_DEFAULT,
@@ -55,8 +52,6 @@ from services.platform.interceptors import (
     ErrorInterceptor,
     LoggingInterceptor,
     TracingInterceptor,
-    UnaryBehavior,
-    _Interceptor,
 )
 from services.platform.metrics import RpcMetricsInterceptor, configure_metrics
 from services.platform.observability import configure_logging, configure_tracing
@@ -64,28 +59,11 @@ from services.platform.serve import serve_until_signalled, server_options
 
 log = structlog.get_logger("tokenledger.context.server")
 
-SERVICE_NAME = cpb.DESCRIPTOR.services_by_name["ContextService"].full_name
+SERVICE = cpb.DESCRIPTOR.services_by_name["ContextService"]
+SERVICE_NAME = SERVICE.full_name
 COUNT_WORKERS_DEFAULT = 4
 KEYS_POOL_SIZE_MAX = 4
 """Database connections for callers' key lookups (one short primary-key read per call)."""
-
-
-class ContextErrorInterceptor(_Interceptor):
-    """Context refusals and ledger errors passed on become their status with google.rpc
-    details. Innermost: anything else goes on to ErrorInterceptor (INTERNAL)."""
-
-    def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
-        async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            try:
-                return await behavior(request, context)
-            except ContextError as exc:
-                code, status = exc.code, exc.status()
-            except LedgerCallError as exc:
-                code, status = exc.code, exc.status
-            rich = rpc_status.to_status(status)
-            await context.abort(code, status.message, rich.trailing_metadata)
-
-        return mapped
 
 
 class ContextServer:
@@ -130,12 +108,11 @@ class ContextServer:
                 RpcMetricsInterceptor(meter_provider),
                 TracingInterceptor(),
                 LoggingInterceptor(),
+                ErrorInterceptor(),  # the boundary: every refusal raised below ends here
                 self.drain,
                 UndecodableRequestInterceptor(),  # before auth, which reads the request
-                *([AuthInterceptor(auth)] if auth else []),
+                *([AuthInterceptor(auth, [SERVICE])] if auth else []),
                 *(guards or Guards(DEADLINE_S_DEFAULT)).interceptors(f"/{SERVICE_NAME}/"),
-                ErrorInterceptor(),
-                ContextErrorInterceptor(),
             ],
             options=server_options(request_bytes_max),
         )

@@ -35,8 +35,7 @@ from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2, message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf import message
 
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
@@ -55,7 +54,7 @@ from services.context.remote_summarizer import (
     SummarizerOutcome,
     prepare_job,
 )
-from services.context.requests import ContextError, Prepare, Target, parse_count, parse_prepare
+from services.context.requests import Prepare, Target, parse_count, parse_prepare
 from services.context.responses import count_reply, prepare_response
 from services.context.tokenizers import (
     ModelRegistry,
@@ -63,7 +62,16 @@ from services.context.tokenizers import (
     TokenizationError,
     TokenizerDataError,
 )
-from services.platform.errors import error_info, pack
+from services.platform.errors import (
+    CallRefused,
+    Code,
+    ContextOverGrant,
+    ContextOverWindow,
+    LedgerUnavailable,
+    Relayed,
+    TokenizationFailed,
+    TokenizerUnavailable,
+)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
@@ -72,31 +80,26 @@ inline_count_bytes_max = 64 * 1024
 """Smaller requests are counted on the event loop: a thread hop costs more than they do."""
 
 LEDGER_KEY_PREFIX = "ctx:"
-REASON_DOES_NOT_FIT = "CONTEXT_DOES_NOT_FIT"
 LEDGER_RETRY_DELAY_S = 1
 
 
 # --- errors ---------------------------------------------------------------------------------
 
 
-def ledger_refusal(exc: LedgerCallError, what: str) -> LedgerCallError:
+def ledger_refusal(exc: LedgerCallError, what: str) -> CallRefused:
     """The ledger's error passed on: its code and details, the message prefixed with what was
     asked. A ledger that cannot be reached (or too slow for our deadline on the call) is
-    UNAVAILABLE, reason LEDGER_UNAVAILABLE, with a RetryInfo: retrying is the right move."""
-    status = status_pb2.Status()
-    status.CopyFrom(exc.status)
-    code = exc.code
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        code, status.code = grpc.StatusCode.UNAVAILABLE, code_pb2.UNAVAILABLE
-        if not status.details:
-            info = error_info("LEDGER_UNAVAILABLE", {"ledger_status": exc.code.name})
-            delay = duration_pb2.Duration(seconds=LEDGER_RETRY_DELAY_S)
-            retry = error_details_pb2.RetryInfo(retry_delay=delay)
-            status.details.extend([info, pack(retry)])
-        status.message = f"the ledger could not be reached to {what}: {exc.message}"
-    else:
-        status.message = f"the ledger refused to {what}: {exc.message}"
-    return LedgerCallError(code, status.message, status)
+    UNAVAILABLE, reason LEDGER_UNAVAILABLE, with a RetryInfo: retrying is the right move; one
+    that said why (STORE_UNAVAILABLE, say) is UNAVAILABLE with its own details."""
+    relayed = exc.status.SerializeToString()
+    if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        text = f"the ledger could not be reached to {what}: {exc.message}"
+        if exc.status.details:
+            return Relayed(Code.UNAVAILABLE, text, relayed)
+        return LedgerUnavailable(
+            text, metadata={"ledger_status": exc.code.name}, retry_after_s=LEDGER_RETRY_DELAY_S
+        )
+    return Relayed(Code[exc.code.name], f"the ledger refused to {what}: {exc.message}", relayed)
 
 
 def _does_not_fit(
@@ -108,7 +111,7 @@ def _does_not_fit(
     min_output: int,
     indices: Sequence[int],
     limited_by: str,
-) -> ContextError:
+) -> CallRefused:
     shortfall = required - available
     limit = (
         f"{model or target.encoding}'s context window of {available} tokens"
@@ -122,11 +125,6 @@ def _does_not_fit(
         f"{shortfall}; shorten or unpin messages, lower min_output_tokens, or use a model with "
         "a larger window"
     )
-    code = (
-        grpc.StatusCode.FAILED_PRECONDITION
-        if limited_by == "WINDOW"
-        else grpc.StatusCode.RESOURCE_EXHAUSTED
-    )
     metadata = {
         "required_tokens": str(required),
         "available_tokens": str(available),
@@ -136,7 +134,8 @@ def _does_not_fit(
         "mandatory_indices": ",".join(map(str, indices)),
         "limited_by": limited_by,
     }
-    return ContextError(code, REASON_DOES_NOT_FIT, text, metadata=metadata)
+    kind = ContextOverWindow if limited_by == "WINDOW" else ContextOverGrant
+    return kind(text, metadata=metadata)
 
 
 def fingerprint(request: message.Message) -> str:
@@ -183,11 +182,9 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             call = functools.partial(ctx.run, fn, *args)
             return await asyncio.get_running_loop().run_in_executor(self._executor, call)
         except TokenizerDataError as exc:
-            raise ContextError(grpc.StatusCode.FAILED_PRECONDITION, "TOKENIZER_UNAVAILABLE",
-                               f"cannot count: {exc}") from None  # fmt: skip
+            raise TokenizerUnavailable(f"cannot count: {exc}") from None
         except TokenizationError as exc:
-            raise ContextError(grpc.StatusCode.INVALID_ARGUMENT, "TOKENIZATION_FAILED",
-                               f"cannot count: {exc}") from None  # fmt: skip
+            raise TokenizationFailed(f"cannot count: {exc}") from None
 
     # --- CountTokens -------------------------------------------------------------------------
 

@@ -15,6 +15,8 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
+from ledger.errors import Conflict, StoreUnavailable
+from ledger.postgres.errors import translated
 from services.ledger.config import Settings
 from services.platform import db
 from services.platform.auth import ALL_TENANTS, ROLES, new_key
@@ -77,15 +79,15 @@ def cmd_create(args: argparse.Namespace) -> int:
         return _fail(f"--name is at most {name_chars_max}, --cert-cn {cert_cn_chars_max} chars")
     key = new_key()
     try:
-        with _connect() as conn:
+        with translated(), _connect() as conn:
             conn.execute(
                 "INSERT INTO api_keys (key_id, tenant_id, roles, name, secret_sha256, cert_cn)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
                 (key.key_id, tenant, roles, name, None if cn else key.secret_sha256, cn or None),
             )
-    except pg_errors.UniqueViolation:
+    except Conflict:  # one row in autocommit: only a unique key (the live CN) can refuse it
         return _fail(f"a live identity for CN {cn!r} exists; revoke it first")
-    except (psycopg.Error, ConfigError) as exc:
+    except (StoreUnavailable, psycopg.Error, ConfigError) as exc:
         return _fail(_explain(exc))
     what = f"certificate CN={cn!r}" if cn else "API key"
     print(
@@ -99,14 +101,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     try:
-        with _connect() as conn:
+        with translated(), _connect() as conn:
             rows = conn.execute(
                 "SELECT key_id, tenant_id, roles, name, cert_cn, created_at, revoked_at"
                 " FROM api_keys WHERE %(tenant)s = '' OR tenant_id = %(tenant)s"
                 " ORDER BY created_at, key_id",
                 {"tenant": args.tenant},
             ).fetchall()
-    except (psycopg.Error, ConfigError) as exc:
+    except (StoreUnavailable, psycopg.Error, ConfigError) as exc:
         return _fail(_explain(exc))
     header = ("KEY ID", "TENANT", "ROLES", "NAME", "KIND", "CREATED", "REVOKED")
     table = [header] + [
@@ -129,13 +131,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     try:
-        with _connect() as conn:
+        with translated(), _connect() as conn:
             row = conn.execute(
                 "UPDATE api_keys SET revoked_at = now() WHERE key_id = %s AND revoked_at IS NULL"
                 " RETURNING tenant_id, name",
                 (args.key_id,),
             ).fetchone()
-    except (psycopg.Error, ConfigError) as exc:
+    except (StoreUnavailable, psycopg.Error, ConfigError) as exc:
         return _fail(_explain(exc))
     if row is None:
         return _fail(f"no live key {args.key_id!r} (unknown, or already revoked)")
@@ -144,6 +146,8 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def _explain(exc: Exception) -> str:
+    """What went wrong, for an operator. An unreachable database is StoreUnavailable
+    (ledger/postgres/errors.py); these are set-up mistakes, which it leaves as they are."""
     if isinstance(exc, pg_errors.UndefinedTable):
         return "no api_keys table: run `tokenledger migrate` first"
     if isinstance(exc, pg_errors.InsufficientPrivilege):

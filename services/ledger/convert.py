@@ -3,6 +3,8 @@ malformed field is refused with the request's own field name."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -228,7 +230,28 @@ def reservation(res: Reservation) -> pb.Reservation:
     return msg
 
 
-def reserve_response(result: ReserveResult, cheaper_model: str) -> pb.ReserveResponse:
+@dataclass(frozen=True)
+class Advice:
+    """What a Reserve caller may do besides asking for less or waiting: compact its context,
+    or use a cheaper model. Given both with a refusal (ErrorInfo metadata) and with a partial
+    or warned grant (the reply's Suggestion)."""
+
+    cheaper_model: str
+    compact_context: bool = True
+
+    def metadata(self) -> dict[str, str]:
+        out = {"compact_context": "true"} if self.compact_context else {}
+        if self.cheaper_model:
+            out["cheaper_model"] = self.cheaper_model
+        return out
+
+
+def advice(cheaper_models: Mapping[str, str], model: str) -> Advice:
+    """The one place advice is computed (TOKENLEDGER_CHEAPER_MODELS names the cheaper models)."""
+    return Advice(cheaper_model=cheaper_models.get(model, ""))
+
+
+def reserve_response(result: ReserveResult, advised: Advice) -> pb.ReserveResponse:
     msg = pb.ReserveResponse(
         reservation=reservation(result.reservation),
         balance=balance(result.balance),
@@ -248,8 +271,8 @@ def reserve_response(result: ReserveResult, cheaper_model: str) -> pb.ReserveRes
         msg.suggestion.CopyFrom(
             pb.Suggestion(
                 max_amount_now=result.reservable,
-                cheaper_model=cheaper_model,
-                compact_context=True,
+                cheaper_model=advised.cheaper_model,
+                compact_context=advised.compact_context,
             )
         )
         if result.resets_at is not None:

@@ -28,7 +28,7 @@ from ledger.model import (
     TokensReserved,
     UsageRecorded,
 )
-from services.platform.errors import STATUS_BY_ERROR
+from services.platform.errors import TABLE
 from services.platform.interceptors import UnaryBehavior, _Interceptor
 
 log = structlog.get_logger("tokenledger.metrics")
@@ -98,8 +98,8 @@ class LedgerMetrics:
         """Every series exists from the start, so a rate over it reads 0, not "no data"."""
         for outcome in ("granted", "partial"):
             self.reservations.add(0, {"outcome": outcome})
-        for error in STATUS_BY_ERROR:
-            self.refusals.add(0, {"reason": error.reason})
+        for reason in {e.reason for e in TABLE if issubclass(e, errors.LedgerError)}:
+            self.refusals.add(0, {"reason": reason})
         for counter in (self.expiries, self.overage, self.committed):
             counter.add(0)
 
@@ -145,8 +145,8 @@ class LedgerMetrics:
 
 
 class RefusalInterceptor(_Interceptor):
-    """Counts the domain errors calls end with. Innermost: it sees the error before
-    ErrorInterceptor turns it into a status."""
+    """Counts the domain errors calls end with. Innermost: it sees the servicer's errors, not
+    the refusals of auth and guards (ErrorInterceptor, outside, turns both into statuses)."""
 
     def __init__(self, ledger_metrics: LedgerMetrics) -> None:
         self.metrics = ledger_metrics

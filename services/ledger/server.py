@@ -36,7 +36,8 @@ from services.platform.serve import server_options
 
 log = structlog.get_logger("tokenledger.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LedgerService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["LedgerService"]
+SERVICE_NAME = SERVICE.full_name
 message_bytes_max = 1 << 20
 SLOW_METHODS = ("VerifyAudit",)
 """Unary calls that may run for minutes (a whole tenant's log): the stream default deadline."""
@@ -80,11 +81,11 @@ class LedgerServer:
                 RpcMetricsInterceptor(meter_provider),
                 TracingInterceptor(),
                 LoggingInterceptor(),
+                ErrorInterceptor(),  # the boundary: every refusal raised below ends here
                 self.drain,
                 UndecodableRequestInterceptor(),  # before auth, which reads the request
-                *([AuthInterceptor(auth)] if auth else []),
+                *([AuthInterceptor(auth, [SERVICE])] if auth else []),
                 *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
-                ErrorInterceptor(),
                 RefusalInterceptor(self.metrics),
             ],
             options=server_options(message_bytes_max),

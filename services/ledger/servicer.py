@@ -49,13 +49,13 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         cmd = convert.reserve(request)
-        cheaper = self._cheaper_models.get(cmd.model, "")
+        advice = convert.advice(self._cheaper_models, cmd.model)
         try:
             result = await self._store.reserve(cmd, _meta())
-        except (errors.BudgetExhausted, errors.RateLimited) as exc:
-            exc.suggest(cheaper_model=cheaper)
+        except errors.Refusal as exc:
+            exc.advise(advice.metadata())
             raise
-        return convert.reserve_response(result, cheaper)
+        return convert.reserve_response(result, advice)
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         result = await self._store.commit(convert.commit(request), _meta())

@@ -1,6 +1,7 @@
 """Who is calling, and may they (issue #6): API keys and mTLS client certificates, the roles
-each RPC needs, and the interceptor that enforces role and tenant on every call of both
-services. Health checking and reflection stay open.
+each RPC needs (declared beside the RPC in the protos: the `tokenledger.v1.access` method option
+of proto/tokenledger/v1/options.proto), and the interceptor that enforces role and tenant on
+every call of the services it is given. Health checking and reflection stay open.
 
 Identities live in the `api_keys` table (migration 0005): an API key (`tlk_<id>_<secret>`,
 stored as the sha256 of its secret) or a registered client certificate CN, each with a tenant
@@ -21,20 +22,19 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import grpc
-import psycopg
 import structlog
-from google.rpc import code_pb2, status_pb2
-from grpc_status import rpc_status
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
+from google.protobuf.descriptor import ServiceDescriptor as Service
+from psycopg_pool import AsyncConnectionPool
 
 from ledger import errors
-from services._gen.tokenledger.v1 import context_pb2 as cpb
-from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from ledger.postgres.errors import translated
+from services._gen.tokenledger.v1 import options_pb2
 from services.platform.config import AuthSettings, ConfigError
-from services.platform.errors import clip, error_info, to_status
+from services.platform.errors import CallRefused, PermissionDenied, Unauthenticated
 from services.platform.guards import PRINCIPAL
 from services.platform.interceptors import UnaryBehavior, _Interceptor
 
@@ -42,7 +42,14 @@ log = structlog.get_logger("tokenledger.auth")
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-ROLES = ("writer", "reader", "auditor", "admin")
+
+def _role(value: options_pb2.Role.ValueType) -> str:
+    """`ROLE_WRITER` of the proto as the `writer` of a key's roles."""
+    return options_pb2.Role.Name(value).removeprefix("ROLE_").lower()
+
+
+ROLES = tuple(_role(value) for value in options_pb2.Role.values() if value)
+"""writer, reader, auditor, admin: the proto's Role enum."""
 ALL_TENANTS = "*"
 KEY_PREFIX = "tlk"
 key_id_bytes = 8
@@ -54,15 +61,6 @@ _TOKEN = re.compile(
 )
 AUTHORIZATION = "authorization"
 
-LEDGER_SERVICE = pb.DESCRIPTOR.services_by_name["LedgerService"]
-CONTEXT_SERVICE = cpb.DESCRIPTOR.services_by_name["ContextService"]
-GUARDED_SERVICES = (LEDGER_SERVICE, CONTEXT_SERVICE)
-STREAMING_METHODS = frozenset(
-    f"/{service.full_name}/{method.name}"
-    for service in GUARDED_SERVICES
-    for method in service.methods
-    if method.server_streaming
-)
 stream_recheck_s_default = 5.0
 """How often an open server stream re-checks its key: a revoked key's stream ends by then."""
 
@@ -134,15 +132,11 @@ class KeyStore:
         return await self._one(self._SELECT + " WHERE cert_cn = %s AND revoked_at IS NULL", cn)
 
     async def _one(self, sql: str, arg: str) -> dict[str, Any] | None:
-        try:
+        with translated():  # an unreachable database is StoreUnavailable, as for the ledger
             async with self.pool.connection() as conn:
                 cur = await conn.execute(sql, (arg,))
                 row: dict[str, Any] | None = await cur.fetchone()
                 return row
-        except PoolTimeout as exc:
-            raise errors.StoreUnavailable(f"no database connection available: {exc}") from exc
-        except psycopg.OperationalError as exc:
-            raise errors.StoreUnavailable(f"database unavailable: {exc}") from exc
 
 
 # --- which RPC needs what ----------------------------------------------------------------------
@@ -159,83 +153,63 @@ class RpcPolicy:
     empty_is_all: bool = False
 
 
-def _tenant(request: Any) -> str:
-    return str(request.tenant_id)
+def method_path(method: MethodDescriptor) -> str:
+    """`/tokenledger.v1.LedgerService/Reserve`: how gRPC names the method of a call."""
+    return f"/{method.containing_service.full_name}/{method.name}"
 
 
-def _query_tenant(request: Any) -> str:
-    return str(request.query.tenant_id)
+def _tenant_of(request_type: Descriptor, path: str) -> Callable[[Any], str]:
+    """A reader of the string field at `path` (e.g. "query.tenant_id") of a request; a path
+    that names no such field fails here, when the server starts, not on a call."""
+    message: Descriptor | None = request_type
+    names = path.split(".")
+    for i, name in enumerate(names):
+        field = message.fields_by_name.get(name) if message else None
+        last = i == len(names) - 1
+        wanted = FieldDescriptor.TYPE_STRING if last else FieldDescriptor.TYPE_MESSAGE
+        if field is None or field.type != wanted:
+            raise ValueError(f"{request_type.full_name} has no string field {path!r}")
+        message = field.message_type
+
+    def tenant(request: Any) -> str:
+        for name in names:
+            request = getattr(request, name)
+        return str(request)
+
+    return tenant
 
 
-WRITE = frozenset({"writer"})
-# Auditors replay the whole log and admins see balances in every reply they get, so letting
-# both read the projections too discloses nothing more.
-READ = frozenset({"reader", "auditor", "admin"})
-AUDIT = frozenset({"auditor"})
-ADMIN = frozenset({"admin"})
-ANY_ROLE = frozenset(ROLES)
-
-_LEDGER: dict[str, RpcPolicy] = {
-    "Reserve": RpcPolicy(WRITE, _tenant),
-    "Commit": RpcPolicy(WRITE, _tenant),
-    "Rollback": RpcPolicy(WRITE, _tenant),
-    "RecordUsage": RpcPolicy(WRITE, _tenant),
-    "GetReservation": RpcPolicy(READ, _tenant),
-    "GetBalance": RpcPolicy(READ, _tenant),
-    "QueryUsage": RpcPolicy(READ, _query_tenant),
-    "ExportUsage": RpcPolicy(READ, _query_tenant),
-    "SubscribeEvents": RpcPolicy(READ, _tenant, empty_is_all=True),
-    "ReplayHistory": RpcPolicy(AUDIT, _tenant),
-    "VerifyAudit": RpcPolicy(AUDIT, _tenant),
-    "SetQuota": RpcPolicy(ADMIN, _tenant),
-    "SetRateLimit": RpcPolicy(ADMIN, _tenant),
-    "GrantTokens": RpcPolicy(ADMIN, _tenant),
-    "AdjustBalance": RpcPolicy(ADMIN, _tenant),
-}
-_CONTEXT: dict[str, RpcPolicy] = {
-    "PrepareContext": RpcPolicy(WRITE, _tenant),
-    # Counting reads no ledger data and names no tenant: any authenticated caller may count.
-    "CountTokens": RpcPolicy(ANY_ROLE, None),
-}
-POLICIES: dict[str, RpcPolicy] = {
-    f"/{service.full_name}/{name}": policy
-    for service, table in ((LEDGER_SERVICE, _LEDGER), (CONTEXT_SERVICE, _CONTEXT))
-    for name, policy in table.items()
-}
+def policy_of(method: MethodDescriptor) -> RpcPolicy | None:
+    """The RPC's `(tokenledger.v1.access)` option as a policy; None when it declares none."""
+    options = method.GetOptions()
+    if not options.HasExtension(options_pb2.access):
+        return None
+    access = options.Extensions[options_pb2.access]
+    return RpcPolicy(
+        frozenset(_role(role) for role in access.roles),
+        _tenant_of(method.input_type, access.tenant_field) if access.tenant_field else None,
+        access.empty_tenant_is_all,
+    )
 
 
-def unguarded_methods() -> list[str]:
-    """Methods of our services with no policy; each would be refused to everyone."""
-    return [
-        f"/{service.full_name}/{method.name}"
-        for service in GUARDED_SERVICES
+def policies(*services: Service) -> dict[str, RpcPolicy]:
+    """Every declared policy of the services' RPCs, by method path."""
+    return {
+        method_path(method): policy
+        for service in services
         for method in service.methods
-        if f"/{service.full_name}/{method.name}" not in POLICIES
+        if (policy := policy_of(method)) is not None
+    }
+
+
+def unguarded_methods(*services: Service) -> list[str]:
+    """Methods of the services that declare no policy; a server with one does not start."""
+    return [
+        method_path(method)
+        for service in services
+        for method in service.methods
+        if policy_of(method) is None
     ]
-
-
-# --- refusals --------------------------------------------------------------------------------
-
-
-class AuthRefusal(Exception):
-    """UNAUTHENTICATED (who are you?) or PERMISSION_DENIED (not you, not this)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, **metadata: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.metadata = metadata
-
-    def status(self) -> status_pb2.Status:
-        return status_pb2.Status(
-            code=getattr(code_pb2, self.code.name),
-            message=clip(self.message),
-            details=[error_info(self.code.name, self.metadata)],
-        )
-
-
-def unauthenticated(message: str) -> AuthRefusal:
-    return AuthRefusal(grpc.StatusCode.UNAUTHENTICATED, message)
 
 
 # --- authentication --------------------------------------------------------------------------
@@ -267,7 +241,7 @@ class Authenticator:
             return await self._by_api_key(context)
         row = await self.keys.by_cert_cn(cn)
         if row is None:
-            raise unauthenticated(
+            raise Unauthenticated(
                 f"client certificate CN={cn!r} is not registered: "
                 "`tokenledger keys create --cert-cn …`"
             )
@@ -277,16 +251,16 @@ class Authenticator:
         token = _bearer(context)
         parsed = parse_token(token)
         if parsed is None:
-            raise unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
+            raise Unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
         key_id, secret = parsed
         row = await self.keys.by_key_id(key_id)
         # Unknown id and wrong secret read the same; the hash comparison takes constant time.
         if row is None or row["secret_sha256"] is None:
-            raise unauthenticated("invalid API key")
+            raise Unauthenticated("invalid API key")
         if not hmac.compare_digest(bytes(row["secret_sha256"]), secret_hash(secret)):
-            raise unauthenticated("invalid API key")
+            raise Unauthenticated("invalid API key")
         if row["revoked_at"] is not None:
-            raise unauthenticated(f"API key {key_id} was revoked")
+            raise Unauthenticated(f"API key {key_id} was revoked")
         return _principal(row, f"key:{key_id}")
 
 
@@ -295,9 +269,9 @@ def _bearer(context: Context) -> str:
         if key == AUTHORIZATION and isinstance(value, str):
             scheme, _, token = value.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise unauthenticated("the authorization metadata must be `Bearer <API key>`")
+                raise Unauthenticated("the authorization metadata must be `Bearer <API key>`")
             return token.strip()
-    raise unauthenticated("no API key: send metadata `authorization: Bearer tlk_…`")
+    raise Unauthenticated("no API key: send metadata `authorization: Bearer tlk_…`")
 
 
 def _client_cn(context: Context) -> str:
@@ -306,7 +280,7 @@ def _client_cn(context: Context) -> str:
     auth = context.auth_context() or {}
     names = list(auth.get("x509_common_name") or ())
     if not names:
-        raise unauthenticated("no verified client certificate on this connection")
+        raise Unauthenticated("no verified client certificate on this connection")
     return names[0].decode()
 
 
@@ -318,12 +292,10 @@ def authorize(principal: Principal, policy: RpcPolicy, request: Any, rpc: str) -
     tenant."""
     if not principal.roles & policy.roles:
         needed = ", ".join(sorted(policy.roles))
-        raise AuthRefusal(
-            grpc.StatusCode.PERMISSION_DENIED,
+        raise PermissionDenied(
             f"{rpc} needs the role {needed}; key {principal.key_id} has "
             f"{', '.join(sorted(principal.roles))}",
-            rpc=rpc,
-            required_roles=needed,
+            metadata={"rpc": rpc, "required_roles": needed},
         )
     if policy.tenant is None:
         return
@@ -332,48 +304,44 @@ def authorize(principal: Principal, policy: RpcPolicy, request: Any, rpc: str) -
         tenant = ALL_TENANTS
     if not principal.covers(tenant):
         shown = "every tenant" if tenant == ALL_TENANTS else f"tenant {tenant!r}"
-        raise AuthRefusal(
-            grpc.StatusCode.PERMISSION_DENIED,
+        raise PermissionDenied(
             f"key {principal.key_id} is scoped to tenant {principal.tenant_id!r} and may not "
             f"act on {shown}",
-            rpc=rpc,
-            tenant_id=tenant,
-            key_tenant_id=principal.tenant_id,
+            metadata={"rpc": rpc, "tenant_id": tenant, "key_tenant_id": principal.tenant_id},
         )
 
 
 class AuthInterceptor(_Interceptor):
-    """Authenticates every call to our services, then checks the RPC's role and tenant
-    (POLICIES); the principal is then `current_principal` (the actor of the events it appends)
-    and `guards.PRINCIPAL`. A refused call reaches nothing behind it. Methods of our services
-    without a policy are refused to everyone; other services (health, reflection) pass.
+    """Authenticates every call to the given services, then checks the RPC's role and tenant
+    (its declared policy); the principal is then `current_principal` (the actor of the events
+    it appends) and `guards.PRINCIPAL`. A refused call reaches nothing behind it: the refusal is
+    raised, and the error boundary (outside) ends the call with it. Other services (health,
+    reflection) pass. It refuses to be built for a service with an RPC that declares no policy.
 
     A server stream (SubscribeEvents never ends by itself) re-authenticates every
     `authenticator.stream_recheck_s`: once its key is revoked, it ends with UNAUTHENTICATED."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
-        missing = unguarded_methods()
+    def __init__(self, authenticator: Authenticator, services: Sequence[Service]) -> None:
+        missing = unguarded_methods(*services)
         if missing:
             raise RuntimeError(f"RPCs without an auth policy: {', '.join(missing)}")
         self.authenticator = authenticator
-        self._prefixes = tuple(f"/{s.full_name}/" for s in GUARDED_SERVICES)
+        self.policies = policies(*services)
+        self._streaming = frozenset(
+            method_path(m) for s in services for m in s.methods if m.server_streaming
+        )
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
-        policy = POLICIES.get(method)
-        if policy is None and not method.startswith(self._prefixes):
+        policy = self.policies.get(method)
+        if policy is None:
             return behavior
         rpc = method.rsplit("/", 1)[-1]
-        streaming = method in STREAMING_METHODS
+        streaming = method in self._streaming
 
         async def guarded(request: Any, context: Context) -> Any:
-            try:
-                if policy is None:
-                    raise AuthRefusal(grpc.StatusCode.PERMISSION_DENIED, f"{rpc}: no policy")
-                principal = await self.authenticator.authenticate(context)
-                structlog.contextvars.bind_contextvars(actor=principal.actor)
-                authorize(principal, policy, request, rpc)
-            except (AuthRefusal, errors.LedgerError) as exc:
-                await _abort(context, exc)
+            principal = await self.authenticator.authenticate(context)
+            structlog.contextvars.bind_contextvars(actor=principal.actor)
+            authorize(principal, policy, request, rpc)
             token = current_principal.set(principal)
             key_token = PRINCIPAL.set(principal.key_id)
             try:
@@ -400,23 +368,14 @@ class AuthInterceptor(_Interceptor):
                     await self.authenticator.authenticate(context)
                 except errors.LedgerError:
                     continue
-                except AuthRefusal as refusal:
+                except CallRefused:
                     stream.cancel()
                     await asyncio.gather(stream, return_exceptions=True)
-                    await _abort(context, refusal)
+                    raise
         finally:
             if not stream.done():
                 stream.cancel()
                 await asyncio.gather(stream, return_exceptions=True)
-
-
-async def _abort(context: Context, exc: AuthRefusal | errors.LedgerError) -> NoReturn:
-    if isinstance(exc, AuthRefusal):
-        code, status = exc.code, exc.status()
-    else:  # the key store is unavailable: retryable
-        code, status = to_status(exc)
-    await context.abort(code, status.message, rpc_status.to_status(status).trailing_metadata)
-    raise AssertionError("abort returned")  # pragma: no cover
 
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "::1", "[::1]", "localhost")

@@ -13,17 +13,14 @@ the cap; behind a proxy, the proxy's).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
-from services.platform.errors import bad_request, error_info, pack
+from services.platform.errors import InvalidRequest, ServerDeadlineExceeded, TooManyCalls
 from services.platform.interceptors import UnaryBehavior, _Interceptor, _wrap
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -78,26 +75,6 @@ def caller_of(context: Context) -> str:
     return f"peer:{host}"[:caller_chars_max]
 
 
-async def _abort(
-    context: Context,
-    code: grpc.StatusCode,
-    reason: str,
-    message: str,
-    metadata: dict[str, str],
-    retry_after_s: float | None = None,
-    violations: Sequence[tuple[str, str]] = (),
-) -> NoReturn:
-    details = [error_info(reason, metadata)]
-    if violations:
-        details.append(pack(bad_request(violations)))
-    if retry_after_s is not None:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(round(retry_after_s * 1e9))
-        details.append(pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
-    await context.abort(code, message, rpc_status.to_status(status).trailing_metadata)
-
-
 class Undecodable:
     """What the request deserializer yields for bytes that are not the method's message."""
 
@@ -142,12 +119,9 @@ class UndecodableRequestInterceptor(_Interceptor):
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         async def parsed(request: Any, context: Context) -> Any:
             if isinstance(request, Undecodable):
-                await _abort(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "INVALID_ARGUMENT",
+                raise InvalidRequest(
                     f"the request is not a valid message of {method}: {request.error}",
-                    {"method": method},
+                    metadata={"method": method},
                     violations=[("", f"does not parse: {request.error}")],
                 )
             return await behavior(request, context)
@@ -173,14 +147,15 @@ class ConcurrencyInterceptor(_Interceptor):
             caller = caller_of(context)
             count = self.in_flight.get(caller, 0)
             if count >= self.calls_max:
-                await _abort(
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "TOO_MANY_CALLS",
+                raise TooManyCalls(
                     f"{caller} has {count} calls in flight, the most one caller may have; "
                     "wait for one to finish, then retry",
-                    {"caller": caller, "in_flight": str(count), "calls_max": str(self.calls_max)},
-                    too_many_calls_retry_s,
+                    metadata={
+                        "caller": caller,
+                        "in_flight": str(count),
+                        "calls_max": str(self.calls_max),
+                    },
+                    retry_after_s=too_many_calls_retry_s,
                 )
             self.in_flight[caller] = count + 1
             try:
@@ -239,13 +214,10 @@ class DeadlineInterceptor(_Interceptor):
             except TimeoutError:
                 if not timeout.expired():
                     raise
-            await _abort(
-                context,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "DEADLINE_EXCEEDED",
+            raise ServerDeadlineExceeded(
                 f"the call set no deadline and ran past the server's default of {limit_s:g} s; "
                 "set a deadline (and retry with the same idempotency key)",
-                {"deadline_s": f"{limit_s:g}", "source": "server default"},
+                metadata={"deadline_s": f"{limit_s:g}", "source": "server default"},
             )
 
         return bounded

@@ -1,4 +1,5 @@
-"""Server interceptors: tracing (outermost), logging, then error mapping (innermost).
+"""Server interceptors: tracing (outermost), logging, the error boundary (every refusal raised
+by the interceptors inside it or by a servicer becomes its status here), draining.
 
 Each wraps the unary-unary and unary-stream behaviours of a handler; streaming-request
 handlers (reflection) pass through untouched.
@@ -15,11 +16,9 @@ from typing import Any
 
 import grpc
 import structlog
-from grpc_status import rpc_status
 from opentelemetry import propagate, trace
 
-from ledger import errors
-from services.platform.errors import to_status
+from services.platform.errors import InternalError, ShuttingDown, abort_arguments, refusal
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Wrapper = Callable[[UnaryBehavior, str], UnaryBehavior]
@@ -140,30 +139,32 @@ class LoggingInterceptor(_Interceptor):
 
 
 class ErrorInterceptor(_Interceptor):
-    """Domain errors become their status (services/platform/errors.py); anything unexpected becomes
-    INTERNAL with no internals in the message, and is logged with its traceback."""
+    """The one error boundary: a refusal raised anywhere inside it (draining, a request that
+    does not parse, auth, guards, a servicer, the ledger) ends the call with its status from
+    services/platform/errors.py TABLE. Anything unexpected ends INTERNAL with no internals in
+    the message, and is logged with its traceback. Inside logging, tracing and the RPC
+    metrics, so that they see the status it sets."""
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         async def mapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 return await behavior(request, context)
-            except errors.LedgerError as exc:
-                code, status = to_status(exc)
-                rich = rpc_status.to_status(status)
-                await context.abort(code, status.message, rich.trailing_metadata)
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 raise
-            except Exception:
-                log.exception("unhandled error")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error; see server log")
+            except Exception as exc:
+                refused = refusal(exc)
+                if refused is None:
+                    log.exception("unhandled error")
+                    refused = InternalError("internal error; see server log")
+                await context.abort(*abort_arguments(refused))
 
         return mapped
 
 
 class DrainInterceptor(_Interceptor):
     """Counts calls in flight; once draining, new calls to `prefix` services are refused with
-    UNAVAILABLE (retryable, unlike the CANCELLED gRPC gives calls arriving mid-shutdown) while
-    those in flight finish. Health and reflection stay answered."""
+    UNAVAILABLE, reason SHUTTING_DOWN (retryable, unlike the CANCELLED gRPC gives calls arriving
+    mid-shutdown) while those in flight finish. Health and reflection stay answered."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -178,9 +179,7 @@ class DrainInterceptor(_Interceptor):
 
         async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if self.draining:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry elsewhere"
-                )
+                raise ShuttingDown("server is shutting down; retry elsewhere")
             self._in_flight += 1
             self._idle.clear()
             try:

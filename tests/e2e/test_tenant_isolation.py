@@ -19,9 +19,11 @@ from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.context.server import SERVICE as CONTEXT_SERVICE
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
-from services.platform.auth import CONTEXT_SERVICE, LEDGER_SERVICE, POLICIES, ROLES, ClientAuth
+from services.ledger.server import SERVICE as LEDGER_SERVICE
+from services.platform.auth import ROLES, ClientAuth, policies
 from tests.support import (
     ApiKey,
     ContextServerThread,
@@ -30,6 +32,8 @@ from tests.support import (
     failure,
     new_id,
 )
+
+POLICIES = policies(LEDGER_SERVICE, CONTEXT_SERVICE)
 
 REPO = Path(__file__).resolve().parents[2]
 STREAM_TIMEOUT_S = 10
@@ -178,7 +182,7 @@ def _call(stub: Any, rpc: str, request: Any) -> Any:
 
 
 def test_every_rpc_of_both_services_has_an_isolation_case_and_a_policy() -> None:
-    """A new RPC must get a case here and a policy in services/platform/auth.py."""
+    """A new RPC must get a case here and a policy (its `access` option in the proto)."""
     ledger = {m.name for m in LEDGER_SERVICE.methods}
     context = {m.name for m in CONTEXT_SERVICE.methods}
     assert ledger == set(LEDGER_CASES)

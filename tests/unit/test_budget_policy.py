@@ -54,6 +54,7 @@ from ledger.model import (
     day_of,
     hour_of,
 )
+from services.ledger.convert import advice
 
 TENANT = AccountKey("acme")
 USER = AccountKey("acme", "alice")
@@ -1185,8 +1186,9 @@ def test_headroom_is_the_smallest_available_and_the_binding_levels_period_end() 
 
 
 def test_budget_exhausted_metadata_and_suggestions() -> None:
-    """BudgetExhausted carries the refusing level, reservable and resets_at; suggest() adds
-    compact_context and the cheaper model."""
+    """BudgetExhausted carries the refusing level, reservable and resets_at; advise() adds
+    the edge's advice (services/ledger/convert.py: advice()): compact_context and the cheaper
+    model."""
     accounts = fold([quota(TENANT, T0, 1000, Period.DAY), used(CONV, T0, 900)])
     cmd = Reserve("i", CONV, "gpt-x", 200, 60)
     with pytest.raises(errors.BudgetExhausted) as info:
@@ -1203,9 +1205,9 @@ def test_budget_exhausted_metadata_and_suggestions() -> None:
         "resets_at": "2026-01-11T00:00:00+00:00",
     }
     assert err.metadata() == expected
-    err.suggest(cheaper_model="gpt-mini")
+    err.advise(advice({"gpt-x": "gpt-mini"}, "gpt-x").metadata())
     assert err.metadata() == expected | {"compact_context": "true", "cheaper_model": "gpt-mini"}
-    err.suggest(cheaper_model="")
+    err.advise(advice({"gpt-x": "gpt-mini"}, "gpt-y").metadata())
     assert err.metadata() == expected | {"compact_context": "true"}
 
 
@@ -1235,7 +1237,7 @@ def test_rate_limited_metadata_and_suggestions() -> None:
         "retry_after_s": "6.000",
     }
     assert err.metadata() == expected
-    err.suggest(cheaper_model="gpt-mini")
+    err.advise(advice({"gpt-x": "gpt-mini"}, "gpt-x").metadata())
     assert err.metadata() == expected | {"compact_context": "true", "cheaper_model": "gpt-mini"}
 
 

@@ -8,7 +8,8 @@ under ledger/, services/ (but services/_gen) and migrations/, those inside funct
   the composition roots name it); a pure ledger module imports, of `ledger`, only pure
   modules, and no database driver;
 - `services.platform` imports neither `services.ledger` nor `services.context` (nor the
-  `services.cli` entry point), and of `ledger` only pure modules;
+  `services.cli` entry point), and of `ledger` only pure modules and `ledger.postgres.errors`
+  (PLATFORM_LEDGER_ADAPTER_MODULES);
 - `services.context` imports no `services.ledger` (nor `services.cli`), and of `ledger` only
   pure modules;
 - `services.ledger` imports no `services.context` (nor `services.cli`): two processes;
@@ -39,6 +40,10 @@ PURE_LEDGER_MODULES = frozenset(
 )
 """Ledger modules that do no I/O: the only ones `services.platform` and `services.context` may
 import. A new pure module goes here; the rules below then hold it to importing pure ones only."""
+
+PLATFORM_LEDGER_ADAPTER_MODULES = frozenset({"ledger.postgres.errors"})
+"""The one impure ledger module `services.platform` may import: the API key store reads the
+database, and its errors are translated as the ledger's are (failover-class: StoreUnavailable)."""
 
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("ledger", "services", "migrations")
@@ -97,10 +102,11 @@ RULES = (
     Rule(
         lambda m: _under(m, "services.platform"),
         lambda t: (
-            _under(t, "services.ledger", "services.context", "services.cli") or _impure_ledger(t)
+            _under(t, "services.ledger", "services.context", "services.cli")
+            or (_impure_ledger(t) and t not in PLATFORM_LEDGER_ADAPTER_MODULES)
         ),
         "services.platform imports neither services.ledger nor services.context, and of "
-        "ledger only pure modules",
+        "ledger only pure modules and ledger.postgres.errors",
     ),
     Rule(
         lambda m: _under(m, "services.context"),
@@ -237,6 +243,7 @@ MODULES = (
     "ledger/application.py",
     "ledger/postgres/store.py",
     "ledger/postgres/audit.py",
+    "ledger/postgres/errors.py",
     "services/cli.py",
     "services/platform/errors.py",
     "services/platform/serve.py",
@@ -317,6 +324,21 @@ PLANTED = {
         "x = 1\nimport ledger.postgres.store\n",
         "services/platform/db.py:2: services.platform.db -> ledger.postgres.store",
     ),
+    "platform-adapter-beside-the-errors": (
+        "services/platform/auth.py",
+        "from ledger.postgres.errors import translated\nfrom ledger.postgres import audit\n",
+        "services/platform/auth.py:2: services.platform.auth -> ledger.postgres.audit",
+    ),
+    "platform-adapter-package": (
+        "services/platform/db.py",
+        "import ledger.postgres\n",
+        "services/platform/db.py:1: services.platform.db -> ledger.postgres",
+    ),
+    "context-adapter-errors": (
+        "services/context/service.py",
+        "from ledger.postgres.errors import translate\n",
+        "services/context/service.py:1: services.context.service -> ledger.postgres.errors",
+    ),
     "platform-cli": (
         "services/platform/auth.py",
         "def f():\n    from services import cli\n",
@@ -373,7 +395,7 @@ CLEAN = {
     "services/platform/errors.py": "import grpc\nfrom google.rpc import status_pb2\n"
     "from opentelemetry import trace\nfrom ledger import errors\nimport migrations\n",
     "services/platform/auth.py": "from services._gen.tokenledger.v1 import ledger_pb2\n"
-    "from .errors import pack\n",
+    "from .errors import pack\nfrom ledger.postgres.errors import translated\n",
     "services/context/requests.py": "from typing import TYPE_CHECKING\n"
     "from ledger.validation import Checker\nfrom ..platform import errors\n"
     "if TYPE_CHECKING:\n    from ledger import limits\n",
