@@ -44,5 +44,8 @@ idempotency_retention_s_default = 7 * 86_400
 replayed next day or after a weekend) meet their first answer. After it, the key is a new
 request."""
 idempotency_retention_s_min = 86_400
+alert_thresholds_max = 10
+alert_threshold_percent_max = 1_000
+"""A threshold past 100 % watches overage (usage recorded above the limit)."""
 prune_batch_max = 1_000
 """Expired keys deleted in one statement (a short transaction that skips locked rows)."""

@@ -22,6 +22,7 @@ from ledger.model import (
     RecordUsage,
     Reserve,
     Rollback,
+    SetBudgetAlerts,
     SetQuota,
     SetRateLimit,
     Usage,
@@ -339,6 +340,31 @@ def set_rate_limit(
             "requests_per_minute", requests_per_minute, low=0, high=limits.requests_per_minute_max
         ),
     )  # fmt: skip
+    c.done()
+    return cmd
+
+
+def set_budget_alerts(
+    *,
+    idempotency_key: str,
+    tenant_id: str,
+    user_id: str,
+    conversation_id: str,
+    thresholds_percent: Sequence[int],
+) -> SetBudgetAlerts:
+    c = Checker()
+    if len(thresholds_percent) > limits.alert_thresholds_max:
+        c.fail("thresholds_percent", f"has {len(thresholds_percent)}; at most "
+               f"{limits.alert_thresholds_max}")  # fmt: skip
+    if len(set(thresholds_percent)) < len(thresholds_percent):
+        c.fail("thresholds_percent", "repeats a threshold")
+    for i, t in enumerate(thresholds_percent):
+        c.number(f"thresholds_percent[{i}]", t, low=1, high=limits.alert_threshold_percent_max)
+    cmd = SetBudgetAlerts(
+        idempotency_key=_idempotency_key(c, idempotency_key),
+        key=account_key(c, tenant_id, user_id, conversation_id, user=False),
+        thresholds_percent=tuple(sorted(thresholds_percent)),
+    )
     c.done()
     return cmd
 

@@ -145,6 +145,7 @@ class ServerThread(_LoopThread):
         stream_recheck_s: float = 5.0,
         read_url: str = "",
         audit_workers: int = 2,
+        alert_webhook_url: str = "",
     ) -> None:
         """`auth_mode` other than "off" authenticates callers against the api_keys table
         (services/platform/auth.py), re-checking open streams every `stream_recheck_s`;
@@ -162,6 +163,7 @@ class ServerThread(_LoopThread):
         self.clock = clock
         self.sweep_interval_s = sweep_interval_s
         self.audit_workers = audit_workers
+        self.alert_webhook_url = alert_webhook_url
         super().__init__()
 
     async def _start(self) -> None:
@@ -184,6 +186,7 @@ class ServerThread(_LoopThread):
             sweep_interval_s=self.sweep_interval_s,
             audit_workers=self.audit_workers,
             cheaper_models=self.cheaper_models,
+            alert_webhook_url=self.alert_webhook_url,
             **kwargs,
         )
         self.port = await self.server.start("127.0.0.1:0")

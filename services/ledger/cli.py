@@ -48,6 +48,8 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
         auth=make_authenticator(settings.auth, pool),
         credentials=server_credentials(settings.auth),
         audit_workers=settings.audit_workers,
+        key_retention_s=settings.key_retention_s,
+        alert_webhook_url=settings.alert_webhook_url,
     )
     await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
     await pool.close()

@@ -6,7 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from ledger import limits
 from services.platform.config import (
     AuthSettings,
     ConfigError,
@@ -35,6 +37,8 @@ class Settings:
     migrate_on_start: bool
     audit_workers: int
     guards: Guards
+    key_retention_s: int = limits.idempotency_retention_s_default
+    alert_webhook_url: str = ""
     auth: AuthSettings = field(default_factory=AuthSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
@@ -59,9 +63,27 @@ class Settings:
                 number(env, "TOKENLEDGER_AUDIT_WORKERS", min(4, os.cpu_count() or 1), 1, 64)
             ),
             guards=guards_from_env(env),
+            key_retention_s=int(
+                number(
+                    env,
+                    "TOKENLEDGER_IDEMPOTENCY_RETENTION_S",
+                    limits.idempotency_retention_s_default,
+                    limits.idempotency_retention_s_min,
+                    10 * 365 * 86_400,
+                )
+            ),
+            alert_webhook_url=_webhook_url(env, "TOKENLEDGER_ALERT_WEBHOOK_URL"),
             auth=AuthSettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
         )
+
+
+def _webhook_url(env: Mapping[str, str], name: str) -> str:
+    url = env.get(name, "").strip()
+    parts = urlsplit(url)
+    if url and not (parts.scheme in ("http", "https") and parts.hostname):
+        raise ConfigError(f"{name}: {url!r} is not an http:// or https:// URL")
+    return url
 
 
 def _flag(env: Mapping[str, str], name: str, *, default: bool) -> bool:

@@ -28,6 +28,7 @@ from ledger.model import (
     ReserveResult,
     Rollback,
     RollbackResult,
+    SetBudgetAlerts,
     SetQuota,
     SetRateLimit,
     State,
@@ -118,6 +119,16 @@ def set_quota(req: pb.SetQuotaRequest) -> SetQuota:
     )
 
 
+def set_budget_alerts(req: pb.SetBudgetAlertsRequest) -> SetBudgetAlerts:
+    return validation.set_budget_alerts(
+        idempotency_key=req.idempotency_key,
+        tenant_id=req.tenant_id,
+        user_id=req.user_id,
+        conversation_id=req.conversation_id,
+        thresholds_percent=list(req.thresholds_percent),
+    )
+
+
 def set_rate_limit(req: pb.SetRateLimitRequest) -> SetRateLimit:
     return validation.set_rate_limit(
         idempotency_key=req.idempotency_key,
@@ -196,6 +207,8 @@ def balance(acc: Account) -> pb.Balance:
         time_zone=acc.time_zone,
         soft_limit_percent=acc.soft_limit_percent,
         grant_order=_GRANT_ORDER_TO_PB[acc.grant_order],
+        alert_thresholds_percent=acc.alert_thresholds,
+        alerts_crossed_percent=acc.alerts_fired,
     )
     bounds = acc.period_bounds()
     if bounds is not None:

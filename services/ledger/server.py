@@ -4,7 +4,8 @@ graceful stop (in-flight calls finish within the grace period)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,12 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
 from psycopg_pool import AsyncConnectionPool
 
+from ledger import limits
 from ledger.application import Ledger, utc_now
 from ledger.errors import StoreUnavailable
+from ledger.model import Event
 from ledger.postgres.audit import LedgerAudit
 from ledger.postgres.store import PostgresStore
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.ledger.alerts import AlertWebhook
 from services.ledger.metrics import LedgerMetrics, RefusalInterceptor, held_refresh_s_default
 from services.ledger.servicer import LedgerService
 from services.platform.auth import Authenticator, AuthInterceptor, warn_if_off
@@ -42,6 +46,9 @@ message_bytes_max = 1 << 20
 SLOW_METHODS = ("VerifyAudit",)
 """Unary calls that may run for minutes (a whole tenant's log): the stream default deadline."""
 
+
+KEY_PRUNE_INTERVAL_S = 60.0
+"""How often the sweeper deletes expired idempotency keys (in batches; see Ledger.prune_keys)."""
 
 LIVENESS = "liveness"
 """A health service name that says only that the process serves, for liveness probes: "" and
@@ -65,14 +72,23 @@ class LedgerServer:
         credentials: grpc.ServerCredentials | None = None,
         read_pool: AsyncConnectionPool[Any] | None = None,
         audit_workers: int = 1,
+        key_retention_s: int = limits.idempotency_retention_s_default,
+        alert_webhook_url: str = "",
     ) -> None:
         """Metrics go to `meter_provider` (default: the global one); only with one given is the
         held-tokens gauge kept fresh (a database read every `held_refresh_s`). Audit and usage
-        reads go to `read_pool` (a read replica's) when given."""
+        reads go to `read_pool` (a read replica's) when given. Budget alerts this process
+        appends are POSTed to `alert_webhook_url` when given (services/ledger/alerts.py)."""
         self.pool = pool
         self.metrics = LedgerMetrics(pool, meter_provider)
         self.held_refresh_s = held_refresh_s if meter_provider is not None else None
-        self.store = Ledger(PostgresStore(pool), clock=clock, on_appended=self.metrics.appended)
+        self.alerts = AlertWebhook(alert_webhook_url) if alert_webhook_url else None
+        self.store = Ledger(
+            PostgresStore(pool),
+            clock=clock,
+            on_appended=self._appended,
+            key_retention_s=key_retention_s,
+        )
         self.sweep_interval_s = sweep_interval_s
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
@@ -122,6 +138,8 @@ class LedgerServer:
         await self._set_serving(True)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="expiry-sweeper")
+        if self.alerts is not None:
+            self.alerts.start()
         if self.held_refresh_s is not None:
             self._held_refresher = asyncio.create_task(
                 self.metrics.refresh_forever(self.store, self.held_refresh_s), name="held-gauge"
@@ -143,6 +161,8 @@ class LedgerServer:
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)
         self.audit.close()
+        if self.alerts is not None:
+            await self.alerts.close()
         log.info("stopped")
 
     async def _set_serving(self, serving: bool) -> None:
@@ -154,11 +174,23 @@ class LedgerServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
+    def _appended(self, events: Sequence[Event]) -> None:
+        """What a committed transaction appended: counted, and its alerts queued."""
+        self.metrics.appended(events)
+        if self.alerts is not None:
+            self.alerts.observe(events)
+
     async def _sweep_forever(self) -> None:
-        """Expire overdue holds; the health status follows whether the database answers."""
+        """Expire overdue holds, and every KEY_PRUNE_INTERVAL_S prune expired idempotency keys;
+        the health status follows whether the database answers."""
+        next_prune = 0.0
         while True:
             try:
                 expired = await self.store.expire_overdue()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + KEY_PRUNE_INTERVAL_S
+                    if pruned := await self.store.prune_keys():
+                        log.info("pruned expired idempotency keys", count=pruned)
             except (StoreUnavailable, OSError) as exc:
                 log.warning("database unavailable", error=str(exc))
                 await self._set_serving(False)

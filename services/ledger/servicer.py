@@ -99,6 +99,12 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         limit = await self._store.set_rate_limit(convert.set_rate_limit(request), _meta())
         return pb.SetRateLimitResponse(rate_limit=convert.rate_limit(limit))
 
+    async def SetBudgetAlerts(
+        self, request: pb.SetBudgetAlertsRequest, context: Context
+    ) -> pb.SetBudgetAlertsResponse:
+        balance = await self._store.set_budget_alerts(convert.set_budget_alerts(request), _meta())
+        return pb.SetBudgetAlertsResponse(balance=convert.balance(balance))
+
     async def GrantTokens(
         self, request: pb.GrantTokensRequest, context: Context
     ) -> pb.GrantTokensResponse:

@@ -73,6 +73,9 @@ LEDGER_CASES: dict[str, Case] = {
     "SetRateLimit": lambda t, rid: pb.SetRateLimitRequest(
         idempotency_key=new_id("r"), tenant_id=t, user_id="u", tokens_per_minute=10_000
     ),
+    "SetBudgetAlerts": lambda t, rid: pb.SetBudgetAlertsRequest(
+        idempotency_key=new_id("b"), tenant_id=t, user_id="u", thresholds_percent=[50]
+    ),
     "GrantTokens": lambda t, rid: pb.GrantTokensRequest(
         idempotency_key=new_id("g"), tenant_id=t, user_id="u", amount=100, reason="test"
     ),

@@ -32,6 +32,10 @@ def test_cheaper_models_are_read_as_pairs() -> None:
         ("TOKENLEDGER_SWEEP_INTERVAL_S", "0", "must be between"),
         ("TOKENLEDGER_AUDIT_WORKERS", "0", "must be between"),
         ("TOKENLEDGER_AUDIT_WORKERS", "many", "must be a number"),
+        ("TOKENLEDGER_IDEMPOTENCY_RETENTION_S", "3600", "must be between"),
+        ("TOKENLEDGER_IDEMPOTENCY_RETENTION_S", "week", "must be a number"),
+        ("TOKENLEDGER_ALERT_WEBHOOK_URL", "ftp://example.test/x", "not an http:// or https://"),
+        ("TOKENLEDGER_ALERT_WEBHOOK_URL", "http://", "not an http:// or https://"),
     ],
 )
 def test_bad_setting_is_a_config_error_naming_it(name: str, value: str, says: str) -> None:

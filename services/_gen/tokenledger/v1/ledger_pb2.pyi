@@ -306,6 +306,8 @@ class Balance(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     SOFT_LIMIT_PERCENT_FIELD_NUMBER: _builtins.int
     GRANT_ORDER_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLDS_PERCENT_FIELD_NUMBER: _builtins.int
+    ALERTS_CROSSED_PERCENT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant of the account."""
     user_id: _builtins.str
@@ -346,6 +348,14 @@ class Balance(_message.Message):
     def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Grant]:
         """The unspent grants, soonest expiry first."""
 
+    @_builtins.property
+    def alert_thresholds_percent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Budget alert thresholds, percent of limit plus grants (SetBudgetAlerts)."""
+
+    @_builtins.property
+    def alerts_crossed_percent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The thresholds already crossed in the current period."""
+
     def __init__(
         self,
         *,
@@ -365,10 +375,12 @@ class Balance(_message.Message):
         time_zone: _builtins.str = ...,
         soft_limit_percent: _builtins.int = ...,
         grant_order: Global___GrantOrder.ValueType = ...,
+        alert_thresholds_percent: _abc.Iterable[_builtins.int] | None = ...,
+        alerts_crossed_percent: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "limit", b"limit", "period_start", b"period_start", "resets_at", b"resets_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "granted", b"granted", "grants", b"grants", "held", b"held", "limit", b"limit", "period", b"period", "period_start", b"period_start", "resets_at", b"resets_at", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "used", b"used", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "alert_thresholds_percent", b"alert_thresholds_percent", "alerts_crossed_percent", b"alerts_crossed_percent", "available", b"available", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "granted", b"granted", "grants", b"grants", "held", b"held", "limit", b"limit", "period", b"period", "period_start", b"period_start", "resets_at", b"resets_at", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "used", b"used", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__available: _TypeAlias = _typing.Literal["available"]  # noqa: Y015
     _WhichOneofArgType__available: _TypeAlias = _typing.Literal["_available", b"_available"]  # noqa: Y015
@@ -1056,7 +1068,8 @@ class LedgerEvent(_message.Message):
     """Version of the event in its stream: 1, 2, 3… without gaps."""
     event_type: _builtins.str
     """QuotaSet, TokensGranted, BalanceAdjusted, RateLimitSet, TokensReserved,
-    ReservationCommitted, ReservationRolledBack, ReservationExpired or UsageRecorded.
+    ReservationCommitted, ReservationRolledBack, ReservationExpired, UsageRecorded,
+    BudgetAlertsSet or BudgetThresholdCrossed.
     """
     model: _builtins.str
     """The model, if any."""
@@ -1786,6 +1799,72 @@ class SetRateLimitRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
+
+@_typing.final
+class SetBudgetAlertsRequest(_message.Message):
+    """SetBudgetAlertsRequest sets (or, empty, clears) an account's budget alerts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_PERCENT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Makes retries safe, as in ReserveRequest."""
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user; empty for the tenant's own alerts."""
+    conversation_id: _builtins.str
+    """The conversation; empty for the user's (or tenant's) alerts."""
+    @_builtins.property
+    def thresholds_percent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percentages of the limit plus grants, each 1-1000, at most 10, no repeats. A threshold
+        fires once per period of a day or month quota, otherwise once until set again.
+        """
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        thresholds_percent: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "tenant_id", b"tenant_id", "thresholds_percent", b"thresholds_percent", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBudgetAlertsRequest: _TypeAlias = SetBudgetAlertsRequest  # noqa: Y015
+
+@_typing.final
+class SetBudgetAlertsResponse(_message.Message):
+    """SetBudgetAlertsResponse is the account after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BALANCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def balance(self) -> Global___Balance:
+        """The account's balance, its alert thresholds included."""
+
+    def __init__(
+        self,
+        *,
+        balance: Global___Balance | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBudgetAlertsResponse: _TypeAlias = SetBudgetAlertsResponse  # noqa: Y015
 
 @_typing.final
 class RateLimit(_message.Message):

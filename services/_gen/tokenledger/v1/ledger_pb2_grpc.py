@@ -76,6 +76,11 @@ class LedgerServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitResponse.FromString,
                 _registered_method=True)
+        self.SetBudgetAlerts = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/SetBudgetAlerts',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetBudgetAlertsRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetBudgetAlertsResponse.FromString,
+                _registered_method=True)
         self.GrantTokens = channel.unary_unary(
                 '/tokenledger.v1.LedgerService/GrantTokens',
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.GrantTokensRequest.SerializeToString,
@@ -186,6 +191,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBudgetAlerts(self, request, context):
+        """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
+        its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GrantTokens(self, request, context):
         """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
         before or after the quota, by the account's grant order.
@@ -285,6 +298,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.SetRateLimit,
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'SetBudgetAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudgetAlerts,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetBudgetAlertsRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetBudgetAlertsResponse.SerializeToString,
             ),
             'GrantTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantTokens,
@@ -523,6 +541,33 @@ class LedgerService:
             '/tokenledger.v1.LedgerService/SetRateLimit',
             tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.SerializeToString,
             tokenledger_dot_v1_dot_ledger__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudgetAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/SetBudgetAlerts',
+            tokenledger_dot_v1_dot_ledger__pb2.SetBudgetAlertsRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.SetBudgetAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,10 @@ class LedgerServiceStub:
     """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
     everything under it, for one model or all of them.
     """
+    SetBudgetAlerts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetAlertsRequest, _ledger_pb2.SetBudgetAlertsResponse]
+    """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
+    its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
+    """
     GrantTokens: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GrantTokensRequest, _ledger_pb2.GrantTokensResponse]
     """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
     before or after the quota, by the account's grant order.
@@ -136,6 +140,10 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     SetRateLimit: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetRateLimitRequest, _ledger_pb2.SetRateLimitResponse]  # type: ignore[assignment]
     """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
     everything under it, for one model or all of them.
+    """
+    SetBudgetAlerts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetAlertsRequest, _ledger_pb2.SetBudgetAlertsResponse]  # type: ignore[assignment]
+    """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
+    its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
     """
     GrantTokens: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GrantTokensRequest, _ledger_pb2.GrantTokensResponse]  # type: ignore[assignment]
     """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
@@ -244,6 +252,16 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ledger_pb2.SetRateLimitResponse, _abc.Awaitable[_ledger_pb2.SetRateLimitResponse]]:
         """SetRateLimit sets tokens and requests per minute for Reserve calls on an account and
         everything under it, for one model or all of them.
+        """
+
+    @_abc_1.abstractmethod
+    def SetBudgetAlerts(
+        self,
+        request: _ledger_pb2.SetBudgetAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SetBudgetAlertsResponse, _abc.Awaitable[_ledger_pb2.SetBudgetAlertsResponse]]:
+        """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
+        its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
         """
 
     @_abc_1.abstractmethod

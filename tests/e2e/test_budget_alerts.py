@@ -1,0 +1,131 @@
+"""Budget alerts over gRPC: SetBudgetAlerts, the crossing logged as an event and shown on the
+balance, and POSTed to a webhook (a real HTTP server here) that is retried when it fails."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+import pytest
+
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from tests.support import ServerThread, call_fails, event_count, new_id
+
+
+class Receiver:
+    """An HTTP server that records the JSON bodies POSTed to it; the first `fail_first` answer
+    503, as a receiver being restarted would."""
+
+    def __init__(self, fail_first: int) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.attempts = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                receiver.attempts += 1
+                ok = receiver.attempts > fail_first
+                if ok:
+                    receiver.bodies.append(body)
+                self.send_response(200 if ok else 503)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/alerts"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(fail_first=1)
+    yield r
+    r.http.shutdown()
+
+
+def _alerts(tenant: str, *thresholds: int, key: str = "") -> pb.SetBudgetAlertsRequest:
+    return pb.SetBudgetAlertsRequest(
+        idempotency_key=key or new_id("a"), tenant_id=tenant, user_id="u",
+        thresholds_percent=list(thresholds),
+    )  # fmt: skip
+
+
+def _use(stub: pb_grpc.LedgerServiceStub, tenant: str, tokens: int) -> None:
+    stub.RecordUsage(
+        pb.RecordUsageRequest(
+            idempotency_key=new_id("r"), tenant_id=tenant, user_id="u", model="m",
+            usage=pb.Usage(input_tokens=tokens),
+        )
+    )  # fmt: skip
+
+
+def test_crossing_a_threshold_is_logged_shown_and_posted(
+    database_url: str, receiver: Receiver
+) -> None:
+    server = ServerThread(database_url, alert_webhook_url=receiver.url).start()
+    tenant = new_id("t")
+    try:
+        with server.stub() as stub:
+            stub.SetQuota(
+                pb.SetQuotaRequest(
+                    idempotency_key=new_id("q"), tenant_id=tenant, user_id="u", limit=1_000,
+                    period=pb.PERIOD_DAY,
+                )
+            )  # fmt: skip
+            set_ = stub.SetBudgetAlerts(_alerts(tenant, 80, 50))
+            assert list(set_.balance.alert_thresholds_percent) == [50, 80]
+            _use(stub, tenant, 450)
+            _use(stub, tenant, 100)  # 55 %: crosses 50
+            _use(stub, tenant, 300)  # 85 %: crosses 80
+            _use(stub, tenant, 10)
+            balance = stub.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="u"))
+            replay = list(stub.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant)))
+        deadline = time.monotonic() + 15
+        while len(receiver.bodies) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    assert list(balance.balance.alerts_crossed_percent) == [50, 80]
+    crossed = [
+        json.loads(e.data_json)["threshold_percent"]
+        for r in replay
+        for e in r.events
+        if e.event_type == "BudgetThresholdCrossed"
+    ]
+    assert crossed == [50, 80]
+    assert [(b["threshold_percent"], b["used"], b["capacity"]) for b in receiver.bodies] == [
+        (50, 550, 1_000),
+        (80, 850, 1_000),
+    ]
+    assert receiver.attempts == 3  # the first POST was refused (503) and retried
+
+
+def test_set_budget_alerts_refuses_bad_input_and_writes_nothing(
+    stub: pb_grpc.LedgerServiceStub, database_url: str
+) -> None:
+    tenant = new_id("t")
+    before = event_count(database_url)
+    for request, field in (
+        (_alerts(tenant, 0), "thresholds_percent[0]"),
+        (_alerts(tenant, 1_001), "thresholds_percent[0]"),
+        (_alerts(tenant, 50, 50), "thresholds_percent"),
+        (_alerts(tenant, *range(1, 12)), "thresholds_percent"),
+        (_alerts(tenant, 50, key=" "), "idempotency_key"),
+        (pb.SetBudgetAlertsRequest(idempotency_key="k", tenant_id="", thresholds_percent=[50]),
+         "tenant_id"),
+        (pb.SetBudgetAlertsRequest(idempotency_key="k", tenant_id=tenant, conversation_id="c",
+                                   thresholds_percent=[50]), "conversation_id"),
+    ):  # fmt: skip
+        seen = call_fails(stub.SetBudgetAlerts, request)
+        assert seen.code is grpc.StatusCode.INVALID_ARGUMENT, (request, seen)
+        assert field in [f for f, _ in seen.field_violations], (request, seen)
+    assert event_count(database_url) == before
