@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import structlog
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # ExecuteBatchError: not exported
 from opentelemetry import propagate, trace
 
 from services.platform.errors import InternalError, ShuttingDown, abort_arguments, refusal
@@ -152,6 +153,9 @@ class ErrorInterceptor(_Interceptor):
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 raise
             except Exception as exc:
+                if _ended_by_client(exc, context):
+                    log.info("call ended by the client", reason="deadline or cancel")
+                    return None
                 refused = refusal(exc)
                 if refused is None:
                     log.exception("unhandled error")
@@ -159,6 +163,12 @@ class ErrorInterceptor(_Interceptor):
                 await context.abort(*abort_arguments(refused))
 
         return mapped
+
+
+def _ended_by_client(exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """A write that failed because the client went away (its deadline passed, it cancelled):
+    the call is over, nobody can be told, and no error happened on our side."""
+    return isinstance(exc, cygrpc.ExecuteBatchError) or context.cancelled()
 
 
 class DrainInterceptor(_Interceptor):
