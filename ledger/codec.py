@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import UTC, date, datetime
 from enum import StrEnum
@@ -97,6 +98,8 @@ class _Field:
     default: Any
     omit_none: bool
     absent_is: str
+    decode: Callable[[Any], Any]
+    """From its JSON in `data` (None stays None)."""
 
 
 def _layout(cls: type[Event]) -> tuple[_Field, ...]:
@@ -116,20 +119,22 @@ def _layout(cls: type[Event]) -> tuple[_Field, ...]:
                 default=f.default,
                 omit_none=f.metadata.get("omit_none", False),
                 absent_is=f.metadata.get("absent_is", ""),
+                decode=_decoder(hints[f.name]),
             )
         )
     return tuple(out)
 
 
-_LAYOUTS = {cls: _layout(cls) for cls in EVENT_TYPES.values()}
+_LABELS = tuple[tuple[str, str], ...]
+_INTS = tuple[int, ...]
 
 
 def _to_json(kind: Any, value: Any) -> Any:
     if value is None:
         return None
-    if kind == tuple[tuple[str, str], ...]:  # labels
+    if kind == _LABELS:
         return dict(value)
-    if kind == tuple[int, ...]:
+    if kind == _INTS:
         return list(value)
     if isinstance(value, datetime):
         return ts(value)
@@ -138,19 +143,21 @@ def _to_json(kind: Any, value: Any) -> Any:
     return value
 
 
-def _from_json(kind: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    if kind == tuple[tuple[str, str], ...]:
-        return tuple(sorted(value.items()))
-    if kind == tuple[int, ...]:
-        return tuple(value)
+def _decoder(kind: Any) -> Callable[[Any], Any]:
+    """How a `data` value of the declared type `kind` is read back."""
+    if kind == _LABELS:
+        return lambda v: tuple(sorted(v.items()))
+    if kind == _INTS:
+        return tuple
     base = next((a for a in get_args(kind) if a is not type(None)), kind)  # X | None -> X
     if base is datetime:
-        return parse_ts(value)
+        return parse_ts
     if isinstance(base, type) and issubclass(base, StrEnum):
-        return base(value)
-    return value
+        return base
+    return lambda v: v
+
+
+_LAYOUTS = {cls: _layout(cls) for cls in EVENT_TYPES.values()}
 
 
 def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
@@ -211,7 +218,8 @@ def event_from_row(row: dict[str, Any]) -> Event:
         elif f.column:
             values[f.name] = row[f.column]
         elif f.name in data:
-            values[f.name] = _from_json(f.kind, data[f.name])
+            value = data[f.name]
+            values[f.name] = None if value is None else f.decode(value)
         elif f.absent_is:  # logged before the field existed
             values[f.name] = values.get(f.absent_is, row.get(f.absent_is))
         elif f.required:

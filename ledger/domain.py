@@ -182,8 +182,10 @@ def _decide_alerts(snap: Snapshot, cmd: SetBudgetAlerts, ctx: Context, meta: _Me
 
 def threshold_crossings(acc: Account, ctx: Context) -> list[Event]:
     """The budget alerts `acc` has reached and not yet logged in its period, lowest first."""
+    if not acc.alert_thresholds:
+        return []
     spent = acc.percent_spent
-    if spent is None or not acc.alert_thresholds:
+    if spent is None:
         return []
     meta = _Meta(occurred_at=ctx.now, actor=ctx.actor, trace_id=ctx.trace_id)
     return [

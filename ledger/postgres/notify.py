@@ -1,6 +1,11 @@
-"""Followers wake when events commit: every transaction that appends events sends
-NOTIFY on `CHANNEL` with its tenant (PostgreSQL delivers it at commit, once per transaction),
-and one LISTEN connection per process wakes the followers waiting on that tenant.
+"""Followers wake when events commit: after a transaction that appended events commits, its
+process sends NOTIFY on `CHANNEL` with the tenant (`Notifier`), and one LISTEN connection per
+process wakes the followers waiting on that tenant.
+
+The NOTIFY is sent after the commit, from its own short statement, not inside the writing
+transaction: PostgreSQL serializes the commits of all transactions that NOTIFY (a cluster-wide
+lock held through the commit), which would make every tenant's writes wait on each other's
+WAL flush. Notifications that pile up meanwhile are sent together, one per tenant.
 
 A notification is only a wake-up: what a follower reads is still decided by the transaction-id
 rule of LedgerAudit.follow. So a lost or late notification costs latency, never an event:
@@ -13,14 +18,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 CHANNEL = "tokenledger_events"
-NOTIFY_SQL = "SELECT pg_notify('tokenledger_events', %s)"
+NOTIFY_SQL = "SELECT pg_notify('tokenledger_events', t) FROM unnest(%s::text[]) AS t"
 _RECONNECT_S = 1.0
 
 _log = logging.getLogger("tokenledger.follow")
+
+
+class Notifier:
+    """Sends the notifications of committed writes, off their path: `notify` only marks the
+    tenant; one task sends what is marked, coalescing a burst into one statement."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+        self._pending: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self, tenant_id: str) -> None:
+        self._pending.add(tenant_id)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._send(), name="log-notifier")
+
+    async def _send(self) -> None:
+        while self._pending:
+            tenants, self._pending = sorted(self._pending), set()
+            try:
+                async with self._pool.connection() as conn:
+                    await conn.execute(NOTIFY_SQL, (tenants,))
+            except (psycopg.Error, PoolTimeout) as exc:  # followers still poll: no event is lost
+                _log.warning("could not notify followers: %s", exc)
 
 
 class Waiter:

@@ -96,6 +96,7 @@ class PostgresStore:
 
     def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
         self._pool = pool
+        self._notifier = notify.Notifier(pool)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -107,7 +108,10 @@ class PostgresStore:
     @asynccontextmanager
     async def transaction(self, tenant_id: str) -> AsyncIterator[_Unit]:
         async with self._connection() as conn, conn.transaction():
-            yield _Unit(conn, tenant_id)
+            unit = _Unit(conn, tenant_id)
+            yield unit
+        if unit.appended:  # committed: wake the tenant's followers
+            self._notifier.notify(tenant_id)
 
     async def overdue_tenants(self, at: datetime, limit: int) -> list[str]:
         async with self._connection() as conn:
@@ -161,6 +165,7 @@ class _Unit:
     def __init__(self, conn: Conn, tenant_id: str) -> None:
         self._conn = conn
         self._tenant_id = tenant_id
+        self.appended = False
 
     async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
         if not reservation_ids:
@@ -251,6 +256,7 @@ class _Unit:
         """Every statement in one pipeline (one round trip)."""
         if not (changes.events or changes.accounts or changes.outcomes):
             return
+        self.appended = self.appended or bool(changes.events)
         async with self._conn.pipeline(), self._conn.cursor() as cur:
             await cur.executemany(
                 _INSERT_EVENTS, [{**row, "data": Jsonb(row["data"])} for row in changes.events]
@@ -273,8 +279,6 @@ class _Unit:
             await cur.executemany(
                 _UPSERT_USAGE, [vars(k) | vars(c) for k, c in changes.usage.items()]
             )
-            if changes.events:  # wakes the followers when the transaction commits
-                await cur.execute(notify.NOTIFY_SQL, (self._tenant_id,))
             if changes.outcomes:
                 await cur.executemany(
                     _INSERT_OUTCOMES,
