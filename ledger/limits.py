@@ -22,6 +22,8 @@ label_value_chars_max = 256
 expire_batch_max = 256
 """Overdue holds expired in one transaction, so a backlog cannot make a call slow."""
 
+batch_items_max = 100
+"""Items of one ReserveBatch, CommitBatch or RollbackBatch call."""
 batch_commands_max = 256
 """Writes of one tenant applied in one transaction (group commit)."""
 

@@ -344,6 +344,24 @@ def set_rate_limit(
     return cmd
 
 
+def batch(*, tenant_id: str, items: int) -> str:
+    """A batch call's tenant, and its item count within 1 .. batch_items_max."""
+    c = Checker()
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
+    c.number("items", items, low=1, high=limits.batch_items_max)
+    c.done()
+    return tenant_id
+
+
+def batch_item_tenant(index: int, batch_tenant_id: str, item_tenant_id: str) -> str:
+    """The tenant of a batch's item: the batch's, which an item may repeat but not change."""
+    if item_tenant_id not in ("", batch_tenant_id):
+        field = f"items[{index}].tenant_id"
+        why = f"is {item_tenant_id!r}; must be empty or the batch's, {batch_tenant_id!r}"
+        raise errors.InvalidArgument([errors.FieldViolation(field, why)])
+    return batch_tenant_id
+
+
 def set_budget_alerts(
     *,
     idempotency_key: str,

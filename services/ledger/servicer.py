@@ -4,7 +4,7 @@ tracing and error mapping are interceptors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from datetime import datetime
 from typing import Any
@@ -19,12 +19,37 @@ from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger import convert
 from services.platform.auth import current_actor
+from services.platform.errors import refusal, to_status
 from services.platform.observability import current_trace_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
 # Each under the 1 MiB message cap: an event is at most a few KiB, a head about 100 bytes.
 REPLAY_EVENTS_PER_MESSAGE = 200
 REPLAY_HEADS_PER_MESSAGE = 1_000
+
+
+async def _each(request: Any, call: Callable[[Any], Awaitable[Any]]) -> list[Any]:
+    """Every item of a batch through the single call's own path, all at once: they queue for
+    the tenant together and share its transactions (group commit). Each item's refusal becomes
+    its serialized status instead of failing the call; a bad batch (no items, too many, a bad
+    tenant) fails it whole, before anything is done."""
+    tenant = validation.batch(tenant_id=request.tenant_id, items=len(request.items))
+
+    async def one(index: int, item: Any) -> Any:
+        try:
+            item.tenant_id = validation.batch_item_tenant(index, tenant, item.tenant_id)
+            return await call(item)
+        except errors.LedgerError as exc:
+            if refusal(exc) is None:
+                raise
+            return to_status(exc)[1].SerializeToString()
+
+    return await asyncio.gather(*(one(i, item) for i, item in enumerate(request.items)))
+
+
+def _outcome(outcome: Any, success_field: str) -> str:
+    """Which field of a batch result holds `outcome`."""
+    return "refused" if isinstance(outcome, bytes) else success_field
 
 
 def _meta() -> CallMeta:
@@ -48,6 +73,9 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         self._clock = clock
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
+        return await self._reserve(request)
+
+    async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         cmd = convert.reserve(request)
         advice = convert.advice(self._cheaper_models, cmd.model)
         try:
@@ -58,12 +86,42 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         return convert.reserve_response(result, advice)
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
+        return await self._commit(request)
+
+    async def _commit(self, request: pb.CommitRequest) -> pb.CommitResponse:
         result = await self._store.commit(convert.commit(request), _meta())
         return convert.commit_response(result)
 
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.RollbackResponse:
+        return await self._rollback(request)
+
+    async def _rollback(self, request: pb.RollbackRequest) -> pb.RollbackResponse:
         result = await self._store.rollback(convert.rollback(request), _meta())
         return convert.rollback_response(result)
+
+    async def ReserveBatch(
+        self, request: pb.ReserveBatchRequest, context: Context
+    ) -> pb.ReserveBatchResponse:
+        outcomes = await _each(request, self._reserve)
+        return pb.ReserveBatchResponse(
+            results=[pb.ReserveBatchResult(**{_outcome(o, "reserved"): o}) for o in outcomes]
+        )
+
+    async def CommitBatch(
+        self, request: pb.CommitBatchRequest, context: Context
+    ) -> pb.CommitBatchResponse:
+        outcomes = await _each(request, self._commit)
+        return pb.CommitBatchResponse(
+            results=[pb.CommitBatchResult(**{_outcome(o, "committed"): o}) for o in outcomes]
+        )
+
+    async def RollbackBatch(
+        self, request: pb.RollbackBatchRequest, context: Context
+    ) -> pb.RollbackBatchResponse:
+        outcomes = await _each(request, self._rollback)
+        return pb.RollbackBatchResponse(
+            results=[pb.RollbackBatchResult(**{_outcome(o, "rolled_back"): o}) for o in outcomes]
+        )
 
     async def GetReservation(
         self, request: pb.GetReservationRequest, context: Context

@@ -30,12 +30,15 @@ async def serve_until_signalled(server: _Serving, address: str, grace_s: float) 
     await server.stop(grace_s)
 
 
-def server_options(message_bytes_max: int) -> list[tuple[str, int]]:
-    """Options of every server of ours. gRPC sets SO_REUSEPORT by default: a second server
-    (another process, or a test's) could then bind the same port and take half the calls.
-    One port, one server."""
+def server_options(
+    message_bytes_max: int, response_bytes_max: int | None = None
+) -> list[tuple[str, int]]:
+    """Options of every server of ours: requests up to `message_bytes_max`, responses up to
+    `response_bytes_max` (default the same). gRPC sets SO_REUSEPORT by default: a second
+    server (another process, or a test's) could then bind the same port and take half the
+    calls. One port, one server."""
     return [
         ("grpc.max_receive_message_length", message_bytes_max),
-        ("grpc.max_send_message_length", message_bytes_max),
+        ("grpc.max_send_message_length", response_bytes_max or message_bytes_max),
         ("grpc.so_reuseport", 0),
     ]

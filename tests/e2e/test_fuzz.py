@@ -38,6 +38,7 @@ from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import TokenizerPool
+from services.ledger.server import message_bytes_max
 from tests.support import ContextServerThread, ServerThread, health_status
 
 FD = descriptor.FieldDescriptor
@@ -434,7 +435,14 @@ def send(
             unary(raw, timeout=UNARY_TIMEOUT_S, metadata=metadata)
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
-        info = code in WITHOUT_ERROR_INFO or _has_error_info(exc)
+        # gRPC itself refuses a request over the server's size limit, before any code of ours
+        # can add details: its message says so ("Received message larger than max").
+        oversize = (
+            code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            and method.containing_service.name == "LedgerService"
+            and len(raw) > message_bytes_max
+        )
+        info = code in WITHOUT_ERROR_INFO or oversize or _has_error_info(exc)
         # a stream we cancelled, or a follower cut by its deadline, was accepted
         accepted = code is grpc.StatusCode.CANCELLED or (
             code is grpc.StatusCode.DEADLINE_EXCEEDED and method.server_streaming

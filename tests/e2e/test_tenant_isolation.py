@@ -65,6 +65,18 @@ LEDGER_CASES: dict[str, Case] = {
         tenant_id=t, reservation_id=rid, usage=pb.Usage(input_tokens=5)
     ),
     "Rollback": lambda t, rid: pb.RollbackRequest(tenant_id=t, reservation_id=rid),
+    "ReserveBatch": lambda t, rid: pb.ReserveBatchRequest(
+        tenant_id=t,
+        items=[
+            pb.ReserveRequest(idempotency_key=new_id("k"), user_id="u", model="gpt-4o", amount=10)
+        ],
+    ),
+    "CommitBatch": lambda t, rid: pb.CommitBatchRequest(
+        tenant_id=t, items=[pb.CommitRequest(reservation_id=rid, usage=pb.Usage(input_tokens=1))]
+    ),
+    "RollbackBatch": lambda t, rid: pb.RollbackBatchRequest(
+        tenant_id=t, items=[pb.RollbackRequest(reservation_id=rid)]
+    ),
     "GetReservation": lambda t, rid: pb.GetReservationRequest(tenant_id=t, reservation_id=rid),
     "GetBalance": lambda t, rid: pb.GetBalanceRequest(tenant_id=t, user_id="u"),
     "SetQuota": lambda t, rid: pb.SetQuotaRequest(

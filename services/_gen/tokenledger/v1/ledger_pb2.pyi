@@ -754,6 +754,256 @@ class RollbackResponse(_message.Message):
 Global___RollbackResponse: _TypeAlias = RollbackResponse  # noqa: Y015
 
 @_typing.final
+class ReserveBatchRequest(_message.Message):
+    """ReserveBatchRequest is up to 100 Reserve requests of one tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant of every item (routes the call and scopes authorization); an item's own
+    tenant_id must be empty or this.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReserveRequest]:
+        """The holds to place, each exactly as a ReserveRequest."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___ReserveRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveBatchRequest: _TypeAlias = ReserveBatchRequest  # noqa: Y015
+
+@_typing.final
+class ReserveBatchResponse(_message.Message):
+    """ReserveBatchResponse has one result per item, in the items' order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReserveBatchResult]:
+        """The outcome of each item."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ReserveBatchResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveBatchResponse: _TypeAlias = ReserveBatchResponse  # noqa: Y015
+
+@_typing.final
+class ReserveBatchResult(_message.Message):
+    """ReserveBatchResult is one item's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    refused: _builtins.bytes
+    """A serialized google.rpc.Status: exactly what Reserve would have failed with (code,
+    message, ErrorInfo and the other details).
+    """
+    @_builtins.property
+    def reserved(self) -> Global___ReserveResponse:
+        """The hold, as Reserve answers it."""
+
+    def __init__(
+        self,
+        *,
+        reserved: Global___ReserveResponse | None = ...,
+        refused: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "refused", b"refused", "reserved", b"reserved"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "refused", b"refused", "reserved", b"reserved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["reserved", "refused"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ReserveBatchResult: _TypeAlias = ReserveBatchResult  # noqa: Y015
+
+@_typing.final
+class CommitBatchRequest(_message.Message):
+    """CommitBatchRequest is up to 100 Commit requests of one tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant of every item; an item's own tenant_id must be empty or this."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommitRequest]:
+        """The reservations to commit, each exactly as a CommitRequest."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___CommitRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitBatchRequest: _TypeAlias = CommitBatchRequest  # noqa: Y015
+
+@_typing.final
+class CommitBatchResponse(_message.Message):
+    """CommitBatchResponse has one result per item, in the items' order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CommitBatchResult]:
+        """The outcome of each item."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CommitBatchResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitBatchResponse: _TypeAlias = CommitBatchResponse  # noqa: Y015
+
+@_typing.final
+class CommitBatchResult(_message.Message):
+    """CommitBatchResult is one item's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    refused: _builtins.bytes
+    """A serialized google.rpc.Status: exactly what Commit would have failed with."""
+    @_builtins.property
+    def committed(self) -> Global___CommitResponse:
+        """The commit, as Commit answers it."""
+
+    def __init__(
+        self,
+        *,
+        committed: Global___CommitResponse | None = ...,
+        refused: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "outcome", b"outcome", "refused", b"refused"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "outcome", b"outcome", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["committed", "refused"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___CommitBatchResult: _TypeAlias = CommitBatchResult  # noqa: Y015
+
+@_typing.final
+class RollbackBatchRequest(_message.Message):
+    """RollbackBatchRequest is up to 100 Rollback requests of one tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant of every item; an item's own tenant_id must be empty or this."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RollbackRequest]:
+        """The reservations to roll back, each exactly as a RollbackRequest."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___RollbackRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackBatchRequest: _TypeAlias = RollbackBatchRequest  # noqa: Y015
+
+@_typing.final
+class RollbackBatchResponse(_message.Message):
+    """RollbackBatchResponse has one result per item, in the items' order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RollbackBatchResult]:
+        """The outcome of each item."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RollbackBatchResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackBatchResponse: _TypeAlias = RollbackBatchResponse  # noqa: Y015
+
+@_typing.final
+class RollbackBatchResult(_message.Message):
+    """RollbackBatchResult is one item's outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLED_BACK_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    refused: _builtins.bytes
+    """A serialized google.rpc.Status: exactly what Rollback would have failed with."""
+    @_builtins.property
+    def rolled_back(self) -> Global___RollbackResponse:
+        """The rollback, as Rollback answers it."""
+
+    def __init__(
+        self,
+        *,
+        rolled_back: Global___RollbackResponse | None = ...,
+        refused: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "refused", b"refused", "rolled_back", b"rolled_back"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "refused", b"refused", "rolled_back", b"rolled_back"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["rolled_back", "refused"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___RollbackBatchResult: _TypeAlias = RollbackBatchResult  # noqa: Y015
+
+@_typing.final
 class GetReservationRequest(_message.Message):
     """GetReservationRequest names a reservation."""
 

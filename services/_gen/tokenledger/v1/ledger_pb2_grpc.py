@@ -56,6 +56,21 @@ class LedgerServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackResponse.FromString,
                 _registered_method=True)
+        self.ReserveBatch = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/ReserveBatch',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.ReserveBatchRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ReserveBatchResponse.FromString,
+                _registered_method=True)
+        self.CommitBatch = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/CommitBatch',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.CommitBatchRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.CommitBatchResponse.FromString,
+                _registered_method=True)
+        self.RollbackBatch = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/RollbackBatch',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackBatchRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackBatchResponse.FromString,
+                _registered_method=True)
         self.GetReservation = channel.unary_unary(
                 '/tokenledger.v1.LedgerService/GetReservation',
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.GetReservationRequest.SerializeToString,
@@ -156,6 +171,29 @@ class LedgerServiceServicer:
     def Rollback(self, request, context):
         """Rollback ends a held reservation without usage and releases the whole hold. Repeating a
         rollback returns the first response.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReserveBatch(self, request, context):
+        """ReserveBatch places many holds of one tenant in one call: each item is a Reserve with its
+        own idempotency key and its own outcome, applied through the same group commit with every
+        guarantee of the single call. A bad item is refused alone; its neighbours go on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitBatch(self, request, context):
+        """CommitBatch commits many reservations of one tenant, each with its own outcome.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackBatch(self, request, context):
+        """RollbackBatch rolls back many reservations of one tenant, each with its own outcome.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -278,6 +316,21 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Rollback,
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackResponse.SerializeToString,
+            ),
+            'ReserveBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveBatch,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ReserveBatchRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.ReserveBatchResponse.SerializeToString,
+            ),
+            'CommitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitBatch,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.CommitBatchRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.CommitBatchResponse.SerializeToString,
+            ),
+            'RollbackBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackBatch,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackBatchRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.RollbackBatchResponse.SerializeToString,
             ),
             'GetReservation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReservation,
@@ -433,6 +486,87 @@ class LedgerService:
             '/tokenledger.v1.LedgerService/Rollback',
             tokenledger_dot_v1_dot_ledger__pb2.RollbackRequest.SerializeToString,
             tokenledger_dot_v1_dot_ledger__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/ReserveBatch',
+            tokenledger_dot_v1_dot_ledger__pb2.ReserveBatchRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.ReserveBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/CommitBatch',
+            tokenledger_dot_v1_dot_ledger__pb2.CommitBatchRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.CommitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/RollbackBatch',
+            tokenledger_dot_v1_dot_ledger__pb2.RollbackBatchRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.RollbackBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,15 @@ class LedgerServiceStub:
     """Rollback ends a held reservation without usage and releases the whole hold. Repeating a
     rollback returns the first response.
     """
+    ReserveBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ReserveBatchRequest, _ledger_pb2.ReserveBatchResponse]
+    """ReserveBatch places many holds of one tenant in one call: each item is a Reserve with its
+    own idempotency key and its own outcome, applied through the same group commit with every
+    guarantee of the single call. A bad item is refused alone; its neighbours go on.
+    """
+    CommitBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.CommitBatchRequest, _ledger_pb2.CommitBatchResponse]
+    """CommitBatch commits many reservations of one tenant, each with its own outcome."""
+    RollbackBatch: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RollbackBatchRequest, _ledger_pb2.RollbackBatchResponse]
+    """RollbackBatch rolls back many reservations of one tenant, each with its own outcome."""
     GetReservation: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetReservationRequest, _ledger_pb2.GetReservationResponse]
     """GetReservation returns a reservation and its current state."""
     GetBalance: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]
@@ -129,6 +138,15 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """Rollback ends a held reservation without usage and releases the whole hold. Repeating a
     rollback returns the first response.
     """
+    ReserveBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ReserveBatchRequest, _ledger_pb2.ReserveBatchResponse]  # type: ignore[assignment]
+    """ReserveBatch places many holds of one tenant in one call: each item is a Reserve with its
+    own idempotency key and its own outcome, applied through the same group commit with every
+    guarantee of the single call. A bad item is refused alone; its neighbours go on.
+    """
+    CommitBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.CommitBatchRequest, _ledger_pb2.CommitBatchResponse]  # type: ignore[assignment]
+    """CommitBatch commits many reservations of one tenant, each with its own outcome."""
+    RollbackBatch: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RollbackBatchRequest, _ledger_pb2.RollbackBatchResponse]  # type: ignore[assignment]
+    """RollbackBatch rolls back many reservations of one tenant, each with its own outcome."""
     GetReservation: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetReservationRequest, _ledger_pb2.GetReservationResponse]  # type: ignore[assignment]
     """GetReservation returns a reservation and its current state."""
     GetBalance: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetBalanceRequest, _ledger_pb2.GetBalanceResponse]  # type: ignore[assignment]
@@ -217,6 +235,33 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Rollback ends a held reservation without usage and releases the whole hold. Repeating a
         rollback returns the first response.
         """
+
+    @_abc_1.abstractmethod
+    def ReserveBatch(
+        self,
+        request: _ledger_pb2.ReserveBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ReserveBatchResponse, _abc.Awaitable[_ledger_pb2.ReserveBatchResponse]]:
+        """ReserveBatch places many holds of one tenant in one call: each item is a Reserve with its
+        own idempotency key and its own outcome, applied through the same group commit with every
+        guarantee of the single call. A bad item is refused alone; its neighbours go on.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitBatch(
+        self,
+        request: _ledger_pb2.CommitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.CommitBatchResponse, _abc.Awaitable[_ledger_pb2.CommitBatchResponse]]:
+        """CommitBatch commits many reservations of one tenant, each with its own outcome."""
+
+    @_abc_1.abstractmethod
+    def RollbackBatch(
+        self,
+        request: _ledger_pb2.RollbackBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.RollbackBatchResponse, _abc.Awaitable[_ledger_pb2.RollbackBatchResponse]]:
+        """RollbackBatch rolls back many reservations of one tenant, each with its own outcome."""
 
     @_abc_1.abstractmethod
     def GetReservation(
