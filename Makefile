@@ -68,6 +68,7 @@ bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.policy_bench
 	$(BIN)/python -m tests.bench.context_bench
 	$(BIN)/python -m tests.bench.keys_bench
+	$(BIN)/python -m tests.bench.batch_bench
 
 clean:
 	rm -rf $(VENV) var
