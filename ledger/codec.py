@@ -92,12 +92,12 @@ _OWN_COLUMNS = frozenset({"reservation_id", "amount"})
 @dataclass(frozen=True)
 class _Field:
     name: str
-    kind: Any  # the declared type
     column: str  # "" for a field kept in `data`
     required: bool
-    default: Any
     omit_none: bool
     absent_is: str
+    encode: Callable[[Any], Any]
+    """To its JSON in `data` (None stays None)."""
     decode: Callable[[Any], Any]
     """From its JSON in `data` (None stays None)."""
 
@@ -113,12 +113,11 @@ def _layout(cls: type[Event]) -> tuple[_Field, ...]:
         out.append(
             _Field(
                 name=f.name,
-                kind=hints[f.name],
                 column="usage" if f.name == "usage" else column,
                 required=f.default is MISSING,
-                default=f.default,
                 omit_none=f.metadata.get("omit_none", False),
                 absent_is=f.metadata.get("absent_is", ""),
+                encode=_encoder(hints[f.name]),
                 decode=_decoder(hints[f.name]),
             )
         )
@@ -129,27 +128,32 @@ _LABELS = tuple[tuple[str, str], ...]
 _INTS = tuple[int, ...]
 
 
-def _to_json(kind: Any, value: Any) -> Any:
-    if value is None:
-        return None
+def _base(kind: Any) -> Any:
+    """X of a declared `X | None`, else `kind`."""
+    return next((a for a in get_args(kind) if a is not type(None)), kind)
+
+
+def _encoder(kind: Any) -> Callable[[Any], Any]:
+    """How a value of the declared type `kind` is written into `data`."""
+    base = _base(kind)
     if kind == _LABELS:
-        return dict(value)
+        return dict
     if kind == _INTS:
-        return list(value)
-    if isinstance(value, datetime):
-        return ts(value)
-    if isinstance(value, StrEnum):
-        return value.value
-    return value
+        return list
+    if base is datetime:
+        return ts
+    if isinstance(base, type) and issubclass(base, StrEnum):
+        return lambda v: v.value
+    return lambda v: v
 
 
 def _decoder(kind: Any) -> Callable[[Any], Any]:
     """How a `data` value of the declared type `kind` is read back."""
+    base = _base(kind)
     if kind == _LABELS:
         return lambda v: tuple(sorted(v.items()))
     if kind == _INTS:
         return tuple
-    base = next((a for a in get_args(kind) if a is not type(None)), kind)  # X | None -> X
     if base is datetime:
         return parse_ts
     if isinstance(base, type) and issubclass(base, StrEnum):
@@ -187,7 +191,7 @@ def event_row(event: Event, version: int, prev_hash: bytes) -> dict[str, Any]:
         elif f.column:
             row[f.column] = value
         elif not (f.omit_none and value is None):
-            row["data"][f.name] = _to_json(f.kind, value)
+            row["data"][f.name] = None if value is None else f.encode(value)
     row["prev_hash"] = prev_hash
     row["hash"] = event_hash(row, prev_hash)
     return row
