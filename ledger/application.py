@@ -282,7 +282,7 @@ class Ledger:
             await log.fold(uow)
         unlocked = log.events
         async with self._store.transaction(tenant_id) as uow:
-            work = Batch(uow, tenant_id, self._clock(), self._new_id)
+            work = Batch(uow, tenant_id, self._clock(), self._new_id, self._key_retention)
             await work.lock_accounts([AccountKey(tenant_id)])
             locked = time.monotonic()
             await log.fold(uow)

@@ -54,7 +54,7 @@ class Batch:
         tenant_id: str,
         now: datetime,
         new_id: Callable[[], str],
-        key_retention: timedelta = timedelta(seconds=limits.idempotency_retention_s_default),
+        key_retention: timedelta,
     ) -> None:
         self.key_retention = key_retention
         self.uow = uow

@@ -17,10 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger import codec, limits
 from ledger.errors import StoreUnavailable
-from ledger.model import AccountKey, BalanceResult, Usage
+from ledger.model import AccountKey, BalanceResult
 from ledger.postgres import notify, verify
 from ledger.postgres.errors import translated
-from ledger.postgres.rows import scope_where
+from ledger.postgres.rows import logged_event, scope_where
 from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.usage import COUNTER_NAMES, UsageCounters
 
@@ -287,25 +287,3 @@ def _usage_row(row: dict[str, Any]) -> UsageRow:
 async def _logged(rows: AsyncGenerator[dict[str, Any], None]) -> AsyncGenerator[LoggedEvent, None]:
     async for row in rows:
         yield logged_event(row)
-
-
-def logged_event(row: dict[str, Any]) -> LoggedEvent:
-    return LoggedEvent(
-        position=row["position"],
-        key=AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"]),
-        version=row["version"],
-        event_type=row["event_type"],
-        occurred_at=row["occurred_at"],
-        recorded_at=row["recorded_at"],
-        model=row["model"],
-        reservation_id=row["reservation_id"],
-        amount=row["amount"],
-        usage=Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"]),
-        idempotency_key=row["idempotency_key"],
-        actor=row["actor"],
-        trace_id=row["trace_id"],
-        data=row["data"],
-        transaction_id=int(row["xid"]),
-        prev_hash=bytes(row["prev_hash"]),
-        hash=bytes(row["hash"]),
-    )

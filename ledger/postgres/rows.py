@@ -18,7 +18,7 @@ from ledger.model import (
     State,
     Usage,
 )
-from ledger.reads import Scope
+from ledger.reads import LoggedEvent, Scope
 
 ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, window_hours,
     time_zone, soft_limit_percent, grant_order, held, used_total, used_day, day_start, used_month,
@@ -111,3 +111,25 @@ def scope_where(scope: Scope) -> tuple[str, tuple[Any, ...]]:
     if scope.conversation_id:
         sql, params = sql + " AND conversation_id = %s", [*params, scope.conversation_id]
     return sql, tuple(params)
+
+
+def logged_event(row: dict[str, Any]) -> LoggedEvent:
+    return LoggedEvent(
+        position=row["position"],
+        key=AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"]),
+        version=row["version"],
+        event_type=row["event_type"],
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+        model=row["model"],
+        reservation_id=row["reservation_id"],
+        amount=row["amount"],
+        usage=Usage(row["input_tokens"], row["output_tokens"], row["cached_input_tokens"]),
+        idempotency_key=row["idempotency_key"],
+        actor=row["actor"],
+        trace_id=row["trace_id"],
+        data=row["data"],
+        transaction_id=int(row["xid"]),
+        prev_hash=bytes(row["prev_hash"]),
+        hash=bytes(row["hash"]),
+    )
