@@ -171,6 +171,8 @@ class ContextServer:
         await self.server.stop(0)
         await self.service.aclose()
         await self.ledger.close()
+        if self.auth is not None:
+            await self.auth.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
 

@@ -21,8 +21,10 @@ from services.ledger.config import Settings
 from services.platform import db
 from services.platform.auth import ALL_TENANTS, ROLES, new_key
 from services.platform.config import ConfigError
+from services.platform.key_cache import revocation_bound_s
 from services.platform.observability import configure_logging
 
+_BOUND_MS = round(revocation_bound_s * 1000)
 name_chars_max = 128
 cert_cn_chars_max = 64  # ub-common-name (RFC 5280)
 
@@ -52,7 +54,9 @@ def add_commands(sub: Any) -> None:
     listing.add_argument("--tenant", default="", help="only this tenant's keys")
     listing.set_defaults(run=cmd_list)
 
-    revoke = keys.add_parser("revoke", help="refuse a key from its very next call on")
+    revoke = keys.add_parser(
+        "revoke", help=f"refuse a key in every process (within {_BOUND_MS} ms)"
+    )
     revoke.add_argument("key_id")
     revoke.set_defaults(run=cmd_revoke)
 
@@ -141,7 +145,10 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         return _fail(_explain(exc))
     if row is None:
         return _fail(f"no live key {args.key_id!r} (unknown, or already revoked)")
-    print(f"revoked {args.key_id} ({row[1]}, tenant {row[0]!r}): refused from its next call on")
+    print(
+        f"revoked {args.key_id} ({row[1]}, tenant {row[0]!r}): "
+        f"refused in every process within {_BOUND_MS} ms"
+    )
     return 0
 
 

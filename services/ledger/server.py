@@ -164,6 +164,8 @@ class LedgerServer:
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)
         self.audit.close()
+        if self.auth is not None:
+            await self.auth.close()
         if self.alerts is not None:
             await self.alerts.close()
         log.info("stopped")

@@ -5,9 +5,10 @@ every call of the services it is given. Health checking and reflection stay open
 
 Identities live in the `api_keys` table (migration 0005): an API key (`tlk_<id>_<secret>`,
 stored as the sha256 of its secret) or a registered client certificate CN, each with a tenant
-scope ('*' for all tenants) and roles. They are looked up on every call, by primary key (or
-the live-CN index), with no cache: a revoked identity is refused on its very next call, in
-every process.
+scope ('*' for all tenants) and roles. Each is read by primary key (or the live-CN index) on
+its first call and then kept in a cache that every change to the table empties through
+LISTEN/NOTIFY (services/platform/key_cache.py): a revoked identity is refused in every process
+within `key_cache.revocation_bound_s`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from services.platform.config import AuthSettings, ConfigError
 from services.platform.errors import CallRefused, PermissionDenied, Unauthenticated
 from services.platform.guards import PRINCIPAL
 from services.platform.interceptors import UnaryBehavior, _Interceptor
+from services.platform.key_cache import KeyCache
 
 log = structlog.get_logger("tokenledger.auth")
 
@@ -118,18 +120,32 @@ def current_actor() -> str:
 
 
 class KeyStore:
-    """Identities in `api_keys`, read through the service's pool (SELECT is all it needs)."""
+    """Identities in `api_keys`, read through the service's pool (SELECT is all it needs), and
+    kept in the process's KeyCache (services/platform/key_cache.py) while it listens for
+    changes: a key is read once, not on every call, and a revocation still reaches every
+    process within `key_cache.revocation_bound_s`. `cache=False` reads on every call."""
 
     _SELECT = "SELECT key_id, tenant_id, roles, secret_sha256, cert_cn, revoked_at FROM api_keys"
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], *, cache: bool = True) -> None:
         self.pool = pool
+        self.cache: KeyCache | None = None
+        if cache:
+            conninfo = pool.conninfo
+            assert isinstance(conninfo, str), "pools here are made from a URL"
+            self.cache = KeyCache(conninfo)
 
     async def by_key_id(self, key_id: str) -> dict[str, Any] | None:
-        return await self._one(self._SELECT + " WHERE key_id = %s", key_id)
+        return await self._cached(("key", key_id), self._SELECT + " WHERE key_id = %s", key_id)
 
     async def by_cert_cn(self, cn: str) -> dict[str, Any] | None:
-        return await self._one(self._SELECT + " WHERE cert_cn = %s AND revoked_at IS NULL", cn)
+        sql = self._SELECT + " WHERE cert_cn = %s AND revoked_at IS NULL"
+        return await self._cached(("cn", cn), sql, cn)
+
+    async def _cached(self, slot: tuple[str, str], sql: str, arg: str) -> dict[str, Any] | None:
+        if self.cache is None:
+            return await self._one(sql, arg)
+        return await self.cache.lookup(slot, lambda: self._one(sql, arg))
 
     async def _one(self, sql: str, arg: str) -> dict[str, Any] | None:
         with translated():  # an unreachable database is StoreUnavailable, as for the ledger
@@ -137,6 +153,10 @@ class KeyStore:
                 cur = await conn.execute(sql, (arg,))
                 row: dict[str, Any] | None = await cur.fetchone()
                 return row
+
+    async def close(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()
 
 
 # --- which RPC needs what ----------------------------------------------------------------------
@@ -232,6 +252,9 @@ class Authenticator:
         self.mode = mode
         self.keys = keys
         self.stream_recheck_s = stream_recheck_s
+
+    async def close(self) -> None:
+        await self.keys.close()
 
     async def authenticate(self, context: Context) -> Principal:
         if self.mode == "api_key":

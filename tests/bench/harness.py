@@ -3,6 +3,7 @@ latency statistics."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,14 +22,27 @@ def bench_database() -> Iterator[str]:
 
 
 @contextmanager
-def ledger_process(url: str, log_path: Path, **env: str) -> Iterator[str]:
-    """`tokenledger serve` in its own process; yields its target address."""
+def ledger_server(url: str, log_path: Path, **env: str) -> Iterator[LedgerProcess]:
+    """`tokenledger serve` in its own process."""
     ledger = LedgerProcess(url, log_path, **env)
     ledger.start()
     try:
-        yield ledger.target
+        yield ledger
     finally:
         ledger.stop()
+
+
+@contextmanager
+def ledger_process(url: str, log_path: Path, **env: str) -> Iterator[str]:
+    """`tokenledger serve` in its own process; yields its target address."""
+    with ledger_server(url, log_path, **env) as ledger:
+        yield ledger.target
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far, all its threads together."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

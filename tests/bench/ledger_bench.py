@@ -3,7 +3,10 @@
 In one run, on one machine (client and server sharing it):
 - Reserve→Commit cycles/s and per-RPC p50/p99/p999 latency, for 1, 16 and 64 clients, with
   all clients on one user (hot) and spread over 1,000 users of a tenant;
-- the transport ceiling: a trivial RPC (health Check) served by the same server stack;
+- the transport's ceiling: a bare grpc.aio echo server in its own process (echo_server.py),
+  and, for continuity with earlier figures, a health Check through the ledger's own stack;
+- the server process's CPU time per RPC (all its threads), from /proc;
+- the same spread figures with TOKENLEDGER_AUTH=api_key, against auth off;
 - the database ceiling: the same SQL statements as a cycle, driven by pgbench;
 - Reserve latency on an empty log and after a backfill of 1M events.
 The server is a separate `tokenledger serve` process. Prints a table, then one JSON line.
@@ -14,12 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +36,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.bench.harness import Latencies, bench_database, ledger_process
+from tests.bench.echo_server import echo_stub
+from tests.bench.harness import Latencies, bench_database, cpu_seconds, ledger_server
+from tests.support import TOKENLEDGER, LedgerProcess, free_port
 
 SPREAD_USERS = 1_000
 CHANNELS_MAX = 4
 PGBENCH_SCRIPT = Path(__file__).with_name("cycle.pgbench.sql")
 
 
-async def _setup_quotas(stub: pb_grpc.LedgerServiceStub, tenant: str) -> None:
+async def _setup_quotas(
+    stub: pb_grpc.LedgerServiceStub, tenant: str, metadata: tuple[tuple[str, str], ...]
+) -> None:
     for user in ("", "u0"):
         await stub.SetQuota(
             pb.SetQuotaRequest(
@@ -45,7 +56,8 @@ async def _setup_quotas(stub: pb_grpc.LedgerServiceStub, tenant: str) -> None:
                 user_id=user,
                 limit=10**14,
                 period=pb.PERIOD_MONTH,
-            )
+            ),
+            metadata=metadata,
         )
 
 
@@ -56,6 +68,7 @@ async def ledger_cycles(
     seconds: float,
     conversations: int = 0,
     tenant: str = "",
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, Any]:
     """Reserve→Commit cycles from `clients` concurrent callers over `users` users (and, when
     `conversations`, that many conversations of each) of `tenant` (new, with high quotas,
@@ -64,7 +77,7 @@ async def ledger_cycles(
     stubs = [pb_grpc.LedgerServiceStub(ch) for ch in channels]
     if not tenant:
         tenant = f"bench-{uuid.uuid4().hex[:8]}"
-        await _setup_quotas(stubs[0], tenant)
+        await _setup_quotas(stubs[0], tenant, metadata)
     lat = {"Reserve": Latencies(), "Commit": Latencies()}
     cycles = 0
     deadline = time.perf_counter() + seconds
@@ -84,7 +97,8 @@ async def ledger_cycles(
                     conversation_id=conversation,
                     model="gpt-4o",
                     amount=100,
-                )
+                ),
+                metadata=metadata,
             )
             lat["Reserve"].add(started)
             started = time.perf_counter()
@@ -93,7 +107,8 @@ async def ledger_cycles(
                     tenant_id=tenant,
                     reservation_id=r.reservation.reservation_id,
                     usage=pb.Usage(input_tokens=40, output_tokens=20),
-                )
+                ),
+                metadata=metadata,
             )
             lat["Commit"].add(started)
             cycles += 1
@@ -112,10 +127,17 @@ async def ledger_cycles(
     }
 
 
-async def echo_rpcs(target: str, clients: int, seconds: float) -> dict[str, Any]:
-    """The transport ceiling: health Check through the same server and interceptors."""
+async def echo_rpcs(
+    target: str, clients: int, seconds: float, bare: bool = False
+) -> dict[str, Any]:
+    """The transport's ceiling. `bare`: the bare grpc.aio echo server (echo_server.py) echoing
+    a Reserve's bytes; else a health Check through the ledger server's own stack, the
+    denominator of earlier figures, kept for continuity."""
     channels = [grpc.aio.insecure_channel(target) for _ in range(min(clients, CHANNELS_MAX))]
-    stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
+    if bare:
+        stubs = [_BareEcho(echo_stub(ch)) for ch in channels]
+    else:
+        stubs = [health_pb2_grpc.HealthStub(ch) for ch in channels]
     calls, lat = 0, Latencies()
     deadline = time.perf_counter() + seconds
 
@@ -133,6 +155,22 @@ async def echo_rpcs(target: str, clients: int, seconds: float) -> dict[str, Any]
     for ch in channels:
         await ch.close()
     return {"rpcs_s": round(calls / elapsed, 1), **lat.summary()}
+
+
+_PAYLOAD = pb.ReserveRequest(
+    idempotency_key=uuid.uuid4().hex, tenant_id="bench-0000", user_id="u123", model="gpt-4o",
+    amount=100,
+).SerializeToString()  # fmt: skip
+
+
+class _BareEcho:
+    """The bare echo behind the health stub's `Check` name, so both echoes run one loop."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def Check(self, _request: Any) -> bytes:  # the stub's method name
+        return await self._call(_PAYLOAD)  # type: ignore[no-any-return]
 
 
 def pgbench_bin() -> str:
@@ -228,42 +266,30 @@ def main() -> None:
     parser.add_argument("--backfill-events", type=int, default=1_000_000)
     args = parser.parse_args()
     client_counts = [int(c) for c in args.clients.split(",")]
-    report: dict[str, Any] = {"seconds": args.seconds, "runs": []}
+    report: dict[str, Any] = {"seconds": args.seconds, "runs": [], "api_key": []}
 
-    with bench_database() as url, tempfile.TemporaryDirectory() as tmp:
+    with bench_database() as url, tempfile.TemporaryDirectory() as tmp, bare_echo() as bare:
         log = Path(tmp) / "server.log"
-        with ledger_process(url, log, TOKENLEDGER_LOG_LEVEL="info") as target:
+        with ledger_server(url, log, TOKENLEDGER_LOG_LEVEL="info") as server:
             report["events_before"] = event_count(url)
             for clients in client_counts:
-                row: dict[str, Any] = {"clients": clients}
-                row["echo"] = asyncio.run(echo_rpcs(target, clients, args.seconds))
-                row["hot"] = asyncio.run(ledger_cycles(target, clients, 1, args.seconds))
-                row["spread"] = asyncio.run(
-                    ledger_cycles(target, clients, SPREAD_USERS, args.seconds)
-                )
-                row["database"] = database_cycles(url, clients, SPREAD_USERS, args.seconds)
-                row["ledger_over_echo"] = round(row["spread"]["rpcs_s"] / row["echo"]["rpcs_s"], 3)
-                row["ledger_over_database"] = round(
-                    row["spread"]["cycles_s"] / row["database"]["cycles_s"], 3
-                )
-                row["hot_over_spread"] = round(
-                    row["hot"]["cycles_s"] / row["spread"]["cycles_s"], 3
-                )
+                row = measure(url, server, bare, clients, args.seconds)
                 report["runs"].append(row)
-                print_row(row, flush=True)
-            empty = asyncio.run(ledger_cycles(target, 1, SPREAD_USERS, args.seconds))
+                print_row(row)
+            empty = asyncio.run(ledger_cycles(server.target, 1, SPREAD_USERS, args.seconds))
             report["events_after_runs"] = event_count(url)
             if args.backfill_events:
                 started = time.perf_counter()
                 backfill(url, args.backfill_events)
                 report["backfill_s"] = round(time.perf_counter() - started, 1)
-            full = asyncio.run(ledger_cycles(target, 1, SPREAD_USERS, args.seconds))
+            full = asyncio.run(ledger_cycles(server.target, 1, SPREAD_USERS, args.seconds))
             report["events_after_backfill"] = event_count(url)
-            report["reserve_p50_ms_small_log"] = empty["reserve"]["p50_ms"]
-            report["reserve_p50_ms_large_log"] = full["reserve"]["p50_ms"]
-            report["large_over_small_log_p50"] = round(
-                full["reserve"]["p50_ms"] / empty["reserve"]["p50_ms"], 3
-            )
+        report["api_key"] = measure_api_key(url, Path(tmp), report["runs"], args.seconds)
+    report["reserve_p50_ms_small_log"] = empty["reserve"]["p50_ms"]
+    report["reserve_p50_ms_large_log"] = full["reserve"]["p50_ms"]
+    report["large_over_small_log_p50"] = round(
+        full["reserve"]["p50_ms"] / empty["reserve"]["p50_ms"], 3
+    )
     print(
         f"\nReserve p50 (1 client): {report['reserve_p50_ms_small_log']} ms with "
         f"{report['events_after_runs']:,} events, {report['reserve_p50_ms_large_log']} ms with "
@@ -273,14 +299,100 @@ def main() -> None:
     print(json.dumps(report, separators=(",", ":")))
 
 
-def print_row(row: dict[str, Any], flush: bool = False) -> None:
-    if row["clients"] == 1 or flush:
-        print(
-            f"\nclients {row['clients']:>3}: echo {row['echo']['rpcs_s']:>8} rpc/s | "
-            f"spread {row['spread']['cycles_s']:>7} cycles/s ({row['spread']['rpcs_s']} rpc/s) | "
-            f"hot {row['hot']['cycles_s']:>7} cycles/s | "
-            f"database {row['database']['cycles_s']:>7} cycles/s"
-        )
+def measure(
+    url: str, server: LedgerProcess, bare: str, clients: int, seconds: float
+) -> dict[str, Any]:
+    """One row: both echoes, the ledger hot and spread (with the server's CPU per RPC), and
+    pgbench running the same SQL."""
+    target = server.target
+    assert server.proc is not None
+    row: dict[str, Any] = {"clients": clients}
+    row["bare_echo"] = asyncio.run(echo_rpcs(bare, clients, seconds, bare=True))
+    row["echo"] = asyncio.run(echo_rpcs(target, clients, seconds))
+    row["hot"] = asyncio.run(ledger_cycles(target, clients, 1, seconds))
+    row["spread"] = with_cpu(server.proc.pid, ledger_cycles(target, clients, SPREAD_USERS, seconds))
+    row["database"] = database_cycles(url, clients, SPREAD_USERS, seconds)
+    row["ledger_over_bare_echo"] = round(row["spread"]["rpcs_s"] / row["bare_echo"]["rpcs_s"], 3)
+    row["ledger_over_echo"] = round(row["spread"]["rpcs_s"] / row["echo"]["rpcs_s"], 3)
+    row["ledger_over_database"] = round(row["spread"]["cycles_s"] / row["database"]["cycles_s"], 3)
+    row["hot_over_spread"] = round(row["hot"]["cycles_s"] / row["spread"]["cycles_s"], 3)
+    # pgbench's latency is per script: the cycle's two transactions, Reserve's and Commit's.
+    row["database_ms_per_transaction"] = round(row["database"]["latency_avg_ms"] / 2, 3)
+    return row
+
+
+def with_cpu(pid: int, cycles: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """Run the cycles and add the server process's CPU time per RPC meanwhile (all threads)."""
+    before = cpu_seconds(pid)
+    result = asyncio.run(cycles)
+    spent = cpu_seconds(pid) - before
+    result["server_cpu_ms_per_rpc"] = round(spent * 1000 / max(1, 2 * result["cycles"]), 3)
+    return result
+
+
+def measure_api_key(
+    url: str, tmp: Path, runs: list[dict[str, Any]], seconds: float
+) -> list[dict[str, Any]]:
+    """The spread figures again on a server with TOKENLEDGER_AUTH=api_key, every call carrying
+    a key, beside the same figures with auth off."""
+    key = subprocess.run(
+        [str(TOKENLEDGER), "keys", "create", "--tenant", "*", "--role", "writer",
+         "--role", "admin", "--name", "bench"],
+        env=os.environ | {"DATABASE_URL": url}, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    metadata = (("authorization", f"Bearer {key}"),)
+    rows = []
+    with ledger_server(url, tmp / "auth.log", TOKENLEDGER_AUTH="api_key") as server:
+        assert server.proc is not None
+        for off in runs:
+            clients = off["clients"]
+            spread = with_cpu(
+                server.proc.pid,
+                ledger_cycles(server.target, clients, SPREAD_USERS, seconds, metadata=metadata),
+            )
+            row = {
+                "clients": clients,
+                "spread": spread,
+                "over_auth_off": round(spread["rpcs_s"] / off["spread"]["rpcs_s"], 3),
+                "added_cpu_ms_per_rpc": round(
+                    spread["server_cpu_ms_per_rpc"] - off["spread"]["server_cpu_ms_per_rpc"], 3
+                ),
+            }
+            rows.append(row)
+            print(
+                f"   api_key clients {clients:>3}: spread {spread['cycles_s']} cycles/s "
+                f"({row['over_auth_off']} of auth off), server CPU "
+                f"{spread['server_cpu_ms_per_rpc']} ms/RPC (+{row['added_cpu_ms_per_rpc']})",
+                flush=True,
+            )
+    return rows
+
+
+@contextmanager
+def bare_echo() -> Iterator[str]:
+    """tests/bench/echo_server.py in its own process; yields its target."""
+    target = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.echo_server", target.rpartition(":")[2]]
+    )
+    try:
+        with grpc.insecure_channel(target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def print_row(row: dict[str, Any]) -> None:
+    spread = row["spread"]
+    print(
+        f"\nclients {row['clients']:>3}: bare echo {row['bare_echo']['rpcs_s']:>8} rpc/s | "
+        f"stack echo {row['echo']['rpcs_s']:>8} rpc/s | "
+        f"spread {spread['cycles_s']:>7} cycles/s ({spread['rpcs_s']} rpc/s) | "
+        f"hot {row['hot']['cycles_s']:>7} cycles/s | "
+        f"database {row['database']['cycles_s']:>7} cycles/s"
+    )
     for mode in ("spread", "hot"):
         r, c = row[mode]["reserve"], row[mode]["commit"]
         print(
@@ -288,8 +400,11 @@ def print_row(row: dict[str, Any], flush: bool = False) -> None:
             f"  Commit {c['p50_ms']}/{c['p99_ms']}/{c['p999_ms']} ms"
         )
     print(
-        f"   ledger/echo {row['ledger_over_echo']}  ledger/database "
-        f"{row['ledger_over_database']}  hot/spread {row['hot_over_spread']}",
+        f"   ledger/bare echo {row['ledger_over_bare_echo']}  ledger/stack echo "
+        f"{row['ledger_over_echo']}  ledger/database {row['ledger_over_database']}  "
+        f"hot/spread {row['hot_over_spread']}  server CPU "
+        f"{spread['server_cpu_ms_per_rpc']} ms/RPC  pgbench "
+        f"{row['database_ms_per_transaction']} ms/transaction",
         flush=True,
     )
 

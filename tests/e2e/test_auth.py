@@ -36,6 +36,7 @@ from services.platform.auth import (
     warn_if_off,
 )
 from services.platform.config import AuthSettings, ConfigError
+from services.platform.key_cache import revocation_bound_s
 from tests.certs import CertAuthority, Pair
 from tests.support import (
     TOKENLEDGER,
@@ -313,11 +314,13 @@ def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_keys_cli_shows_the_secret_once_stores_its_hash_and_a_revoked_key_stops_at_once(
+def test_keys_cli_shows_the_secret_once_stores_its_hash_and_a_revoked_key_stops(
     database_url: str, tmp_path: Path
 ) -> None:
     """Through a `tokenledger serve` process: the key the CLI made works; after
-    `tokenledger keys revoke`, the very next call is refused; no log line holds the secret."""
+    `tokenledger keys revoke`, calls are refused (once the revocation's notification reached the
+    server's key cache: test_key_revocation.py measures that bound); no log line holds the
+    secret."""
     tenant = new_id("t")
     server = LedgerProcess(
         database_url, tmp_path / "ledger.log", TOKENLEDGER_AUTH="api_key",
@@ -355,6 +358,7 @@ def test_keys_cli_shows_the_secret_once_stores_its_hash_and_a_revoked_key_stops_
             stub.Reserve(_reserve(tenant))
             revoked = _cli(database_url, "revoke", key_id)
             assert revoked.returncode == 0, revoked.stderr
+            time.sleep(revocation_bound_s)
             code, reason, _ = _refused(stub.Reserve, _reserve(tenant))
         again = _cli(database_url, "revoke", key_id)
     finally:
@@ -491,6 +495,7 @@ def test_mtls_refuses_a_client_without_a_certificate_or_with_a_foreign_one_and_a
                     outcomes[client] = failure(exc).code
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute("UPDATE api_keys SET revoked_at = now() WHERE key_id = %s", (key_id,))
+        time.sleep(revocation_bound_s)
         channel, stub = _stub(ledger.target, **_tls(pki, "client"))
         with channel:
             revoked = _refused(stub.Reserve, _reserve(tenant))[0]

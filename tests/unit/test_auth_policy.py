@@ -88,7 +88,7 @@ def test_health_and_reflection_stay_open_and_our_rpcs_are_guarded() -> None:
     RPC of ours."""
     open_methods = _methods(*OPEN)
     assert open_methods and not open_methods & POLICIES.keys()
-    interceptor = AuthInterceptor(Authenticator("api_key", KeyStore(None)), SERVICES)  # type: ignore[arg-type]
+    interceptor = AuthInterceptor(Authenticator("api_key", KeyStore(None, cache=False)), SERVICES)  # type: ignore[arg-type]
     for method in sorted(open_methods):
         assert interceptor.wrap(_behavior, method) is _behavior, method
     for method in sorted(_methods(*OURS)):
@@ -125,7 +125,7 @@ def test_an_rpc_without_the_option_is_reported_and_stops_the_server() -> None:
     count = service.methods_by_name["CountTokens"]
     assert policy_of(count) is None
     with pytest.raises(RuntimeError, match=r"without an auth policy: .*/CountTokens"):
-        AuthInterceptor(Authenticator("api_key", KeyStore(None)), [service])  # type: ignore[arg-type]
+        AuthInterceptor(Authenticator("api_key", KeyStore(None, cache=False)), [service])  # type: ignore[arg-type]
 
 
 def test_a_tenant_field_the_request_lacks_is_refused_when_the_policy_is_read() -> None:
