@@ -51,6 +51,7 @@ from services.platform.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
     LoggingInterceptor,
+    Pipeline,
     TracingInterceptor,
 )
 from services.platform.metrics import RpcMetricsInterceptor, configure_metrics
@@ -105,14 +106,18 @@ class ContextServer:
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
             interceptors=[
-                RpcMetricsInterceptor(meter_provider),
-                TracingInterceptor(),
-                LoggingInterceptor(),
-                ErrorInterceptor(),  # the boundary: every refusal raised below ends here
-                self.drain,
-                UndecodableRequestInterceptor(),  # before auth, which reads the request
-                *([AuthInterceptor(auth, [SERVICE])] if auth else []),
-                *(guards or Guards(DEADLINE_S_DEFAULT)).interceptors(f"/{SERVICE_NAME}/"),
+                Pipeline(
+                    [
+                        RpcMetricsInterceptor(meter_provider),
+                        TracingInterceptor(),
+                        LoggingInterceptor(),
+                        ErrorInterceptor(),  # the boundary: every refusal raised below ends here
+                        self.drain,
+                        UndecodableRequestInterceptor(),  # before auth, which reads the request
+                        *([AuthInterceptor(auth, [SERVICE])] if auth else []),
+                        *(guards or Guards(DEADLINE_S_DEFAULT)).interceptors(f"/{SERVICE_NAME}/"),
+                    ]
+                )
             ],
             options=server_options(request_bytes_max),
         )

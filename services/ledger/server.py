@@ -33,7 +33,9 @@ from services.platform.interceptors import (
     DrainInterceptor,
     ErrorInterceptor,
     LoggingInterceptor,
+    Pipeline,
     TracingInterceptor,
+    _Interceptor,
 )
 from services.platform.metrics import RpcMetricsInterceptor
 from services.platform.serve import server_options
@@ -96,17 +98,7 @@ class LedgerServer:
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
-            interceptors=[
-                RpcMetricsInterceptor(meter_provider),
-                TracingInterceptor(),
-                LoggingInterceptor(),
-                ErrorInterceptor(),  # the boundary: every refusal raised below ends here
-                self.drain,
-                UndecodableRequestInterceptor(),  # before auth, which reads the request
-                *([AuthInterceptor(auth, [SERVICE])] if auth else []),
-                *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
-                RefusalInterceptor(self.metrics),
-            ],
+            interceptors=[Pipeline(self._layers(meter_provider, auth, guards))],
             options=server_options(message_bytes_max, response_bytes_max),
         )
         self.stopping = asyncio.Event()
@@ -128,6 +120,25 @@ class LedgerServer:
         self.port = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._held_refresher: asyncio.Task[None] | None = None
+
+    def _layers(
+        self,
+        meter_provider: MeterProvider | None,
+        auth: Authenticator | None,
+        guards: Guards | None,
+    ) -> list[_Interceptor]:
+        """What every call passes through, outermost first."""
+        return [
+            RpcMetricsInterceptor(meter_provider),
+            TracingInterceptor(),
+            LoggingInterceptor(),
+            ErrorInterceptor(),  # the boundary: every refusal raised below ends here
+            self.drain,
+            UndecodableRequestInterceptor(),  # before auth, which reads the request
+            *([AuthInterceptor(auth, [SERVICE])] if auth else []),
+            *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
+            RefusalInterceptor(self.metrics),
+        ]
 
     async def start(self, address: str) -> int:
         self.port = (

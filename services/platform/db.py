@@ -3,7 +3,9 @@ alembic migrations; and the connection pool."""
 
 from __future__ import annotations
 
+import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +77,33 @@ def check_schema(url: str) -> None:
         )
 
 
+recheck_idle_s = 1.0
+"""A pooled connection idle longer than this is checked (one round trip) before it is lent."""
+
+
+class _Freshness:
+    """When each pooled connection last came back to the pool in good order. The pool checks a
+    connection before lending it only when it has been idle longer than `recheck_idle_s`: one
+    that finished a transaction a moment ago works, and checking it anyway cost every call a
+    round trip. A connection that died within that second (the database restarted) fails its
+    next use instead, which the caller gets as UNAVAILABLE with RetryInfo (StoreUnavailable);
+    the pool then replaces it."""
+
+    def __init__(self) -> None:
+        self._returned: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    async def returned(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._returned[conn] = time.monotonic()
+
+    async def check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        returned = self._returned.get(conn)
+        if returned is None or time.monotonic() - returned > recheck_idle_s:
+            await AsyncConnectionPool.check_connection(conn)
+
+
 def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:
     """A pool of autocommit-off connections returning rows as dicts; opened by the caller."""
+    freshness = _Freshness()
     return AsyncConnectionPool(
         url,
         min_size=1,
@@ -84,5 +111,6 @@ def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:
         kwargs={"row_factory": dict_row},
         timeout=5.0,
         open=False,
-        check=AsyncConnectionPool.check_connection,
+        check=freshness.check,
+        reset=freshness.returned,
     )

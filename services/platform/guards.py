@@ -13,7 +13,7 @@ the cap; behind a proxy, the proxy's).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -49,9 +49,7 @@ class Guards:
     stream_deadline_s: float = stream_deadline_s_default
     caller_calls_max: int = caller_calls_max_default
 
-    def interceptors(
-        self, prefix: str, slow_methods: Collection[str] = ()
-    ) -> list[grpc.aio.ServerInterceptor]:
+    def interceptors(self, prefix: str, slow_methods: Collection[str] = ()) -> list[_Interceptor]:
         """The guards for the methods under `prefix` ("/pkg.Service/"), outermost first
         (a refused call never starts its deadline clock); after authentication, so that the
         caller is known. UndecodableRequestInterceptor goes before authentication."""
@@ -103,18 +101,11 @@ class UndecodableRequestInterceptor(_Interceptor):
     is not UTF-8) are INVALID_ARGUMENT. gRPC itself would answer UNKNOWN, quoting the
     exception. Every unary-request method, so health checks too."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler: Any = await continuation(handler_call_details)
+    def apply(self, handler: Any, method: str) -> Any:
         if handler is None or handler.request_streaming:
-            return handler  # type: ignore[no-any-return]
+            return handler
         handler = handler._replace(request_deserializer=_safe(handler.request_deserializer))
-        return _wrap(handler, handler_call_details.method, self.wrap)  # type: ignore[no-any-return]
+        return _wrap(handler, method, self.wrap)
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         async def parsed(request: Any, context: Context) -> Any:
@@ -184,20 +175,12 @@ class DeadlineInterceptor(_Interceptor):
         self.stream_s = stream_s
         self.slow = frozenset(f"{prefix}{name}" for name in slow_methods)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler: Any = await continuation(handler_call_details)
-        method = handler_call_details.method
+    def apply(self, handler: Any, method: str) -> Any:
         if handler is None or not method.startswith(self.prefix):
-            return handler  # type: ignore[no-any-return]
+            return handler
         long = bool(handler.unary_stream) or method in self.slow
         limit_s = self.stream_s if long else self.unary_s
-        return _wrap(handler, method, lambda b, _m: self._bounded(b, limit_s))  # type: ignore[no-any-return]
+        return _wrap(handler, method, lambda b, _m: self._bounded(b, limit_s))
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         return self._bounded(behavior, self.unary_s)

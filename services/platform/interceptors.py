@@ -11,13 +11,15 @@ import asyncio
 import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 import structlog
 from grpc._cython import cygrpc  # type: ignore[attr-defined]  # ExecuteBatchError: not exported
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from services.platform.errors import InternalError, ShuttingDown, abort_arguments, refusal
 
@@ -26,6 +28,7 @@ Wrapper = Callable[[UnaryBehavior, str], UnaryBehavior]
 
 log = structlog.get_logger("tokenledger.rpc")
 tracer = trace.get_tracer("tokenledger.rpc")
+_ids = RandomIdGenerator()
 
 
 def _wrap(handler: Any, method: str, wrap: Wrapper) -> Any:
@@ -56,8 +59,15 @@ def _wrap(handler: Any, method: str, wrap: Wrapper) -> Any:
 
 
 class _Interceptor(grpc.aio.ServerInterceptor):
+    """One concern of the call path (a layer): `wrap` decorates a method's unary behaviour,
+    `apply` its whole handler. Servers run their layers through one `Pipeline`; a layer is
+    also a gRPC interceptor on its own."""
+
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         raise NotImplementedError
+
+    def apply(self, handler: Any, method: str) -> Any:
+        return _wrap(handler, method, self.wrap)
 
     async def intercept_service(
         self,
@@ -67,7 +77,35 @@ class _Interceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
-        return _wrap(handler, handler_call_details.method, self.wrap)  # type: ignore[no-any-return]
+        return self.apply(handler, handler_call_details.method)  # type: ignore[no-any-return]
+
+
+class Pipeline(grpc.aio.ServerInterceptor):
+    """The server's one interceptor: its layers (outermost first) composed once per method
+    and kept, so that a call pays for what the layers do, not for building them. gRPC would
+    otherwise run every interceptor and rebuild every wrapper on every call."""
+
+    def __init__(self, layers: Sequence[_Interceptor]) -> None:
+        self.layers = tuple(layers)
+        self._handlers: dict[str, Any] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = handler_call_details.method
+        handler: Any = self._handlers.get(method)
+        if handler is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:  # no such method: gRPC answers UNIMPLEMENTED
+                return handler  # type: ignore[return-value]
+            for layer in reversed(self.layers):
+                handler = layer.apply(handler, method)
+            self._handlers[method] = handler
+        return handler  # type: ignore[no-any-return]
 
 
 def _code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
@@ -80,18 +118,28 @@ def _code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
 
 
 class TracingInterceptor(_Interceptor):
-    """A server span per RPC, continuing the caller's W3C trace context."""
+    """A server span per RPC, continuing the caller's W3C trace context. While no span
+    processor is configured (TOKENLEDGER_TRACE_EXPORTER=none) a span would be built only to be
+    dropped: the call then carries the caller's trace context, or a new trace id, without a
+    span, so that its log line and its events still name the trace."""
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         service, _, name = method.lstrip("/").partition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
         async def traced(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+            if not _exporting_spans():
+                token = otel_context.attach(_unrecorded(carrier))
+                try:
+                    return await behavior(request, context)
+                finally:
+                    otel_context.detach(token)
             with tracer.start_as_current_span(
                 method.lstrip("/"),
                 context=propagate.extract(carrier),
                 kind=trace.SpanKind.SERVER,
-                attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                attributes=attributes,
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
@@ -104,6 +152,29 @@ class TracingInterceptor(_Interceptor):
                         span.set_status(trace.Status(trace.StatusCode.ERROR, code.name))
 
         return traced
+
+
+def _exporting_spans() -> bool:
+    """Whether the SDK's tracer provider has a span processor (any provider that is not the
+    SDK's counts as exporting). Read per call: a processor may be added at any time."""
+    active = getattr(trace.get_tracer_provider(), "_active_span_processor", None)
+    processors = getattr(active, "_span_processors", None)
+    return processors is None or bool(processors)
+
+
+def _unrecorded(carrier: dict[str, str]) -> otel_context.Context:
+    """The caller's trace context, or a new trace with a random id, holding no span."""
+    if "traceparent" in carrier:
+        extracted = propagate.extract(carrier)
+        if trace.get_current_span(extracted).get_span_context().is_valid:
+            return extracted
+    new = trace.SpanContext(
+        trace_id=_ids.generate_trace_id(),
+        span_id=_ids.generate_span_id(),
+        is_remote=False,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(new))
 
 
 class LoggingInterceptor(_Interceptor):
