@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -527,3 +528,18 @@ def test_store_unavailable_is_reported_as_unavailable() -> None:
             assert f.reason == "STORE_UNAVAILABLE" and f.retry_delay_s == 1
     finally:
         server.stop()
+
+
+def test_a_call_without_a_trace_gets_its_own_trace_id_when_no_span_is_exported(
+    stub: Stub, database_url: str
+) -> None:
+    """With no span processor (the tests' tracer provider has none) no span is built, yet each
+    call still gets a trace id of its own, stored with its events."""
+    t = new_id("t")
+    for user in ("ana", "ben"):
+        stub.Reserve(reserve_request(t, user, 5))
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT trace_id FROM events WHERE tenant_id = %s", (t,)).fetchall()
+    ids = {row[0] for row in rows}
+    assert len(rows) == 2 and len(ids) == 2
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) and i != "0" * 32 for i in ids)
