@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -183,7 +183,7 @@ class LoggingInterceptor(_Interceptor):
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         async def logged(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             metadata = dict(context.invocation_metadata() or ())
-            request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
+            request_id = str(metadata.get("x-request-id") or os.urandom(16).hex())
             span_ctx = trace.get_current_span().get_span_context()
             structlog.contextvars.bind_contextvars(
                 request_id=request_id,
