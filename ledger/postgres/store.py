@@ -8,11 +8,13 @@ table is the backstop should two writers ever race on one stream.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -89,6 +91,19 @@ _INSERT_OUTCOMES = """INSERT INTO idempotency_keys
        created_at = EXCLUDED.created_at"""
 _PRUNE_OUTCOMES = "SELECT prune_idempotency_keys(%s, %s) AS pruned"  # migration 0007
 _PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits")
+
+
+def _dumps(obj: Any) -> bytes | str:
+    """JSON for jsonb parameters through orjson (a jsonb column keeps no text, so only the
+    value matters); what orjson refuses (integers past 64 bits) goes through json."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj)
+
+
+def _jsonb(obj: Any) -> Jsonb:
+    return Jsonb(obj, dumps=_dumps)
 
 
 class PostgresStore:
@@ -259,7 +274,7 @@ class _Unit:
         self.appended = self.appended or bool(changes.events)
         async with self._conn.pipeline(), self._conn.cursor() as cur:
             await cur.executemany(
-                _INSERT_EVENTS, [{**row, "data": Jsonb(row["data"])} for row in changes.events]
+                _INSERT_EVENTS, [{**row, "data": _jsonb(row["data"])} for row in changes.events]
             )
             await cur.executemany(_UPDATE_ACCOUNTS, [_account_params(h) for h in changes.accounts])
             if changes.rate_limits:
@@ -287,8 +302,8 @@ class _Unit:
                             self._tenant_id,
                             key,
                             o.operation,
-                            Jsonb(o.request),
-                            Jsonb(o.response),
+                            _jsonb(o.request),
+                            _jsonb(o.response),
                             o.created_at,
                         )
                         for key, o in changes.outcomes.items()
@@ -361,10 +376,10 @@ def _account_params(head: StreamHead) -> tuple[Any, ...]:
         acc.day_start,
         acc.used_month,
         acc.month_start,
-        Jsonb([list(b) for b in acc.recent]),
-        Jsonb(codec.grants_to_json(acc.grants)),
-        Jsonb(list(acc.alert_thresholds)),
-        Jsonb(list(acc.alerts_fired)),
+        _jsonb([list(b) for b in acc.recent]),
+        _jsonb(codec.grants_to_json(acc.grants)),
+        _jsonb(list(acc.alert_thresholds)),
+        _jsonb(list(acc.alerts_fired)),
         acc.alerts_period,
         head.version,
         head.hash,
@@ -393,11 +408,11 @@ def _reservation_params(stored: StoredReservation) -> dict[str, Any]:
         "state": res.state.value,
         "created_at": res.created_at,
         "expires_at": res.expires_at,
-        "labels": Jsonb(dict(res.labels)),
+        "labels": _jsonb(dict(res.labels)),
         "input_tokens": None if usage is None else usage.input_tokens,
         "output_tokens": None if usage is None else usage.output_tokens,
         "cached_input_tokens": None if usage is None else usage.cached_input_tokens,
         "late": res.late,
         "ended_at": res.ended_at,
-        "ended_balance": None if ended is None else Jsonb(codec.account_to_json(ended)),
+        "ended_balance": None if ended is None else _jsonb(codec.account_to_json(ended)),
     }
