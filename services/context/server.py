@@ -40,23 +40,16 @@ from services.context.tokenizers import (
 from services.platform import db
 from services.platform.auth import (
     Authenticator,
-    AuthInterceptor,
     make_authenticator,
     server_credentials,
     warn_if_off,
 )
 from services.platform.config import ConfigError
-from services.platform.guards import Guards, UndecodableRequestInterceptor
-from services.platform.interceptors import (
-    DrainInterceptor,
-    ErrorInterceptor,
-    LoggingInterceptor,
-    Pipeline,
-    TracingInterceptor,
-)
-from services.platform.metrics import RpcMetricsInterceptor, configure_metrics
+from services.platform.guards import Guards
+from services.platform.interceptors import DrainInterceptor
+from services.platform.metrics import configure_metrics
 from services.platform.observability import configure_logging, configure_tracing
-from services.platform.serve import serve_until_signalled, server_options
+from services.platform.serve import call_path, serve_until_signalled, server_options
 
 log = structlog.get_logger("tokenledger.context.server")
 
@@ -106,17 +99,12 @@ class ContextServer:
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
             interceptors=[
-                Pipeline(
-                    [
-                        RpcMetricsInterceptor(meter_provider),
-                        TracingInterceptor(),
-                        LoggingInterceptor(),
-                        ErrorInterceptor(),  # the boundary: every refusal raised below ends here
-                        self.drain,
-                        UndecodableRequestInterceptor(),  # before auth, which reads the request
-                        *([AuthInterceptor(auth, [SERVICE])] if auth else []),
-                        *(guards or Guards(DEADLINE_S_DEFAULT)).interceptors(f"/{SERVICE_NAME}/"),
-                    ]
+                call_path(
+                    SERVICE,
+                    self.drain,
+                    guards or Guards(DEADLINE_S_DEFAULT),
+                    meter_provider=meter_provider,
+                    auth=auth,
                 )
             ],
             options=server_options(request_bytes_max),

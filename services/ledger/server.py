@@ -27,18 +27,10 @@ from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger.alerts import AlertWebhook
 from services.ledger.metrics import LedgerMetrics, RefusalInterceptor, held_refresh_s_default
 from services.ledger.servicer import LedgerService
-from services.platform.auth import Authenticator, AuthInterceptor, warn_if_off
-from services.platform.guards import Guards, UndecodableRequestInterceptor
-from services.platform.interceptors import (
-    DrainInterceptor,
-    ErrorInterceptor,
-    LoggingInterceptor,
-    Pipeline,
-    TracingInterceptor,
-    _Interceptor,
-)
-from services.platform.metrics import RpcMetricsInterceptor
-from services.platform.serve import server_options
+from services.platform.auth import Authenticator, warn_if_off
+from services.platform.guards import Guards
+from services.platform.interceptors import DrainInterceptor
+from services.platform.serve import call_path, server_options
 
 log = structlog.get_logger("tokenledger.server")
 
@@ -98,7 +90,17 @@ class LedgerServer:
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
-            interceptors=[Pipeline(self._layers(meter_provider, auth, guards))],
+            interceptors=[
+                call_path(
+                    SERVICE,
+                    self.drain,
+                    guards or Guards(),
+                    meter_provider=meter_provider,
+                    auth=auth,
+                    slow_methods=SLOW_METHODS,
+                    inner=[RefusalInterceptor(self.metrics)],
+                )
+            ],
             options=server_options(message_bytes_max, response_bytes_max),
         )
         self.stopping = asyncio.Event()
@@ -120,25 +122,6 @@ class LedgerServer:
         self.port = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._held_refresher: asyncio.Task[None] | None = None
-
-    def _layers(
-        self,
-        meter_provider: MeterProvider | None,
-        auth: Authenticator | None,
-        guards: Guards | None,
-    ) -> list[_Interceptor]:
-        """What every call passes through, outermost first."""
-        return [
-            RpcMetricsInterceptor(meter_provider),
-            TracingInterceptor(),
-            LoggingInterceptor(),
-            ErrorInterceptor(),  # the boundary: every refusal raised below ends here
-            self.drain,
-            UndecodableRequestInterceptor(),  # before auth, which reads the request
-            *([AuthInterceptor(auth, [SERVICE])] if auth else []),
-            *(guards or Guards()).interceptors(f"/{SERVICE_NAME}/", SLOW_METHODS),
-            RefusalInterceptor(self.metrics),
-        ]
 
     async def start(self, address: str) -> int:
         self.port = (

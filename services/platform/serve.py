@@ -6,9 +6,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
+from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry.metrics import MeterProvider
+
+from services.platform.auth import Authenticator, AuthInterceptor
+from services.platform.guards import Guards, UndecodableRequestInterceptor
+from services.platform.interceptors import (
+    DrainInterceptor,
+    ErrorInterceptor,
+    LoggingInterceptor,
+    Pipeline,
+    TracingInterceptor,
+    _Interceptor,
+)
+from services.platform.metrics import RpcMetricsInterceptor
 
 log = structlog.get_logger("tokenledger.server")
 
@@ -32,6 +47,33 @@ async def serve_until_signalled(server: _Serving, address: str, grace_s: float) 
     await stopping.wait()
     log.info("shutting down", grace_s=grace_s)
     await server.stop(grace_s)
+
+
+def call_path(
+    service: ServiceDescriptor,
+    drain: DrainInterceptor,
+    guards: Guards,
+    *,
+    meter_provider: MeterProvider | None,
+    auth: Authenticator | None,
+    slow_methods: Sequence[str] = (),
+    inner: Sequence[_Interceptor] = (),
+) -> Pipeline:
+    """What every call to a server of ours passes through, outermost first, as its one
+    interceptor; `inner` layers go last, next to the servicer."""
+    return Pipeline(
+        [
+            RpcMetricsInterceptor(meter_provider),
+            TracingInterceptor(),
+            LoggingInterceptor(),
+            ErrorInterceptor(),  # the boundary: every refusal raised below ends here
+            drain,
+            UndecodableRequestInterceptor(),  # before auth, which reads the request
+            *([AuthInterceptor(auth, [service])] if auth else []),
+            *guards.interceptors(f"/{service.full_name}/", slow_methods),
+            *inner,
+        ]
+    )
 
 
 def server_options(
