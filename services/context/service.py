@@ -62,11 +62,14 @@ from services.context.tokenizers import (
     TokenizationError,
     TokenizerDataError,
 )
+from services.context.tokenizers.mistral_chat import MistralRefused
+from services.context.tokenizers.templates import TemplateRefused
 from services.platform.errors import (
     CallRefused,
     Code,
     ContextOverGrant,
     ContextOverWindow,
+    InvalidRequest,
     LedgerUnavailable,
     Relayed,
     TokenizationFailed,
@@ -185,6 +188,10 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             raise TokenizerUnavailable(f"cannot count: {exc}") from None
         except TokenizationError as exc:
             raise TokenizationFailed(f"cannot count: {exc}") from None
+        except (TemplateRefused, MistralRefused) as exc:
+            # The model's own chat format cannot express the conversation (e.g. two tool calls
+            # in one Llama 3.1 message, a Mistral call id that is not 9 letters or digits).
+            raise InvalidRequest(str(exc), violations=[("messages", str(exc))]) from None
 
     # --- CountTokens -------------------------------------------------------------------------
 
@@ -194,7 +201,7 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         r = parse_count(request, self._registry)
         inline = r.content_bytes <= inline_count_bytes_max
         reply = await self._work(
-            inline, count_reply, self._counter, r.target, r.messages, r.tools, r.text
+            inline, count_reply, self._counter, r.target, r.messages, r.tools, r.text, r.render
         )
         self._metrics.counted(reply.total_tokens, reply.encoding, "CountTokens")
         return reply
