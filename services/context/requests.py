@@ -190,7 +190,9 @@ def _tool_call(c: Checker, f: str, call: cpb.ToolCall) -> ToolCall:
 def _calls(c: Checker, f: str, m: cpb.ChatMessage, role: Role | None) -> tuple[ToolCall, ...]:
     """The message's tool calls (tool_calls, or the ids alone in tool_call_ids)."""
     if (m.tool_call_ids or m.tool_calls) and role is not Role.ASSISTANT:
-        c.fail(f"{f}.tool_calls", "only an assistant message makes tool calls")
+        which = "tool_calls" if m.tool_calls else "tool_call_ids"
+        c.fail(f"{f}.{which}", "only an assistant message makes tool calls")
+        return ()
     if max(len(m.tool_call_ids), len(m.tool_calls)) > tool_call_ids_count_max:
         c.fail(f"{f}.tool_calls", f"has {max(len(m.tool_call_ids), len(m.tool_calls))}; at most "
                f"{tool_call_ids_count_max} allowed")  # fmt: skip
@@ -248,11 +250,12 @@ def _message(
     tool_calls = _calls(c, f, m, role)
     _answer(c, f, m, role, calls)
     ids = [t.id for t in tool_calls] or list(m.tool_call_ids)
-    for j, call_id in enumerate(ids):
+    which = "tool_calls" if tool_calls else "tool_call_ids"
+    for j, call_id in enumerate(ids if role is Role.ASSISTANT else ()):
         if call_id in calls.seen:
-            c.fail(f"{f}.tool_calls[{j}].id", f"{call_id!r} is already the id of another call")
+            c.fail(f"{f}.{which}[{j}]", f"{call_id!r} is already the id of another call")
         calls.seen.add(call_id)
-        calls.open[call_id] = f"{f}.tool_calls[{j}]"
+        calls.open[call_id] = f"{f}.{which}[{j}]"
     if role is None:
         return None
     return ChatMessage(
