@@ -90,9 +90,11 @@ SEARCH = ToolDef(
 CHATS: list[tuple[str, list[ChatMessage], list[ToolDef]]] = [
     ("plain", [m(S, "You are terse."), m(U, "Hi."), m(A, "Hello."), m(U, "What is 2+2?")], []),
     ("no system", [m(U, "Hi there"), m(A, "Hello! How can I help?"), m(U, "Tell me a joke.")], []),
-    ("two system prompts", [m(S, "Be brief."), m(S, "Answer in French."), m(U, "Capital of Italy?")], []),
+    ("two system prompts",
+     [m(S, "Be brief."), m(S, "Answer in French."), m(U, "Capital of Italy?")], []),
     ("trailing spaces and blank lines",
-     [m(S, "Rules follow. "), m(U, "\n\nFirst line  "), m(A, "Sure.  "), m(U, "  and then?  ")], []),
+     [m(S, "Rules follow. "), m(U, "\n\nFirst line  "), m(A, "Sure.  "), m(U, "  and then?  ")],
+     []),
     ("one call and its result",
      [m(S, "Use tools."), m(U, "Weather in Paris?"),
       m(A, "", call("abcDEF123", "get_weather", city="Paris")),
@@ -113,7 +115,8 @@ CHATS: list[tuple[str, list[ChatMessage], list[ToolDef]]] = [
     ("tools without calls", [m(S, "You may search."), m(U, "Who wrote Dune?")], [SEARCH]),
     ("long history",
      [m(S, "You are a travel agent.")]
-     + [m(U if i % 2 == 0 else A, f"Turn {i}: " + "plans for the trip " * (i % 5 + 1)) for i in range(12)]
+     + [m(U if i % 2 == 0 else A, f"Turn {i}: " + "plans for the trip " * (i % 5 + 1))
+        for i in range(12)]
      + [m(U, "Summarize the plan.")], []),
 ]  # fmt: skip
 
@@ -198,8 +201,11 @@ def hf_render(
         if x.role is T:
             d["tool_call_id"] = x.tool_call_id
         messages.append(d)
-    schemas = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                 "parameters": t.parameters}} for t in tools]  # fmt: skip
+    schemas = [
+        {"type": "function",
+         "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        for t in tools
+    ]  # fmt: skip
     template = env.from_string((TEMPLATE_DIR / template_file).read_text())
     return template.render(
         messages=messages, tools=schemas or None, add_generation_prompt=True, **extra
@@ -213,7 +219,8 @@ def encode_all(counter_pool: TokenizerPool, encoding: str, text: str) -> int:
 TEMPLATE_MODELS = [
     ("llama-3.1-8b-instruct", "llama3.1.jinja", LLAMA3, {"bos_token": "<|begin_of_text|>"}),
     ("llama-3.3-70b-instruct", "llama3.1.jinja", LLAMA3,
-     {"bos_token": "<|begin_of_text|>", "date_string": dt.datetime.now(dt.UTC).strftime("%d %b %Y")}),
+     {"bos_token": "<|begin_of_text|>",
+      "date_string": dt.datetime.now(dt.UTC).strftime("%d %b %Y")}),
     ("qwen2.5-7b-instruct", "qwen2.5.jinja", QWEN2, {}),
     ("qwen3-8b", "qwen3.jinja", QWEN2, {}),
 ]  # fmt: skip
@@ -273,7 +280,10 @@ def test_qwen25_injects_its_default_system_prompt_and_qwen3_does_not(counter: To
     chat = [m(U, "Hi there")]
     q25 = counter.count_chat(resolve_model("qwen2.5-7b"), chat)
     q3 = counter.count_chat(resolve_model("qwen3-8b"), chat)
-    default = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+    default = (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+        "assistant.<|im_end|>\n"
+    )
     pool = TokenizerPool(data_dir=_data_dir())
     assert q25.total - q3.total == encode_all(pool, QWEN2, default) == 21
 
@@ -301,7 +311,8 @@ COOKBOOK_TOOL = ToolDef(
     {
         "type": "object",
         "properties": {
-            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "location": {"type": "string",
+                         "description": "The city and state, e.g. San Francisco, CA"},
             "unit": {"type": "string", "description": "The unit of temperature to return",
                      "enum": ["celsius", "fahrenheit"]},
         },
