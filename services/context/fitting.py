@@ -43,6 +43,7 @@ __all__ = [
     "finish_fit",
     "fit",
     "fit_until_summary",
+    "mandatory_part",
     "summary_role",
     "summary_text_count",
 ]
@@ -290,6 +291,21 @@ def _conversation(messages: Sequence[ChatMessage], count: Count) -> _Conversatio
     input_index = _input_index(messages)
     mandatory = [any(_is_mandatory(messages[i], i, input_index) for i in u) for u in units]
     return _Conversation(list(messages), costs, units, mandatory, input_index)
+
+
+def mandatory_part(
+    messages: Sequence[ChatMessage], costs: Sequence[int]
+) -> tuple[int, tuple[int, ...]]:
+    """Tokens and indices of what no strategy drops: system, pinned and input messages, with
+    the tool calls and results they belong to (what `fit` raises DoesNotFit over)."""
+    input_index = _input_index(messages)
+    indices = sorted(
+        i
+        for unit in _units(messages)
+        if any(_is_mandatory(messages[j], j, input_index) for j in unit)
+        for i in unit
+    )
+    return sum(costs[i] for i in indices), tuple(indices)
 
 
 def _require_mandatory(conv: _Conversation, request: FitRequest) -> int:

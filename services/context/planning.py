@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from services.context.fitting import (
-    DoesNotFit,
     FitRequest,
     FitResult,
     PendingFit,
@@ -30,6 +29,7 @@ from services.context.fitting import (
     finish_fit,
     fit,
     fit_until_summary,
+    mandatory_part,
     summary_role,
     summary_text_count,
 )
@@ -111,12 +111,8 @@ def mandatory_tokens(
 
     Under TRUNCATE the input may be cut, so it counts as its template and one token only.
     """
-    try:
-        fit(FitRequest(counted.messages, budget_tokens=0, fixed_tokens=counted.fixed_tokens), count)
-    except DoesNotFit as exc:
-        required, indices = exc.required_tokens, exc.mandatory_indices
-    else:
-        return counted.prompt_tokens, tuple(range(len(counted.messages)))
+    tokens, indices = mandatory_part(counted.messages, counted.per_message)
+    required = tokens + counted.fixed_tokens
     if strategy is Strategy.TRUNCATE:
         users = [i for i, m in enumerate(counted.messages) if m.role is Role.USER]
         if users and not counted.messages[users[-1]].pinned:

@@ -129,12 +129,12 @@ def prepare_response(
     if reply.HasField("suggestion"):
         response.suggestion.CopyFrom(reply.suggestion)
     truncated = set(fitted.truncated)
-    for source, m in zip(fitted.sources, fitted.messages, strict=True):
-        if source is None or source in truncated:
-            response.messages.append(_pb_message(m))
-        else:
-            response.messages.append(request.messages[source])
-        response.source_indices.append(-1 if source is None else source)
+    sent = request.messages
+    response.messages.extend(  # one extend copies faster than an append per message
+        _pb_message(m) if source is None or source in truncated else sent[source]
+        for source, m in zip(fitted.sources, fitted.messages, strict=True)
+    )
+    response.source_indices.extend(-1 if s is None else s for s in fitted.sources)
     if fitted.summarized or outcome is not None:
         response.summarizer.CopyFrom(_summarizer_report(outcome))
     return response
