@@ -125,11 +125,13 @@ def check_starts_on_user(spec: Spec, request: FitRequest, res: FitResult) -> Non
     a user message (the summary speaks as the user), unless a pinned message stands there."""
     if not request.start_on_user or not (res.dropped or res.summarized):
         return
-    first = next(
+    rest = [
         (m, s) for m, s in zip(res.messages, res.sources, strict=True)
         if m.role not in (Role.SYSTEM, Role.DEVELOPER)
-    )  # fmt: skip
-    message, source = first
+    ]  # fmt: skip
+    if not rest:
+        return  # nothing but system messages kept
+    message, source = rest[0]
     assert message.role is Role.USER or (source is not None and source in spec.mandatory())
 
 
