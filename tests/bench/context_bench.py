@@ -288,9 +288,11 @@ def latency_budget(
 
 
 def _reserve_request() -> pb.ReserveRequest:
+    """A Reserve as PrepareContext sends it: its key prefix and its three labels."""
     return pb.ReserveRequest(
-        idempotency_key=uuid.uuid4().hex, tenant_id="bench", user_id="u2",
+        idempotency_key="ctx:" + uuid.uuid4().hex, tenant_id="bench", user_id="u2",
         conversation_id="c1", model="gpt-4o", amount=51_000,
+        labels={"source": "context", "ctx.strategy": "window", "ctx.request": uuid.uuid4().hex},
     )  # fmt: skip
 
 
