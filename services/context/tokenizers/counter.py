@@ -195,13 +195,16 @@ class TokenCounter:
         if whole is None:
             whole, by_message_exact = self._by_message(encoding, chat, messages, tools, options)
             exact = exact and by_message_exact
+        method = whole.method
+        if any(m.tool_call_ids and not m.tool_calls for m in messages):
+            exact, method = False, method + "+tool-call-ids-without-calls"
         return ChatCount(
             total=sum(whole.per_message) + whole.fixed + whole.tool_tokens,
             per_message=whole.per_message,
             reply_priming=whole.fixed,
             encoding=encoding,
             exact=exact,
-            method=whole.method,
+            method=method,
             chat_format=chat.name,
             tool_tokens=whole.tool_tokens,
             tool_method=whole.tool_method,

@@ -334,3 +334,17 @@ def test_openai_tool_definitions_match_every_figure_the_cookbook_publishes(
     assert counted.total == published
     assert counted.tool_method.startswith("calibrated:openai-cookbook(")
     assert not counted.exact  # one published schema cannot prove every schema
+
+
+def test_calls_named_by_id_alone_are_counted_as_absent_and_marked_estimated(
+    counter: TokenCounter,
+) -> None:
+    """tool_call_ids without names and arguments (older callers): the model would see the
+    call, the count cannot, so it says so."""
+    spec = resolve_model("qwen2.5-7b")
+    chat = [m(U, "Weather?"), ChatMessage(A, "", tool_call_ids=("c1",)), m(T, "21", answers="c1")]
+    counted = counter.count_chat(spec, chat)
+    assert not counted.exact
+    assert counted.method == "template:qwen2.5-hf-template+tool-call-ids-without-calls"
+    whole = [chat[0], m(A, "", call("c1", "get_weather", city="Paris")), chat[2]]
+    assert counter.count_chat(spec, whole).exact
