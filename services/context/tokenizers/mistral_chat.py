@@ -14,7 +14,9 @@ the tool definitions apart).
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,19 +120,43 @@ def _attribute(
     tool_tokens = 0
     first_user, last_user = encoder.find_first_last_user(instruct)
     for k, msg in enumerate(normalized):
-        if isinstance(msg, UserMessage):
-            last, first = k == last_user, k == first_user
-            n, tools = _user(encoder, instruct, msg, last, first, messages, per)
-            tool_tokens += tools
-        elif isinstance(msg, ToolMessage):
-            n = len(encoder.encode_tool_message(msg, k < last_user)[0])
+        if isinstance(msg, UserMessage) and k == last_user:
+            n, tool_tokens = _user(encoder, instruct, msg, True, k == first_user, messages, per)
         else:
-            n = len(encoder.encode_assistant_message(msg, k < last_user))
+            n = _cached(encoder, msg, k < last_user, k == first_user)
         if k < leading:
             fixed += n
         else:
             per[firsts[k - leading]] += n
     return MistralCount(tuple(per), fixed, tool_tokens)
+
+
+_CACHE_ENTRIES_MAX = 100_000
+_cache: OrderedDict[bytes, int] = OrderedDict()
+
+
+def _cached(encoder: Any, msg: Any, before_last_user: bool, first: bool) -> int:
+    """Tokens of a message other than the last user turn (which carries the system prompt and
+    the tools), cached by a hash of the message and its position flags: re-sent history is
+    encoded once."""
+    text = f"{type(msg).__name__}|{before_last_user}|{first}|{msg.model_dump_json()}"
+    key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    with _lock:
+        found = _cache.get(key)
+        if found is not None:
+            _cache.move_to_end(key)
+            return found
+    if isinstance(msg, UserMessage):
+        n = len(encoder.encode_user_message(msg, None, False, first, system_prompt=None)[0])
+    elif isinstance(msg, ToolMessage):
+        n = len(encoder.encode_tool_message(msg, before_last_user)[0])
+    else:
+        n = len(encoder.encode_assistant_message(msg, before_last_user))
+    with _lock:
+        _cache[key] = n
+        while len(_cache) > _CACHE_ENTRIES_MAX:
+            _cache.popitem(last=False)
+    return n
 
 
 def _user(

@@ -149,6 +149,7 @@ class TokenizerPool:
         self._data_dir = data_dir
         self._lock = threading.Lock()
         self._loaded: dict[str, LoadedEncoding] = {}
+        self._verified: dict[str, Path] = {}
         self._last_used: dict[str, int] = {}
         self._clock = itertools.count()
         self._load_locks: dict[str, threading.Lock] = {}
@@ -157,8 +158,13 @@ class TokenizerPool:
         self._load_s_total = 0.0
 
     def verified_file(self, name: str) -> Path:
-        """The path of an encoding's verified rank file (TokenizerDataError if absent)."""
-        return verified_path(_definition(name).rank_file, self._data_dir)
+        """The path of an encoding's verified rank file (TokenizerDataError if absent), checked
+        by sha256 once (like a loaded encoding)."""
+        found = self._verified.get(name)
+        if found is None:
+            found = verified_path(_definition(name).rank_file, self._data_dir)
+            self._verified[name] = found
+        return found
 
     def get(self, name: str) -> LoadedEncoding:
         found = self._touch(name)
