@@ -9,6 +9,10 @@ reservation. Hard rules, whatever the strategy:
   dropped; if they alone (plus `fixed_tokens`) exceed the budget, `DoesNotFit` says by how much;
 - an assistant message with tool calls and the tool messages answering them are one unit, kept
   or dropped together; kept messages keep their order;
+- once anything is dropped, the first message after the system messages is a user message
+  (`start_on_user`, the default), as several provider APIs require: the droppable units before
+  the first kept user message go too (under SUMMARIZE into the summary, which then speaks as
+  the user);
 - the result never exceeds the budget, and a conversation that already fits comes back unchanged.
 """
 
@@ -39,6 +43,8 @@ __all__ = [
     "finish_fit",
     "fit",
     "fit_until_summary",
+    "mandatory_part",
+    "summary_role",
     "summary_text_count",
 ]
 
@@ -126,6 +132,7 @@ class FitRequest:
     strategy: Strategy = Strategy.WINDOW
     policy: AllocationPolicy = field(default_factory=AllocationPolicy)
     fixed_tokens: int = 0  # tool definitions, reply priming: counted by the caller, never cut
+    start_on_user: bool = True  # once history is dropped, it resumes on a user message
 
     def __post_init__(self) -> None:
         if isinstance(self.messages, str | bytes) or not isinstance(self.messages, Sequence):
@@ -286,6 +293,21 @@ def _conversation(messages: Sequence[ChatMessage], count: Count) -> _Conversatio
     return _Conversation(list(messages), costs, units, mandatory, input_index)
 
 
+def mandatory_part(
+    messages: Sequence[ChatMessage], costs: Sequence[int]
+) -> tuple[int, tuple[int, ...]]:
+    """Tokens and indices of what no strategy drops: system, pinned and input messages, with
+    the tool calls and results they belong to (what `fit` raises DoesNotFit over)."""
+    input_index = _input_index(messages)
+    indices = sorted(
+        i
+        for unit in _units(messages)
+        if any(_is_mandatory(messages[j], j, input_index) for j in unit)
+        for i in unit
+    )
+    return sum(costs[i] for i in indices), tuple(indices)
+
+
 def _require_mandatory(conv: _Conversation, request: FitRequest) -> int:
     """The room left for droppable units; DoesNotFit when there is none for the mandatory."""
     required = conv.mandatory_cost() + request.fixed_tokens
@@ -308,6 +330,22 @@ def _window(conv: _Conversation, room: int) -> set[int]:
             break
         kept.add(unit)
         room -= cost
+    return kept
+
+
+def _start_on_user(conv: _Conversation, kept: set[int]) -> set[int]:
+    """`kept` less the droppable units that come before the first kept user message (after the
+    system messages). A mandatory non-user unit there (pinned) cannot be helped: it stays."""
+    kept = set(kept)
+    for unit in range(len(conv.units)):
+        if not conv.mandatory[unit] and unit not in kept:
+            continue
+        first = conv.messages[conv.units[unit][0]]
+        if first.role in _SYSTEM_ROLES:
+            continue
+        if first.role is Role.USER or conv.mandatory[unit]:
+            break
+        kept.discard(unit)
     return kept
 
 
@@ -427,8 +465,8 @@ class _Summary:
     sources: tuple[int, ...]  # the dropped indices it stands for; placed at the first one
 
 
-def _summary_message(text: str) -> ChatMessage:
-    return ChatMessage(role=SUMMARY_ROLE, content=text, name=SUMMARY_NAME)
+def _summary_message(text: str, role: Role = SUMMARY_ROLE) -> ChatMessage:
+    return ChatMessage(role=role, content=text, name=SUMMARY_NAME)
 
 
 def _cut_tail(text: str, limit: int, count_text: Callable[[str], int]) -> str:
@@ -439,13 +477,19 @@ def _cut_tail(text: str, limit: int, count_text: Callable[[str], int]) -> str:
     return text[:best].rstrip() + " …" if best else ""
 
 
-def summary_text_count(count: Count) -> TextCount:
+def summary_text_count(count: Count, role: Role = SUMMARY_ROLE) -> TextCount:
     """The count a summarizer gets: of the whole summary message, overhead included."""
 
     def count_text(text: str) -> int:
-        return count(_summary_message(text))
+        return count(_summary_message(text, role))
 
     return count_text
+
+
+def summary_role(request: FitRequest) -> Role:
+    """The summary opens the kept history when it must start on a user turn: then it speaks
+    as the user (user text carries no authority a summary could abuse), else as the assistant."""
+    return Role.USER if request.start_on_user else SUMMARY_ROLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +528,8 @@ def _start_summary(
     room = _require_mandatory(conv, request)
     reserve = min(request.policy.tokens(request.policy.reserve_share, request.budget_tokens), room)
     kept = _window(conv, room - reserve)
+    if request.start_on_user and len(kept) < len(conv.candidates()):
+        kept = _start_on_user(conv, kept)
     dropped = sorted(i for u in conv.candidates() if u not in kept for i in conv.units[u])
     left = room - sum(conv.unit_cost(u) for u in kept)
     if not dropped or left <= 0:
@@ -496,11 +542,11 @@ def _start_summary(
 def finish_fit(pending: PendingFit, text: str, count: Count) -> FitResult:
     """The fit with `text` as its summary: cut to the room if it is longer (a remote summarizer
     may ignore the limit, so it is not trusted), left out if nothing fits or `text` is empty."""
-    count_text = summary_text_count(count)
-    text = _cut_tail(text, pending.summary.max_tokens, count_text)
+    role = summary_role(pending.request)
+    text = _cut_tail(text, pending.summary.max_tokens, summary_text_count(count, role))
     summary = None
     if text:
-        message = _summary_message(text)
+        message = _summary_message(text, role)
         summary = _Summary(message, count(message), pending.dropped)
     conv, request = pending.conversation, pending.request
     return _result(conv, request, set(pending.kept), set(), summary, pending.original_tokens)
@@ -585,6 +631,8 @@ def fit_until_summary(request: FitRequest, count: Count) -> FitResult | PendingF
         kept = _window(conv, _require_mandatory(conv, request))
     else:
         return _start_summary(conv, request, original)
+    if request.start_on_user and len(kept) < len(conv.candidates()):
+        kept = _start_on_user(conv, kept)
     return _result(conv, request, kept, truncated, None, original)
 
 
@@ -600,7 +648,7 @@ def fit(request: FitRequest, count: Count, summarizer: Summarizer | None = None)
     if isinstance(step, FitResult):
         return step
     span = step.summary
-    count_text = summary_text_count(count)
+    count_text = summary_text_count(count, summary_role(request))
     summarizer = summarizer or ExtractiveSummarizer()
     text = summarizer.summarize(span.messages, span.max_tokens, count_text, query=span.query)
     return finish_fit(step, text, count)

@@ -2,8 +2,9 @@
 in a worker thread (small requests inline) and does the ledger and endpoint calls on the event
 loop between them:
 
-1. `plan_request` (thread): count every message (cached per content), the tool definitions
-   (estimated) and the reply priming; find the mandatory part (system, pinned and input
+1. `plan_request` (thread): count the conversation as the serving stack renders it (each
+   message's share, cached per content), the tool definitions and the template's own tokens;
+   find the mandatory part (system, pinned and input
    messages with their tool pairs); plan one Reserve: amount = the prompt capped by the window
    + max_output_tokens, floor = the mandatory part + min_output_tokens (WindowTooSmall when
    even the floor exceeds the window: nothing is reserved);
@@ -20,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from services.context.fitting import (
-    DoesNotFit,
     FitRequest,
     FitResult,
     PendingFit,
@@ -29,22 +29,16 @@ from services.context.fitting import (
     finish_fit,
     fit,
     fit_until_summary,
+    mandatory_part,
+    summary_role,
     summary_text_count,
 )
-from services.context.messages import ChatMessage, Role
+from services.context.messages import DEFAULT_RENDER, ChatMessage, RenderOptions, Role, ToolDef
 from services.context.requests import Prepare, Target
 from services.context.summarizer import ExtractiveSummarizer, TextCount
 from services.context.tokenizers import TokenCounter
 
 Job = TypeVar("Job")
-
-# Tool definitions: providers render them in undocumented ways. The JSON text is counted with
-# the model's encoding, plus a per-tool and a per-request allowance (OpenAI's function-calling
-# rendering measured at ~7-12 tokens of scaffolding per tool and per request).
-TOOL_TOKENS_OVERHEAD = 8
-TOOLS_TOKENS_OVERHEAD = 12
-TOOL_METHOD = f"estimate:json+{TOOL_TOKENS_OVERHEAD}/tool+{TOOLS_TOKENS_OVERHEAD}"
-
 
 # --- counting --------------------------------------------------------------------------------
 
@@ -61,6 +55,7 @@ class Counted:
     exact: bool
     method: str
     chat_format: str
+    tool_method: str = ""
 
     @property
     def fixed_tokens(self) -> int:
@@ -72,31 +67,25 @@ class Counted:
         return sum(self.per_message) + self.fixed_tokens
 
 
-def count_tools(counter: TokenCounter, target: Target, tools: Sequence[str]) -> int:
-    """Estimated: the JSON of each tool counted (and cached) as message text, plus allowances."""
-    if not tools:
-        return 0
-    overhead = counter.chat_overhead(target.count_target).per_role[Role.SYSTEM]
-    text = sum(
-        counter.count_message(target.count_target, ChatMessage(Role.SYSTEM, t)) - overhead
-        for t in tools
-    )
-    return text + TOOL_TOKENS_OVERHEAD * len(tools) + TOOLS_TOKENS_OVERHEAD
-
-
 def count_conversation(
-    counter: TokenCounter, target: Target, messages: Sequence[ChatMessage], tools: Sequence[str]
+    counter: TokenCounter,
+    target: Target,
+    messages: Sequence[ChatMessage],
+    tools: Sequence[ToolDef],
+    render: RenderOptions = DEFAULT_RENDER,
 ) -> Counted:
-    chat = counter.count_chat(target.count_target, messages)
+    """The conversation as the model's serving stack renders it (see TokenCounter.count_chat)."""
+    chat = counter.count_chat(target.count_target, messages, tools, render)
     return Counted(
         messages=messages,
         per_message=chat.per_message,
         reply_priming=chat.reply_priming,
-        tool_tokens=count_tools(counter, target, tools),
+        tool_tokens=chat.tool_tokens,
         encoding=chat.encoding,
         exact=chat.exact,
         method=chat.method,
         chat_format=chat.chat_format,
+        tool_method=chat.tool_method,
     )
 
 
@@ -122,12 +111,8 @@ def mandatory_tokens(
 
     Under TRUNCATE the input may be cut, so it counts as its template and one token only.
     """
-    try:
-        fit(FitRequest(counted.messages, budget_tokens=0, fixed_tokens=counted.fixed_tokens), count)
-    except DoesNotFit as exc:
-        required, indices = exc.required_tokens, exc.mandatory_indices
-    else:
-        return counted.prompt_tokens, tuple(range(len(counted.messages)))
+    tokens, indices = mandatory_part(counted.messages, counted.per_message)
+    required = tokens + counted.fixed_tokens
     if strategy is Strategy.TRUNCATE:
         users = [i for i, m in enumerate(counted.messages) if m.role is Role.USER]
         if users and not counted.messages[users[-1]].pinned:
@@ -196,7 +181,7 @@ def plan(prompt: int, mandatory: int, window: int, max_output: int, min_output: 
 
 def plan_request(counter: TokenCounter, p: Prepare) -> tuple[Counted, Plan]:
     """Count the conversation and plan its Reserve (WindowTooSmall: do not reserve at all)."""
-    counted = count_conversation(counter, p.target, p.messages, p.tools)
+    counted = count_conversation(counter, p.target, p.messages, p.tools, p.render)
     count = message_count(counter, p.target, counted)
     mandatory, indices = mandatory_tokens(counted, p.strategy, count)
     try:
@@ -221,13 +206,15 @@ def fit_budget(
     (counted here, off the event loop) for a summarizer that does I/O; `finish_summary` ends it.
     """
     count = message_count(counter, p.target, counted)
-    request = FitRequest(p.messages, budget, p.strategy, p.policy, counted.fixed_tokens)
+    request = FitRequest(
+        p.messages, budget, p.strategy, p.policy, counted.fixed_tokens, p.start_on_user
+    )
     if summary_job is None:
         return fit(request, count)
     step = fit_until_summary(request, count)
     if isinstance(step, FitResult):
         return step
-    return step, summary_job(step.summary, summary_text_count(count))
+    return step, summary_job(step.summary, summary_text_count(count, summary_role(request)))
 
 
 def finish_summary(
@@ -238,7 +225,10 @@ def finish_summary(
     if text is None:
         span = pending.summary
         text = ExtractiveSummarizer().summarize(
-            span.messages, span.max_tokens, summary_text_count(count), query=span.query
+            span.messages,
+            span.max_tokens,
+            summary_text_count(count, summary_role(pending.request)),
+            query=span.query,
         )
     return finish_fit(pending, text, count)
 

@@ -4,6 +4,7 @@ the values the service works on. Nothing is reserved for a request refused here.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import re
@@ -20,7 +21,14 @@ from services.context.fitting import (
     AllocationPolicy,
     Strategy,
 )
-from services.context.messages import ChatMessage, Role
+from services.context.messages import (
+    ChatMessage,
+    RenderOptions,
+    Role,
+    ServingStack,
+    ToolCall,
+    ToolDef,
+)
 from services.context.tokenizers import (
     CountTarget,
     ModelRegistry,
@@ -48,6 +56,8 @@ tool_call_ids_count_max = 128
 tools_count_max = 128
 tool_description_chars_max = 8_192
 tool_parameters_bytes_max = 64 * 1024
+tool_arguments_bytes_max = 256 * 1024
+"""The arguments of one tool call, as JSON text."""
 priority_abs_max = 1_000
 idempotency_key_chars_max = 96
 """The ledger's keys are 128 characters: "ctx:" + this key must fit, with room to spare."""
@@ -74,6 +84,17 @@ STRATEGIES: dict[cpb.Strategy.ValueType, Strategy] = {
     cpb.STRATEGY_SUMMARIZE: Strategy.SUMMARIZE,
 }
 PB_STRATEGIES = {s: v for v, s in STRATEGIES.items() if v != cpb.STRATEGY_UNSPECIFIED}
+STACKS: dict[cpb.ServingStack.ValueType, ServingStack] = {
+    cpb.SERVING_STACK_UNSPECIFIED: ServingStack.HF_TEMPLATE,
+    cpb.SERVING_STACK_HF_TEMPLATE: ServingStack.HF_TEMPLATE,
+    cpb.SERVING_STACK_OLLAMA: ServingStack.OLLAMA,
+}
+START_ON_USER: dict[cpb.HistoryStart.ValueType, bool] = {
+    cpb.HISTORY_START_UNSPECIFIED: True,
+    cpb.HISTORY_START_USER: True,
+    cpb.HISTORY_START_ANY: False,
+}
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -102,6 +123,7 @@ class Target:
     family: str
     window_tokens: int
     output_cap_tokens: int
+    model_key: str = ""  # the registry's name, e.g. "llama-3.1"; empty for an encoding
 
 
 def _content_bytes(text: str) -> int:
@@ -140,13 +162,78 @@ def _resolve(
             family=spec.family if spec and not encoding else "",
             window_tokens=window,
             output_cap_tokens=spec.max_output_tokens if spec else 0,
+            model_key=spec.name if spec and not encoding else "",
         ),
         "",
     )
 
 
+def _tool_call(c: Checker, f: str, call: cpb.ToolCall) -> ToolCall:
+    c.text(f"{f}.id", call.id, chars_max=tool_call_id_chars_max, pattern=KEY_PATTERN)
+    c.text(f"{f}.name", call.name, chars_max=name_chars_max, pattern=_NAME)
+    arguments: dict[str, object] = {}
+    if len(call.arguments_json.encode()) > tool_arguments_bytes_max:
+        c.fail(f"{f}.arguments_json", f"is over {tool_arguments_bytes_max} bytes")
+        return ToolCall(call.id, call.name, call.arguments_json)
+    try:
+        parsed = json.loads(call.arguments_json or "{}")
+    except ValueError as exc:
+        c.fail(f"{f}.arguments_json", f"is not JSON: {exc}")
+        parsed = {}
+    if not isinstance(parsed, dict):
+        c.fail(f"{f}.arguments_json", "must be a JSON object")
+    else:
+        arguments = parsed
+    return ToolCall(call.id, call.name, call.arguments_json or "{}", arguments)
+
+
+def _calls(c: Checker, f: str, m: cpb.ChatMessage, role: Role | None) -> tuple[ToolCall, ...]:
+    """The message's tool calls (tool_calls, or the ids alone in tool_call_ids)."""
+    if (m.tool_call_ids or m.tool_calls) and role is not Role.ASSISTANT:
+        which = "tool_calls" if m.tool_calls else "tool_call_ids"
+        c.fail(f"{f}.{which}", "only an assistant message makes tool calls")
+        return ()
+    if max(len(m.tool_call_ids), len(m.tool_calls)) > tool_call_ids_count_max:
+        c.fail(f"{f}.tool_calls", f"has {max(len(m.tool_call_ids), len(m.tool_calls))}; at most "
+               f"{tool_call_ids_count_max} allowed")  # fmt: skip
+        return ()
+    calls = tuple(_tool_call(c, f"{f}.tool_calls[{j}]", t) for j, t in enumerate(m.tool_calls))
+    for j, call in enumerate(m.tool_call_ids):
+        c.text(
+            f"{f}.tool_call_ids[{j}]", call, chars_max=tool_call_id_chars_max, pattern=KEY_PATTERN
+        )
+    if calls and m.tool_call_ids and list(m.tool_call_ids) != [t.id for t in calls]:
+        c.fail(f"{f}.tool_call_ids", "must name the ids of tool_calls in order (or be empty)")
+    return calls
+
+
+@dataclass(slots=True)
+class _Calls:
+    """Tool call ids seen so far, and those still waiting for their result."""
+
+    seen: set[str]
+    open: dict[str, str]  # call id -> field of the call
+
+
+def _answer(c: Checker, f: str, m: cpb.ChatMessage, role: Role | None, calls: _Calls) -> None:
+    if role is not Role.TOOL:
+        if m.tool_call_id:
+            c.fail(f"{f}.tool_call_id", "only a tool message answers a tool call")
+        return
+    c.text(f"{f}.tool_call_id", m.tool_call_id, chars_max=tool_call_id_chars_max,
+           pattern=KEY_PATTERN)  # fmt: skip
+    if not m.tool_call_id:
+        return
+    if m.tool_call_id not in calls.seen:
+        c.fail(f"{f}.tool_call_id", f"{m.tool_call_id!r} answers no earlier assistant tool "
+               "call; a tool result must follow its call")  # fmt: skip
+    elif calls.open.pop(m.tool_call_id, None) is None:
+        c.fail(f"{f}.tool_call_id", f"{m.tool_call_id!r} was already answered; a call has "
+               "exactly one result")  # fmt: skip
+
+
 def _message(
-    c: Checker, i: int, m: cpb.ChatMessage, size: int, calls: set[str]
+    c: Checker, i: int, m: cpb.ChatMessage, size: int, calls: _Calls
 ) -> ChatMessage | None:
     f = f"messages[{i}]"
     role = ROLES.get(m.role)
@@ -155,33 +242,20 @@ def _message(
                "(CHAT_ROLE_*)")  # fmt: skip
     if size > message_content_bytes_max:
         c.fail(f"{f}.content", f"is {size} bytes; at most {message_content_bytes_max} allowed")
-    elif not m.content and not (role is Role.ASSISTANT and m.tool_call_ids):
+    elif not m.content and not (role is Role.ASSISTANT and (m.tool_call_ids or m.tool_calls)):
         c.fail(f"{f}.content", "is required (only an assistant message making tool calls may "
                "be empty)")  # fmt: skip
     c.text(f"{f}.name", m.name, chars_max=name_chars_max, pattern=_NAME, required=False)
     c.number(f"{f}.priority", m.priority, low=-priority_abs_max, high=priority_abs_max)
-    if m.tool_call_ids and role is not Role.ASSISTANT:
-        c.fail(f"{f}.tool_call_ids", "only an assistant message makes tool calls")
-    if len(m.tool_call_ids) > tool_call_ids_count_max:
-        c.fail(f"{f}.tool_call_ids", f"has {len(m.tool_call_ids)}; at most "
-               f"{tool_call_ids_count_max} allowed")  # fmt: skip
-    for j, call in enumerate(m.tool_call_ids):
-        c.text(
-            f"{f}.tool_call_ids[{j}]", call, chars_max=tool_call_id_chars_max, pattern=KEY_PATTERN
-        )
-    if role is Role.TOOL:
-        c.text(
-            f"{f}.tool_call_id",
-            m.tool_call_id,
-            chars_max=tool_call_id_chars_max,
-            pattern=KEY_PATTERN,
-        )
-        if m.tool_call_id and m.tool_call_id not in calls:
-            c.fail(f"{f}.tool_call_id", f"{m.tool_call_id!r} answers no earlier assistant tool "
-                   "call; a tool result must follow its call")  # fmt: skip
-    elif m.tool_call_id:
-        c.fail(f"{f}.tool_call_id", "only a tool message answers a tool call")
-    calls.update(m.tool_call_ids)
+    tool_calls = _calls(c, f, m, role)
+    _answer(c, f, m, role, calls)
+    ids = [t.id for t in tool_calls] or list(m.tool_call_ids)
+    which = "tool_calls" if tool_calls else "tool_call_ids"
+    for j, call_id in enumerate(ids if role is Role.ASSISTANT else ()):
+        if call_id in calls.seen:
+            c.fail(f"{f}.{which}[{j}]", f"{call_id!r} is already the id of another call")
+        calls.seen.add(call_id)
+        calls.open[call_id] = f"{f}.{which}[{j}]"
     if role is None:
         return None
     return ChatMessage(
@@ -191,7 +265,8 @@ def _message(
         pinned=m.pinned,
         priority=m.priority,
         tool_call_id=m.tool_call_id,
-        tool_call_ids=tuple(m.tool_call_ids),
+        tool_call_ids=tuple(ids),
+        tool_calls=tool_calls,
     )
 
 
@@ -202,17 +277,20 @@ def _messages(c: Checker, messages: Sequence[cpb.ChatMessage]) -> tuple[list[Cha
     if len(messages) > messages_count_max:
         c.fail("messages", f"has {len(messages)} messages; at most {messages_count_max} allowed")
         return [], 0
-    calls: set[str] = set()
+    calls = _Calls(set(), {})
     sizes = [_content_bytes(m.content) for m in messages]
     parsed = [_message(c, i, messages[i], n, calls) for i, n in enumerate(sizes)]
+    for call_id, f in calls.open.items():
+        c.fail(f, f"call {call_id!r} has no tool result; every call must be answered by a tool "
+               "message with its tool_call_id")  # fmt: skip
     size = sum(sizes)
     if size > messages_content_bytes_max:
         c.fail("messages", f"contents total {size} bytes; at most {messages_content_bytes_max}")
     return [m for m in parsed if m is not None], size
 
 
-def _tool_text(c: Checker, i: int, tool: cpb.ToolDefinition) -> str:
-    """The tool as the JSON a provider would be sent (what its count is estimated from)."""
+def _tool(c: Checker, i: int, tool: cpb.ToolDefinition) -> ToolDef | None:
+    """The tool with its parsed JSON Schema (None when it is malformed)."""
     f = f"tools[{i}]"
     c.text(f"{f}.name", tool.name, chars_max=name_chars_max, pattern=_NAME)
     if len(tool.description) > tool_description_chars_max:
@@ -221,24 +299,42 @@ def _tool_text(c: Checker, i: int, tool: cpb.ToolDefinition) -> str:
     parameters = tool.parameters_json or "{}"
     if len(parameters.encode()) > tool_parameters_bytes_max:
         c.fail(f"{f}.parameters_json", f"is over {tool_parameters_bytes_max} bytes")
-        return ""
+        return None
     try:
         schema = json.loads(parameters)
     except ValueError as exc:
         c.fail(f"{f}.parameters_json", f"is not JSON: {exc}")
-        return ""
+        return None
     if not isinstance(schema, dict):
         c.fail(f"{f}.parameters_json", "must be a JSON object (a JSON Schema)")
-        return ""
-    function = {"name": tool.name, "description": tool.description, "parameters": schema}
-    return json.dumps({"type": "function", "function": function}, separators=(",", ":"))
+        return None
+    return ToolDef(tool.name, tool.description, schema)
 
 
-def _tools(c: Checker, tools: Sequence[cpb.ToolDefinition]) -> list[str]:
+def _tools(c: Checker, tools: Sequence[cpb.ToolDefinition]) -> list[ToolDef]:
     if len(tools) > tools_count_max:
         c.fail("tools", f"has {len(tools)} tools; at most {tools_count_max} allowed")
         return []
-    return [_tool_text(c, i, t) for i, t in enumerate(tools)]
+    parsed = [_tool(c, i, t) for i, t in enumerate(tools)]
+    return [t for t in parsed if t is not None]
+
+
+def _render(
+    c: Checker, stack: cpb.ServingStack.ValueType, date: str, target: Target | None
+) -> RenderOptions:
+    serving = STACKS.get(stack)
+    if serving is None:
+        c.fail("serving_stack", f"is {stack}; must be one of SERVING_STACK_*")
+    if date:
+        try:
+            if not _DATE.fullmatch(date):
+                raise ValueError("not YYYY-MM-DD")
+            dt.date.fromisoformat(date)
+        except ValueError:
+            c.fail("date", f"is {date!r}; must be a date as YYYY-MM-DD")
+            date = ""
+    model = target.model_key if target else ""
+    return RenderOptions(serving or ServingStack.HF_TEMPLATE, date, model)
 
 
 _SHARES = ("system_share", "history_share", "input_share", "reserve_share")
@@ -297,12 +393,14 @@ class Prepare:
     model: str
     target: Target
     messages: list[ChatMessage]
-    tools: list[str]
+    tools: list[ToolDef]
     strategy: Strategy
     policy: AllocationPolicy
     max_output: int
     min_output: int
     content_bytes: int
+    render: RenderOptions
+    start_on_user: bool = True
 
 
 def parse_prepare(
@@ -324,6 +422,10 @@ def parse_prepare(
     if strategy is None:
         c.fail("strategy", f"is {r.strategy}; must be one of STRATEGY_*")
     policy = _policy(c, r, default_policy)
+    render = _render(c, r.serving_stack, r.date, target)
+    start_on_user = START_ON_USER.get(r.history_start)
+    if start_on_user is None:
+        c.fail("history_start", f"is {r.history_start}; must be one of HISTORY_START_*")
     _raise_violations(c, unknown, ", ".join(registry.families()))
     assert target is not None and strategy is not None
     return Prepare(
@@ -336,6 +438,8 @@ def parse_prepare(
         max_output=r.max_output_tokens,
         min_output=r.min_output_tokens or r.max_output_tokens,
         content_bytes=size,
+        render=render,
+        start_on_user=bool(start_on_user),
     )
 
 
@@ -345,9 +449,10 @@ class Count:
 
     target: Target
     messages: list[ChatMessage]
-    tools: list[str]
+    tools: list[ToolDef]
     text: str
     content_bytes: int
+    render: RenderOptions
 
 
 def parse_count(r: cpb.CountTokensRequest, registry: ModelRegistry) -> Count:
@@ -364,6 +469,7 @@ def parse_count(r: cpb.CountTokensRequest, registry: ModelRegistry) -> Count:
     if r.tools and not r.messages:
         c.fail("tools", "are counted with messages only")
     tools = _tools(c, r.tools)
+    render = _render(c, r.serving_stack, r.date, target)
     _raise_violations(c, unknown, ", ".join(registry.families()))
     assert target is not None
-    return Count(target, messages, tools, r.text, max(size, len(r.text)))
+    return Count(target, messages, tools, r.text, max(size, len(r.text)), render)

@@ -62,11 +62,14 @@ from services.context.tokenizers import (
     TokenizationError,
     TokenizerDataError,
 )
+from services.context.tokenizers.mistral_chat import MistralRefused
+from services.context.tokenizers.templates import TemplateRefused
 from services.platform.errors import (
     CallRefused,
     Code,
     ContextOverGrant,
     ContextOverWindow,
+    InvalidRequest,
     LedgerUnavailable,
     Relayed,
     TokenizationFailed,
@@ -185,6 +188,10 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             raise TokenizerUnavailable(f"cannot count: {exc}") from None
         except TokenizationError as exc:
             raise TokenizationFailed(f"cannot count: {exc}") from None
+        except (TemplateRefused, MistralRefused) as exc:
+            # The model's own chat format cannot express the conversation (e.g. two tool calls
+            # in one Llama 3.1 message, a Mistral call id that is not 9 letters or digits).
+            raise InvalidRequest(str(exc), violations=[("messages", str(exc))]) from None
 
     # --- CountTokens -------------------------------------------------------------------------
 
@@ -194,7 +201,7 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         r = parse_count(request, self._registry)
         inline = r.content_bytes <= inline_count_bytes_max
         reply = await self._work(
-            inline, count_reply, self._counter, r.target, r.messages, r.tools, r.text
+            inline, count_reply, self._counter, r.target, r.messages, r.tools, r.text, r.render
         )
         self._metrics.counted(reply.total_tokens, reply.encoding, "CountTokens")
         return reply
@@ -208,11 +215,19 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         p = parse_prepare(request, self._registry, self._policy)
         inline = p.content_bytes <= inline_count_bytes_max
         counted, plan_ = await self._plan(p, inline)
-        reply = await self._reserve(request, p, plan_, context)
+        ahead = self._fit_ahead(p, counted, plan_)
+        try:
+            reply = await self._reserve(request, p, plan_, context)
+        except BaseException:
+            _discard(ahead)
+            raise
         reservation = reply.reservation
         budget, output = plan_.split(reservation.amount)
+        if budget != plan_.split(plan_.amount)[0]:
+            _discard(ahead)  # a partial grant: fit to what was granted
+            ahead = None
         try:
-            fitted, outcome = await self._fit(request, p, counted, budget, inline)
+            fitted, outcome = await self._fit(request, p, counted, budget, inline, ahead)
         except DoesNotFit as exc:
             await self._rollback(request.tenant_id, reservation.reservation_id, "does not fit")
             limited = plan_.bound_by(reservation.amount)
@@ -236,6 +251,18 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             raise _does_not_fit(p.target, p.model, exc.required, exc.window, exc.mandatory,
                                 p.min_output, exc.indices, "WINDOW") from None  # fmt: skip
 
+    def _fit_ahead(
+        self, p: Prepare, counted: Counted, plan_: Plan
+    ) -> asyncio.Future[FitResult] | None:
+        """The fit for the full grant, started in a thread while the ledger answers the Reserve
+        (the grant is nearly always what was asked); not when a summarizer endpoint may be
+        needed, which runs on the loop."""
+        if self._remote is not None and p.strategy is Strategy.SUMMARIZE:
+            return None
+        budget, _ = plan_.split(plan_.amount)
+        work = self._work(False, planning.fit_budget, self._counter, p, counted, budget)
+        return asyncio.ensure_future(work)  # type: ignore[arg-type]
+
     async def _fit(
         self,
         request: cpb.PrepareContextRequest,
@@ -243,9 +270,13 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         counted: Counted,
         budget: int,
         inline: bool,
+        ahead: asyncio.Future[FitResult] | None = None,
     ) -> tuple[FitResult, SummarizerOutcome | None]:
-        """Fit (thread). With a summarizer endpoint, a SUMMARIZE fit that needs a summary stops
-        there; the endpoint and its ledger hold (loop); then the fit is finished (thread)."""
+        """Fit (thread), or take the fit made ahead for this budget. With a summarizer endpoint,
+        a SUMMARIZE fit that needs a summary stops there; the endpoint and its ledger hold
+        (loop); then the fit is finished (thread)."""
+        if ahead is not None:
+            return await ahead, None
         remote = self._remote if p.strategy is Strategy.SUMMARIZE else None
         job = prepare_job if remote is not None else None
         step = await self._work(inline, planning.fit_budget, self._counter, p, counted, budget, job)
@@ -329,6 +360,13 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             )
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._metrics.prepare_duration.record(elapsed_ms, {"strategy": p.strategy.value})
+
+
+def _discard(ahead: asyncio.Future[FitResult] | None) -> None:
+    """Drop a fit made ahead that is not needed, without an unretrieved-exception warning."""
+    if ahead is not None:
+        ahead.add_done_callback(lambda f: f.cancelled() or f.exception())
+        ahead.cancel()
 
 
 def _charge(request: cpb.PrepareContextRequest) -> Charge:

@@ -251,6 +251,51 @@ def reserve_latency(ledger_target: str, calls: int) -> dict[str, Any]:
     return lat.summary()
 
 
+LATENCY_MARGIN_MS = 2.0
+"""Issue #17's target: PrepareContext p50 <= CountTokens p50 + ledger Reserve p50 + this."""
+
+
+def latency_budget(
+    stub: Any, ledger_target: str, messages: list[cpb.ChatMessage], calls: int
+) -> dict[str, Any]:
+    """CountTokens, a ledger Reserve and PrepareContext on the same conversation, interleaved
+    call by call so that load from anything else on the machine falls on all three alike."""
+    count_request = cpb.CountTokensRequest(model="gpt-4o", messages=messages)
+    stub.CountTokens(count_request)
+    stub.PrepareContext(_request(messages))  # warms the count cache
+    lats = {"count": Latencies(), "reserve": Latencies(), "prepare": Latencies()}
+    with grpc.insecure_channel(ledger_target) as channel:
+        ledger = pb_grpc.LedgerServiceStub(channel)
+        ledger.Reserve(_reserve_request())  # opens the connection
+        for _ in range(calls):
+            started = time.perf_counter()
+            stub.CountTokens(count_request)
+            lats["count"].add(started)
+            request = _reserve_request()
+            started = time.perf_counter()
+            ledger.Reserve(request)
+            lats["reserve"].add(started)
+            request_ = _request(messages)
+            started = time.perf_counter()
+            stub.PrepareContext(request_)
+            lats["prepare"].add(started)
+    out = {name: lat.summary() for name, lat in lats.items()}
+    bound = out["count"]["p50_ms"] + out["reserve"]["p50_ms"] + LATENCY_MARGIN_MS
+    out["bound_ms"] = round(bound, 2)
+    out["within"] = out["prepare"]["p50_ms"] <= bound
+    out["calls"] = calls
+    return out
+
+
+def _reserve_request() -> pb.ReserveRequest:
+    """A Reserve as PrepareContext sends it: its key prefix and its three labels."""
+    return pb.ReserveRequest(
+        idempotency_key="ctx:" + uuid.uuid4().hex, tenant_id="bench", user_id="u2",
+        conversation_id="c1", model="gpt-4o", amount=51_000,
+        labels={"source": "context", "ctx.strategy": "window", "ctx.request": uuid.uuid4().hex},
+    )  # fmt: skip
+
+
 def with_pasted_log(messages: list[cpb.ChatMessage]) -> list[cpb.ChatMessage]:
     """The conversation with a ~12k-token pasted log 10 messages before the input: larger than
     TRUNCATE's history share of a 16k window, so the strategies part ways."""
@@ -366,6 +411,7 @@ def main() -> None:
                 stub, messages, args.calls, context_window_tokens=WINDOW_TOKENS
             )
             report["compression"] = compression(stub, messages)
+            report["latency_budget"] = latency_budget(stub, ledger_target, messages, args.calls)
     report["pool"] = _pool_memory_in_fresh_process()
     _print(report)
     print(json.dumps(report, separators=(",", ":")))
@@ -380,6 +426,11 @@ def _print(r: dict[str, Any]) -> None:
               f"({p['prompt_tokens']} -> {p['fitted_tokens']} tokens)")  # fmt: skip
     print(f"    for scale: CountTokens on it (no ledger) p50 {ct['p50_ms']} ms; "
           f"a ledger Reserve alone p50 {lr['p50_ms']} ms")  # fmt: skip
+    b = r["latency_budget"]
+    print(f"  latency budget (interleaved, {b['calls']} calls each): PrepareContext p50 "
+          f"{b['prepare']['p50_ms']} ms vs CountTokens p50 {b['count']['p50_ms']} ms + Reserve "
+          f"p50 {b['reserve']['p50_ms']} ms + {LATENCY_MARGIN_MS:g} ms = {b['bound_ms']} ms: "
+          f"{'within' if b['within'] else 'OVER'}")  # fmt: skip
     print(f"  counting: {c['counter_cold_tokens_s']:,} tokens/s (cold cache) vs raw tiktoken "
           f"{c['raw_tiktoken_tokens_s']:,} = {c['counter_over_raw']:.0%}")  # fmt: skip
     print(f"  cache hit rate over a replayed {rp['turns']}-turn conversation: {rp['hit_rate']:.1%}")

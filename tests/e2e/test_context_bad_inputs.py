@@ -147,6 +147,88 @@ CASES: list[tuple[str, Callable[[cpb.PrepareContextRequest], None], str]] = [
 ]  # fmt: skip
 
 
+def call_msg(*calls: tuple[str, str, str], content: str = "") -> cpb.ChatMessage:
+    made = [cpb.ToolCall(id=i, name=n, arguments_json=a) for i, n, a in calls]
+    return msg(ASSISTANT, content, tool_calls=made)
+
+
+def answer(call_id: str, content: str = '{"temp": 21}') -> cpb.ChatMessage:
+    return msg(TOOL, content, tool_call_id=call_id)
+
+
+def for_model(
+    model: str, *messages: cpb.ChatMessage
+) -> Callable[[cpb.PrepareContextRequest], None]:
+    def change(r: cpb.PrepareContextRequest) -> None:
+        r.model = model
+        replace_messages(*messages)(r)
+
+    return change
+
+
+WEATHER = ("call_1", "get_weather", '{"city": "Paris"}')
+RAIN = ("call_2", "get_rain", '{"city": "Paris"}')
+
+
+def with_call(*calls: tuple[str, str, str]) -> Callable[[cpb.PrepareContextRequest], None]:
+    """A user turn, one assistant message making `calls`, each answered, and the input."""
+    return replace_messages(msg(USER), call_msg(*calls), *[answer(c[0]) for c in calls], msg(USER))
+
+
+TOOL_CALL_CASES: list[tuple[str, Callable[[cpb.PrepareContextRequest], None], str]] = [
+    ("tool call without an id", with_call(("", "get_weather", "{}")),
+     "messages[1].tool_calls[0].id"),
+    ("tool call without a name", with_call(("call_1", "", "{}")),
+     "messages[1].tool_calls[0].name"),
+    ("tool call name with spaces", with_call(("call_1", "get weather", "{}")),
+     "messages[1].tool_calls[0].name"),
+    ("tool call arguments not JSON", with_call(("call_1", "get_weather", "{city: Paris")),
+     "messages[1].tool_calls[0].arguments_json"),
+    ("tool call arguments not an object", with_call(("call_1", "get_weather", '["Paris"]')),
+     "messages[1].tool_calls[0].arguments_json"),
+    ("tool call arguments too big",
+     with_call(("call_1", "get_weather", '{"a": "' + "x" * limits.tool_arguments_bytes_max + '"}')),
+     "messages[1].tool_calls[0].arguments_json"),
+    ("a call never answered", replace_messages(msg(USER), call_msg(WEATHER), msg(USER)),
+     "messages[1].tool_calls[0]"),
+    ("one of two calls never answered",
+     replace_messages(msg(USER), call_msg(WEATHER, RAIN), answer("call_1"), msg(USER)),
+     "messages[1].tool_calls[1]"),
+    ("a result whose id matches no call",
+     replace_messages(msg(USER), call_msg(WEATHER), answer("call_1"), answer("call_9"), msg(USER)),
+     "messages[3].tool_call_id"),
+    ("a call answered twice",
+     replace_messages(msg(USER), call_msg(WEATHER), answer("call_1"), answer("call_1"), msg(USER)),
+     "messages[3].tool_call_id"),
+    ("a result before its call",
+     replace_messages(msg(USER), answer("call_1"), call_msg(WEATHER), answer("call_1"), msg(USER)),
+     "messages[1].tool_call_id"),
+    ("two calls with one id", with_call(WEATHER, WEATHER), "messages[1].tool_calls[1]"),
+    ("tool calls on a user message",
+     replace_messages(msg(USER, tool_calls=[cpb.ToolCall(id="c1", name="f")])),
+     "messages[0].tool_calls"),
+    ("tool_call_ids disagreeing with tool_calls",
+     replace_messages(msg(USER), msg(ASSISTANT, "", tool_call_ids=["other"],
+                                     tool_calls=[cpb.ToolCall(id="call_1", name="f")]),
+                      answer("call_1"), msg(USER)),
+     "messages[1].tool_call_ids"),
+    ("unknown serving stack", setter(serving_stack=9), "serving_stack"),
+    ("date that does not exist", setter(date="2026-13-01"), "date"),
+    ("date not as YYYY-MM-DD", setter(date="6 Dec 2026"), "date"),
+    ("unknown history start", setter(history_start=7), "history_start"),
+    ("two tool calls in one Llama 3.1 message (its template allows one)",
+     for_model("llama-3.1-8b", msg(USER), call_msg(WEATHER, RAIN), answer("call_1"),
+               answer("call_2"), msg(USER)), "messages"),
+    ("a Mistral call id that is not 9 letters or digits (mistral-common's rule)",
+     for_model("mistral-nemo", msg(USER), call_msg(WEATHER), answer("call_1"), msg(USER)),
+     "messages"),
+    ("a Mistral assistant message with both content and tool calls",
+     for_model("mistral-nemo", msg(USER), call_msg(("abcDEF123", "f", "{}"), content="Let me see."),
+               answer("abcDEF123"), msg(USER)), "messages"),
+]  # fmt: skip
+CASES += TOOL_CALL_CASES
+
+
 def tenant_events(stub: Stub, tenant: str) -> int:
     replies = stub.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant or "none"))
     return sum(len(r.events) for r in replies)
@@ -206,6 +288,17 @@ COUNT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("unknown role", {"model": "gpt-4o", "messages": [msg(7)]}, "messages[0].role"),
     ("text too big", {"model": "gpt-4o", "text": "t" * (limits.messages_content_bytes_max + 1)},
      "text"),
+    ("tool call arguments not JSON",
+     {"model": "qwen2.5-7b", "messages": [msg(USER), call_msg(("c1", "f", "{x")), answer("c1")]},
+     "messages[1].tool_calls[0].arguments_json"),
+    ("a call never answered",
+     {"model": "qwen3-8b", "messages": [msg(USER), call_msg(("c1", "f", "{}"))]},
+     "messages[1].tool_calls[0]"),
+    ("a result whose id matches no call",
+     {"model": "llama-3.1-8b", "messages": [msg(USER), answer("c1")]}, "messages[1].tool_call_id"),
+    ("bad date", {"model": "llama-3.1-8b", "messages": [msg(USER)], "date": "2026-02-30"}, "date"),
+    ("unknown serving stack", {"model": "llama-3.1-8b", "messages": [msg(USER)],
+                               "serving_stack": 5}, "serving_stack"),
 ]  # fmt: skip
 
 

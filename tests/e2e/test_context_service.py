@@ -189,7 +189,7 @@ def test_count_tokens_for_claude_is_marked_estimated(ctx: Any) -> None:
     assert counted.total_tokens > 0
 
 
-def test_tool_definitions_count_toward_the_prompt_as_estimated(ctx: Any) -> None:
+def test_tool_definitions_count_toward_the_prompt_calibrated_for_openai(ctx: Any) -> None:
     tool = cpb.ToolDefinition(
         name="book_hotel",
         description="Book a hotel room",
@@ -199,8 +199,10 @@ def test_tool_definitions_count_toward_the_prompt_as_estimated(ctx: Any) -> None
     with_tool = ctx.CountTokens(
         cpb.CountTokensRequest(model="gpt-4o", messages=conversation(1), tools=[tool])
     )
-    assert with_tool.tool_tokens > 0 and with_tool.tool_method.startswith("estimate:")
+    assert with_tool.tool_tokens > 0
+    assert with_tool.tool_method.startswith("calibrated:openai-cookbook(func_init=7,")
     assert with_tool.total_tokens == plain.total_tokens + with_tool.tool_tokens
+    assert plain.exact and not with_tool.exact  # one published example cannot prove every schema
 
 
 # --- PrepareContext: fitting -----------------------------------------------------------------
@@ -249,7 +251,8 @@ def test_each_strategy_fits_the_window_keeping_system_and_input(
     assert accounted - {-1} == set(range(len(messages)))
     if strategy == cpb.STRATEGY_SUMMARIZE:
         summary = reply.messages[list(reply.source_indices).index(-1)]
-        assert (summary.role, summary.name) == (cpb.CHAT_ROLE_ASSISTANT, "summary")
+        # It opens the kept history, which starts on a user turn (HISTORY_START_USER).
+        assert (summary.role, summary.name) == (cpb.CHAT_ROLE_USER, "summary")
         assert reply.summarized_indices and reply.summary_tokens > 0
         assert reply.summarizer.kind == "extractive"
     elif strategy == cpb.STRATEGY_TRUNCATE:

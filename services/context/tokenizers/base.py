@@ -59,6 +59,10 @@ class ChatFormat:
     reply_priming: int = 0
     names_rendered: bool = False
     strip_content: bool = False
+    whole_chat: str = ""
+    """Counted as a whole by an engine (chats.ENGINES: an official template, mistral-common)
+    rather than message by message; the fields above then serve messages fitting creates."""
+    rstrip_assistant: bool = False
 
     def template(self, role: Role) -> tuple[str, str]:
         prefix, suffix = self.message_prefix, self.message_suffix

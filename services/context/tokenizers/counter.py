@@ -3,6 +3,7 @@ model or an explicitly named encoding, caching per-message counts by a hash of t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from collections import OrderedDict
@@ -12,8 +13,28 @@ from typing import NamedTuple, Protocol
 
 import tiktoken
 
-from services.context.messages import ChatMessage, Role
+from services.context.messages import (
+    DEFAULT_RENDER,
+    ChatMessage,
+    RenderOptions,
+    Role,
+    ServingStack,
+    ToolDef,
+)
 from services.context.tokenizers.base import ChatFormat
+from services.context.tokenizers.chats import (
+    JSON_TOOL_METHOD,
+    MISTRAL_ENGINE,
+    OPENAI_FUNC_INIT,
+    TEMPLATES,
+    WholeCount,
+    count_template,
+    count_with_mistral,
+    json_tool_tokens,
+    openai_tool_method,
+    openai_tool_tokens,
+    tool_call_tokens,
+)
 from services.context.tokenizers.pool import PoolStats, TokenizerPool
 from services.context.tokenizers.registry import (
     DEFAULT_CHAT_FORMATS,
@@ -22,6 +43,7 @@ from services.context.tokenizers.registry import (
     METHODS,
     check_known,
 )
+from services.context.tokenizers.templates import RenderMismatch
 
 COUNT_CACHE_ENTRIES_MAX_DEFAULT = 100_000
 
@@ -88,7 +110,8 @@ class TextCount(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ChatCount:
-    """total == sum(per_message) + reply_priming."""
+    """total == sum(per_message) + reply_priming + tool_tokens. `reply_priming` is every token
+    the template adds once per chat (BOS, an injected system block, the reply header)."""
 
     total: int
     per_message: tuple[int, ...]
@@ -97,6 +120,8 @@ class ChatCount:
     exact: bool
     method: str
     chat_format: str
+    tool_tokens: int = 0
+    tool_method: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,19 +174,83 @@ class TokenCounter:
         encoding, chat = _resolve(target)
         return self._count_message(encoding, chat, self._overhead(encoding, chat), message)
 
-    def count_chat(self, target: CountTarget | str, messages: Sequence[ChatMessage]) -> ChatCount:
+    def count_chat(
+        self,
+        target: CountTarget | str,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolDef] = (),
+        options: RenderOptions = DEFAULT_RENDER,
+    ) -> ChatCount:
+        """The chat as the serving stack renders it: by the family's whole-chat engine where it
+        has one (TemplateRefused, MistralRefused when that refuses the chat), else message by
+        message."""
         encoding, chat = _resolve(target)
+        exact = encoding in ENCODINGS
+        whole = None
+        if chat.whole_chat and options.serving_stack is ServingStack.HF_TEMPLATE:
+            try:
+                whole = self._whole(encoding, chat.whole_chat, messages, tools, options)
+            except RenderMismatch:
+                exact = False  # content imitating the template: counted message by message
+        if whole is None:
+            whole, by_message_exact = self._by_message(encoding, chat, messages, tools, options)
+            exact = exact and by_message_exact
+        method = whole.method
+        if any(m.tool_call_ids and not m.tool_calls for m in messages):
+            exact, method = False, method + "+tool-call-ids-without-calls"
+        return ChatCount(
+            total=sum(whole.per_message) + whole.fixed + whole.tool_tokens,
+            per_message=whole.per_message,
+            reply_priming=whole.fixed,
+            encoding=encoding,
+            exact=exact,
+            method=method,
+            chat_format=chat.name,
+            tool_tokens=whole.tool_tokens,
+            tool_method=whole.tool_method,
+        )
+
+    def _whole(
+        self,
+        encoding: str,
+        engine: str,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolDef],
+        options: RenderOptions,
+    ) -> WholeCount:
+        if engine == MISTRAL_ENGINE:
+            return count_with_mistral(self._pool.verified_file(encoding), messages, tools)
+        count = functools.partial(self._cached_special_count, encoding)
+        return count_template(TEMPLATES[engine], count, messages, tools, options)
+
+    def _by_message(
+        self,
+        encoding: str,
+        chat: ChatFormat,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[ToolDef],
+        options: RenderOptions,
+    ) -> tuple[WholeCount, bool]:
+        """Per-message overhead (the template approximated by prefix and suffix), tool calls and
+        tool definitions estimated; exact only for plain chats of a family without an engine."""
         overhead = self._overhead(encoding, chat)
         per_message = tuple(self._count_message(encoding, chat, overhead, m) for m in messages)
-        return ChatCount(
-            total=sum(per_message) + overhead.reply_priming,
-            per_message=per_message,
-            reply_priming=overhead.reply_priming,
-            encoding=encoding,
-            exact=encoding in ENCODINGS,
-            method=METHODS[encoding],
-            chat_format=chat.name,
-        )
+        count = functools.partial(self._cached_count, encoding)
+        if chat.name == "openai" and encoding in OPENAI_FUNC_INIT:
+            tool_tokens = openai_tool_tokens(count, encoding, tools)
+            tool_method = openai_tool_method(encoding)
+        else:
+            tool_tokens, tool_method = json_tool_tokens(count, tools), JSON_TOOL_METHOD
+        agentic = any(m.tool_calls or m.role is Role.TOOL for m in messages)
+        method = METHODS[encoding]
+        if chat.whole_chat:
+            method += f"+{options.serving_stack.value}:{chat.name}-message-format"
+        elif agentic:
+            method += "+tool-messages:estimate"
+        exact = not (chat.whole_chat or agentic or tools)
+        whole = WholeCount(per_message, overhead.reply_priming, tool_tokens, method,
+                           tool_method if tools else "")  # fmt: skip
+        return whole, exact
 
     def chat_overhead(self, target: CountTarget | str) -> ChatOverhead:
         """Template tokens per role and per chat, derived by encoding the template itself."""
@@ -192,10 +281,25 @@ class TokenCounter:
         self, encoding: str, chat: ChatFormat, overhead: ChatOverhead, message: ChatMessage
     ) -> int:
         content = message.content.strip() if chat.strip_content else message.content
+        if chat.rstrip_assistant and message.role is Role.ASSISTANT:
+            content = content.rstrip(" ")
         tokens = overhead.per_role[message.role] + self._cached_count(encoding, content)
         if message.name and chat.names_rendered:
             tokens += overhead.tokens_per_name + self._cached_count(encoding, message.name)
+        if message.tool_calls:
+            tokens += tool_call_tokens(functools.partial(self._cached_count, encoding), message)
         return tokens
+
+    def _cached_special_count(self, encoding: str, text: str) -> int:
+        """Template text with its special tokens, cached like message content."""
+        key = content_key("*" + encoding, text)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._pool.get(encoding).count_with_specials(text)
+            self._cache.put(key, found)
+            with self._lock:
+                self._tokens_encoded += found
+        return found
 
     def _overhead(self, encoding: str, chat: ChatFormat) -> ChatOverhead:
         found = self._overheads.get((encoding, chat))

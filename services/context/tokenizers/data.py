@@ -36,6 +36,12 @@ def _candidates(spec: RankFile, directory: Path | None) -> list[Path]:
     return paths
 
 
+def verified_path(spec: RankFile, directory: Path | None = None) -> Path:
+    """The rank file's path, after checking its sha256 (for libraries that read it themselves)."""
+    read_verified(spec, directory)
+    return next(p for p in _candidates(spec, directory) if p.is_file())
+
+
 def read_verified(spec: RankFile, directory: Path | None = None) -> bytes:
     """The rank file's bytes, after checking its sha256. Never downloads.
 

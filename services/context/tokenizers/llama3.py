@@ -61,6 +61,21 @@ LLAMA3_CHAT = ChatFormat(
 )
 
 
+# Llama 3.1, 3.2 and 3.3: the official Hugging Face template (templates/llama3.1.jinja) with its
+# "Cutting Knowledge Date / Today Date" system block and JSON tool calls; the fields serve the
+# messages fitting creates (a cut message, a summary) and the Ollama stack (an estimate).
+LLAMA31_CHAT = ChatFormat(
+    "llama3.1",
+    message_prefix="<|start_header_id|>{role}<|end_header_id|>\n\n",
+    message_suffix="<|eot_id|>",
+    role_names=((Role.TOOL, "ipython"), (Role.DEVELOPER, "system")),
+    specials=LLAMA3_CHAT.specials,
+    reply_prefix="<|begin_of_text|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    strip_content=True,
+    whole_chat="llama3.1",
+)
+
+
 def parse_llama3_vocab(data: bytes) -> dict[bytes, int]:
     """quicktok's binary vocab: u32 count, then per token u16 length, bytes, u32 rank (LE)."""
     (count,) = struct.unpack_from("<I", data, 0)
@@ -100,12 +115,12 @@ FAMILY = TokenizerFamily(
     "llama",
     encodings=(EncodingDef(LLAMA3, _build_llama3, 52 * MIB, LLAMA3_RANKS, LLAMA3_CHAT),),
     models=(
+        ModelFamily("llama-3", LLAMA3, LLAMA3_CHAT, (("llama-3", 8 * K, 4 * K),)),
         ModelFamily(
-            "llama-3",
+            "llama-3.1+",
             LLAMA3,
-            LLAMA3_CHAT,
+            LLAMA31_CHAT,
             (
-                ("llama-3", 8 * K, 4 * K),
                 ("llama-3.1", 128 * K, 8 * K),
                 ("llama-3.2", 128 * K, 8 * K),
                 ("llama-3.3", 128 * K, 8 * K),

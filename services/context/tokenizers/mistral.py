@@ -49,6 +49,8 @@ _TEKKEN_CONTROL = [
 
 # mistral-common v3 tekken: <s>[INST]user[/INST]assistant</s>; the system prompt is prepended
 # to the last user message with "\n\n"; tool results sit in [TOOL_RESULTS]...[/TOOL_RESULTS].
+# Whole chats are encoded by mistral-common itself (mistral_chat.py); these fields serve the
+# messages fitting creates (a cut message, a summary).
 TEKKEN_CHAT = ChatFormat(
     "mistral-tekken",
     role_templates=(
@@ -60,6 +62,8 @@ TEKKEN_CHAT = ChatFormat(
     ),
     specials=frozenset({"<s>", "</s>", "[INST]", "[/INST]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"}),
     reply_prefix="<s>",
+    whole_chat="mistral-common",
+    rstrip_assistant=True,
 )
 
 

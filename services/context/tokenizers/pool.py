@@ -14,7 +14,7 @@ from pathlib import Path
 import tiktoken
 
 from services.context.tokenizers.base import EncodingDef, UnknownEncodingError
-from services.context.tokenizers.data import read_verified
+from services.context.tokenizers.data import read_verified, verified_path
 from services.context.tokenizers.registry import ENCODINGS, check_known
 
 POOL_MEMORY_BYTES_MAX_DEFAULT = 384 * 2**20  # all five exact encodings fit (284 MiB estimated)
@@ -81,6 +81,19 @@ class LoadedEncoding:
             return len(self._ordinary(text))
         return sum(len(self._ordinary(piece)) for piece in split_long_whitespace(text))
 
+    def count_with_specials(self, text: str) -> int:
+        """Tokens of template text, in which every special token's text is that token (as
+        Hugging Face tokenizers read a rendered chat template, content included)."""
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        pieces = [text] if len(text) <= WHITESPACE_RUN_CHARS_MAX else split_long_whitespace(text)
+        try:
+            return sum(len(self.encoding.encode(p, allowed_special="all")) for p in pieces)
+        except BaseException as e:  # pyo3's PanicException derives from BaseException
+            if type(e).__name__ != "PanicException":
+                raise
+            raise TokenizationError(f"{self.name} failed on {len(text)} chars: {e}") from None
+
     def _ordinary(self, text: str) -> list[int]:
         # encode_ordinary == encode(text, disallowed_special=()): special-token text in user
         # content is ordinary text, and never raises on it.
@@ -136,12 +149,22 @@ class TokenizerPool:
         self._data_dir = data_dir
         self._lock = threading.Lock()
         self._loaded: dict[str, LoadedEncoding] = {}
+        self._verified: dict[str, Path] = {}
         self._last_used: dict[str, int] = {}
         self._clock = itertools.count()
         self._load_locks: dict[str, threading.Lock] = {}
         self._loads = 0
         self._evictions = 0
         self._load_s_total = 0.0
+
+    def verified_file(self, name: str) -> Path:
+        """The path of an encoding's verified rank file (TokenizerDataError if absent), checked
+        by sha256 once (like a loaded encoding)."""
+        found = self._verified.get(name)
+        if found is None:
+            found = verified_path(_definition(name).rank_file, self._data_dir)
+            self._verified[name] = found
+        return found
 
     def get(self, name: str) -> LoadedEncoding:
         found = self._touch(name)

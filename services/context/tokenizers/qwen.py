@@ -61,8 +61,9 @@ QWEN2_SPECIALS = {
 
 _CHATML_SPECIALS = frozenset({"<|im_start|>", "<|im_end|>"})
 _QWEN_TOOL = "<|im_start|>user\n<tool_response>\n", "\n</tool_response><|im_end|>\n"
-# Qwen2.5 ChatML; a tool result is a user turn wrapped in <tool_response> (plain text in 2.5).
-QWEN25_CHAT = ChatFormat(
+# Plain ChatML (Qwen2, and the encoding's default); a tool result is a user turn wrapped in
+# <tool_response>.
+QWEN2_CHAT = ChatFormat(
     "chatml",
     message_prefix="<|im_start|>{role}\n",
     message_suffix="<|im_end|>\n",
@@ -71,7 +72,20 @@ QWEN25_CHAT = ChatFormat(
     specials=_CHATML_SPECIALS,
     reply_prefix="<|im_start|>assistant\n",
 )
-# Qwen3: the same, but <tool_response> is a special token.
+# Qwen2.5: its official template (templates/qwen2.5.jinja: the default system prompt, tools in
+# the system block, <tool_call> / <tool_response>); the fields serve messages fitting creates.
+QWEN25_CHAT = ChatFormat(
+    "chatml-qwen2.5",
+    message_prefix="<|im_start|>{role}\n",
+    message_suffix="<|im_end|>\n",
+    role_templates=((Role.TOOL, *_QWEN_TOOL),),
+    role_names=((Role.DEVELOPER, "system"),),
+    specials=_CHATML_SPECIALS,
+    reply_prefix="<|im_start|>assistant\n",
+    whole_chat="qwen2.5",
+)
+# Qwen3: its official template (templates/qwen3.jinja: no default system prompt, reasoning of
+# earlier turns dropped from history).
 QWEN3_CHAT = ChatFormat(
     "chatml-qwen3",
     message_prefix="<|im_start|>{role}\n",
@@ -80,6 +94,7 @@ QWEN3_CHAT = ChatFormat(
     role_names=((Role.DEVELOPER, "system"),),
     specials=_CHATML_SPECIALS | {"<tool_response>", "</tool_response>"},
     reply_prefix="<|im_start|>assistant\n",
+    whole_chat="qwen3",
 )
 
 
@@ -105,14 +120,10 @@ QWEN2_RANKS = RankFile(
 # by the server.
 FAMILY = TokenizerFamily(
     "qwen",
-    encodings=(EncodingDef(QWEN2, _build_qwen2, 58 * MIB, QWEN2_RANKS, QWEN25_CHAT, nfc=True),),
+    encodings=(EncodingDef(QWEN2, _build_qwen2, 58 * MIB, QWEN2_RANKS, QWEN2_CHAT, nfc=True),),
     models=(
-        ModelFamily(
-            "qwen2.5",
-            QWEN2,
-            QWEN25_CHAT,
-            (("qwen2", 32 * K, 8 * K), ("qwen2.5", 32 * K, 8 * K)),
-        ),
+        ModelFamily("qwen2", QWEN2, QWEN2_CHAT, (("qwen2", 32 * K, 8 * K),)),
+        ModelFamily("qwen2.5", QWEN2, QWEN25_CHAT, (("qwen2.5", 32 * K, 8 * K),)),
         ModelFamily("qwen3", QWEN2, QWEN3_CHAT, (("qwen3", 32 * K, 16 * K),)),
     ),
     aliases={"qwen-2.5": "qwen2.5", "qwen-3": "qwen3"},

@@ -253,7 +253,7 @@ def test_llama3_chat_count_equals_meta_chat_format(
         ids += header(m.role.value) + enc.encode("\n\n") + enc.encode(m.content.strip())
         ids += [128009]
     ids += header("assistant") + enc.encode("\n\n")
-    assert counter.count_chat(resolve_model("llama-3.1-8b-instruct"), chat).total == len(ids)
+    assert counter.count_chat(resolve_model("llama-3-8b-instruct"), chat).total == len(ids)
 
 
 def test_qwen_chat_count_equals_encoded_chatml(pool: TokenizerPool, counter: TokenCounter) -> None:

@@ -43,9 +43,12 @@ def run(
     strategy: Strategy = Strategy.WINDOW,
     policy: AllocationPolicy | None = None,
     fixed: int = 0,
+    start_on_user: bool = False,
 ) -> FitResult:
+    """A fit; history may start on any message unless asked (HISTORY_START_ANY: the rules
+    below hold either way, and are easier to see without the user-first rule)."""
     request = FitRequest(
-        messages, budget, strategy, policy or AllocationPolicy(), fixed_tokens=fixed
+        messages, budget, strategy, policy or AllocationPolicy(), fixed, start_on_user
     )
     return fit(request, count)
 
@@ -386,7 +389,9 @@ TRAVEL_BUDGET = total([TRAVEL[0], TRAVEL[4], TRAVEL[5]]) + 25
 
 
 def summarize(summarizer: object = None) -> FitResult:
-    request = FitRequest(TRAVEL, TRAVEL_BUDGET, Strategy.SUMMARIZE, TRAVEL_POLICY)
+    request = FitRequest(
+        TRAVEL, TRAVEL_BUDGET, Strategy.SUMMARIZE, TRAVEL_POLICY, start_on_user=False
+    )
     return fit(request, count, summarizer)  # type: ignore[arg-type]
 
 
@@ -438,14 +443,18 @@ def test_summarize_gives_the_summarizer_the_span_the_query_and_the_room() -> Non
 def test_a_summarize_fit_stops_at_its_summary_and_finishes_with_any_text() -> None:
     """fit_until_summary hands out the span, the room and the query without calling a
     summarizer; finish_fit with a text gives what fit gives when a summarizer returns it."""
-    request = FitRequest(TRAVEL, TRAVEL_BUDGET, Strategy.SUMMARIZE, TRAVEL_POLICY)
+    request = FitRequest(
+        TRAVEL, TRAVEL_BUDGET, Strategy.SUMMARIZE, TRAVEL_POLICY, start_on_user=False
+    )
     step = fit_until_summary(request, count)
     assert isinstance(step, PendingFit)
     assert step.summary.messages == tuple(TRAVEL[1:4])
     assert (step.summary.max_tokens, step.summary.query) == (25, TRAVEL[5].content)
     assert finish_fit(step, "short", count) == summarize(FixedSummarizer("short"))
     assert finish_fit(step, text(500), count) == summarize(FixedSummarizer(text(500)))
-    unchanged = FitRequest(TRAVEL, total(TRAVEL), Strategy.SUMMARIZE, TRAVEL_POLICY)
+    unchanged = FitRequest(
+        TRAVEL, total(TRAVEL), Strategy.SUMMARIZE, TRAVEL_POLICY, start_on_user=False
+    )
     assert fit_until_summary(unchanged, count) == fit(unchanged, count)
 
 
@@ -464,3 +473,77 @@ def test_summarize_without_a_summary_just_drops() -> None:
     assert res.summarized == ()
     assert res.dropped == (1, 2, 3)
     assert res.summary_tokens == 0
+
+
+# --- history starts on a user turn (the default, HISTORY_START_USER) --------------------------
+
+LONG = [
+    system(),
+    user(text(10)),
+    assistant(text(10)),
+    user(text(10)),
+    assistant(text(30)),
+    user("go"),
+]
+
+
+def test_window_history_starts_on_a_user_message_by_default() -> None:
+    """The window that fits begins with an assistant reply; by default it goes too, so the
+    first message after the system prompt is a user message."""
+    budget = total(LONG) - count(LONG[1]) - count(LONG[2])
+    assert run(LONG, budget).sources == (0, 3, 4, 5)  # HISTORY_START_ANY
+    res = run(LONG, budget, start_on_user=True)
+    assert res.sources == (0, 3, 4, 5)
+    budget = total(LONG) - count(LONG[1]) - count(LONG[2]) - count(LONG[3])
+    assert run(LONG, budget).sources == (0, 4, 5)
+    res = run(LONG, budget, start_on_user=True)
+    assert res.sources == (0, 5)
+    assert res.dropped == (1, 2, 3, 4)
+
+
+def test_a_tool_call_is_never_the_first_kept_message() -> None:
+    """An assistant tool call with its results before the first kept user message is dropped as
+    one unit: never a result without its call, never a call without its results."""
+    messages = [
+        system(),
+        user(text(10)),
+        call("", "a"),
+        result("a", text(3)),
+        user("and then?"),
+        assistant(text(2)),
+        user("go"),
+    ]
+    budget = total(messages) - count(messages[1])
+    assert run(messages, budget).sources == (0, 2, 3, 4, 5, 6)
+    assert run(messages, budget, start_on_user=True).sources == (0, 4, 5, 6)
+
+
+def test_priority_and_truncate_also_start_on_a_user_message() -> None:
+    budget = total(LONG) - count(LONG[1]) - count(LONG[2]) - count(LONG[3])
+    for strategy in (Strategy.PRIORITY, Strategy.TRUNCATE):
+        res = run(LONG, budget, strategy, start_on_user=True)
+        first = next(m for m in res.messages if m.role is not Role.SYSTEM)
+        assert first.role is Role.USER, strategy
+
+
+def test_a_pinned_assistant_message_stays_first_if_it_must() -> None:
+    messages = [system(), assistant("pinned note", pinned=True), user(text(30)), user("go")]
+    res = run(messages, total(messages) - count(messages[2]), start_on_user=True)
+    assert res.sources == (0, 1, 3)
+
+
+def test_summarize_folds_the_leading_replies_into_a_summary_that_speaks_as_the_user() -> None:
+    request = FitRequest(TRAVEL, TRAVEL_BUDGET, Strategy.SUMMARIZE, TRAVEL_POLICY)
+    res = fit(request, count)
+    assert res.sources == (0, None, 5)
+    assert res.summarized == (1, 2, 3, 4)
+    summary = res.messages[1]
+    assert (summary.role, summary.name) == (Role.USER, SUMMARY_NAME)
+    assert_budget_kept(res, TRAVEL_BUDGET)
+
+
+def test_a_conversation_that_fits_is_returned_as_sent_even_if_it_starts_on_a_reply() -> None:
+    messages = [system(), assistant("hello, how can I help?"), user("go")]
+    res = run(messages, total(messages), start_on_user=True)
+    assert res.sources == (0, 1, 2)
+    assert not res.fitted

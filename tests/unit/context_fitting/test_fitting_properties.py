@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 
 from services.context.fitting import (
     SUMMARY_NAME,
-    SUMMARY_ROLE,
     AllocationPolicy,
     DoesNotFit,
     FitRequest,
     FitResult,
     Strategy,
     fit,
+    summary_role,
 )
 from services.context.messages import ChatMessage, Role
 
@@ -110,7 +110,7 @@ def check_result(
     for message, source in zip(res.messages, res.sources, strict=True):
         if source is None:
             assert request.strategy is Strategy.SUMMARIZE
-            assert (message.role, message.name) == (SUMMARY_ROLE, SUMMARY_NAME)
+            assert (message.role, message.name) == (summary_role(request), SUMMARY_NAME)
         elif source not in res.truncated:
             assert message == spec.messages[source]
         else:
@@ -118,6 +118,21 @@ def check_result(
             assert not spec.messages[source].pinned
             assert spec.messages[source].role not in (Role.SYSTEM, Role.DEVELOPER)
     assert res.sources.count(None) <= 1
+
+
+def check_starts_on_user(spec: Spec, request: FitRequest, res: FitResult) -> None:
+    """Once history was dropped or summarized, the first message after the system messages is
+    a user message (the summary speaks as the user), unless a pinned message stands there."""
+    if not request.start_on_user or not (res.dropped or res.summarized):
+        return
+    rest = [
+        (m, s) for m, s in zip(res.messages, res.sources, strict=True)
+        if m.role not in (Role.SYSTEM, Role.DEVELOPER)
+    ]  # fmt: skip
+    if not rest:
+        return  # nothing but system messages kept
+    message, source = rest[0]
+    assert message.role is Role.USER or (source is not None and source in spec.mandatory())
 
 
 def check_window_suffix(spec: Spec, res: FitResult) -> None:
@@ -133,6 +148,7 @@ def check_window_suffix(spec: Spec, res: FitResult) -> None:
     fixed=st.integers(0, 20),
     strategy=st.sampled_from(list(Strategy)),
     policy=policies(),
+    start_on_user=st.booleans(),
     data=st.data(),
 )
 def test_fit_obeys_the_rules_for_any_conversation_and_budget(
@@ -141,6 +157,7 @@ def test_fit_obeys_the_rules_for_any_conversation_and_budget(
     fixed: int,
     strategy: Strategy,
     policy: AllocationPolicy,
+    start_on_user: bool,
     data: st.DataObject,
 ) -> None:
     """DoesNotFit exactly when the mandatory part is over budget; otherwise every rule holds."""
@@ -148,7 +165,7 @@ def test_fit_obeys_the_rules_for_any_conversation_and_budget(
     original_tokens = sum(count(m) for m in messages) + fixed
     # Mostly around the conversation's size, where the interesting cases are.
     budget = data.draw(st.integers(0, original_tokens + 10) | st.integers(0, 1000), label="budget")
-    request = FitRequest(messages, budget, strategy, policy, fixed_tokens=fixed)
+    request = FitRequest(messages, budget, strategy, policy, fixed, start_on_user)
     mandatory_tokens = sum(count(messages[i]) for i in spec.mandatory()) + fixed
     try:
         res = fit(request, count)
@@ -160,6 +177,7 @@ def test_fit_obeys_the_rules_for_any_conversation_and_budget(
     # TRUNCATE may cut the input to make an oversized mandatory part fit.
     assert mandatory_tokens <= budget or strategy is Strategy.TRUNCATE
     check_result(spec, request, count, res)
+    check_starts_on_user(spec, request, res)
     if original_tokens <= budget:
         assert res.messages == tuple(messages)
         assert not res.fitted

@@ -56,6 +56,62 @@ CHAT_ROLE_TOOL: ChatRole.ValueType  # 5
 """The result of one tool call."""
 Global___ChatRole: _TypeAlias = ChatRole  # noqa: Y015
 
+class _ServingStack:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ServingStackEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServingStack.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SERVING_STACK_UNSPECIFIED: _ServingStack.ValueType  # 0
+    """Not set: SERVING_STACK_HF_TEMPLATE."""
+    SERVING_STACK_HF_TEMPLATE: _ServingStack.ValueType  # 1
+    """The model's official Hugging Face chat template, as vLLM and TGI apply it by default."""
+    SERVING_STACK_OLLAMA: _ServingStack.ValueType  # 2
+    """Ollama's template for the model (e.g. Llama 3.1 without the date block)."""
+
+class ServingStack(_ServingStack, metaclass=_ServingStackEnumTypeWrapper):
+    """ServingStack is the software that renders the chat for an open-weight model; where stacks
+    render the same conversation differently, the count follows the one named.
+    """
+
+SERVING_STACK_UNSPECIFIED: ServingStack.ValueType  # 0
+"""Not set: SERVING_STACK_HF_TEMPLATE."""
+SERVING_STACK_HF_TEMPLATE: ServingStack.ValueType  # 1
+"""The model's official Hugging Face chat template, as vLLM and TGI apply it by default."""
+SERVING_STACK_OLLAMA: ServingStack.ValueType  # 2
+"""Ollama's template for the model (e.g. Llama 3.1 without the date block)."""
+Global___ServingStack: _TypeAlias = ServingStack  # noqa: Y015
+
+class _HistoryStart:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HistoryStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HistoryStart.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HISTORY_START_UNSPECIFIED: _HistoryStart.ValueType  # 0
+    """Not set: HISTORY_START_USER."""
+    HISTORY_START_USER: _HistoryStart.ValueType  # 1
+    """The first message after the system messages is a user message, as several provider APIs
+    require: older assistant and tool messages before it are dropped too (or summarized).
+    """
+    HISTORY_START_ANY: _HistoryStart.ValueType  # 2
+    """Any message may come first after the system messages."""
+
+class HistoryStart(_HistoryStart, metaclass=_HistoryStartEnumTypeWrapper):
+    """HistoryStart says what the kept history may begin with once the service has dropped
+    messages (a conversation that fits is returned as sent).
+    """
+
+HISTORY_START_UNSPECIFIED: HistoryStart.ValueType  # 0
+"""Not set: HISTORY_START_USER."""
+HISTORY_START_USER: HistoryStart.ValueType  # 1
+"""The first message after the system messages is a user message, as several provider APIs
+require: older assistant and tool messages before it are dropped too (or summarized).
+"""
+HISTORY_START_ANY: HistoryStart.ValueType  # 2
+"""Any message may come first after the system messages."""
+Global___HistoryStart: _TypeAlias = HistoryStart  # noqa: Y015
+
 class _Strategy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -129,6 +185,7 @@ class ChatMessage(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     TOOL_CALL_IDS_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     role: Global___ChatRole.ValueType
     """Who speaks it."""
     content: _builtins.str
@@ -143,8 +200,16 @@ class ChatMessage(_message.Message):
     """On a tool message: the call it answers (one of an earlier assistant's tool_call_ids)."""
     @_builtins.property
     def tool_call_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """On an assistant message: the ids of the tool calls it makes. A call and its results are
-        kept or dropped together.
+        """On an assistant message: the ids of the tool calls it makes, without their names and
+        arguments (kept for older callers; such calls are counted as absent, so the count is
+        estimated). Prefer tool_calls; when both are set they must name the same ids in order.
+        """
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """On an assistant message: the tool calls it makes, counted as the model's family renders
+        them. Each call must be answered by exactly one later tool message (tool_call_id); a call
+        and its results are kept or dropped together.
         """
 
     def __init__(
@@ -157,19 +222,53 @@ class ChatMessage(_message.Message):
         priority: _builtins.int = ...,
         tool_call_id: _builtins.str = ...,
         tool_call_ids: _abc.Iterable[_builtins.str] | None = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "pinned", b"pinned", "priority", b"priority", "role", b"role", "tool_call_id", b"tool_call_id", "tool_call_ids", b"tool_call_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "pinned", b"pinned", "priority", b"priority", "role", b"role", "tool_call_id", b"tool_call_id", "tool_call_ids", b"tool_call_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
+class ToolCall(_message.Message):
+    """ToolCall is one call of a tool (function) that an assistant message makes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id, unique in the conversation; tool messages answer it by this id (Mistral
+    models require 9 letters or digits, as mistral-common does).
+    """
+    name: _builtins.str
+    """The function called (letters, digits, _ and -, at most 64)."""
+    arguments_json: _builtins.str
+    """The arguments, as a JSON object."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
 class ToolDefinition(_message.Message):
     """ToolDefinition is a tool (function) offered to the model with the request. Its tokens count
-    toward the prompt; providers do not document how they render tools, so they are estimated.
+    toward the prompt: rendered by the official template (Llama 3.1+, Qwen) or by mistral-common
+    (exact), or by the OpenAI cookbook's calibrated method (tool_method says which).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -260,6 +359,8 @@ class CountTokensRequest(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
+    SERVING_STACK_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The target model, e.g. "gpt-4o", "llama-3.1-8b", "qwen2.5-7b", "claude-sonnet-4"."""
     text: _builtins.str
@@ -268,13 +369,19 @@ class CountTokensRequest(_message.Message):
     """Count with this encoding instead of the model's (needed for a model the service does not
     know): cl100k_base, o200k_base, llama3, qwen2, tekken, gemma_estimate, claude_estimate.
     """
+    serving_stack: Global___ServingStack.ValueType
+    """Which serving stack renders the chat (open-weight models); unset: the official template."""
+    date: _builtins.str
+    """The date the template states (Llama 3.1 and later: "Today Date"), as YYYY-MM-DD; empty:
+    what the template does without one (3.1: 26 Jul 2024; 3.2 and 3.3: today, UTC).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The chat to count; exactly one of messages and text is set."""
 
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolDefinition]:
-        """Tools sent with the chat; counted (estimated) into the total."""
+        """Tools sent with the chat; counted into the total as the model's family renders them."""
 
     def __init__(
         self,
@@ -284,10 +391,12 @@ class CountTokensRequest(_message.Message):
         text: _builtins.str = ...,
         tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
         encoding: _builtins.str = ...,
+        serving_stack: Global___ServingStack.ValueType = ...,
+        date: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "messages", b"messages", "model", b"model", "text", b"text", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "encoding", b"encoding", "messages", b"messages", "model", b"model", "serving_stack", b"serving_stack", "text", b"text", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,11 +424,13 @@ class CountTokensResponse(_message.Message):
     reply_priming_tokens: _builtins.int
     """Tokens the template adds once per chat to prime the reply."""
     tool_tokens: _builtins.int
-    """Tokens of the tool definitions (always estimated)."""
+    """Tokens of the tool definitions (see tool_method for how they were counted)."""
     encoding: _builtins.str
     """The encoding used."""
     exact: _builtins.bool
-    """True when the count of messages or text is exact for the model (tools aside)."""
+    """True when the whole count is exact for the model (messages, tool calls, results and tool
+    definitions), as proven by a reference test; method and tool_method say how it was made.
+    """
     method: _builtins.str
     """How it was counted, e.g. "exact:o200k_base" or "estimate:o200k_base*1.20|code*1.30"."""
     chat_format: _builtins.str
@@ -377,6 +488,9 @@ class PrepareContextRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    SERVING_STACK_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    HISTORY_START_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe: the same key returns the same reservation. The ledger's idempotency
     key is derived from it ("ctx:" + key), so it is unique per tenant. At most 96 printable
@@ -410,6 +524,12 @@ class PrepareContextRequest(_message.Message):
     """Use this window instead of the model's published one (e.g. a smaller serving limit);
     0 means the model's.
     """
+    serving_stack: Global___ServingStack.ValueType
+    """Which serving stack renders the chat (open-weight models); unset: the official template."""
+    date: _builtins.str
+    """The date the template states (Llama 3.1 and later), as YYYY-MM-DD; empty: the template's."""
+    history_start: Global___HistoryStart.ValueType
+    """What the kept history may begin with after fitting; unset: a user message."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The conversation, oldest first. The latest user message is the input."""
@@ -439,10 +559,13 @@ class PrepareContextRequest(_message.Message):
         ttl_seconds: _builtins.int = ...,
         encoding: _builtins.str = ...,
         context_window_tokens: _builtins.int = ...,
+        serving_stack: Global___ServingStack.ValueType = ...,
+        date: _builtins.str = ...,
+        history_start: Global___HistoryStart.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "encoding", b"encoding", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "policy", b"policy", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "policy", b"policy", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -471,7 +594,7 @@ class TokenBreakdown(_message.Message):
     history: _builtins.int
     """Other history: user and assistant messages before the input."""
     tool_definitions: _builtins.int
-    """Tool definitions sent with the request (estimated)."""
+    """Tool definitions sent with the request (exact where the response's exact says so)."""
     tool_results: _builtins.int
     """Tool result messages."""
     input: _builtins.int
@@ -598,9 +721,7 @@ class PrepareContextResponse(_message.Message):
     encoding: _builtins.str
     """The encoding the counts use."""
     exact: _builtins.bool
-    """True when the message counts are exact for the model (tool definitions are always
-    estimated).
-    """
+    """True when the prompt's count is exact for the model (tool definitions included)."""
     method: _builtins.str
     """How messages were counted, e.g. "exact:llama3"."""
     context_window_tokens: _builtins.int
