@@ -11,7 +11,7 @@ BUF_VERSION := 1.75.0
 
 $(BIN)/tokenledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[server,integrations,dev]'
 	touch $@
 
 venv: $(BIN)/tokenledger
