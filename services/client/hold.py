@@ -112,11 +112,17 @@ class Hold(_HoldState):
         self._client = client
 
     def __enter__(self) -> Hold:
+        self.reserve()
+        return self
+
+    def reserve(self) -> pb.ReserveResponse:
+        """What entering does: place the hold (for use without `with`; then commit or roll
+        back explicitly)."""
         if self.state != NEW:
             raise HoldError("a hold is entered once; make a new one for the next call")
         self.reserved = self._client.reserve(timeout_s=self.timeout_s, **self.fields)
         self.state = HELD
-        return self
+        return self.reserved
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
         if self.state != HELD:
@@ -161,11 +167,15 @@ class AsyncHold(_HoldState):
         self._client = client
 
     async def __aenter__(self) -> AsyncHold:
+        await self.reserve()
+        return self
+
+    async def reserve(self) -> pb.ReserveResponse:
         if self.state != NEW:
             raise HoldError("a hold is entered once; make a new one for the next call")
         self.reserved = await self._client.reserve(timeout_s=self.timeout_s, **self.fields)
         self.state = HELD
-        return self
+        return self.reserved
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
         if self.state != HELD:
