@@ -15,6 +15,10 @@ refusal (`BudgetExhausted`, `RateLimited`, …) is raised to the caller before a
 call; the proxy calls `async_pre_call_hook` first (the hold is placed there, and the
 deployment hook then sees it). `async_log_success_event` commits the response's usage
 (cached prompt tokens apart), after a stream ends; `async_log_failure_event` rolls back.
+LiteLLM logs nothing for a stream its caller closes midway, and no hook sees its chunks
+before the last: close such a stream with `await callback.aclose_stream(stream)`, which
+commits the counted prompt and the counted text it delivered. A stream dropped otherwise is
+not settled: its hold expires at its TTL (`Policy.ttl_seconds`), its usage unrecorded.
 The blocking `litellm.completion` fires none of the async hooks: use `acompletion`.
 
 Who pays: metadata `tokenledger_user_id` (and `tokenledger_tenant_id`,
@@ -192,6 +196,44 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
             await self.reserve(data, str(getattr(user_api_key_dict, "user_id", "") or ""))
         return data
 
+    async def aclose_stream(self, stream: Any) -> None:
+        """Close a stream read only in part, and settle its hold: LiteLLM logs no event for
+        it, so the callback commits the counted prompt and the counted text LiteLLM says it
+        delivered (`response_uptil_now`). A stream read to its end is left to the success
+        event, which has the provider's usage."""
+        await stream.aclose()
+        logging_obj = getattr(stream, "logging_obj", None)
+        call_id = str(getattr(logging_obj, "litellm_call_id", "") or "")
+        if getattr(stream, "sent_last_chunk", False) or call_id not in self._holds:
+            return
+        await self._settle_cut(call_id, str(getattr(stream, "response_uptil_now", "") or ""))
+
+    async def _settle_cut(self, call_id: str, text: str) -> None:
+        """Commit the counted prompt and the counted text a stream closed midway delivered."""
+        held = self._holds.pop(call_id, None)
+        if held is None:
+            return
+        hold, the_plan, sent = held
+        model = hold.fields["model"]
+        if self.counter is not None:
+            output = await self.counter.acount_text(model, text)
+        else:
+            output = int(litellm.token_counter(model=model, text=text)) if text else 0
+        usage = pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
+        await self._commit(hold, the_plan, sent, usage, estimated=True)
+
+    async def _commit(
+        self, hold: AsyncHold, the_plan: Plan, sent: int, usage: pb.Usage, estimated: bool
+    ) -> None:
+        s = Settlement(hold.reservation_id, the_plan.amount, hold.granted, sent,
+                       usage=usage, estimated=estimated)  # fmt: skip
+        try:
+            await hold.commit(usage)
+            s.outcome = "committed"
+        except LedgerError as exc:
+            s.outcome, s.error = "unsettled", str(exc)
+        self._settled(s)
+
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
@@ -203,14 +245,7 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
         estimated = usage is None
         if usage is None:
             usage = pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=sent)
-        s = Settlement(hold.reservation_id, the_plan.amount, hold.granted, sent,
-                       usage=usage, estimated=estimated)  # fmt: skip
-        try:
-            await hold.commit(usage)
-            s.outcome = "committed"
-        except LedgerError as exc:
-            s.outcome, s.error = "unsettled", str(exc)
-        self._settled(s)
+        await self._commit(hold, the_plan, sent, usage, estimated)
 
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any

@@ -184,6 +184,37 @@ def test_a_stream_is_asked_for_usage_and_commits_it_when_it_ends(
     assert s.usage is not None and s.usage.output_tokens == 20 and s.usage.cached_input_tokens > 0
 
 
+def test_a_stream_closed_midway_commits_the_prompt_and_the_text_it_delivered(
+    ledger: ServerThread, ledger_client: LedgerClient, tenant: str
+) -> None:
+    """LiteLLM logs no event for a stream closed early; aclose_stream settles it."""
+    slow = OpenAIServer(reply_tokens=200, chunk_delay_s=0.02).start()
+    settled: list[Settlement] = []
+    callback = _callback(ledger, tenant, settled)
+
+    async def body() -> str:
+        stream = await _completion(slow, stream=True, max_tokens=200)
+        text = ""
+        async for chunk in stream:
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+            if len(text.split()) == 6:
+                break
+        await callback.aclose_stream(stream)
+        return text
+
+    try:
+        text = _run(callback, body)
+    finally:
+        slow.stop()
+    (s,) = settled
+    prompt = litellm.token_counter(model="openai/gpt-4o", messages=MESSAGES)
+    delivered = litellm.token_counter(model="openai/gpt-4o", text=text)
+    assert s.outcome == "committed" and s.estimated and 0 < delivered < 200
+    assert s.usage == pb.Usage(input_tokens=prompt, output_tokens=delivered)
+    assert _balance(ledger_client, tenant) == (0, prompt + delivered)
+    assert callback.open_holds == 0
+
+
 def test_the_router_holds_a_burst_of_concurrent_calls_to_the_budget(
     ledger: ServerThread, ledger_client: LedgerClient, openai_server: OpenAIServer
 ) -> None:
