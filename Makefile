@@ -69,6 +69,7 @@ bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.context_bench
 	$(BIN)/python -m tests.bench.keys_bench
 	$(BIN)/python -m tests.bench.batch_bench
+	$(BIN)/python -m tests.bench.gateway_bench
 
 clean:
 	rm -rf $(VENV) var

@@ -21,6 +21,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -49,7 +50,11 @@ class OpenAIServer:
         cached_fraction: float = 0.5,
         chunk_delay_s: float = 0.0,
         latency_s: float = 0.0,
+        count_prompt: Callable[[list[dict[str, Any]]], int] | None = None,
     ) -> None:
+        """`count_prompt`: how prompt tokens are counted (default: words plus overhead); a
+        real tokenizer makes the reported usage what a provider would report."""
+        self.count_prompt = count_prompt or prompt_tokens
         self.reply_tokens = reply_tokens
         self.cached_fraction = cached_fraction
         self.chunk_delay_s = chunk_delay_s
@@ -85,6 +90,12 @@ class OpenAIServer:
             "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
         }
+
+    def reset(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.streamed_words.clear()
+            self.served_tokens = self.completions = 0
 
     def served(self, tokens: int, completed: bool = True) -> None:
         with self.lock:
@@ -146,7 +157,7 @@ def _reply_words(server: OpenAIServer, max_tokens: Any) -> list[str]:
 
 
 def _chat(h: Any, server: OpenAIServer, body: dict[str, Any]) -> None:
-    prompt = prompt_tokens(body.get("messages", []))
+    prompt = server.count_prompt(body.get("messages", []))
     reply = _reply_words(server, body.get("max_completion_tokens") or body.get("max_tokens"))
     finish = "length" if len(reply) < server.reply_tokens else "stop"
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time()), body["model"]
@@ -197,7 +208,7 @@ def _responses(h: Any, server: OpenAIServer, body: dict[str, Any]) -> None:
     messages = _input_messages(body.get("input", ""))
     if body.get("instructions"):
         messages.insert(0, {"role": "system", "content": body["instructions"]})
-    prompt = prompt_tokens(messages)
+    prompt = server.count_prompt(messages)
     reply = _reply_words(server, body.get("max_output_tokens"))
     cached = int(prompt * server.cached_fraction)
     usage = {
