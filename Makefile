@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUF_VERSION := 1.75.0
 
-.PHONY: venv tokenizers run test lint proto proto-check migrate bench chaos demo clean
+.PHONY: venv tokenizers node-deps run test lint proto proto-check migrate bench chaos demo clean
 
 $(BIN)/tokenledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,15 @@ demo: $(BIN)/tokenledger
 migrate: $(BIN)/tokenledger
 	$(BIN)/tokenledger migrate
 
-test: $(BIN)/tokenledger tokenizers
+# The Node example's packages (README "Other languages"), into var/node from the npm
+# registry; tests/e2e/test_node_client.py runs the example with them (and skips without).
+NODE_PACKAGES := @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
+node-deps:
+	@test -d var/node/node_modules/@grpc/proto-loader || \
+	  npm install --silent --no-audit --no-fund --prefix var/node $(NODE_PACKAGES) || \
+	  echo "node-deps: npm install failed; the Node example's test will skip"
+
+test: $(BIN)/tokenledger tokenizers node-deps
 	$(BIN)/pytest -q
 
 lint: $(BIN)/tokenledger
