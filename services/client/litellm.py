@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -156,8 +157,10 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
 
     async def reserve(self, data: dict[str, Any], key_user: str = "") -> None:
         """Place the hold of one call (once per call id) and bound its output."""
-        call_id = str(data.get("litellm_call_id") or "")
-        if not call_id or call_id in self._holds:
+        if not data.get("litellm_call_id"):  # LiteLLM takes the call id it is given
+            data["litellm_call_id"] = str(uuid.uuid4())
+        call_id = str(data["litellm_call_id"])
+        if call_id in self._holds:
             return
         payer, model = self.payer(data, key_user), str(data.get("model", ""))
         try:

@@ -290,27 +290,28 @@ def test_the_proxy_hook_places_the_hold_once_and_metadata_names_the_payer(
     ledger: ServerThread, ledger_client: LedgerClient, openai_server: OpenAIServer, tenant: str
 ) -> None:
     """The proxy calls async_pre_call_hook, then (through its Router) the deployment hook:
-    one hold, charged to the API key's user."""
+    one hold, charged to the API key's user; a call the SDK makes names its payer by
+    metadata."""
     from litellm.proxy._types import UserAPIKeyAuth
 
     settled: list[Settlement] = []
     callback = _callback(ledger, tenant, settled)
 
     async def body() -> None:
-        data = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 10,
-                "litellm_call_id": "call-1"}  # fmt: skip
+        data = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 10}
         await callback.async_pre_call_hook(UserAPIKeyAuth(user_id="bob"), None, data, "acompletion")
         await callback.async_pre_call_deployment_hook(data, "acompletion")
         assert callback.open_holds == 1 and data["max_tokens"] == 10
+        assert data["litellm_call_id"]  # given one when it had none, for the events to find
         await _completion(openai_server, user="ann", metadata={"tokenledger_user_id": "cy"})
         await _wait(lambda: len(settled) == 1)
 
     _run(callback, body)
     assert _balance(ledger_client, tenant, "bob")[0] > 0
-    assert _balance(ledger_client, tenant, "cy") == (
-        0,
-        settled[0].usage.input_tokens + settled[0].usage.cached_input_tokens + 20,
-    )  # type: ignore[union-attr]
+    usage = settled[0].usage
+    assert usage is not None and usage.output_tokens == 20
+    spent = usage.input_tokens + usage.cached_input_tokens + usage.output_tokens
+    assert _balance(ledger_client, tenant, "cy") == (0, spent)
 
 
 def test_the_proxy_config_names_a_callback_built_from_the_environment(

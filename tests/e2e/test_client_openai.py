@@ -16,8 +16,10 @@ import pytest
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.client import (
     AsyncLedgerClient,
+    BadTarget,
     BudgetExhausted,
     ClientError,
+    InvalidArgument,
     LedgerClient,
     LedgerUnavailable,
 )
@@ -285,3 +287,24 @@ def test_the_asyncio_wrapper_commits_rolls_back_and_settles_a_cut_stream(
     assert done.usage is not None and done.usage.output_tokens == 3 and not done.estimated
     assert cut.estimated and cut.usage is not None and 0 < cut.usage.output_tokens < 100
     assert _balance(ledger_client, tenant)[0] == 0
+
+
+def test_the_context_service_counter_counts_exactly_and_refuses_bad_inputs(
+    counter: ContextServiceCounter, context_service: ContextServerThread
+) -> None:
+    """The counter is the context service's CountTokens: a chat counts its template overhead,
+    a provider prefix is dropped, an unknown model is the service's clear refusal."""
+    plain = counter.count_text("gpt-4o", "hello world")
+    chat = counter.count_chat("openai/gpt-4o", [{"role": "user", "content": "hello world"}])
+    assert plain == 2 and chat == 3 + 1 + plain + 3  # 3 a message, the role, 3 to prime
+    assert counter.count_text("gpt-4o", "") == 0
+    with pytest.raises(InvalidArgument) as unknown:
+        counter.count_chat("no-such-model", MESSAGES)
+    assert unknown.value.reason == "UNKNOWN_MODEL"
+    by_encoding = ContextServiceCounter(context_service.target, encoding="o200k_base")
+    assert by_encoding.count_chat("no-such-model", MESSAGES) == counter.count_chat(
+        "gpt-4o", MESSAGES
+    )
+    by_encoding.close()
+    with pytest.raises(BadTarget, match="not host:port"):
+        ContextServiceCounter("context-service")
