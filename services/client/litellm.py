@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import replace
@@ -67,6 +68,8 @@ from services.client.metering import (
 )
 
 log = logging.getLogger("tokenledger.client.litellm")
+LEDGER_TTL_S_DEFAULT = 600
+"""The ledger's hold TTL when a Reserve names none (README: Reserve)."""
 METERED_CALL_TYPES = frozenset({"acompletion", "completion"})
 META_PREFIX = "tokenledger_"
 
@@ -115,6 +118,9 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
         self._ledger = ledger
         self._loop: asyncio.AbstractEventLoop | None = None
         self._holds: dict[str, tuple[AsyncHold, Plan, int]] = {}
+        self._placed_at: dict[str, float] = {}
+        """When each hold was placed: one whose call never settles (a stream dropped without
+        aclose_stream) is forgotten after twice its TTL, by when the ledger has expired it."""
         if target:
             Settings(target, **client_options)  # a bad target or key is refused now
 
@@ -162,6 +168,7 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
         call_id = str(data["litellm_call_id"])
         if call_id in self._holds:
             return
+        self._forget_expired()
         payer, model = self.payer(data, key_user), str(data.get("model", ""))
         try:
             the_plan = plan(data, await self._count(model, list(data.get("messages") or ())),
@@ -181,6 +188,14 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
         if data.get("stream"):
             data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
         self._holds[call_id] = (hold, the_plan, int(data[the_plan.max_key]))
+        self._placed_at[call_id] = time.monotonic()
+
+    def _forget_expired(self) -> None:
+        ttl_s = self.policy.ttl_seconds or LEDGER_TTL_S_DEFAULT
+        horizon = time.monotonic() - 2 * ttl_s
+        for call_id in [c for c, at in self._placed_at.items() if at < horizon]:
+            self._placed_at.pop(call_id, None)
+            self._holds.pop(call_id, None)
 
     # --- LiteLLM's hooks -----------------------------------------------------------------------
 
@@ -213,6 +228,7 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
 
     async def _settle_cut(self, call_id: str, text: str) -> None:
         """Commit the counted prompt and the counted text a stream closed midway delivered."""
+        self._placed_at.pop(call_id, None)
         held = self._holds.pop(call_id, None)
         if held is None:
             return
@@ -240,7 +256,9 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
     async def async_log_success_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        held = self._holds.pop(str(kwargs.get("litellm_call_id") or ""), None)
+        call_id = str(kwargs.get("litellm_call_id") or "")
+        self._placed_at.pop(call_id, None)
+        held = self._holds.pop(call_id, None)
         if held is None:
             return
         hold, the_plan, sent = held
@@ -253,7 +271,9 @@ class LedgerCallback(CustomLogger):  # type: ignore[misc]  # LiteLLM ships no ty
     async def async_log_failure_event(
         self, kwargs: dict[str, Any], response_obj: Any, start_time: Any, end_time: Any
     ) -> None:
-        held = self._holds.pop(str(kwargs.get("litellm_call_id") or ""), None)
+        call_id = str(kwargs.get("litellm_call_id") or "")
+        self._placed_at.pop(call_id, None)
+        held = self._holds.pop(call_id, None)
         if held is None:
             return  # refused before the hold, or by the ledger itself
         hold, the_plan, sent = held

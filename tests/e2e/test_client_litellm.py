@@ -215,6 +215,27 @@ def test_a_stream_closed_midway_commits_the_prompt_and_the_text_it_delivered(
     assert callback.open_holds == 0
 
 
+def test_a_hold_whose_call_never_settles_is_forgotten_after_twice_its_ttl(
+    ledger: ServerThread, ledger_client: LedgerClient, tenant: str
+) -> None:
+    """A stream dropped without aclose_stream leaves a hold no event ends: the ledger expires
+    it at its TTL, and the callback forgets it by the next call after twice the TTL."""
+    callback = _callback(ledger, tenant, [], policy=Policy(ttl_seconds=1))
+
+    async def body() -> tuple[int, int]:
+        dropped = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 5, "user": "ann"}
+        await callback.async_pre_call_deployment_hook(dropped, "acompletion")
+        before = callback.open_holds
+        await asyncio.sleep(2.2)
+        fresh = {"model": "openai/gpt-4o", "messages": MESSAGES, "max_tokens": 5, "user": "ann"}
+        await callback.async_pre_call_deployment_hook(fresh, "acompletion")
+        return before, callback.open_holds
+
+    assert _run(callback, body) == (1, 1)  # the dropped one forgotten, the fresh one held
+    prompt = litellm.token_counter(model="openai/gpt-4o", messages=MESSAGES)
+    assert _balance(ledger_client, tenant) == (prompt + 5, 0)  # the dropped one expired
+
+
 def test_the_router_holds_a_burst_of_concurrent_calls_to_the_budget(
     ledger: ServerThread, ledger_client: LedgerClient, openai_server: OpenAIServer
 ) -> None:
