@@ -18,7 +18,8 @@ deployment hook then sees it). `async_log_success_event` commits the response's 
 LiteLLM logs nothing for a stream its caller closes midway, and no hook sees its chunks
 before the last: close such a stream with `await callback.aclose_stream(stream)`, which
 commits the counted prompt and the counted text it delivered. A stream dropped otherwise is
-not settled: its hold expires at its TTL (`Policy.ttl_seconds`), its usage unrecorded.
+not settled: its hold expires at its TTL (`Policy.ttl_seconds`), its usage unrecorded, and
+the callback forgets it after twice that.
 The blocking `litellm.completion` fires none of the async hooks: use `acompletion`.
 
 Who pays: metadata `tokenledger_user_id` (and `tokenledger_tenant_id`,
