@@ -77,18 +77,23 @@ class _Base:
         )
         self.target = target
         self._metadata = self.settings.metadata()
+        self._open()
+
+    def _open(self) -> None:
+        raise NotImplementedError
 
 
 class LedgerClient(_Base):
     """A blocking client of LedgerService; thread-safe, one channel for all calls."""
 
-    def __init__(self, target: str, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
+    channel: grpc.Channel
+
+    def _open(self) -> None:
         s = self.settings
-        self.channel: grpc.Channel = (
-            grpc.secure_channel(target, s.credentials(), options=s.options())
+        self.channel = (
+            grpc.secure_channel(s.target, s.credentials(), options=s.options())
             if s.secure
-            else grpc.insecure_channel(target, options=s.options())
+            else grpc.insecure_channel(s.target, options=s.options())
         )
         self._stub = pb_grpc.LedgerServiceStub(self.channel)
 
@@ -261,13 +266,14 @@ class LedgerClient(_Base):
 class AsyncLedgerClient(_Base):
     """An asyncio client of LedgerService; create and use it on one event loop."""
 
-    def __init__(self, target: str, **kwargs: Any) -> None:
-        super().__init__(target, **kwargs)
+    channel: grpc.aio.Channel
+
+    def _open(self) -> None:
         s = self.settings
-        self.channel: grpc.aio.Channel = (
-            grpc.aio.secure_channel(target, s.credentials(), options=s.options())
+        self.channel = (
+            grpc.aio.secure_channel(s.target, s.credentials(), options=s.options())
             if s.secure
-            else grpc.aio.insecure_channel(target, options=s.options())
+            else grpc.aio.insecure_channel(s.target, options=s.options())
         )
         self._stub = pb_grpc.LedgerServiceStub(self.channel)
 
