@@ -128,6 +128,23 @@ async def m_router_tpm(
     return _router_call(burst), _router_call(open_), f"deployment tpm={budget.tokens}"
 
 
+async def m_router_tpm_uncapped(
+    server: OpenAIServer, budget: Budget, ctx: dict[str, Any]
+) -> tuple[Call, Call, str]:
+    """The same, with the parallel-call cap LiteLLM derives from tpm raised to the burst."""
+    burst = litellm.Router(
+        model_list=[_deployment(server, tpm=budget.tokens, max_parallel_requests=64)],
+        routing_strategy="usage-based-routing-v2",
+    )
+    open_ = litellm.Router(model_list=[_deployment(server, tpm=10**9, max_parallel_requests=64)],
+                           routing_strategy="usage-based-routing-v2")  # fmt: skip
+    return (
+        _router_call(burst),
+        _router_call(open_),
+        f"tpm={budget.tokens}, max_parallel_requests=64",
+    )
+
+
 async def m_deployment_budget(
     server: OpenAIServer, budget: Budget, ctx: dict[str, Any]
 ) -> tuple[Call, Call, str]:
@@ -200,6 +217,7 @@ async def m_ledger(
 MECHANISMS = {
     "none": m_none,
     "litellm Router usage-based-routing-v2 tpm": m_router_tpm,
+    "  the same, max_parallel_requests=64": m_router_tpm_uncapped,
     "litellm deployment max_budget": m_deployment_budget,
     "litellm provider budget": m_provider_budget,
     "litellm.max_budget": m_global_max_budget,
