@@ -7,11 +7,11 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUF_VERSION := 1.75.0
 
-.PHONY: venv tokenizers run test lint proto proto-check migrate bench chaos demo clean
+.PHONY: venv tokenizers node-deps run test lint proto proto-check migrate bench chaos demo clean
 
 $(BIN)/tokenledger: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[server,integrations,dev]'
 	touch $@
 
 venv: $(BIN)/tokenledger
@@ -34,7 +34,15 @@ demo: $(BIN)/tokenledger
 migrate: $(BIN)/tokenledger
 	$(BIN)/tokenledger migrate
 
-test: $(BIN)/tokenledger tokenizers
+# The Node example's packages (README "Other languages"), into var/node from the npm
+# registry; tests/e2e/test_node_client.py runs the example with them (and skips without).
+NODE_PACKAGES := @grpc/grpc-js@1.14.7 @grpc/proto-loader@0.8.1
+node-deps:
+	@test -d var/node/node_modules/@grpc/proto-loader || \
+	  npm install --silent --no-audit --no-fund --prefix var/node $(NODE_PACKAGES) || \
+	  echo "node-deps: npm install failed; the Node example's test will skip"
+
+test: $(BIN)/tokenledger tokenizers node-deps
 	$(BIN)/pytest -q
 
 lint: $(BIN)/tokenledger
@@ -69,6 +77,7 @@ bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.context_bench
 	$(BIN)/python -m tests.bench.keys_bench
 	$(BIN)/python -m tests.bench.batch_bench
+	$(BIN)/python -m tests.bench.gateway_bench
 
 clean:
 	rm -rf $(VENV) var

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import cycle, new_id
+from tests.openai_server import OpenAIServer
+from tests.support import ContextServerThread, ServerThread, cycle, new_id
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -30,3 +33,19 @@ def history(stub: Stub) -> str:
         )
     )  # fmt: skip
     return tenant
+
+
+@pytest.fixture(scope="session")
+def context_service(ledger: ServerThread) -> Iterator[ContextServerThread]:
+    """A real context service (exact tokenizers from var/tokenizers) calling the ledger."""
+    server = ContextServerThread(ledger.target).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def openai_server() -> Iterator[OpenAIServer]:
+    """A local OpenAI-compatible HTTP server (tests/openai_server.py)."""
+    server = OpenAIServer().start()
+    yield server
+    server.stop()

@@ -13,12 +13,17 @@ under ledger/, services/ (but services/_gen) and migrations/, those inside funct
 - `services.context` imports no `services.ledger` (nor `services.cli`), and of `ledger` only
   pure modules;
 - `services.ledger` imports no `services.context` (nor `services.cli`): two processes;
+- `services.client` (the Python client, installable without the servers' packages) imports,
+  of this repository, only itself and the generated stubs, and no database driver, server
+  package or OpenTelemetry: gRPC, protobuf and what its integrations wrap (openai, litellm);
 - `migrations` imports neither `ledger` nor `services`.
 """
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +57,11 @@ SKIPPED = ("services/_gen",)
 GRPC = ("grpc", "grpc_status", "grpc_health", "grpc_reflection", "grpc_tools")
 PROTOBUF = ("google.protobuf", "google.rpc")
 DATABASE_DRIVERS = ("psycopg", "psycopg_pool", "sqlalchemy", "alembic")
+SERVER_PACKAGES = (
+    "structlog", "opentelemetry", "tiktoken", "pgserver", "nats", "httpx", "rich",
+    "prometheus_client", "grpc_status", "grpc_health", "grpc_reflection",
+)  # fmt: skip
+"""The `server` extra: a client installed alone does not have them."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,14 @@ RULES = (
         lambda m: _under(m, "services.ledger"),
         lambda t: _under(t, "services.context", "services.cli"),
         "services.ledger imports no services.context",
+    ),
+    Rule(
+        lambda m: _under(m, "services.client"),
+        lambda t: (
+            _under(t, "ledger", "migrations", "services.platform", "services.ledger")
+            or _under(t, "services.context", "services.cli", *DATABASE_DRIVERS, *SERVER_PACKAGES)
+        ),
+        "services.client imports only itself, the generated stubs, gRPC and protobuf",
     ),
     Rule(
         lambda m: _under(m, "migrations"),
@@ -232,6 +250,7 @@ PACKAGES = (
     "services/platform",
     "services/ledger",
     "services/context",
+    "services/client",
     "services/_gen",
     "migrations",
 )
@@ -364,6 +383,31 @@ PLANTED = {
         "from services.context.server import ContextServer\n",
         "services/ledger/server.py:1: services.ledger.server -> services.context.server",
     ),
+    "client-platform-errors": (
+        "services/client/errors.py",
+        "from services.platform.errors import TABLE\n",
+        "services/client/errors.py:1: services.client.errors -> services.platform.errors",
+    ),
+    "client-ledger-errors": (
+        "services/client/hold.py",
+        "def f():\n    from ledger import errors\n",
+        "services/client/hold.py:2: services.client.hold -> ledger.errors",
+    ),
+    "client-driver": (
+        "services/client/client.py",
+        "import psycopg\n",
+        "services/client/client.py:1: services.client.client -> psycopg",
+    ),
+    "client-server-package": (
+        "services/client/client.py",
+        "from opentelemetry import trace\n",
+        "services/client/client.py:1: services.client.client -> opentelemetry",
+    ),
+    "client-grpc-status": (
+        "services/client/errors.py",
+        "from grpc_status import rpc_status\n",
+        "services/client/errors.py:1: services.client.errors -> grpc_status",
+    ),
     "migrations-ledger": (
         "migrations/env.py",
         "from ledger.model import Event\n",
@@ -404,6 +448,9 @@ CLEAN = {
     "services/cli.py": "def main():\n    import services.context.server\n"
     "    import services.ledger.server\n",
     "services/_gen/stub.py": "import services.ledger\n",
+    "services/client/client.py": "import grpc\nfrom google.rpc import status_pb2\n"
+    "from services._gen.tokenledger.v1 import ledger_pb2\nfrom .errors import LedgerError\n"
+    "import openai\n",
     "migrations/env.py": "import alembic\nfrom sqlalchemy import text\n",
 }
 
@@ -421,3 +468,39 @@ def test_one_import_planted_in_a_clean_tree_is_the_one_reported(tmp_path: Path) 
     assert found[0].startswith(
         "services/context/extra.py:1: services.context.extra -> services.ledger.server ("
     )
+
+
+_LOADED = (
+    "import os, sys; os.environ['LITELLM_LOCAL_MODEL_COST_MAP'] = 'True'\n"
+    "import {modules}\n"
+    "roots = {roots!r}\n"
+    "ours = ('services.platform', 'services.ledger', 'services.context')\n"
+    "print(sorted(m for m in sys.modules if m.split('.')[0] in roots"
+    " or m.startswith(ours) or m == 'services.cli'))\n"
+)
+_SERVER_SIDE = ("ledger", "migrations", "psycopg", "psycopg_pool", "sqlalchemy", "alembic",
+                "structlog", "pgserver", "nats")  # fmt: skip
+
+
+def _loaded(modules: str, roots: tuple[str, ...]) -> list[str]:
+    code = _LOADED.format(modules=modules, roots=roots)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+        check=True,
+    )  # fmt: skip
+    return list(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+
+
+def test_importing_the_client_loads_no_server_module_nor_the_server_extra() -> None:
+    """What the rules say of the source, proven on a fresh interpreter: services.client loads
+    nothing of ledger/, the servers, a database driver or the server extra's packages."""
+    roots = (*_SERVER_SIDE, "tiktoken", "opentelemetry", "grpc_status", "rich")  # grpc itself
+    # imports grpc_health and grpc_reflection when they are installed: not ours to refuse
+    assert _loaded("services.client, services.client.hold, services.client.counting", roots) == []
+
+
+def test_importing_the_integrations_loads_no_server_module() -> None:
+    """The OpenAI wrapper and the LiteLLM callback load nothing of ours server-side (what
+    openai and litellm import for themselves is theirs)."""
+    modules = "services.client.openai, services.client.litellm, services.client.litellm_proxy"
+    assert _loaded(modules, _SERVER_SIDE) == []

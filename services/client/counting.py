@@ -1,0 +1,187 @@
+"""Counting a prompt before the call, so that the hold covers it.
+
+`Counter` is what the adapters need: the tokens of a chat (messages and tools, with the
+template's overhead) and of a plain text (what a stream delivered before it was cut).
+`ContextServiceCounter` asks the context service (CountTokens), which counts exactly for the
+model's family, offline; any object with the two methods counts in-process instead (e.g.
+`litellm.token_counter` in the LiteLLM callback).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import grpc
+
+from services._gen.tokenledger.v1 import context_pb2 as cpb
+from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
+from services.client.channel import Settings
+from services.client.errors import from_rpc_error
+
+ROLES = {
+    "system": cpb.CHAT_ROLE_SYSTEM,
+    "developer": cpb.CHAT_ROLE_DEVELOPER,
+    "user": cpb.CHAT_ROLE_USER,
+    "assistant": cpb.CHAT_ROLE_ASSISTANT,
+    "tool": cpb.CHAT_ROLE_TOOL,
+    "function": cpb.CHAT_ROLE_TOOL,
+}
+
+
+class Counter(Protocol):
+    def count_chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    ) -> int: ...
+
+    def count_text(self, model: str, text: str) -> int: ...
+
+
+class AsyncCounter(Protocol):
+    async def acount_chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    ) -> int: ...
+
+    async def acount_text(self, model: str, text: str) -> int: ...
+
+
+def _text(content: Any) -> str:
+    """A message's text: a string, or the text parts of a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Iterable):
+        parts = (p.get("text", "") if isinstance(p, Mapping) else str(p) for p in content)
+        return "\n".join(p for p in parts if p)
+    return str(content)
+
+
+def chat_message(message: Mapping[str, Any]) -> cpb.ChatMessage:
+    """An OpenAI-style message as the context service counts it. Tool calls of an assistant
+    message count as their JSON (names and arguments), since the model reads them."""
+    role = ROLES.get(str(message.get("role", "")), cpb.CHAT_ROLE_USER)
+    calls = list(message.get("tool_calls") or ())
+    content = _text(message.get("content"))
+    if calls and not content:
+        content = json.dumps([c.get("function", c) for c in calls], separators=(",", ":"))
+    out = cpb.ChatMessage(role=role, content=content, name=str(message.get("name") or ""))
+    if role == cpb.CHAT_ROLE_TOOL:
+        out.tool_call_id = str(message.get("tool_call_id") or "")
+    elif calls:
+        out.tool_call_ids.extend(str(c.get("id", "")) for c in calls)
+    return out
+
+
+def tool_definition(tool: Mapping[str, Any]) -> cpb.ToolDefinition:
+    spec = tool.get("function", tool)
+    return cpb.ToolDefinition(
+        name=str(spec.get("name", "")),
+        description=str(spec.get("description") or ""),
+        parameters_json=json.dumps(spec["parameters"]) if spec.get("parameters") else "",
+    )
+
+
+def responses_input(value: Any, instructions: str | None = None) -> list[dict[str, Any]]:
+    """The Responses API's `input` (a string or a list of items) as chat messages."""
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    if isinstance(value, str):
+        return [*messages, {"role": "user", "content": value}]
+    for item in value or ():
+        if isinstance(item, Mapping) and "role" in item:
+            messages.append({"role": item["role"], "content": item.get("content")})
+        elif isinstance(item, Mapping) and item.get("type") == "function_call_output":
+            messages.append({"role": "tool", "content": str(item.get("output", ""))})
+    return messages
+
+
+class ContextServiceCounter:
+    """Counts with the context service's CountTokens (exact for the model's family). Give
+    `encoding` to count a model the service does not know (e.g. "o200k_base")."""
+
+    def __init__(self, target: str, *, encoding: str = "", **kwargs: Any) -> None:
+        """`kwargs`: api_key, tls, root_certificates, client_certificate, client_key,
+        timeout_s, max_attempts — as LedgerClient takes them."""
+        self.settings = Settings(target, **kwargs)
+        self.encoding = encoding
+        self._sync: grpc.Channel | None = None
+        self._async: grpc.aio.Channel | None = None
+
+    def _channel(self) -> grpc.Channel:
+        if self._sync is None:
+            s = self.settings
+            self._sync = (
+                grpc.secure_channel(s.target, s.credentials(), options=s.options())
+                if s.secure
+                else grpc.insecure_channel(s.target, options=s.options())
+            )
+        return self._sync
+
+    def _achannel(self) -> grpc.aio.Channel:
+        if self._async is None:
+            s = self.settings
+            self._async = (
+                grpc.aio.secure_channel(s.target, s.credentials(), options=s.options())
+                if s.secure
+                else grpc.aio.insecure_channel(s.target, options=s.options())
+            )
+        return self._async
+
+    def _request(
+        self, model: str, messages: Sequence[Mapping[str, Any]] = (), tools: Sequence[Any] = (),
+        text: str = "",
+    ) -> cpb.CountTokensRequest:  # fmt: skip
+        return cpb.CountTokensRequest(
+            model="" if self.encoding else model.rsplit("/", 1)[-1],
+            encoding=self.encoding,
+            messages=[chat_message(m) for m in messages],
+            tools=[tool_definition(t) for t in tools or ()],
+            text=text,
+        )
+
+    def _call(self, request: cpb.CountTokensRequest) -> int:
+        stub = cpb_grpc.ContextServiceStub(self._channel())
+        try:
+            reply = stub.CountTokens(
+                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.settings.target) from None
+        return int(reply.total_tokens)
+
+    async def _acall(self, request: cpb.CountTokensRequest) -> int:
+        stub = cpb_grpc.ContextServiceStub(self._achannel())
+        try:
+            reply = await stub.CountTokens(
+                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.settings.target) from None
+        return int(reply.total_tokens)
+
+    def count_chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    ) -> int:
+        return self._call(self._request(model, messages, tools))
+
+    def count_text(self, model: str, text: str) -> int:
+        return self._call(self._request(model, text=text)) if text else 0
+
+    async def acount_chat(
+        self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
+    ) -> int:
+        return await self._acall(self._request(model, messages, tools))
+
+    async def acount_text(self, model: str, text: str) -> int:
+        return await self._acall(self._request(model, text=text)) if text else 0
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.close()

@@ -1,0 +1,490 @@
+"""The OpenAI SDK, metered by the ledger: `chat.completions.create(...)` and
+`responses.create(...)` reserve before the call and settle after it.
+
+    import openai
+    from services.client import LedgerClient
+    from services.client.counting import ContextServiceCounter
+    from services.client.openai import LedgeredOpenAI
+
+    oai = LedgeredOpenAI(openai.OpenAI(), ledger=LedgerClient("127.0.0.1:50051"),
+                         counter=ContextServiceCounter("127.0.0.1:50052"),
+                         tenant_id="acme", user_id="alice")
+    reply = oai.chat.completions.create(model="gpt-4o", messages=[...], max_tokens=500)
+
+Each call: the prompt is counted (the counter: the context service, exactly, or anything
+in-process), the prompt plus the call's max tokens is reserved (see services.client.metering
+for partial grants), the call is made, and its `usage` is committed — cached prompt tokens
+as `cached_input_tokens`, the rest of the prompt as `input_tokens`. A call that raises is
+rolled back. A stream is asked for its usage (`stream_options.include_usage`) and settles
+when it ends or is closed: with the provider's usage, or, when it was cut before the usage
+chunk, with the counted prompt and the counted text it delivered (`Settlement.estimated`).
+Close a stream you stop reading (`with` or `.close()`), else it settles only when read to
+its end, and its hold expires at its TTL unsettled.
+
+When the ledger cannot be reached the call is refused (`LedgerUnavailable`): fail closed,
+unless `Policy(fail_open=True)`. Every other attribute is the wrapped client's, unmetered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services.client.client import AsyncLedgerClient, LedgerClient
+from services.client.counting import AsyncCounter, Counter, responses_input
+from services.client.errors import LedgerError, LedgerUnavailable
+from services.client.hold import AsyncHold, Hold
+from services.client.metering import (
+    OnSettled,
+    Payer,
+    Plan,
+    Policy,
+    Settlement,
+    bound,
+    plan,
+    usage_from_openai,
+)
+
+log = logging.getLogger("tokenledger.client.openai")
+
+
+@dataclass(frozen=True)
+class _Api:
+    """One metered endpoint: how its prompt, bound and stream events read."""
+
+    name: str
+    max_key: str
+
+    def prompt(self, kwargs: Mapping[str, Any]) -> tuple[list[dict[str, Any]], Sequence[Any]]:
+        if self.name == "chat":
+            return list(kwargs.get("messages") or ()), list(kwargs.get("tools") or ())
+        messages = responses_input(kwargs.get("input"), kwargs.get("instructions"))
+        return messages, list(kwargs.get("tools") or ())
+
+    def ask_usage(self, kwargs: dict[str, Any]) -> None:
+        """A chat stream reports usage only when asked; a Responses stream always does."""
+        if self.name == "chat":
+            kwargs["stream_options"] = {
+                **(kwargs.get("stream_options") or {}),
+                "include_usage": True,
+            }
+
+    def chunk_usage(self, chunk: Any) -> pb.Usage | None:
+        if self.name == "chat":
+            return usage_from_openai(getattr(chunk, "usage", None))
+        if getattr(chunk, "type", "") == "response.completed":
+            return usage_from_openai(getattr(chunk.response, "usage", None))
+        return None
+
+    def chunk_text(self, chunk: Any) -> str:
+        if self.name == "chat":
+            choices = getattr(chunk, "choices", None) or ()
+            return "".join((c.delta.content or "") for c in choices if c.delta is not None)
+        if getattr(chunk, "type", "") == "response.output_text.delta":
+            return str(chunk.delta)
+        return ""
+
+
+CHAT = _Api("chat", "max_tokens")
+RESPONSES = _Api("responses", "max_output_tokens")
+
+
+@dataclass(frozen=True)
+class _Meter:
+    payer: Payer
+    policy: Policy
+    on_settled: OnSettled | None
+
+    def settled(self, settlement: Settlement) -> None:
+        if settlement.outcome == "unsettled":
+            log.warning("a metered call could not be settled: %s", settlement.error)
+        if self.on_settled is not None:
+            self.on_settled(settlement)
+
+    def settlement(self, hold: Hold | AsyncHold | None, the_plan: Plan, sent: int) -> Settlement:
+        rid, granted = (hold.reservation_id, hold.granted) if hold else ("", 0)
+        return Settlement(rid, the_plan.amount, granted, sent)
+
+    def hold_fields(self, model: str, the_plan: Plan) -> dict[str, Any]:
+        p = self.payer
+        return {
+            "tenant_id": p.tenant_id, "user_id": p.user_id, "conversation_id": p.conversation_id,
+            "model": model, "amount": the_plan.amount, "min_amount": the_plan.min_amount,
+            "ttl_seconds": self.policy.ttl_seconds,
+        }  # fmt: skip
+
+
+def _fallback_usage(the_plan: Plan, sent: int) -> pb.Usage:
+    """No usage in a reply: charge what the hold covered (the prompt and the whole bound)."""
+    return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=sent)
+
+
+# --- blocking ---------------------------------------------------------------------------------
+
+
+class _SyncMetered:
+    def __init__(self, ledger: LedgerClient, counter: Counter, meter: _Meter) -> None:
+        self.ledger = ledger
+        self.counter = counter
+        self.meter = meter
+
+    def call(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> Any:
+        model = str(kwargs.get("model", ""))
+        messages, tools = api.prompt(kwargs)
+        try:
+            the_plan = plan(kwargs, self.counter.count_chat(model, messages, tools),
+                            self.meter.policy, api.max_key)  # fmt: skip
+            hold = self.ledger.hold(**self.meter.hold_fields(model, the_plan))
+            hold.reserve()
+        except LedgerUnavailable:
+            if not self.meter.policy.fail_open:
+                raise
+            return self._unmetered(api, create, kwargs, model)
+        bound(kwargs, the_plan, hold.granted)
+        sent = int(kwargs[the_plan.max_key])
+        if kwargs.get("stream"):
+            api.ask_usage(kwargs)
+        try:
+            result = create(**kwargs)
+        except BaseException as exc:
+            self._rollback(hold, the_plan, sent, exc)
+            raise
+        if kwargs.get("stream"):
+            return MeteredStream(result, self, api, hold, the_plan, sent)
+        usage = usage_from_openai(getattr(result, "usage", None))
+        self.commit(hold, the_plan, sent, usage or _fallback_usage(the_plan, sent), not usage)
+        return result
+
+    def commit(
+        self, hold: Hold, the_plan: Plan, sent: int, usage: pb.Usage, estimated: bool
+    ) -> None:
+        s = replace(self.meter.settlement(hold, the_plan, sent), usage=usage, estimated=estimated)
+        try:
+            hold.commit(usage)
+            s.outcome = "committed"
+        except LedgerError as exc:
+            s.outcome, s.error = "unsettled", str(exc)
+        self.meter.settled(s)
+
+    def _rollback(self, hold: Hold, the_plan: Plan, sent: int, exc: BaseException) -> None:
+        s = self.meter.settlement(hold, the_plan, sent)
+        try:
+            hold.rollback(f"the model call failed: {type(exc).__name__}")
+            s.outcome, s.error = "rolled back", str(exc)
+        except LedgerError as failed:
+            s.outcome, s.error = "unsettled", str(failed)
+        self.meter.settled(s)
+
+    def _unmetered(self, api: _Api, create: Any, kwargs: dict[str, Any], model: str) -> Any:
+        """fail_open: the call without a hold; its usage recorded if the ledger is back."""
+        result = create(**kwargs)
+        usage = None if kwargs.get("stream") else usage_from_openai(getattr(result, "usage", None))
+        s = Settlement("", 0, 0, 0, outcome="unmetered", usage=usage)
+        if usage is not None:
+            p = self.meter.payer
+            try:
+                self.ledger.record_usage(tenant_id=p.tenant_id, user_id=p.user_id,
+                                         conversation_id=p.conversation_id, model=model,
+                                         usage=usage)  # fmt: skip
+            except LedgerError as exc:
+                s.error = str(exc)
+        self.meter.settled(s)
+        return result
+
+    def estimate(self, model: str, the_plan: Plan, text: str, chunks: int) -> pb.Usage:
+        try:
+            output = self.counter.count_text(model, text)
+        except LedgerError:
+            output = chunks  # about a token a chunk, when even counting is away
+        return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
+
+
+class MeteredStream:
+    """A stream that settles its hold once: at its end, on close, or when reading it fails."""
+
+    def __init__(
+        self, inner: Any, metered: _SyncMetered, api: _Api, hold: Hold, the_plan: Plan, sent: int
+    ) -> None:
+        self._inner, self._iter = inner, iter(inner)
+        self._metered, self._api, self._hold, self._plan, self._sent = (
+            metered, api, hold, the_plan, sent
+        )  # fmt: skip
+        self._usage: pb.Usage | None = None
+        self._text: list[str] = []
+        self._settled = False
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            chunk = next(self._iter)
+        except BaseException:
+            self._settle()
+            raise
+        self._usage = self._api.chunk_usage(chunk) or self._usage
+        if text := self._api.chunk_text(chunk):
+            self._text.append(text)
+        return chunk
+
+    def __enter__(self) -> MeteredStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._settle()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        usage, estimated = self._usage, False
+        if usage is None:
+            model = self._hold.fields["model"]
+            usage = self._metered.estimate(model, self._plan, "".join(self._text), len(self._text))
+            estimated = True
+        self._metered.commit(self._hold, self._plan, self._sent, usage, estimated)
+
+
+class _Endpoint:
+    def __init__(self, metered: Any, api: _Api, create: Any) -> None:
+        self._metered, self._api, self._create = metered, api, create
+
+    def create(self, **kwargs: Any) -> Any:
+        """The SDK's `create`, metered (same arguments, same result)."""
+        return self._metered.call(self._api, self._create, dict(kwargs))
+
+
+class _Namespace:
+    """`client.chat` with a metered `completions` (or any namespace whose one child is)."""
+
+    def __init__(self, inner: Any, **children: Any) -> None:
+        self._inner = inner
+        self.__dict__.update(children)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class LedgeredOpenAI:
+    """`openai.OpenAI`, metered: `chat.completions.create` and `responses.create` reserve and
+    settle in the ledger; `for_user` charges another user or conversation."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        ledger: LedgerClient,
+        counter: Counter,
+        tenant_id: str,
+        user_id: str,
+        conversation_id: str = "",
+        policy: Policy | None = None,
+        on_settled: OnSettled | None = None,
+    ) -> None:
+        self._client, self._ledger, self._counter = client, ledger, counter
+        self._meter = _Meter(
+            Payer(tenant_id, user_id, conversation_id), policy or Policy(), on_settled
+        )
+        metered = _SyncMetered(ledger, counter, self._meter)
+        completions = _Endpoint(metered, CHAT, client.chat.completions.create)
+        self.chat = _Namespace(client.chat, completions=completions)
+        self.responses = _Endpoint(metered, RESPONSES, client.responses.create)
+
+    def for_user(self, user_id: str, conversation_id: str = "") -> LedgeredOpenAI:
+        m = self._meter
+        return LedgeredOpenAI(
+            self._client, ledger=self._ledger, counter=self._counter,
+            tenant_id=m.payer.tenant_id, user_id=user_id, conversation_id=conversation_id,
+            policy=m.policy, on_settled=m.on_settled,
+        )  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+# --- asyncio ----------------------------------------------------------------------------------
+
+
+class _AsyncMetered:
+    def __init__(self, ledger: AsyncLedgerClient, counter: AsyncCounter, meter: _Meter) -> None:
+        self.ledger = ledger
+        self.counter = counter
+        self.meter = meter
+
+    async def call(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> Any:
+        model = str(kwargs.get("model", ""))
+        messages, tools = api.prompt(kwargs)
+        try:
+            prompt = await self.counter.acount_chat(model, messages, tools)
+            the_plan = plan(kwargs, prompt, self.meter.policy, api.max_key)
+            hold = self.ledger.hold(**self.meter.hold_fields(model, the_plan))
+            await hold.reserve()
+        except LedgerUnavailable:
+            if not self.meter.policy.fail_open:
+                raise
+            return await self._unmetered(create, kwargs, model)
+        bound(kwargs, the_plan, hold.granted)
+        sent = int(kwargs[the_plan.max_key])
+        if kwargs.get("stream"):
+            api.ask_usage(kwargs)
+        try:
+            result = await create(**kwargs)
+        except BaseException as exc:
+            await self._rollback(hold, the_plan, sent, exc)
+            raise
+        if kwargs.get("stream"):
+            return AsyncMeteredStream(result, self, api, hold, the_plan, sent)
+        usage = usage_from_openai(getattr(result, "usage", None))
+        await self.commit(hold, the_plan, sent, usage or _fallback_usage(the_plan, sent), not usage)
+        return result
+
+    async def commit(
+        self, hold: AsyncHold, the_plan: Plan, sent: int, usage: pb.Usage, estimated: bool
+    ) -> None:
+        s = replace(self.meter.settlement(hold, the_plan, sent), usage=usage, estimated=estimated)
+        try:
+            await hold.commit(usage)
+            s.outcome = "committed"
+        except LedgerError as exc:
+            s.outcome, s.error = "unsettled", str(exc)
+        self.meter.settled(s)
+
+    async def _rollback(
+        self, hold: AsyncHold, the_plan: Plan, sent: int, exc: BaseException
+    ) -> None:
+        s = self.meter.settlement(hold, the_plan, sent)
+        try:
+            await hold.rollback(f"the model call failed: {type(exc).__name__}")
+            s.outcome, s.error = "rolled back", str(exc)
+        except LedgerError as failed:
+            s.outcome, s.error = "unsettled", str(failed)
+        self.meter.settled(s)
+
+    async def _unmetered(self, create: Any, kwargs: dict[str, Any], model: str) -> Any:
+        result = await create(**kwargs)
+        usage = None if kwargs.get("stream") else usage_from_openai(getattr(result, "usage", None))
+        s = Settlement("", 0, 0, 0, outcome="unmetered", usage=usage)
+        if usage is not None:
+            p = self.meter.payer
+            try:
+                await self.ledger.record_usage(tenant_id=p.tenant_id, user_id=p.user_id,
+                                               conversation_id=p.conversation_id, model=model,
+                                               usage=usage)  # fmt: skip
+            except LedgerError as exc:
+                s.error = str(exc)
+        self.meter.settled(s)
+        return result
+
+    async def estimate(self, model: str, the_plan: Plan, text: str, chunks: int) -> pb.Usage:
+        try:
+            output = await self.counter.acount_text(model, text)
+        except LedgerError:
+            output = chunks
+        return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
+
+
+class AsyncMeteredStream:
+    """An async stream that settles its hold once: at its end, on `aclose`, or on failure."""
+
+    def __init__(
+        self, inner: Any, metered: _AsyncMetered, api: _Api, hold: AsyncHold, the_plan: Plan,
+        sent: int,
+    ) -> None:  # fmt: skip
+        self._inner, self._iter = inner, inner.__aiter__()
+        self._metered, self._api, self._hold, self._plan, self._sent = (
+            metered, api, hold, the_plan, sent
+        )  # fmt: skip
+        self._usage: pb.Usage | None = None
+        self._text: list[str] = []
+        self._settled = False
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            chunk = await self._iter.__anext__()
+        except BaseException:
+            await self._settle()
+            raise
+        self._usage = self._api.chunk_usage(chunk) or self._usage
+        if text := self._api.chunk_text(chunk):
+            self._text.append(text)
+        return chunk
+
+    async def __aenter__(self) -> AsyncMeteredStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.close()
+        finally:
+            await self._settle()
+
+    close = aclose
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def _settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        usage, estimated = self._usage, False
+        if usage is None:
+            model = self._hold.fields["model"]
+            text = "".join(self._text)
+            usage = await self._metered.estimate(model, self._plan, text, len(self._text))
+            estimated = True
+        await self._metered.commit(self._hold, self._plan, self._sent, usage, estimated)
+
+
+class LedgeredAsyncOpenAI:
+    """`openai.AsyncOpenAI`, metered as LedgeredOpenAI is."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        ledger: AsyncLedgerClient,
+        counter: AsyncCounter,
+        tenant_id: str,
+        user_id: str,
+        conversation_id: str = "",
+        policy: Policy | None = None,
+        on_settled: OnSettled | None = None,
+    ) -> None:
+        self._client, self._ledger, self._counter = client, ledger, counter
+        self._meter = _Meter(
+            Payer(tenant_id, user_id, conversation_id), policy or Policy(), on_settled
+        )
+        metered = _AsyncMetered(ledger, counter, self._meter)
+        completions = _Endpoint(metered, CHAT, client.chat.completions.create)
+        self.chat = _Namespace(client.chat, completions=completions)
+        self.responses = _Endpoint(metered, RESPONSES, client.responses.create)
+
+    def for_user(self, user_id: str, conversation_id: str = "") -> LedgeredAsyncOpenAI:
+        m = self._meter
+        return LedgeredAsyncOpenAI(
+            self._client, ledger=self._ledger, counter=self._counter,
+            tenant_id=m.payer.tenant_id, user_id=user_id, conversation_id=conversation_id,
+            policy=m.policy, on_settled=m.on_settled,
+        )  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
