@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from ledger import codec
 from ledger.checkpoints import Checkpoint
@@ -144,3 +145,122 @@ def test_checkpoints_cannot_be_changed_even_by_their_owner(database_url: str, te
             pytest.raises(psycopg.errors.RestrictViolation, match="append-only"),
         ):
             conn.execute(sql, (tenant,) if "%s" in sql else ())
+
+
+# change -> (SQL run as a superuser with the triggers off, found by a full verification, found
+# by one from the checkpoint). %(t)s is the tenant, %(p)s the checkpoint's position.
+TAMPERING = {
+    "an event before the checkpoint": (
+        "UPDATE events SET input_tokens = input_tokens + 7 WHERE tenant_id = %(t)s "
+        "AND user_id = 'u3' AND event_type = 'ReservationCommitted' AND position <= %(p)s",
+        True, False,
+    ),
+    "an event after the checkpoint": (
+        "UPDATE events SET input_tokens = input_tokens + 7 WHERE tenant_id = %(t)s "
+        "AND user_id = 'u3' AND event_type = 'ReservationCommitted' AND position > %(p)s",
+        True, True,
+    ),
+    "a deleted event after the checkpoint": (
+        "DELETE FROM events WHERE tenant_id = %(t)s AND position = (SELECT min(position) "
+        "FROM events WHERE tenant_id = %(t)s AND user_id = 'u5' AND position > %(p)s)",
+        True, True,
+    ),
+    "a deleted event before the checkpoint": (
+        "DELETE FROM events WHERE tenant_id = %(t)s AND position = (SELECT min(position) "
+        "FROM events WHERE tenant_id = %(t)s AND user_id = 'u6' AND position <= %(p)s)",
+        True, True,  # the second by the count of events up to the checkpoint
+    ),
+    "the checkpoint": (
+        "UPDATE audit_checkpoints SET events = events - 1 WHERE tenant_id = %(t)s",
+        True, True,
+    ),
+    "a row of the checkpoint": (
+        "UPDATE audit_checkpoint_rows SET value = replace(value, '\"held\":0', '\"held\":9') "
+        "WHERE tenant_id = %(t)s AND kind = 'account' "
+        "AND key = '[\"' || %(t)s || '\",\"u9\",\"\"]'",
+        True, True,
+    ),
+    "a projection row the new events changed": (
+        "UPDATE usage_hourly SET output_tokens = output_tokens + 1 WHERE tenant_id = %(t)s "
+        "AND user_id = 'u7'",
+        True, True,
+    ),
+    "a projection row no new event changed": (
+        "UPDATE reservations SET amount = amount + 1 WHERE tenant_id = %(t)s AND user_id = 'bob'",
+        True, False,  # README: what a verification from a checkpoint does not prove
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", TAMPERING)
+def test_each_tampering_is_found_by_the_mode_that_should_find_it(
+    database_url: str, ledger: ServerThread, tenant: str, change: str
+) -> None:
+    made = take(database_url, tenant)[1]
+    assert made is not None
+    traffic(ledger, tenant, 1)
+    assert clean(since(database_url, tenant)) and clean(verify_tenant(database_url, tenant))
+    sql, by_full, by_since = TAMPERING[change]
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET session_replication_role = replica")  # triggers off: a superuser
+        assert conn.execute(sql, {"t": tenant, "p": made.position}).rowcount >= 1
+    full = verify_tenant(database_url, tenant, workers=3)
+    assert (not clean(full)) == by_full, (full.breaks, full.differences)
+    incremental = since(database_url, tenant, workers=3)
+    assert (not clean(incremental)) == by_since, (incremental.breaks, incremental.differences)
+    if change in NAMED:  # the checkpoint is named in both reports, with what differs
+        for report in (full, incremental):
+            named = {(d.key, d.field) for d in report.differences if d.kind == "checkpoint"}
+            assert (made.name, NAMED[change]) in named, report.differences
+
+
+NAMED = {
+    "the checkpoint": "chain",
+    "a row of the checkpoint": "rows",
+    "a deleted event before the checkpoint": "events",
+}
+
+
+def test_a_history_rewritten_consistently_before_a_checkpoint_is_found_by_its_digest(
+    database_url: str, ledger: ServerThread, tenant: str
+) -> None:
+    """A superuser rewrites an event before the checkpoint and recomputes every hash after it
+    and the stream's head, so every chain verifies and every projection matches: only the
+    checkpoint, which recorded the stream's head, tells (and the first event after it)."""
+    made = take(database_url, tenant)[1]
+    assert made is not None
+    traffic(ledger, tenant, 1)
+    stream = (tenant, "u2", "c2")
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        conn.execute("SET session_replication_role = replica")
+        names = ", ".join([*codec.EVENT_COLUMNS, *codec.CHAIN_COLUMNS])
+        found = conn.execute(
+            f"SELECT {names} FROM events WHERE (tenant_id, user_id, conversation_id) = "  # noqa: S608
+            "(%s, %s, %s) ORDER BY version",
+            stream,
+        ).fetchall()
+        assert len(found) >= 4  # two events before the checkpoint, two after
+        found[0]["trace_id"] = "forged"
+        head = codec.GENESIS_HASH
+        for row in found:
+            row["prev_hash"], row["hash"] = head, codec.event_hash(row, head)
+            head = row["hash"]
+            conn.execute(
+                "UPDATE events SET trace_id = %s, prev_hash = %s, hash = %s WHERE "
+                "(tenant_id, user_id, conversation_id, version) = (%s, %s, %s, %s)",
+                (row["trace_id"], row["prev_hash"], row["hash"], *stream, row["version"]),
+            )
+        conn.execute(
+            "UPDATE accounts SET head_hash = %s WHERE (tenant_id, user_id, conversation_id) = "
+            "(%s, %s, %s)",
+            (head, *stream),
+        )
+    full = verify_tenant(database_url, tenant, workers=3)
+    assert not full.breaks
+    assert [(d.kind, d.key, d.field) for d in full.differences] == [
+        ("checkpoint", made.name, "stream")
+    ]
+    incremental = since(database_url, tenant)
+    assert [(b.stream.user_id, b.problem) for b in incremental.breaks] == [
+        ("u2", "prev_hash is not the previous event's hash")
+    ]
