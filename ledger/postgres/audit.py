@@ -188,6 +188,8 @@ class LedgerAudit:
                 parts = verify.plan(Scope(tenant_id), self._workers, **options)
                 report = await self._run_parts(conn, parts)
                 report.differences[:0] = problems
+                if last is not None:
+                    report.from_checkpoint, report.from_position = last.seq, last.position
                 if report.breaks or report.differences:
                     return report, None
                 made, rows = checkpoints.next_checkpoint(
