@@ -49,9 +49,10 @@ CREATE TABLE audit_checkpoint_rows (
     kind      text   NOT NULL,
     key       text   NOT NULL,
     value     text,
-    -- Lookups go by key, newest checkpoint first (the state at a checkpoint).
-    PRIMARY KEY (tenant_id, kind, key, seq),
-    FOREIGN KEY (tenant_id, seq) REFERENCES audit_checkpoints (tenant_id, seq)
+    -- Lookups go by key, newest checkpoint first (the state at a checkpoint). No foreign key
+    -- to audit_checkpoints (the schema has none, for Citus): the rows are written in the
+    -- checkpoint's transaction, and its delta_rows and delta_digest say which belong to it.
+    PRIMARY KEY (tenant_id, kind, key, seq)
 );
 
 -- Append-only, like events: statement-level, so even a change matching no row is refused.

@@ -138,7 +138,7 @@ def test_checkpoints_cannot_be_changed_even_by_their_owner(database_url: str, te
     for sql in (
         "UPDATE audit_checkpoints SET events = events + 1 WHERE tenant_id = %s",
         "DELETE FROM audit_checkpoint_rows WHERE tenant_id = %s",
-        "TRUNCATE audit_checkpoints CASCADE",
+        "TRUNCATE audit_checkpoints",
     ):
         with (
             psycopg.connect(database_url) as conn,
