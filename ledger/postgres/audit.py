@@ -148,11 +148,14 @@ class LedgerAudit:
         report.checkpoints_checked = len(found)
         return report
 
-    async def _run_parts(self, conn: Conn, parts: list[Part]) -> VerifyReport:
-        """The parts on the worker processes, each on a snapshot exported by `conn`."""
+    async def _run_parts(
+        self, conn: Conn, parts: list[Part], primary: bool = False
+    ) -> VerifyReport:
+        """The parts on the worker processes, each on a snapshot exported by `conn` (of the
+        primary's pool or of the reading one: a snapshot is imported on its own server)."""
         cur = await conn.execute("SELECT pg_export_snapshot() AS snapshot")
         snapshot = (await cur.fetchone() or {})["snapshot"]
-        conninfo = self._pool.conninfo
+        conninfo = (self._primary if primary else self._pool).conninfo
         checks = [
             asyncio.ensure_future(self._in_worker(verify.check, conninfo, snapshot, p))
             for p in parts
@@ -186,7 +189,7 @@ class LedgerAudit:
                     "until": position, "collect": True,
                 }  # fmt: skip
                 parts = verify.plan(Scope(tenant_id), self._workers, **options)
-                report = await self._run_parts(conn, parts)
+                report = await self._run_parts(conn, parts, primary=True)
                 report.differences[:0] = problems
                 if last is not None:
                     report.from_checkpoint, report.from_position = last.seq, last.position
@@ -198,6 +201,14 @@ class LedgerAudit:
                 await checkpoints.write(conn, made, rows)
         report.changes = []
         return report, made
+
+    async def due_for_checkpoint(self, every_events: int, every_s: float) -> list[str]:
+        """The tenants with at least `every_events` events since their last checkpoint, or
+        with any event and no checkpoint for `every_s` seconds (0: that rule is off)."""
+        with translated():
+            async with self._primary.connection() as conn:
+                cur = await conn.execute(checkpoints.DUE_SQL, {"n": every_events, "s": every_s})
+                return [row["tenant_id"] for row in await cur.fetchall()]
 
     @staticmethod
     async def _checkpoint_target(

@@ -165,3 +165,35 @@ async def write(conn: Conn, c: Checkpoint, rows: list[tuple[str, str, str | None
     async with conn.cursor() as cur, cur.copy(copy_sql) as copy:
         for kind, key, value in rows:
             await copy.write_row((c.tenant_id, c.seq, kind, key, value))
+
+
+# The tenants due for a checkpoint. The tenants are found by a skip scan of the
+# (tenant_id, position) index, one probe per tenant (a DISTINCT would read the whole log every
+# time); the events since a tenant's last checkpoint are counted only up to n.
+DUE_SQL = """
+WITH RECURSIVE tenants AS (
+    (SELECT tenant_id FROM events ORDER BY tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.tenant_id FROM events e WHERE e.tenant_id > t.tenant_id
+            ORDER BY e.tenant_id LIMIT 1)
+    FROM tenants t WHERE t.tenant_id IS NOT NULL
+)
+SELECT t.tenant_id
+FROM tenants t
+LEFT JOIN LATERAL (
+    SELECT c.position, c.taken_at FROM audit_checkpoints c
+    WHERE c.tenant_id = t.tenant_id ORDER BY c.seq DESC LIMIT 1
+) last ON true
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM (
+        SELECT 1 FROM events e
+        WHERE e.tenant_id = t.tenant_id AND e.position > coalesce(last.position, 0)
+        LIMIT greatest(%(n)s, 1)
+    ) newer
+) since
+WHERE t.tenant_id IS NOT NULL AND since.n > 0
+  AND ((%(n)s > 0 AND since.n >= %(n)s)
+       OR (%(s)s > 0 AND coalesce(last.taken_at, '-infinity')
+                         <= now() - make_interval(secs => %(s)s)))
+ORDER BY t.tenant_id
+"""

@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from pathlib import Path
 
 import grpc
 import psycopg
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import TOKENLEDGER, ServerThread, call_fails, cycle, new_id
+from tests.support import TOKENLEDGER, LedgerProcess, ServerThread, call_fails, cycle, new_id
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -104,3 +106,47 @@ def test_bad_checkpoint_requests_are_refused_with_nothing_written(
         )
         assert f.code == grpc.StatusCode.FAILED_PRECONDITION and "no checkpoint yet" in f.message
     assert written(database_url) == before
+
+
+def test_the_server_takes_a_checkpoint_every_n_events(database_url: str, tmp_path: Path) -> None:
+    """TOKENLEDGER_CHECKPOINT_EVERY_EVENTS: a tenant gets a checkpoint once it has that many
+    events since its last one (and not before), each verified from the previous one."""
+    server = LedgerProcess(
+        database_url, tmp_path / "ledger.log", TOKENLEDGER_CHECKPOINT_EVERY_EVENTS="6",
+        TOKENLEDGER_CHECKPOINT_CHECK_S="0.2", TOKENLEDGER_AUDIT_WORKERS="1",
+    )  # fmt: skip
+    server.start()
+    tenant = new_id("t")
+
+    def seqs() -> list[tuple[int, int]]:
+        with psycopg.connect(database_url) as conn:
+            return [(int(a), int(b)) for a, b in conn.execute(
+                "SELECT seq, events FROM audit_checkpoints WHERE tenant_id = %s ORDER BY seq",
+                (tenant,),
+            ).fetchall()]  # fmt: skip
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 60
+        while len(seqs()) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = pb_grpc.LedgerServiceStub(channel)
+            cycle(stub, tenant, "ann", "c1", 100, 50)  # 2 events: not due
+            time.sleep(1.5)
+            assert seqs() == []
+            for n in range(3):
+                cycle(stub, tenant, "ann", f"c{n}", 100, 50)
+            wait_for(1)
+            assert seqs() == [(1, 8)]
+            for n in range(3):
+                cycle(stub, tenant, "bob", f"c{n}", 100, 50)
+            wait_for(2)
+            assert seqs() == [(1, 8), (2, 14)]
+            report = stub.VerifyAudit(pb.VerifyAuditRequest(tenant_id=tenant))
+            assert report.checkpoints_checked == 2 and report.checkpoints_ok
+            assert report.projections_match and report.chains_ok
+    finally:
+        server.stop()
+    assert "checkpoint taken" in (tmp_path / "ledger.log").read_text()

@@ -264,3 +264,19 @@ def test_a_history_rewritten_consistently_before_a_checkpoint_is_found_by_its_di
     assert [(b.stream.user_id, b.problem) for b in incremental.breaks] == [
         ("u2", "prev_hash is not the previous event's hash")
     ]
+
+
+def test_a_tenant_is_due_by_events_since_or_by_time_since_its_last_checkpoint(
+    database_url: str, ledger: ServerThread, tenant: str
+) -> None:
+    def due(every_events: int, every_s: float) -> bool:
+        return tenant in audit_call(database_url, 1, "due_for_checkpoint", every_events, every_s)
+
+    assert due(1, 0) and due(0, 3600)  # no checkpoint yet: due by either rule
+    assert not due(0, 0)  # both rules off
+    assert take(database_url, tenant)[1] is not None
+    assert not due(1, 0) and not due(0, 0.001)  # nothing since: never due
+    with ledger.stub() as stub:
+        cycle(stub, tenant, "ann", "c1", 101, 50)  # two events
+    assert due(2, 0) and not due(3, 0)
+    assert due(0, 0.001) and not due(0, 3600)
