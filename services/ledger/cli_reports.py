@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ledger.application import Ledger
 from ledger.checkpoints import Checkpoint
-from ledger.errors import CheckpointRefused
+from ledger.errors import CheckpointRefused, StoreUnavailable
 from ledger.postgres.audit import LedgerAudit
 from ledger.postgres.store import PostgresStore
 from ledger.reads import RebuildReport, Scope, VerifyReport
@@ -222,6 +222,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
             report, made = asyncio.run(run())
     except CheckpointRefused as exc:
         print(f"tokenledger audit checkpoint: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:  # a lost race with another taker, or no database
+        print(f"tokenledger audit checkpoint: {exc}; nothing was written, retry", file=sys.stderr)
         return 2
     out: dict[str, Any] = {
         "taken": made is not None,

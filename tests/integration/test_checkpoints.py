@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 
 from ledger import codec
 from ledger.checkpoints import Checkpoint
-from ledger.errors import CheckpointRefused
+from ledger.errors import CheckpointRefused, Conflict
 from ledger.postgres.audit import LedgerAudit
 from ledger.reads import Scope, VerifyReport
 from services.platform import db
@@ -280,3 +280,25 @@ def test_a_tenant_is_due_by_events_since_or_by_time_since_its_last_checkpoint(
         cycle(stub, tenant, "ann", "c1", 101, 50)  # two events
     assert due(2, 0) and not due(3, 0)
     assert due(0, 0.001) and not due(0, 3600)
+
+
+def test_two_takers_at_once_make_one_checkpoint_and_a_retryable_refusal(
+    database_url: str, tenant: str
+) -> None:
+    async def both() -> list[Any]:
+        async with db.make_pool(database_url, 4) as pool:
+            audits = [LedgerAudit(pool, workers=1), LedgerAudit(pool, workers=1)]
+            try:
+                return await asyncio.gather(
+                    *(a.checkpoint(tenant) for a in audits), return_exceptions=True
+                )
+            finally:
+                for a in audits:
+                    a.close()
+
+    outcomes = asyncio.run(both())
+    taken = [o for o in outcomes if isinstance(o, tuple) and o[1] is not None]
+    refused = [o for o in outcomes if isinstance(o, Conflict | CheckpointRefused)]
+    assert len(taken) == 1 and len(refused) == 1, outcomes
+    assert rows(database_url, "SELECT seq FROM audit_checkpoints WHERE tenant_id = %s",
+                tenant) == [(1,)]  # fmt: skip
