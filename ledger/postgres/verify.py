@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -136,6 +136,9 @@ def merge(reports: list[VerifyReport]) -> VerifyReport:
 
 # --- in a worker process ------------------------------------------------------------------
 
+CHUNK_ROWS = 20_000
+"""Rows decoded at a time: from a checkpoint, the keys they touch are read in one query."""
+
 
 def worker_started() -> None:
     """A worker ignores Ctrl-C: the terminal sends it to the whole process group, and the
@@ -143,30 +146,29 @@ def worker_started() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def check(conninfo: str, snapshot: str, part: Part) -> VerifyReport:
+def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS) -> VerifyReport:
     """Verify one part on the exported `snapshot`: recompute its chains, rebuild its
     projections from the log in one pass in log order, and compare them with the live rows.
     From a checkpoint (`part.since_seq`), only the events after it are read, each key they
     touch starts from its state at the checkpoint, and only those keys are compared."""
-    with _reading(conninfo, snapshot) as conn:
+    with _reading(conninfo, snapshot) as conn, ExitStack() as more:
+        # The checkpoint's state is read while the COPY streams, so on a second connection
+        # on the same snapshot: one connection cannot run a query in the middle of a COPY.
+        seeds = more.enter_context(_reading(conninfo, snapshot)) if part.since_seq else conn
         fold = _Fold(part)
         rows: list[dict[str, Any]] = []
         for row in _event_rows(conn, *part.events_where()):
             rows.append(row)
-            if len(rows) == CHUNK_ROWS:
-                fold.feed(conn, rows)
+            if len(rows) == chunk_rows:
+                fold.feed(seeds, rows)
                 rows = []
-        fold.feed(conn, rows)
+        fold.feed(seeds, rows)
         fold.finish()
         if part.since_seq:
             live = _Live.read(conn, fold.touched.where(part.scope.tenant_id))
         else:
             live = _Live.read(conn, _same(*part.rows_where()))
     return fold.report_against(live)
-
-
-CHUNK_ROWS = 20_000
-"""Rows decoded at a time: from a checkpoint, the keys they touch are read in one query."""
 
 
 def _same(where: str, params: tuple[Any, ...]) -> Callable[[str], tuple[str, tuple[Any, ...]]]:

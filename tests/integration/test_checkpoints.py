@@ -17,7 +17,9 @@ from psycopg.rows import dict_row
 from ledger import codec
 from ledger.checkpoints import Checkpoint
 from ledger.errors import CheckpointRefused, Conflict
+from ledger.postgres import verify
 from ledger.postgres.audit import LedgerAudit
+from ledger.postgres.verify import Part
 from ledger.reads import Scope, VerifyReport
 from services.platform import db
 from tests.support import ServerThread, cycle, new_id, verify_tenant
@@ -302,3 +304,23 @@ def test_two_takers_at_once_make_one_checkpoint_and_a_retryable_refusal(
     assert len(taken) == 1 and len(refused) == 1, outcomes
     assert rows(database_url, "SELECT seq FROM audit_checkpoints WHERE tenant_id = %s",
                 tenant) == [(1,)]  # fmt: skip
+
+
+def test_a_verification_from_a_checkpoint_reads_its_state_while_the_log_streams(
+    database_url: str, ledger: ServerThread, tenant: str
+) -> None:
+    """The events after a checkpoint are decoded in chunks, and each chunk's keys are looked
+    up in the checkpoint while the COPY of the log is still streaming (a second connection on
+    the same snapshot: the first one hung there once). Chunks of 5 rows report what one
+    chunk does."""
+    made = take(database_url, tenant)[1]
+    assert made is not None
+    traffic(ledger, tenant, 1)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        part = Part(Scope(tenant), True, True, since_seq=made.seq, since=made.position)
+        small = verify.check(database_url, row[0], part, chunk_rows=5)
+        whole = verify.check(database_url, row[0], part)
+    assert small == whole and clean(whole) and whole.events_checked > 5 * 4
