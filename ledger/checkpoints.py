@@ -72,18 +72,24 @@ def _text(value: Any) -> str:
     return codec.canonical_json(value).decode()
 
 
+def _key_text(parts: list[str]) -> str:
+    """A key as a JSON list of strings: canonical_json's text, without its generality."""
+    return json.dumps(parts, separators=(",", ":"), ensure_ascii=False)
+
+
 def account_key_text(key: AccountKey) -> str:
-    return _text([key.tenant_id, key.user_id, key.conversation_id])
+    return _key_text([key.tenant_id, key.user_id, key.conversation_id])
 
 
 def usage_key_text(key: UsageKey) -> str:
-    parts = [key.tenant_id, codec.ts(key.hour), key.user_id, key.conversation_id, key.model]
-    return _text(parts)
+    return _key_text(
+        [key.tenant_id, codec.ts(key.hour), key.user_id, key.conversation_id, key.model]
+    )
 
 
 def rate_limit_key_text(key: RateLimitKey) -> str:
     a = key.account
-    return _text([a.tenant_id, a.user_id, a.conversation_id, key.model])
+    return _key_text([a.tenant_id, a.user_id, a.conversation_id, key.model])
 
 
 def stream_item(key: AccountKey, head: tuple[int, bytes]) -> Item:

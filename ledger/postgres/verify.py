@@ -26,8 +26,17 @@ from psycopg.rows import dict_row
 from ledger import checkpoints as cp
 from ledger import codec
 from ledger.checkpoints import KINDS, Digest
-from ledger.domain import affected, rate_limit_keys
-from ledger.model import Account, AccountKey, BalanceResult, Event, RateLimit, RateLimitKey
+from ledger.domain import rate_limit_keys
+from ledger.model import (
+    Account,
+    AccountKey,
+    BalanceResult,
+    Event,
+    RateLimit,
+    RateLimitKey,
+    RateLimitSet,
+    TokensReserved,
+)
 from ledger.postgres.errors import translate
 from ledger.postgres.rows import (
     ACCOUNT_COLUMNS,
@@ -109,7 +118,9 @@ def plan(scope: Scope, workers: int, **options: Any) -> list[Part]:
     # The tenant part costs about a quarter of all the user parts together (one account per
     # event instead of two, no chains, usage or reservations); three buckets per worker keep
     # the workers evenly loaded behind it (bench: 5 equal parts on 2 workers took 3 rounds).
-    buckets = 3 * workers
+    # From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
+    # its share of the few events: one bucket per worker.
+    buckets = workers if options.get("since_seq") else 3 * workers
     return [
         Part(scope, tenant_level=True, users=False, **options),
         *(Part(scope, False, True, bucket, buckets, **options) for bucket in range(buckets)),
@@ -184,30 +195,39 @@ class _Touched:
     reservations: set[str] = field(default_factory=set)
     usage: set[UsageKey] = field(default_factory=set)
     rate_limits: set[RateLimitKey] = field(default_factory=set)
+    seen: set[AccountKey] = field(default_factory=set)
+    pending: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def add(self, part: Part, row: dict[str, Any], event: Event | None) -> None:
         stream = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
-        if part.keep(stream):
-            self.streams.add(stream)
+        if stream not in self.seen:  # an event changes at most its stream's lineage
+            self.seen.add(stream)
+            if part.keep(stream):
+                self._new("stream", self.streams, stream, cp.account_key_text)
+            for k in stream.lineage():
+                if part.keep(k):
+                    self._new("account", self.accounts, k, cp.account_key_text)
         if event is None:
             return
-        self.accounts.update(k for k in affected(event) if part.keep(k))
-        self.rate_limits.update(k for k in rate_limit_keys(event) if part.keep(k.account))
+        if isinstance(event, TokensReserved | RateLimitSet):  # the only ones with limiters
+            for rk in rate_limit_keys(event):
+                if part.keep(rk.account):
+                    self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
         if part.keep(event.key):
             rid = getattr(event, "reservation_id", "")
             if rid:
-                self.reservations.add(rid)
+                self._new("reservation", self.reservations, rid, str)
             if usage_delta(event) is not None:
-                self.usage.add(usage_key(event))
+                self._new("usage", self.usage, usage_key(event), cp.usage_key_text)
 
-    def texts(self) -> dict[tuple[str, str], Any]:
-        """(kind, key text) -> key, for every key touched."""
-        out: dict[tuple[str, str], Any] = {}
-        out.update({("stream", cp.account_key_text(k)): k for k in self.streams})
-        out.update({("account", cp.account_key_text(k)): k for k in self.accounts})
-        out.update({("reservation", r): r for r in self.reservations})
-        out.update({("usage", cp.usage_key_text(k)): k for k in self.usage})
-        out.update({("rate_limit", cp.rate_limit_key_text(k)): k for k in self.rate_limits})
+    def _new(self, kind: str, keys: set[Any], key: Any, text: Callable[[Any], str]) -> None:
+        if key not in keys:
+            keys.add(key)
+            self.pending[(kind, text(key))] = key
+
+    def take_pending(self) -> dict[tuple[str, str], Any]:
+        """(kind, key text) -> key, for every key touched since the last call."""
+        out, self.pending = self.pending, {}
         return out
 
     def where(self, tenant_id: str) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
@@ -217,13 +237,13 @@ class _Touched:
         usage = sorted(self.usage)
         by_table: dict[str, tuple[str, tuple[Any, ...]]] = {
             "accounts": (
-                "(user_id, conversation_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                "(user_id, conversation_id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
                 ([k.user_id for k in accounts], [k.conversation_id for k in accounts]),
             ),
-            "reservations": ("reservation_id = ANY(%s::text[])", (list(self.reservations),)),
+            "reservations": ("reservation_id = ANY(%b::text[])", (list(self.reservations),)),
             "rate_limits": (
                 "(user_id, conversation_id, model) IN "
-                "(SELECT * FROM unnest(%s::text[], %s::text[], %s::text[]))",
+                "(SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]))",
                 (
                     [k.account.user_id for k in limits],
                     [k.account.conversation_id for k in limits],
@@ -232,7 +252,7 @@ class _Touched:
             ),
             "usage_hourly": (
                 "(hour, user_id, conversation_id, model) IN (SELECT * FROM "
-                "unnest(%s::timestamptz[], %s::text[], %s::text[], %s::text[]))",
+                "unnest(%b::timestamptz[], %b::text[], %b::text[], %b::text[]))",
                 tuple([getattr(k, f) for k in usage] for f in _USAGE_KEY_COLUMNS),
             ),
         }
@@ -291,7 +311,7 @@ class _Fold:
 
     def _seed(self, conn: SyncConn) -> None:
         """Start each newly touched key from its value at the checkpoint."""
-        new = {t: k for t, k in self.touched.texts().items() if t not in self.old}
+        new = self.touched.take_pending()
         if not new:
             return
         kinds, keys = [t[0] for t in new], [t[1] for t in new]
@@ -375,7 +395,7 @@ class _Fold:
 _STATE_AT_SQL = """
 SELECT DISTINCT ON (r.kind, r.key) r.kind, r.key, r.value
 FROM audit_checkpoint_rows r
-JOIN unnest(%s::text[], %s::text[]) AS t(kind, key) ON r.kind = t.kind AND r.key = t.key
+JOIN unnest(%b::text[], %b::text[]) AS t(kind, key) ON r.kind = t.kind AND r.key = t.key
 WHERE r.tenant_id = %s AND r.seq <= %s
 ORDER BY r.kind, r.key, r.seq DESC
 """
