@@ -99,6 +99,8 @@ class VerifyReport:
     """Checkpoints whose chain (and, in a full verification, state) were checked."""
     sums: dict[int, dict[str, Digest]] = field(default_factory=dict)
     """A part's digests of its state at each checkpoint it passed (merged by the caller)."""
+    own_rows: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    """Checkpoint seq -> how many rows it has in audit_checkpoint_rows now, and their digest."""
     changes: list[Change] = field(default_factory=list)
     """The state items that changed since the checkpoint started from (for the next one)."""
 

@@ -121,9 +121,11 @@ class LedgerAudit:
             found = [] if scope.user_id else await checkpoints.read_all(conn, scope.tenant_id)
             if from_checkpoint:
                 return await self._verify_since(conn, scope, found)
-            options = {"passes": tuple((c.seq, c.position) for c in found)}
-            report = await self._run_parts(conn, verify.plan(scope, self._workers, **options))
-            report.differences[:0] = await checkpoints.problems(conn, found, found)
+            passes = tuple((c.seq, c.position) for c in found)
+            own_rows = tuple(c.seq for c in found)
+            parts = verify.plan(scope, self._workers, own_rows, passes=passes)
+            report = await self._run_parts(conn, parts)
+            report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows)
         for c in found:
             report.differences[:0] = checkpoints.state_differences(c, report.sums.get(c.seq))
         report.checkpoints_checked = len(found)
@@ -140,10 +142,11 @@ class LedgerAudit:
                 "`tokenledger audit checkpoint`, or verify the whole log"
             )
         last = found[-1]
-        problems = await checkpoints.problems(conn, found, [last])
-        parts = verify.plan(scope, self._workers, since_seq=last.seq, since=last.position)
+        parts = verify.plan(
+            scope, self._workers, since_seq=last.seq, since=last.position, own_rows=(last.seq,)
+        )
         report = await self._run_parts(conn, parts)
-        report.differences[:0] = problems
+        report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows)
         report.from_checkpoint, report.from_position = last.seq, last.position
         report.checkpoints_checked = len(found)
         return report
@@ -183,14 +186,15 @@ class LedgerAudit:
                 found = await checkpoints.read_all(conn, tenant_id)
                 last = found[-1] if found else None
                 position, events = await self._checkpoint_target(conn, tenant_id, last)
-                problems = await checkpoints.problems(conn, found, found[-1:])
                 options = {
                     "since_seq": last.seq if last else 0, "since": last.position if last else 0,
                     "until": position, "collect": True,
                 }  # fmt: skip
-                parts = verify.plan(Scope(tenant_id), self._workers, **options)
+                own_rows = (last.seq,) if last else ()
+                parts = verify.plan(Scope(tenant_id), self._workers, own_rows, **options)
                 report = await self._run_parts(conn, parts, primary=True)
-                report.differences[:0] = problems
+                own = report.own_rows
+                report.differences[:0] = await checkpoints.problems(conn, found, own)
                 if last is not None:
                     report.from_checkpoint, report.from_position = last.seq, last.position
                 if report.breaks or report.differences:

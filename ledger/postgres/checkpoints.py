@@ -61,27 +61,20 @@ async def events_up_to(conn: Conn, tenant_id: str, after: int, position: int) ->
     return int((await cur.fetchone() or {"n": 0})["n"])
 
 
-async def own_rows_digest(conn: Conn, checkpoint: Checkpoint) -> tuple[int, bytes]:
-    """How many rows a checkpoint wrote, and their digest, as stored now."""
-    cur = await conn.execute(
-        "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
-        (checkpoint.tenant_id, checkpoint.seq),
-    )
-    rows = [(r["kind"], r["key"], r["value"]) for r in await cur.fetchall()]
-    return len(rows), cp.delta_digest(rows)
-
-
 async def problems(
-    conn: Conn, checkpoints: list[Checkpoint], own_rows_of: list[Checkpoint]
+    conn: Conn, checkpoints: list[Checkpoint], own_rows: dict[int, tuple[int, bytes]]
 ) -> list[Difference]:
-    """What is wrong with the chain of `checkpoints`, with the rows of `own_rows_of` and with
-    the count of events up to each of those."""
+    """What is wrong with the chain of `checkpoints`; for those in `own_rows` (seq -> their
+    rows' count and digest as stored now, from a verification part), with their rows and
+    with the count of events up to each."""
     out = [
         Difference("checkpoint", c.name, "chain", problem, "")
         for c, problem in cp.chain_problems(checkpoints)
     ]
-    for c in own_rows_of:
-        rows, digest = await own_rows_digest(conn, c)
+    for c in checkpoints:
+        if c.seq not in own_rows:
+            continue
+        rows, digest = own_rows[c.seq]
         if (rows, digest) != (c.delta_rows, c.delta_digest):
             out.append(
                 Difference(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -77,6 +77,8 @@ class Part:
     """(seq, position) of the checkpoints whose state this part sums on its way."""
     collect: bool = False
     """Return the state items that changed since the checkpoint (for the next one)."""
+    own_rows: tuple[int, ...] = ()
+    """The checkpoints whose own rows this part counts and digests (one part does)."""
 
     def keep(self, key: AccountKey) -> bool:
         """Whether this part checks the account (and streams, limiters) of `key`."""
@@ -107,7 +109,15 @@ class Part:
         return where, params
 
 
-def plan(scope: Scope, workers: int, **options: Any) -> list[Part]:
+def plan(scope: Scope, workers: int, own_rows: tuple[int, ...] = (), **options: Any) -> list[Part]:
+    """`plan_parts`, with the digests of the `own_rows` checkpoints' rows given to the first
+    part (they are CPU work too, kept off the caller's event loop)."""
+    parts = plan_parts(scope, workers, **options)
+    parts[0] = replace(parts[0], own_rows=own_rows)
+    return parts
+
+
+def plan_parts(scope: Scope, workers: int, **options: Any) -> list[Part]:
     """The parts of a verification for `workers` processes, longest first. A user's scope is one
     part without the tenant's account (which needs the whole tenant's log). `options` are
     Part's checkpoint fields, the same for every part."""
@@ -136,6 +146,7 @@ def merge(reports: list[VerifyReport]) -> VerifyReport:
         out.breaks += r.breaks
         out.differences += r.differences
         out.changes += r.changes
+        out.own_rows |= r.own_rows
         for seq, sums in r.sums.items():
             mine = out.sums.setdefault(seq, {kind: Digest() for kind in KINDS})
             for kind, digest in sums.items():
@@ -175,11 +186,24 @@ def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS
                 rows = []
         fold.feed(seeds, rows)
         fold.finish()
+        own_rows = {seq: _own_rows(conn, part.scope.tenant_id, seq) for seq in part.own_rows}
         if part.since_seq:
             live = _Live.read(conn, fold.touched.where(part.scope.tenant_id))
         else:
             live = _Live.read(conn, _same(*part.rows_where()))
-    return fold.report_against(live)
+    report = fold.report_against(live)
+    report.own_rows = own_rows
+    return report
+
+
+def _own_rows(conn: SyncConn, tenant_id: str, seq: int) -> tuple[int, bytes]:
+    """How many rows a checkpoint has now, and their digest (checkpoints.delta_digest)."""
+    found = conn.execute(
+        "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
+        (tenant_id, seq),
+    ).fetchall()
+    items = [(r["kind"], r["key"], r["value"]) for r in found]
+    return len(items), cp.delta_digest(items)
 
 
 def _same(where: str, params: tuple[Any, ...]) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
