@@ -110,10 +110,11 @@ class Part:
 
 
 def plan(scope: Scope, workers: int, own_rows: tuple[int, ...] = (), **options: Any) -> list[Part]:
-    """`plan_parts`, with the digests of the `own_rows` checkpoints' rows given to the first
-    part (they are CPU work too, kept off the caller's event loop)."""
+    """`plan_parts`, with the digests of the `own_rows` checkpoints' rows given to the last
+    part (they are CPU work too, kept off the caller's event loop; the first part, the
+    tenant's, is the longest already)."""
     parts = plan_parts(scope, workers, **options)
-    parts[0] = replace(parts[0], own_rows=own_rows)
+    parts[-1] = replace(parts[-1], own_rows=own_rows)
     return parts
 
 
