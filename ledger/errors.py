@@ -184,6 +184,14 @@ class IdempotencyKeyReused(LedgerError):
         return {"field": self.field}
 
 
+class CheckpointRefused(LedgerError):
+    """A checkpoint cannot be taken, or a verification cannot start from one: the tenant has
+    no events, none since its last checkpoint, no checkpoint yet, or its checkpoints' chain
+    is broken (a full verification says where). Nothing was written."""
+
+    reason = "CHECKPOINT_REFUSED"
+
+
 class StoreUnavailable(LedgerError):
     """The database cannot be reached; the call changed nothing and may be retried."""
 

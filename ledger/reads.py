@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from ledger.checkpoints import Change, Digest
 from ledger.model import AccountKey, Usage
 from ledger.replay import ChainBreak
 from ledger.usage import UsageCounters
@@ -70,7 +71,9 @@ class LoggedEvent:
     hash: bytes
 
 
-DIFFERENCE_KINDS = ("event", "account", "stream", "reservation", "usage", "rate_limit")
+DIFFERENCE_KINDS = (
+    "checkpoint", "event", "account", "stream", "reservation", "usage", "rate_limit",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,18 @@ class VerifyReport:
     streams_checked: int = 0
     breaks: list[ChainBreak] = field(default_factory=list)
     differences: list[Difference] = field(default_factory=list)
+    from_checkpoint: int = 0
+    """The seq of the checkpoint an incremental verification started from; 0: the whole log."""
+    from_position: int = 0
+    """The position of that checkpoint: only events after it were read."""
+    checkpoints_checked: int = 0
+    """Checkpoints whose chain (and, in a full verification, state) were checked."""
+    sums: dict[int, dict[str, Digest]] = field(default_factory=dict)
+    """A part's digests of its state at each checkpoint it passed (merged by the caller)."""
+    own_rows: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    """Checkpoint seq -> how many rows it has in audit_checkpoint_rows now, and their digest."""
+    changes: list[Change] = field(default_factory=list)
+    """The state items that changed since the checkpoint started from (for the next one)."""
 
 
 @dataclass(frozen=True)

@@ -429,9 +429,11 @@ def replay(
     return scope, from_position, from_time, max_events or limits.replay_events_max
 
 
-def verify(*, tenant_id: str, user_id: str) -> Scope:
+def verify(*, tenant_id: str, user_id: str, from_checkpoint: bool = False) -> Scope:
     c = Checker()
     key = account_key(c, tenant_id, user_id, "", user=False)
+    if from_checkpoint and user_id:
+        c.fail("from_checkpoint", "covers a whole tenant: leave user_id empty")
     c.done()
     return Scope(key.tenant_id, key.user_id)
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
@@ -16,11 +16,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from ledger import codec, limits
-from ledger.errors import StoreUnavailable
+from ledger.checkpoints import Checkpoint
+from ledger.errors import CheckpointRefused, StoreUnavailable
 from ledger.model import AccountKey, BalanceResult
-from ledger.postgres import notify, verify
+from ledger.postgres import checkpoints, notify, verify
 from ledger.postgres.errors import translated
 from ledger.postgres.rows import logged_event, scope_where
+from ledger.postgres.verify import Part
 from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.usage import COUNTER_NAMES, UsageCounters
 
@@ -107,27 +109,131 @@ class LedgerAudit:
         Folded in a worker process, like a verification."""
         return await self._in_worker(verify.balance_at, self._primary.conninfo, key, as_of)
 
-    async def verify(self, scope: Scope) -> VerifyReport:
+    async def verify(self, scope: Scope, from_checkpoint: bool = False) -> VerifyReport:
         """Recompute every chain in scope and rebuild its projections from the log, then
         compare with the live rows (ledger/verify.py), in parts on the worker processes, all
         reading one snapshot. A user scope covers its own accounts, reservations and usage
-        (the tenant's account needs the whole tenant)."""
-        parts = verify.plan(scope, self._workers)
+        (the tenant's account needs the whole tenant). A tenant's verification also checks
+        every checkpoint on its way: its chain, its rows, and its state against the log's at
+        its position. `from_checkpoint` starts from the tenant's last checkpoint instead and
+        reads only the events after it (see README, Audit)."""
         async with self._snapshot() as conn:
-            cur = await conn.execute("SELECT pg_export_snapshot() AS snapshot")
-            snapshot = (await cur.fetchone() or {})["snapshot"]
-            conninfo = self._pool.conninfo
-            checks = [
-                asyncio.ensure_future(self._in_worker(verify.check, conninfo, snapshot, p))
-                for p in parts
-            ]
-            try:
-                reports = await asyncio.gather(*checks)
-            except BaseException:  # one failed, or the call was cancelled: drop queued parts
-                for check in checks:
-                    check.cancel()
-                raise
+            found = [] if scope.user_id else await checkpoints.read_all(conn, scope.tenant_id)
+            if from_checkpoint:
+                return await self._verify_since(conn, scope, found)
+            passes = tuple((c.seq, c.position) for c in found)
+            own_rows = tuple(c.seq for c in found)
+            parts = verify.plan(scope, self._workers, own_rows, passes=passes)
+            report = await self._run_parts(conn, parts)
+            report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows)
+        for c in found:
+            report.differences[:0] = checkpoints.state_differences(c, report.sums.get(c.seq))
+        report.checkpoints_checked = len(found)
+        return report
+
+    async def _verify_since(
+        self, conn: Conn, scope: Scope, found: list[Checkpoint]
+    ) -> VerifyReport:
+        if scope.user_id:
+            raise CheckpointRefused("a verification from a checkpoint covers a whole tenant")
+        if not found:
+            raise CheckpointRefused(
+                f"tenant {scope.tenant_id!r} has no checkpoint yet: take one with "
+                "`tokenledger audit checkpoint`, or verify the whole log"
+            )
+        last = found[-1]
+        parts = verify.plan(
+            scope, self._workers, since_seq=last.seq, since=last.position, own_rows=(last.seq,)
+        )
+        report = await self._run_parts(conn, parts)
+        report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows)
+        report.from_checkpoint, report.from_position = last.seq, last.position
+        report.checkpoints_checked = len(found)
+        return report
+
+    async def _run_parts(
+        self, conn: Conn, parts: list[Part], primary: bool = False
+    ) -> VerifyReport:
+        """The parts on the worker processes, each on a snapshot exported by `conn` (of the
+        primary's pool or of the reading one: a snapshot is imported on its own server)."""
+        cur = await conn.execute("SELECT pg_export_snapshot() AS snapshot")
+        snapshot = (await cur.fetchone() or {})["snapshot"]
+        conninfo = (self._primary if primary else self._pool).conninfo
+        checks = [
+            asyncio.ensure_future(self._in_worker(verify.check, conninfo, snapshot, p))
+            for p in parts
+        ]
+        try:
+            reports = await asyncio.gather(*checks)
+        except BaseException:  # one failed, or the call was cancelled: drop queued parts
+            for check in checks:
+                check.cancel()
+            raise
         return verify.merge(list(reports))
+
+    async def checkpoint(self, tenant_id: str) -> tuple[VerifyReport, Checkpoint | None]:
+        """Verify the tenant from its last checkpoint (or its whole log, the first time) and,
+        only if everything verifies, record a new checkpoint at its last event. Returns the
+        report and the checkpoint (None: not taken, nothing written). Writes to the primary."""
+        with translated():
+            async with self._primary.connection() as conn, conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                # One taker per tenant; a second one waits, then finds the seq taken (Conflict).
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('tokenledger checkpoint ' || %s))",
+                    (tenant_id,),
+                )
+                found = await checkpoints.read_all(conn, tenant_id)
+                last = found[-1] if found else None
+                position, events = await self._checkpoint_target(conn, tenant_id, last)
+                options = {
+                    "since_seq": last.seq if last else 0, "since": last.position if last else 0,
+                    "until": position, "collect": True,
+                }  # fmt: skip
+                own_rows = (last.seq,) if last else ()
+                parts = verify.plan(Scope(tenant_id), self._workers, own_rows, **options)
+                report = await self._run_parts(conn, parts, primary=True)
+                own = report.own_rows
+                report.differences[:0] = await checkpoints.problems(conn, found, own)
+                if last is not None:
+                    report.from_checkpoint, report.from_position = last.seq, last.position
+                if report.breaks or report.differences:
+                    return report, None
+                made, rows = checkpoints.next_checkpoint(
+                    last, tenant_id, position, events, report.changes, datetime.now(UTC)
+                )
+                await checkpoints.write(conn, made, rows)
+        report.changes = []
+        return report, made
+
+    async def due_for_checkpoint(self, every_events: int, every_s: float) -> list[str]:
+        """The tenants with at least `every_events` events since their last checkpoint, or
+        with any event and no checkpoint for `every_s` seconds (0: that rule is off)."""
+        with translated():
+            async with self._primary.connection() as conn:
+                cur = await conn.execute(checkpoints.DUE_SQL, {"n": every_events, "s": every_s})
+                return [row["tenant_id"] for row in await cur.fetchall()]
+
+    @staticmethod
+    async def _checkpoint_target(
+        conn: Conn, tenant_id: str, last: Checkpoint | None
+    ) -> tuple[int, int]:
+        """The position of the tenant's last event and the count of events up to it."""
+        after = last.position if last else 0
+        cur = await conn.execute(
+            "SELECT max(position) AS p, count(*) AS n FROM events "
+            "WHERE tenant_id = %s AND position > %s",
+            (tenant_id, after),
+        )
+        row = await cur.fetchone() or {"p": None, "n": 0}
+        if row["p"] is None:
+            if last is None:
+                raise CheckpointRefused(f"tenant {tenant_id!r} has no events to checkpoint")
+            raise CheckpointRefused(
+                f"no event of tenant {tenant_id!r} since checkpoint {last.seq} "
+                f"(position {last.position}): nothing to checkpoint"
+            )
+        return int(row["p"]), (last.events if last else 0) + int(row["n"])
 
     async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
         """fn(*args) in a worker process: CPU-bound folds would stall this event loop."""

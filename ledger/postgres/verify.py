@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,8 +23,20 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from ledger import checkpoints as cp
 from ledger import codec
-from ledger.model import Account, AccountKey, BalanceResult, RateLimit, RateLimitKey
+from ledger.checkpoints import KINDS, Digest
+from ledger.domain import rate_limit_keys
+from ledger.model import (
+    Account,
+    AccountKey,
+    BalanceResult,
+    Event,
+    RateLimit,
+    RateLimitKey,
+    RateLimitSet,
+    TokensReserved,
+)
 from ledger.postgres.errors import translate
 from ledger.postgres.rows import (
     ACCOUNT_COLUMNS,
@@ -38,7 +50,7 @@ from ledger.postgres.rows import (
 )
 from ledger.reads import DIFFERENCE_KINDS, Difference, Scope, VerifyReport
 from ledger.replay import ChainVerifier, Projection
-from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
+from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage, usage_delta, usage_key
 
 SyncConn = psycopg.Connection[dict[str, Any]]
 
@@ -56,6 +68,17 @@ class Part:
     users: bool
     bucket: int = 0
     buckets: int = 1
+    since_seq: int = 0
+    """Start from this checkpoint's state: read only the events after `since`."""
+    since: int = 0
+    until: int = 0
+    """Read events up to this position only (0: all of them)."""
+    passes: tuple[tuple[int, int], ...] = ()
+    """(seq, position) of the checkpoints whose state this part sums on its way."""
+    collect: bool = False
+    """Return the state items that changed since the checkpoint (for the next one)."""
+    own_rows: tuple[int, ...] = ()
+    """The checkpoints whose own rows this part counts and digests (one part does)."""
 
     def keep(self, key: AccountKey) -> bool:
         """Whether this part checks the account (and streams, limiters) of `key`."""
@@ -65,6 +88,10 @@ class Part:
         """The events this part reads: all of the scope's when it checks the tenant's account
         (which sums them all), else only its users'."""
         where, params = scope_where(self.scope)
+        if self.since:
+            where, params = where + " AND position > %s", (*params, self.since)
+        if self.until:
+            where, params = where + " AND position <= %s", (*params, self.until)
         return self._users_only(where, params) if not self.tenant_level else (where, params)
 
     def rows_where(self) -> tuple[str, tuple[Any, ...]]:
@@ -82,20 +109,32 @@ class Part:
         return where, params
 
 
-def plan(scope: Scope, workers: int) -> list[Part]:
+def plan(scope: Scope, workers: int, own_rows: tuple[int, ...] = (), **options: Any) -> list[Part]:
+    """`plan_parts`, with the digests of the `own_rows` checkpoints' rows given to the last
+    part (they are CPU work too, kept off the caller's event loop; the first part, the
+    tenant's, is the longest already)."""
+    parts = plan_parts(scope, workers, **options)
+    parts[-1] = replace(parts[-1], own_rows=own_rows)
+    return parts
+
+
+def plan_parts(scope: Scope, workers: int, **options: Any) -> list[Part]:
     """The parts of a verification for `workers` processes, longest first. A user's scope is one
-    part without the tenant's account (which needs the whole tenant's log)."""
+    part without the tenant's account (which needs the whole tenant's log). `options` are
+    Part's checkpoint fields, the same for every part."""
     if scope.user_id:
-        return [Part(scope, tenant_level=False, users=True)]
+        return [Part(scope, tenant_level=False, users=True, **options)]
     if workers <= 1:
-        return [Part(scope, tenant_level=True, users=True)]
+        return [Part(scope, tenant_level=True, users=True, **options)]
     # The tenant part costs about a quarter of all the user parts together (one account per
     # event instead of two, no chains, usage or reservations); three buckets per worker keep
     # the workers evenly loaded behind it (bench: 5 equal parts on 2 workers took 3 rounds).
-    buckets = 3 * workers
+    # From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
+    # its share of the few events: one bucket per worker.
+    buckets = workers if options.get("since_seq") else 3 * workers
     return [
-        Part(scope, tenant_level=True, users=False),
-        *(Part(scope, False, True, bucket, buckets) for bucket in range(buckets)),
+        Part(scope, tenant_level=True, users=False, **options),
+        *(Part(scope, False, True, bucket, buckets, **options) for bucket in range(buckets)),
     ]
 
 
@@ -107,12 +146,21 @@ def merge(reports: list[VerifyReport]) -> VerifyReport:
         out.streams_checked += r.streams_checked
         out.breaks += r.breaks
         out.differences += r.differences
+        out.changes += r.changes
+        out.own_rows |= r.own_rows
+        for seq, sums in r.sums.items():
+            mine = out.sums.setdefault(seq, {kind: Digest() for kind in KINDS})
+            for kind, digest in sums.items():
+                mine[kind].merge(digest)
     out.breaks.sort(key=lambda b: (str(b.stream), b.version))
     out.differences.sort(key=lambda d: (DIFFERENCE_KINDS.index(d.kind), d.key, d.field))
     return out
 
 
 # --- in a worker process ------------------------------------------------------------------
+
+CHUNK_ROWS = 20_000
+"""Rows decoded at a time: from a checkpoint, the keys they touch are read in one query."""
 
 
 def worker_started() -> None:
@@ -121,42 +169,261 @@ def worker_started() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def check(conninfo: str, snapshot: str, part: Part) -> VerifyReport:
+def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS) -> VerifyReport:
     """Verify one part on the exported `snapshot`: recompute its chains, rebuild its
-    projections from the log in one pass in log order, and compare them with the live rows."""
-    with _reading(conninfo, snapshot) as conn:
-        report = VerifyReport()
-        chains, rebuilt = ChainVerifier(), Projection(keep=part.keep)
-        usage: dict[UsageKey, UsageCounters] = {}
-        where, params = part.events_where()
-        for row in _event_rows(conn, where, params):
-            mine = part.keep(AccountKey(row["tenant_id"], row["user_id"]))
-            if mine:
-                chains.feed(row)
-            try:  # a tampered row may not even decode; the chain check names it too
-                event = codec.event_from_row(row)
-            except (KeyError, ValueError, TypeError) as exc:
-                if mine:
-                    report.differences.append(
-                        Difference("event", str(row["position"]), "*", "unreadable", repr(exc))
-                    )
-                continue
-            rebuilt.feed(event)
-            if mine:
-                add_usage(usage, event)
-        live = _Live.read(conn, *part.rows_where())
-    report.events_checked, report.streams_checked = chains.checked, len(chains.heads)
-    report.breaks = chains.breaks
-    report.differences += _compare("account", live.accounts, rebuilt.accounts, str, Account)
-    report.differences += _compare_streams(live.streams, chains.heads)
-    report.differences += _compare(
-        "reservation", live.reservations, rebuilt.reservations, lambda r: r
-    )
-    report.differences += _compare("usage", live.usage, usage, _usage_key_text)
-    report.differences += _compare(
-        "rate_limit", live.rate_limits, rebuilt.rate_limits, _rate_limit_key_text
-    )
+    projections from the log in one pass in log order, and compare them with the live rows.
+    From a checkpoint (`part.since_seq`), only the events after it are read, each key they
+    touch starts from its state at the checkpoint, and only those keys are compared."""
+    with _reading(conninfo, snapshot) as conn, ExitStack() as more:
+        # The checkpoint's state is read while the COPY streams, so on a second connection
+        # on the same snapshot: one connection cannot run a query in the middle of a COPY.
+        seeds = more.enter_context(_reading(conninfo, snapshot)) if part.since_seq else conn
+        fold = _Fold(part)
+        rows: list[dict[str, Any]] = []
+        for row in _event_rows(conn, *part.events_where()):
+            rows.append(row)
+            if len(rows) == chunk_rows:
+                fold.feed(seeds, rows)
+                rows = []
+        fold.feed(seeds, rows)
+        fold.finish()
+        own_rows = {seq: _own_rows(conn, part.scope.tenant_id, seq) for seq in part.own_rows}
+        if part.since_seq:
+            live = _Live.read(conn, fold.touched.where(part.scope.tenant_id))
+        else:
+            live = _Live.read(conn, _same(*part.rows_where()))
+    report = fold.report_against(live)
+    report.own_rows = own_rows
     return report
+
+
+def _own_rows(conn: SyncConn, tenant_id: str, seq: int) -> tuple[int, bytes]:
+    """How many rows a checkpoint has now, and their digest (checkpoints.delta_digest)."""
+    found = conn.execute(
+        "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
+        (tenant_id, seq),
+    ).fetchall()
+    items = [(r["kind"], r["key"], r["value"]) for r in found]
+    return len(items), cp.delta_digest(items)
+
+
+def _same(where: str, params: tuple[Any, ...]) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
+    return lambda table: (where, params)
+
+
+@dataclass
+class _Touched:
+    """The keys that the events read touched (from a checkpoint: all that may have changed)."""
+
+    streams: set[AccountKey] = field(default_factory=set)
+    accounts: set[AccountKey] = field(default_factory=set)
+    reservations: set[str] = field(default_factory=set)
+    usage: set[UsageKey] = field(default_factory=set)
+    rate_limits: set[RateLimitKey] = field(default_factory=set)
+    seen: set[AccountKey] = field(default_factory=set)
+    pending: dict[tuple[str, str], Any] = field(default_factory=dict)
+
+    def add(self, part: Part, row: dict[str, Any], event: Event | None) -> None:
+        stream = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+        if stream not in self.seen:  # an event changes at most its stream's lineage
+            self.seen.add(stream)
+            if part.keep(stream):
+                self._new("stream", self.streams, stream, cp.account_key_text)
+            for k in stream.lineage():
+                if part.keep(k):
+                    self._new("account", self.accounts, k, cp.account_key_text)
+        if event is None:
+            return
+        if isinstance(event, TokensReserved | RateLimitSet):  # the only ones with limiters
+            for rk in rate_limit_keys(event):
+                if part.keep(rk.account):
+                    self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
+        if part.keep(event.key):
+            rid = getattr(event, "reservation_id", "")
+            if rid:
+                self._new("reservation", self.reservations, rid, str)
+            if usage_delta(event) is not None:
+                self._new("usage", self.usage, usage_key(event), cp.usage_key_text)
+
+    def _new(self, kind: str, keys: set[Any], key: Any, text: Callable[[Any], str]) -> None:
+        if key not in keys:
+            keys.add(key)
+            self.pending[(kind, text(key))] = key
+
+    def take_pending(self) -> dict[tuple[str, str], Any]:
+        """(kind, key text) -> key, for every key touched since the last call."""
+        out, self.pending = self.pending, {}
+        return out
+
+    def where(self, tenant_id: str) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
+        """The live rows of the touched keys, table by table."""
+        accounts = self.accounts | self.streams
+        limits = sorted(self.rate_limits, key=str)
+        usage = sorted(self.usage)
+        by_table: dict[str, tuple[str, tuple[Any, ...]]] = {
+            "accounts": (
+                "(user_id, conversation_id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
+                ([k.user_id for k in accounts], [k.conversation_id for k in accounts]),
+            ),
+            "reservations": ("reservation_id = ANY(%b::text[])", (list(self.reservations),)),
+            "rate_limits": (
+                "(user_id, conversation_id, model) IN "
+                "(SELECT * FROM unnest(%b::text[], %b::text[], %b::text[]))",
+                (
+                    [k.account.user_id for k in limits],
+                    [k.account.conversation_id for k in limits],
+                    [k.model for k in limits],
+                ),
+            ),
+            "usage_hourly": (
+                "(hour, user_id, conversation_id, model) IN (SELECT * FROM "
+                "unnest(%b::timestamptz[], %b::text[], %b::text[], %b::text[]))",
+                tuple([getattr(k, f) for k in usage] for f in _USAGE_KEY_COLUMNS),
+            ),
+        }
+
+        def where(table: str) -> tuple[str, tuple[Any, ...]]:
+            clause, params = by_table[table]
+            return "tenant_id = %s AND " + clause, (tenant_id, *params)
+
+        return where
+
+
+_USAGE_KEY_COLUMNS = ("hour", "user_id", "conversation_id", "model")
+
+
+class _Fold:
+    """One part's rebuild: chains, projections and usage, fed chunk by chunk in log order."""
+
+    def __init__(self, part: Part) -> None:
+        self.part = part
+        self.chains, self.rebuilt = ChainVerifier(), Projection(keep=part.keep)
+        self.usage: dict[UsageKey, UsageCounters] = {}
+        self.unreadable: list[Difference] = []
+        self.touched = _Touched()
+        self.old: dict[tuple[str, str], str | None] = {}
+        """From a checkpoint: each touched key's value there (None: no such row)."""
+        self.passes = list(part.passes)
+        self.sums: dict[int, dict[str, Digest]] = {}
+
+    def feed(self, conn: SyncConn, rows: list[dict[str, Any]]) -> None:
+        decoded = [(row, self._decode(row)) for row in rows]
+        if self.part.since_seq:
+            for row, event in decoded:
+                self.touched.add(self.part, row, event)
+            self._seed(conn)
+        keep = self.part.keep
+        for row, event in decoded:
+            while self.passes and row["position"] > self.passes[0][1]:
+                self._pass()
+            mine = keep(AccountKey(row["tenant_id"], row["user_id"]))
+            if mine:
+                self.chains.feed(row)
+            if event is not None:
+                self.rebuilt.feed(event)
+                if mine:
+                    add_usage(self.usage, event)
+
+    def _decode(self, row: dict[str, Any]) -> Event | None:
+        try:  # a tampered row may not even decode; the chain check names it too
+            return codec.event_from_row(row)
+        except (KeyError, ValueError, TypeError) as exc:
+            if self.part.keep(AccountKey(row["tenant_id"], row["user_id"])):
+                self.unreadable.append(
+                    Difference("event", str(row["position"]), "*", "unreadable", repr(exc))
+                )
+            return None
+
+    def _seed(self, conn: SyncConn) -> None:
+        """Start each newly touched key from its value at the checkpoint."""
+        new = self.touched.take_pending()
+        if not new:
+            return
+        kinds, keys = [t[0] for t in new], [t[1] for t in new]
+        found = {
+            (row["kind"], row["key"]): row["value"]
+            for row in conn.execute(_STATE_AT_SQL, (kinds, keys, self.part.scope.tenant_id,
+                                                    self.part.since_seq))
+        }  # fmt: skip
+        for text, key in new.items():
+            value = self.old[text] = found.get(text)
+            if value is not None:
+                self._install(text[0], key, value)
+
+    def _install(self, kind: str, key: Any, value: str) -> None:
+        if kind == "stream":
+            self.chains.heads[key] = cp.parse_stream(value)
+        elif kind == "account":
+            self.rebuilt.accounts[key] = cp.parse_account(value)
+        elif kind == "reservation":
+            self.rebuilt.reservations[key] = cp.parse_reservation(value)
+        elif kind == "usage":
+            self.usage[key] = cp.parse_usage(value)
+        else:
+            self.rebuilt.rate_limits[key] = cp.parse_rate_limit(key, value)
+
+    def items(self) -> Iterator[cp.Item]:
+        """Every item of this part's rebuilt state."""
+        yield from (cp.stream_item(k, head) for k, head in self.chains.heads.items())
+        yield from (cp.account_item(a) for a in self.rebuilt.accounts.values())
+        yield from (cp.reservation_item(r) for r in self.rebuilt.reservations.values())
+        yield from (cp.usage_item(k, c) for k, c in self.usage.items())
+        yield from (cp.rate_limit_item(rl) for rl in self.rebuilt.rate_limits.values())
+
+    def _pass(self) -> None:
+        seq, _ = self.passes.pop(0)
+        self.sums[seq] = cp.digests_of(self.items())
+
+    def finish(self) -> None:
+        while self.passes:
+            self._pass()
+
+    def changes(self) -> list[cp.Change]:
+        """The items that differ from the checkpoint's (all of them, from none)."""
+        if not self.part.since_seq:
+            return [(kind, key, None, value) for kind, key, value in self.items()]
+        now = {(kind, key): value for kind, key, value in self.items()}
+        out: list[cp.Change] = []
+        for text, old in self.old.items():
+            new = now.get(text)
+            if new != old:
+                out.append((*text, old, new))
+        return out
+
+    def report_against(self, live: _Live) -> VerifyReport:
+        report = VerifyReport(breaks=self.chains.breaks, differences=self.unreadable)
+        report.events_checked, report.streams_checked = (
+            self.chains.checked,
+            len(self.touched.streams),
+        )
+        if not self.part.since_seq:
+            report.streams_checked = len(self.chains.heads)
+        rebuilt, usage, heads = self.rebuilt, self.usage, self.chains.heads
+        if self.part.since_seq:  # only the touched keys: the others were not read
+            t = self.touched
+            heads = {k: v for k, v in heads.items() if k in t.streams}
+            live.streams = {k: v for k, v in live.streams.items() if k in t.streams}
+            live.accounts = {k: v for k, v in live.accounts.items() if k in t.accounts}
+        diff = report.differences
+        diff += _compare("account", live.accounts, rebuilt.accounts, str, Account)
+        diff += _compare_streams(live.streams, heads)
+        diff += _compare("reservation", live.reservations, rebuilt.reservations, lambda r: r)
+        diff += _compare("usage", live.usage, usage, _usage_key_text)
+        diff += _compare("rate_limit", live.rate_limits, rebuilt.rate_limits, _rate_limit_key_text)
+        report.sums = self.sums
+        if self.part.collect:
+            report.changes = self.changes()
+        return report
+
+
+# The state at a checkpoint of the given keys: per key, its row of the highest seq up to it.
+_STATE_AT_SQL = """
+SELECT DISTINCT ON (r.kind, r.key) r.kind, r.key, r.value
+FROM audit_checkpoint_rows r
+JOIN unnest(%b::text[], %b::text[]) AS t(kind, key) ON r.kind = t.kind AND r.key = t.key
+WHERE r.tenant_id = %s AND r.seq <= %s
+ORDER BY r.kind, r.key, r.seq DESC
+"""
 
 
 def balance_at(conninfo: str, key: AccountKey, as_of: datetime) -> BalanceResult:
@@ -214,12 +481,13 @@ class _Live:
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, conn: SyncConn, where: str, params: tuple[Any, ...]) -> _Live:
-        """The live projection rows selected by `where`."""
+    def read(cls, conn: SyncConn, where: Callable[[str], tuple[str, tuple[Any, ...]]]) -> _Live:
+        """The live projection rows selected by where(table)."""
         out = cls()
 
         def rows(columns: str, table: str) -> Iterator[dict[str, Any]]:
-            query = f"SELECT {columns} FROM {table} WHERE {where}"  # noqa: S608
+            clause, params = where(table)
+            query = f"SELECT {columns} FROM {table} WHERE {clause}"  # noqa: S608
             return conn.execute(query, params)
 
         for row in rows(ACCOUNT_COLUMNS, "accounts"):

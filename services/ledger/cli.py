@@ -28,7 +28,7 @@ def _database_url(settings: Settings) -> str:
 
 
 async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | None = None) -> None:
-    from services.ledger.server import LedgerServer
+    from services.ledger.server import CheckpointSchedule, LedgerServer
     from services.platform.auth import make_authenticator, server_credentials
     from services.platform.serve import serve_until_signalled
 
@@ -50,6 +50,11 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
         audit_workers=settings.audit_workers,
         key_retention_s=settings.key_retention_s,
         alert_webhook_url=settings.alert_webhook_url,
+        checkpoints=CheckpointSchedule(
+            settings.checkpoint_every_events,
+            settings.checkpoint_every_h * 3600,
+            settings.checkpoint_check_s,
+        ),
     )
     await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
     await pool.close()

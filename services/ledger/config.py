@@ -39,6 +39,9 @@ class Settings:
     guards: Guards
     key_retention_s: int = limits.idempotency_retention_s_default
     alert_webhook_url: str = ""
+    checkpoint_every_events: int = 0
+    checkpoint_every_h: float = 0.0
+    checkpoint_check_s: float = 60.0
     auth: AuthSettings = field(default_factory=AuthSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
@@ -73,6 +76,11 @@ class Settings:
                 )
             ),
             alert_webhook_url=_webhook_url(env, "TOKENLEDGER_ALERT_WEBHOOK_URL"),
+            checkpoint_every_events=int(
+                number(env, "TOKENLEDGER_CHECKPOINT_EVERY_EVENTS", 0, 0, 10**12)
+            ),
+            checkpoint_every_h=number(env, "TOKENLEDGER_CHECKPOINT_EVERY_HOURS", 0, 0, 24 * 366),
+            checkpoint_check_s=number(env, "TOKENLEDGER_CHECKPOINT_CHECK_S", 60.0, 0.1, 3600),
             auth=AuthSettings.from_env(env),
             metrics=MetricsSettings.from_env(env),
         )

@@ -432,7 +432,11 @@ def verify_response(report: VerifyReport) -> pb.VerifyAuditResponse:
             )
             for b in report.breaks[: limits.verify_listed_max]
         ],
-        projections_match=not report.differences,
+        projections_match=not [d for d in report.differences if d.kind != "checkpoint"],
+        checkpoints_ok=not [d for d in report.differences if d.kind == "checkpoint"],
+        from_checkpoint=report.from_checkpoint,
+        from_position=report.from_position,
+        checkpoints_checked=report.checkpoints_checked,
         differences=[
             pb.ProjectionDifference(
                 kind=d.kind, key=d.key, field=d.field, live=d.live, rebuilt=d.rebuilt

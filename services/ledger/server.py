@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger import limits
 from ledger.application import Ledger, utc_now
-from ledger.errors import StoreUnavailable
+from ledger.errors import CheckpointRefused, StoreUnavailable
 from ledger.model import Event
 from ledger.postgres.audit import LedgerAudit
 from ledger.postgres.store import PostgresStore
@@ -52,6 +53,21 @@ LIVENESS = "liveness"
 the ledger's own name go NOT_SERVING while the database is away, which a restart cannot fix."""
 
 
+@dataclass(frozen=True)
+class CheckpointSchedule:
+    """Take a checkpoint of each tenant with `every_events` events since its last one, or
+    with any event and no checkpoint for `every_s` seconds (0: off), looking every `check_s`.
+    Each is a verification from the last checkpoint first (README, Audit)."""
+
+    every_events: int = 0
+    every_s: float = 0.0
+    check_s: float = 60.0
+
+    @property
+    def on(self) -> bool:
+        return self.every_events > 0 or self.every_s > 0
+
+
 class LedgerServer:
     """A running ledger server bound to one address; `port` is the one actually bound."""
 
@@ -71,6 +87,7 @@ class LedgerServer:
         audit_workers: int = 1,
         key_retention_s: int = limits.idempotency_retention_s_default,
         alert_webhook_url: str = "",
+        checkpoints: CheckpointSchedule | None = None,
     ) -> None:
         """Metrics go to `meter_provider` (default: the global one); only with one given is the
         held-tokens gauge kept fresh (a database read every `held_refresh_s`). Audit and usage
@@ -87,6 +104,8 @@ class LedgerServer:
             key_retention_s=key_retention_s,
         )
         self.sweep_interval_s = sweep_interval_s
+        self.checkpoints = checkpoints or CheckpointSchedule()
+        self._checkpointer: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
@@ -135,6 +154,8 @@ class LedgerServer:
         await self._set_serving(True)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="expiry-sweeper")
+        if self.checkpoints.on:
+            self._checkpointer = asyncio.create_task(self._checkpoint_forever(), name="checkpoints")
         if self.alerts is not None:
             self.alerts.start()
         if self.held_refresh_s is not None:
@@ -148,7 +169,7 @@ class LedgerServer:
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish
         (up to `grace_s`; the rest are cancelled), then stop."""
-        for task in (self._sweeper, self._held_refresher):
+        for task in (self._sweeper, self._held_refresher, self._checkpointer):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -178,6 +199,38 @@ class LedgerServer:
         self.metrics.appended(events)
         if self.alerts is not None:
             self.alerts.observe(events)
+
+    async def _checkpoint_forever(self) -> None:
+        """Take the checkpoints that are due, one tenant at a time, in worker processes."""
+        schedule = self.checkpoints
+        while True:
+            await asyncio.sleep(schedule.check_s)
+            try:
+                due = await self.audit.due_for_checkpoint(schedule.every_events, schedule.every_s)
+                for tenant in due:
+                    await self._take_checkpoint(tenant)
+            except (CheckpointRefused, StoreUnavailable, OSError) as exc:
+                log.warning("checkpoint not taken", error=str(exc))
+            except Exception:
+                log.exception("checkpoint failed")
+
+    async def _take_checkpoint(self, tenant: str) -> None:
+        report, made = await self.audit.checkpoint(tenant)
+        if made is None:
+            log.warning(
+                "no checkpoint: the log does not verify",
+                tenant=tenant,
+                breaks=len(report.breaks),
+                differences=len(report.differences),
+            )
+        else:
+            log.info(
+                "checkpoint taken",
+                tenant=tenant,
+                seq=made.seq,
+                position=made.position,
+                verified=report.events_checked,
+            )
 
     async def _sweep_forever(self) -> None:
         """Expire overdue holds, and every KEY_PRUNE_INTERVAL_S prune expired idempotency keys;

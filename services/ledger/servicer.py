@@ -215,8 +215,13 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     async def VerifyAudit(
         self, request: pb.VerifyAuditRequest, context: Context
     ) -> pb.VerifyAuditResponse:
-        scope = validation.verify(tenant_id=request.tenant_id, user_id=request.user_id)
-        return convert.verify_response(await self._audit.verify(scope))
+        scope = validation.verify(
+            tenant_id=request.tenant_id,
+            user_id=request.user_id,
+            from_checkpoint=request.from_checkpoint,
+        )
+        report = await self._audit.verify(scope, from_checkpoint=request.from_checkpoint)
+        return convert.verify_response(report)
 
     async def QueryUsage(
         self, request: pb.QueryUsageRequest, context: Context

@@ -216,6 +216,7 @@ TABLE: dict[type[Exception], Row] = {
     errors.RateLimited: Row(Code.RESOURCE_EXHAUSTED, QUOTA_FAILURE | RETRY_INFO),
     errors.ReservationNotFound: Row(Code.NOT_FOUND),
     errors.ReservationEnded: Row(Code.FAILED_PRECONDITION),
+    errors.CheckpointRefused: Row(Code.FAILED_PRECONDITION),
     errors.IdempotencyKeyReused: Row(Code.ALREADY_EXISTS),
     errors.StoreUnavailable: Row(Code.UNAVAILABLE, RETRY_INFO),
     errors.Conflict: Row(Code.UNAVAILABLE, RETRY_INFO),

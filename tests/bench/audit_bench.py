@@ -108,7 +108,9 @@ def _copy_projections(
                             a.window_hours, a.time_zone, a.soft_limit_percent,
                             a.grant_order.value, a.held, a.used_total, a.used_day, a.day_start,
                             a.used_month, a.month_start, json.dumps([list(b) for b in a.recent]),
-                            json.dumps(codec.grants_to_json(a.grants)), version, head])  # fmt: skip
+                            json.dumps(codec.grants_to_json(a.grants)),
+                            json.dumps(list(a.alert_thresholds)), json.dumps(list(a.alerts_fired)),
+                            a.alerts_period, version, head])  # fmt: skip
     columns = ("tenant_id, reservation_id, user_id, conversation_id, model, amount, state, "
                "created_at, expires_at, labels, input_tokens, output_tokens, "
                "cached_input_tokens, late, ended_at")  # fmt: skip

@@ -143,3 +143,38 @@ def test_the_app_role_prunes_expired_keys_only_through_the_function(
         ).fetchall()
     assert pruned is not None and pruned[0] >= 1
     assert left == [("new",)]
+
+
+def test_the_app_role_takes_checkpoints_but_cannot_change_them(
+    database_url: str, login_role: str, busy_tenant: str
+) -> None:
+    """The service may take a checkpoint (TOKENLEDGER_CHECKPOINT_EVERY_EVENTS) and read them;
+    changing or removing one is refused to it by privilege, to everyone by the trigger."""
+    import asyncio
+    from contextlib import closing
+
+    from ledger.postgres.audit import LedgerAudit
+    from services.platform import db
+
+    url = as_role(database_url, login_role)
+
+    async def take() -> object:
+        async with db.make_pool(url, 2) as pool:
+            with closing(LedgerAudit(pool, workers=1)) as audit:
+                return (await audit.checkpoint(busy_tenant))[1]
+
+    assert asyncio.run(take()) is not None
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in (
+            "UPDATE audit_checkpoints SET events = 0 WHERE tenant_id = %s",
+            "DELETE FROM audit_checkpoints WHERE tenant_id = %s",
+            "UPDATE audit_checkpoint_rows SET value = '' WHERE tenant_id = %s",
+            "DELETE FROM audit_checkpoint_rows WHERE tenant_id = %s",
+        ):
+            with pytest.raises(pg_errors.InsufficientPrivilege):
+                conn.execute(statement, (busy_tenant,))
+        with pytest.raises(pg_errors.InsufficientPrivilege):
+            conn.execute("TRUNCATE audit_checkpoint_rows")
+        row = conn.execute("SELECT count(*) FROM audit_checkpoints WHERE tenant_id = %s",
+                           (busy_tenant,)).fetchone()  # fmt: skip
+        assert row == (1,)

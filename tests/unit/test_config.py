@@ -36,6 +36,11 @@ def test_cheaper_models_are_read_as_pairs() -> None:
         ("TOKENLEDGER_IDEMPOTENCY_RETENTION_S", "week", "must be a number"),
         ("TOKENLEDGER_ALERT_WEBHOOK_URL", "ftp://example.test/x", "not an http:// or https://"),
         ("TOKENLEDGER_ALERT_WEBHOOK_URL", "http://", "not an http:// or https://"),
+        ("TOKENLEDGER_CHECKPOINT_EVERY_EVENTS", "-1", "must be between"),
+        ("TOKENLEDGER_CHECKPOINT_EVERY_EVENTS", "often", "must be a number"),
+        ("TOKENLEDGER_CHECKPOINT_EVERY_HOURS", "-2", "must be between"),
+        ("TOKENLEDGER_CHECKPOINT_EVERY_HOURS", "daily", "must be a number"),
+        ("TOKENLEDGER_CHECKPOINT_CHECK_S", "0", "must be between"),
     ],
 )
 def test_bad_setting_is_a_config_error_naming_it(name: str, value: str, says: str) -> None:

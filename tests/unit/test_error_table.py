@@ -57,6 +57,7 @@ SAMPLES: dict[type[Exception], errors.LedgerError | CallRefused] = {
     errors.RateLimited: errors.RateLimited("tokens", "acme", "gpt-x", 100, 200, 50, 1.5),
     errors.ReservationNotFound: errors.ReservationNotFound("acme", "r1"),
     errors.ReservationEnded: errors.ReservationEnded("r1", "rolled back", "cannot commit"),
+    errors.CheckpointRefused: errors.CheckpointRefused("tenant 'acme' has no checkpoint yet"),
     errors.IdempotencyKeyReused: errors.IdempotencyKeyReused("k1", "amount", 1, 2),
     errors.StoreUnavailable: errors.StoreUnavailable("database unavailable: read-only"),
     errors.Conflict: errors.Conflict("the transaction lost a race and changed nothing"),

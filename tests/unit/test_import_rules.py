@@ -41,6 +41,7 @@ PURE_LEDGER_MODULES = frozenset(
         "ledger.replay",
         "ledger.codec",
         "ledger.usage",
+        "ledger.checkpoints",
     }
 )
 """Ledger modules that do no I/O: the only ones `services.platform` and `services.context` may

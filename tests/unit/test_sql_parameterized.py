@@ -38,11 +38,18 @@ REVIEWED_S608: dict[tuple[str, str], str] = {
     ): "constant column names; " + _WHERE + " (a Part adds constant text and %s parameters)",
     (
         "ledger/postgres/verify.py",
-        'query = f"SELECT {columns} FROM {table} WHERE {where}"',
+        'query = f"SELECT {columns} FROM {table} WHERE {clause}"',
     ): (
-        "columns and table are constants from _Live.read's four calls; "
-        + _WHERE
-        + " (a Part adds constant text and %s parameters)"
+        "columns and table are constants from _Live.read's four calls; the clause is a "
+        "Part's (" + _WHERE + ", constant text and %s parameters) or _Touched.where's "
+        "(constant text, the keys as array parameters)"
+    ),
+    (
+        "ledger/postgres/checkpoints.py",
+        'f"SELECT {_COLUMNS} FROM audit_checkpoints WHERE tenant_id = %s ORDER BY seq",',
+    ): "constant column list; the tenant is a parameter",
+    ("ledger/postgres/checkpoints.py", 'f"INSERT INTO audit_checkpoints ({_COLUMNS}) "'): (
+        "constant column list; every value is a parameter"
     ),
     ("ledger/postgres/audit.py", "f\"SELECT {', '.join([*columns, sums])} FROM usage_hourly \""): (
         "columns from GROUPS (a constant table keyed by validated dimension names), sums "

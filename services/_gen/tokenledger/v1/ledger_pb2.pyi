@@ -1546,19 +1546,28 @@ class VerifyAuditRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    FROM_CHECKPOINT_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant."""
     user_id: _builtins.str
     """Only this user (its streams and accounts); empty for the whole tenant."""
+    from_checkpoint: _builtins.bool
+    """Start from the tenant's last checkpoint (`tokenledger audit checkpoint`): check the chains
+    from the stream heads it recorded and the projections the events after it touched, from
+    its state plus those events; read nothing before it. A whole tenant only (no user_id);
+    FAILED_PRECONDITION when the tenant has no checkpoint yet. Unset: the whole log, and every
+    checkpoint on its way.
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        from_checkpoint: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_checkpoint", b"from_checkpoint", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1610,7 +1619,10 @@ class ProjectionDifference(_message.Message):
     LIVE_FIELD_NUMBER: _builtins.int
     REBUILT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"account" or "reservation"."""
+    """"account", "stream", "reservation", "usage", "rate_limit", "event" (unreadable), or
+    "checkpoint" (its chain, its rows, its event count, or the state it recorded; the key is
+    "tenant#seq" and the field what differs).
+    """
     key: _builtins.str
     """The account ("tenant/user/conversation") or reservation id."""
     field: _builtins.str
@@ -1650,6 +1662,10 @@ class VerifyAuditResponse(_message.Message):
     DIFFERENCES_FIELD_NUMBER: _builtins.int
     BREAKS_TOTAL_FIELD_NUMBER: _builtins.int
     DIFFERENCES_TOTAL_FIELD_NUMBER: _builtins.int
+    FROM_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    FROM_POSITION_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_CHECKED_FIELD_NUMBER: _builtins.int
+    CHECKPOINTS_OK_FIELD_NUMBER: _builtins.int
     events_checked: _builtins.int
     """Events checked."""
     streams_checked: _builtins.int
@@ -1657,11 +1673,19 @@ class VerifyAuditResponse(_message.Message):
     chains_ok: _builtins.bool
     """True when every chain verifies."""
     projections_match: _builtins.bool
-    """True when the live projections equal the rebuild."""
+    """True when the live projections equal the rebuild (checkpoints aside: checkpoints_ok)."""
     breaks_total: _builtins.int
     """How many breaks were found in all (only the first 1,000 are listed)."""
     differences_total: _builtins.int
     """How many differences were found in all."""
+    from_checkpoint: _builtins.int
+    """The seq of the checkpoint the verification started from; 0: the whole log."""
+    from_position: _builtins.int
+    """Its log position: only events after it were read."""
+    checkpoints_checked: _builtins.int
+    """The tenant's checkpoints checked (their chain; in a full verification also their state)."""
+    checkpoints_ok: _builtins.bool
+    """True when no checkpoint differs (differences of kind "checkpoint")."""
     @_builtins.property
     def breaks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainBreak]:
         """The first break of each broken stream, the first 1,000 of them."""
@@ -1681,10 +1705,14 @@ class VerifyAuditResponse(_message.Message):
         differences: _abc.Iterable[Global___ProjectionDifference] | None = ...,
         breaks_total: _builtins.int = ...,
         differences_total: _builtins.int = ...,
+        from_checkpoint: _builtins.int = ...,
+        from_position: _builtins.int = ...,
+        checkpoints_checked: _builtins.int = ...,
+        checkpoints_ok: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaks", b"breaks", "breaks_total", b"breaks_total", "chains_ok", b"chains_ok", "differences", b"differences", "differences_total", b"differences_total", "events_checked", b"events_checked", "projections_match", b"projections_match", "streams_checked", b"streams_checked"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaks", b"breaks", "breaks_total", b"breaks_total", "chains_ok", b"chains_ok", "checkpoints_checked", b"checkpoints_checked", "checkpoints_ok", b"checkpoints_ok", "differences", b"differences", "differences_total", b"differences_total", "events_checked", b"events_checked", "from_checkpoint", b"from_checkpoint", "from_position", b"from_position", "projections_match", b"projections_match", "streams_checked", b"streams_checked"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
