@@ -47,6 +47,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from ledger import limits
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from tests.support import Clock, ServerThread, failure, new_id
@@ -65,6 +66,7 @@ ACCOUNTS: tuple[Key, ...] = (
 MODEL = "gpt-4o"
 LABELS = {"suite": "model-based"}
 DAY = timedelta(days=1)
+KEY_RETENTION = timedelta(seconds=limits.idempotency_retention_s_default)
 
 HELD = pb.RESERVATION_STATE_HELD
 COMMITTED = pb.RESERVATION_STATE_COMMITTED
@@ -173,6 +175,7 @@ class Reference:
         self.accounts = {k: RefAccount() for k in ACCOUNTS}
         self.reservations: dict[str, RefReservation] = {}
         self.answered: dict[str, tuple[Message, Outcome]] = {}  # key -> (request, outcome)
+        self.answered_at: dict[str, datetime] = {}
         self.notes: Counter[str] = Counter()  # what happened, to show the run exercised it
 
     @property
@@ -196,10 +199,22 @@ class Reference:
         for k in lineage(key):
             self.accounts[k].charges.append((day, tokens))
 
+    def _remember(self, request: Message, outcome: Outcome) -> None:
+        key: str = request.idempotency_key  # type: ignore[attr-defined]
+        self.answered[key] = (request, outcome)
+        self.answered_at[key] = self.now
+
+    def is_new_key(self, key: str) -> bool:
+        """Never answered, or answered longer ago than the ledger keeps keys (its default
+        retention): then the key is new again."""
+        answered = self.answered_at.get(key)
+        return answered is None or self.now - answered > KEY_RETENTION
+
     def _replay(self, request: Message, changed: str) -> Outcome | None:
         """The answer to an idempotency key already answered, or None for a new key."""
         key: str = request.idempotency_key  # type: ignore[attr-defined]
-        if key not in self.answered:
+        if self.is_new_key(key):
+            self.notes["key expired"] += key in self.answered
             return None
         first_request, first_response = self.answered[key]
         if request == first_request:
@@ -230,7 +245,7 @@ class Reference:
                     }
                     | self._resets(k),
                 )
-                self.answered[req.idempotency_key] = (req, refusal)  # one key, one outcome
+                self._remember(req, refusal)  # one key, one outcome
                 return refusal
         self._hold(key, req.amount)
         r = RefReservation(
@@ -245,7 +260,7 @@ class Reference:
         response = pb.ReserveResponse(
             reservation=self.reservation(r), balance=self.balance(key), requested=req.amount
         )
-        self.answered[req.idempotency_key] = (req, response)
+        self._remember(req, response)
         return response
 
     def commit(self, rid: str, usage: pb.Usage) -> Outcome:
@@ -303,7 +318,7 @@ class Reference:
         self.accounts[key].limit = req.limit if req.HasField("limit") else None
         self.accounts[key].period = req.period
         response = pb.SetQuotaResponse(balance=self.balance(key))
-        self.answered[req.idempotency_key] = (req, response)
+        self._remember(req, response)
         return response
 
     def record_usage(self, req: pb.RecordUsageRequest, changed: str = "") -> Outcome:
@@ -314,7 +329,7 @@ class Reference:
         key = (req.user_id, req.conversation_id)
         self._charge(key, self.today, total(req.usage))
         response = pb.RecordUsageResponse(balance=self.balance(key))
-        self.answered[req.idempotency_key] = (req, response)
+        self._remember(req, response)
         return response
 
     # --- views -------------------------------------------------------------------------
@@ -432,7 +447,7 @@ class LedgerAgainstReference(RuleBasedStateMachine):
     def _reserve(self, req: pb.ReserveRequest, changed: str = "") -> Any:
         got = call(self.stub.Reserve, req)
         rid = got.reservation.reservation_id if isinstance(got, pb.ReserveResponse) else ""
-        new_key = req.idempotency_key not in self.ref.answered
+        new_key = self.ref.is_new_key(req.idempotency_key)
         if rid and new_key:
             assert rid not in self.ref.reservations, "a reservation id was handed out twice"
         self._agree(got, self.ref.reserve(req, rid, changed))
