@@ -94,18 +94,22 @@ class Batch:
         keys = {AccountKey(self.tenant_id), *account_keys}
         for owner in await self.uow.reservation_owners(reservation_ids):
             keys.update(owner.lineage())
-        await self.lock_accounts(sorted(keys))
+        ordered = sorted(keys)
         locked = await self.uow.read_locked(
             idempotency_keys,
-            sorted(keys),
+            ordered,
             reservation_ids,
             self.now,
             limits.expire_batch_max,
             outcomes_since=self.now - self.key_retention,
+            lock=[k for k in ordered if k not in self.accounts],
         )
         self._take(locked)
 
     def _take(self, locked: Locked) -> None:
+        for k, head in locked.heads.items():
+            self.accounts[k] = head.account
+            self.streams[k] = (head.version, head.hash)
         self._outcomes = dict(locked.outcomes)
         for rl in locked.rate_limits:
             self.rate_limits[rl.key] = rl

@@ -110,7 +110,9 @@ class _Unit:
         overdue_at: datetime,
         overdue_max: int,
         outcomes_since: datetime,
+        lock: Sequence[AccountKey] = (),
     ) -> Locked:
+        heads = await self.lock_accounts(lock)
         t, tenant = self._tables, self._tenant_id
         accounts = set(limiter_accounts)
         named = [
@@ -136,6 +138,7 @@ class _Unit:
             },
             rate_limits=[rl for k, rl in sorted(t.rate_limits.items()) if k.account in accounts],
             reservations=named + overdue[:overdue_max],
+            heads=heads,
         )
 
     async def write(self, changes: Changes) -> None:

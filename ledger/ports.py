@@ -62,6 +62,8 @@ class Locked:
     rate_limits: list[RateLimit]
     reservations: list[StoredReservation]
     """The named reservations, then the overdue holds, oldest first."""
+    heads: dict[AccountKey, StreamHead] = field(default_factory=dict)
+    """The accounts locked first (read_locked's `lock`), with their stream heads."""
 
 
 @dataclass
@@ -104,10 +106,13 @@ class UnitOfWork(Protocol):
         overdue_at: datetime,
         overdue_max: int,
         outcomes_since: datetime,
+        lock: Sequence[AccountKey] = (),
     ) -> Locked:
-        """Read and lock, after the accounts: stored outcomes of the keys (those created at
-        or after `outcomes_since`; older ones have expired), the rate limits of the accounts,
-        the named reservations and up to `overdue_max` holds overdue at `overdue_at`."""
+        """Lock the account rows `lock` (sorted; creating missing ones), then read and lock:
+        stored outcomes of the keys (those created at or after `outcomes_since`; older ones
+        have expired), the rate limits of the accounts, the named reservations and up to
+        `overdue_max` holds overdue at `overdue_at`. Whatever it returns was read while the
+        tenant's row was locked, when `lock` names it or it was locked before."""
 
     async def write(self, changes: Changes) -> None:
         """Append the events and write the projection rows."""

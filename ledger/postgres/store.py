@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -104,6 +105,15 @@ def _dumps(obj: Any) -> bytes | str:
 
 def _jsonb(obj: Any) -> Jsonb:
     return Jsonb(obj, dumps=_dumps)
+
+
+def _heads(rows: Sequence[dict[str, Any]]) -> dict[AccountKey, StreamHead]:
+    return {
+        account_key(row): StreamHead(
+            account_from_row(row), row["stream_version"], bytes(row["head_hash"])
+        )
+        for row in rows
+    }
 
 
 class PostgresStore:
@@ -207,12 +217,7 @@ class _Unit:
 
     async def _select_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
         cur = await self._conn.execute(*select_accounts_sql(keys, lock=True))
-        return {
-            account_key(row): StreamHead(
-                account_from_row(row), row["stream_version"], bytes(row["head_hash"])
-            )
-            for row in await cur.fetchall()
-        }
+        return _heads(await cur.fetchall())
 
     async def read_locked(
         self,
@@ -222,9 +227,16 @@ class _Unit:
         overdue_at: datetime,
         overdue_max: int,
         outcomes_since: datetime,
+        lock: Sequence[AccountKey] = (),
     ) -> Locked:
-        """One round trip: the four queries in a pipeline."""
+        """One round trip: the accounts locked, then the four queries, in a pipeline (the
+        server runs them in order, so the reads happen under the accounts' locks). Accounts
+        that do not exist yet are created and locked after it; when the tenant's own row was
+        one of them, nothing held the tenant's lock during the reads, which are made again."""
         async with self._conn.pipeline():
+            accounts = (
+                await self._conn.execute(*select_accounts_sql(lock, lock=True)) if lock else None
+            )
             known = await self._conn.execute(
                 "SELECT idempotency_key, operation, request, response, created_at "
                 "FROM idempotency_keys "
@@ -244,20 +256,29 @@ class _Unit:
                     overdue_max,
                 )
             )
-        outcomes = {
-            row["idempotency_key"]: Outcome(
-                row["operation"], row["request"], row["response"], row["created_at"]
-            )
-            for row in await known.fetchall()
-        }
+        heads = _heads(await accounts.fetchall()) if accounts is not None else {}
+        if missing := [k for k in lock if k not in heads]:
+            heads |= await self.lock_accounts(missing)
+            if AccountKey(self._tenant_id) in missing:
+                reread = await self.read_locked(
+                    idempotency_keys, limiter_accounts, reservation_ids, overdue_at,
+                    overdue_max, outcomes_since,
+                )  # fmt: skip
+                return replace(reread, heads=heads)
         return Locked(
-            outcomes=outcomes,
+            outcomes={
+                row["idempotency_key"]: Outcome(
+                    row["operation"], row["request"], row["response"], row["created_at"]
+                )
+                for row in await known.fetchall()
+            },
             rate_limits=[rate_limit_from_row(row) for row in await limiters.fetchall()],
             reservations=[
                 _stored_reservation(row)
                 for rows in (await named.fetchall(), await overdue.fetchall())
                 for row in rows
             ],
+            heads=heads,
         )
 
     def _reservations_sql(self, where: str, *params: Any) -> tuple[str, tuple[Any, ...]]:
