@@ -239,8 +239,9 @@ def test_a_hold_whose_call_never_settles_is_forgotten_after_twice_its_ttl(
 def test_the_router_holds_a_burst_of_concurrent_calls_to_the_budget(
     ledger: ServerThread, ledger_client: LedgerClient, openai_server: OpenAIServer
 ) -> None:
-    """16 calls at once for a user whose budget fits 4: 4 go through, 12 are refused before
-    the provider, and nothing is spent past the budget."""
+    """16 calls at once for a user whose budget fits 4 holds: at least 4 go through (more
+    when an early call settles below its hold before a late one reserves), every other one is
+    refused before the provider, and nothing is spent past the budget."""
     t = new_id("t")
     prompt = litellm.token_counter(model="openai/gpt-4o", messages=MESSAGES)
     per_call = prompt + 40
@@ -254,12 +255,14 @@ def test_the_router_holds_a_burst_of_concurrent_calls_to_the_budget(
         calls = [router.acompletion(model="gpt-4o", messages=MESSAGES, max_tokens=40, user="ann",
                                     num_retries=0) for _ in range(16)]  # fmt: skip
         results = await asyncio.gather(*calls, return_exceptions=True)
-        await _wait(lambda: len(settled) == 4)
+        through = sum(1 for r in results if not isinstance(r, BaseException))
+        await _wait(lambda: len(settled) == through)
         return results
 
     results = _run(_callback(ledger, t, settled), body)
-    assert sum(1 for r in results if isinstance(r, BudgetExhausted)) == 12
-    assert len(openai_server.requests) == 4
+    refused = sum(1 for r in results if isinstance(r, BudgetExhausted))
+    assert len(openai_server.requests) == 16 - refused >= 4
+    assert len(settled) == 16 - refused
     held, used = _balance(ledger_client, t)
     assert held == 0 and used == openai_server.served_tokens <= 4 * per_call + per_call // 2
 
