@@ -54,6 +54,15 @@ class ContextServiceStub:
     fitted messages with the reservation. Retrying with the same idempotency key returns the
     same reservation and, with the built-in summarizer, the same messages.
     """
+    SetMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.SetMemoryRequest, _context_pb2.SetMemoryResponse]
+    """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+    newer value replaces the older. All the facts are set or none (a bad fact, or a
+    conversation that would exceed its bound, writes nothing).
+    """
+    ListMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListMemoryRequest, _context_pb2.ListMemoryResponse]
+    """ListMemory lists a conversation's facts, the most recently set first."""
+    DeleteMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryRequest, _context_pb2.DeleteMemoryResponse]
+    """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
 
 @_typing.type_check_only
 class ContextServiceAsyncStub(ContextServiceStub):
@@ -81,6 +90,15 @@ class ContextServiceAsyncStub(ContextServiceStub):
     fitted messages with the reservation. Retrying with the same idempotency key returns the
     same reservation and, with the built-in summarizer, the same messages.
     """
+    SetMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.SetMemoryRequest, _context_pb2.SetMemoryResponse]  # type: ignore[assignment]
+    """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+    newer value replaces the older. All the facts are set or none (a bad fact, or a
+    conversation that would exceed its bound, writes nothing).
+    """
+    ListMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.ListMemoryRequest, _context_pb2.ListMemoryResponse]  # type: ignore[assignment]
+    """ListMemory lists a conversation's facts, the most recently set first."""
+    DeleteMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryRequest, _context_pb2.DeleteMemoryResponse]  # type: ignore[assignment]
+    """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
 
 class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
     """ContextService sits in front of model calls. It counts tokens exactly for the target model,
@@ -117,5 +135,32 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         fitted messages with the reservation. Retrying with the same idempotency key returns the
         same reservation and, with the built-in summarizer, the same messages.
         """
+
+    @_abc_1.abstractmethod
+    def SetMemory(
+        self,
+        request: _context_pb2.SetMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.SetMemoryResponse, _abc.Awaitable[_context_pb2.SetMemoryResponse]]:
+        """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+        newer value replaces the older. All the facts are set or none (a bad fact, or a
+        conversation that would exceed its bound, writes nothing).
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemory(
+        self,
+        request: _context_pb2.ListMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.ListMemoryResponse, _abc.Awaitable[_context_pb2.ListMemoryResponse]]:
+        """ListMemory lists a conversation's facts, the most recently set first."""
+
+    @_abc_1.abstractmethod
+    def DeleteMemory(
+        self,
+        request: _context_pb2.DeleteMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.DeleteMemoryResponse, _abc.Awaitable[_context_pb2.DeleteMemoryResponse]]:
+        """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
 
 def add_ContextServiceServicer_to_server(servicer: ContextServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
