@@ -40,7 +40,7 @@ from google.protobuf import message
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from services.context import memory, planning
+from services.context import document_holds, documents, memory, planning
 from services.context.fitting import AllocationPolicy, DoesNotFit, FitResult, Strategy
 from services.context.ledger_client import LedgerCallError, LedgerClient
 from services.context.memory_store import MemoryStore
@@ -375,6 +375,25 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             self._metrics.retention_facts.add(r.facts_kept, {**strategy, "outcome": "kept"})
             lost = r.facts_total - r.facts_kept
             self._metrics.retention_facts.add(lost, {**strategy, "outcome": "lost"})
+
+    # --- PlanDocument ------------------------------------------------------------------------
+
+    async def PlanDocument(
+        self, request: cpb.PlanDocumentRequest, context: Context
+    ) -> cpb.PlanDocumentResponse:
+        plan_ = documents.parse_plan(request, self._registry)
+        chunks, total = await self._work(False, documents.plan_chunks, self._counter, plan_)
+        ids: list[str] = []
+        if request.reserve:
+            documents.check_reservable(chunks)  # before anything is held
+            try:
+                ids = await document_holds.reserve_all(
+                    self._ledger, request, chunks, _remaining(context)
+                )
+            except LedgerCallError as exc:
+                raise ledger_refusal(exc, documents.ask_text(request, chunks)) from None
+        self._metrics.counted(total, plan_.target.encoding, "PlanDocument")
+        return documents.plan_response(request, plan_, chunks, total, ids)
 
     # --- memory ------------------------------------------------------------------------------
 

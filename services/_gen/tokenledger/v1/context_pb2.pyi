@@ -1101,3 +1101,191 @@ class DeleteMemoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteMemoryResponse: _TypeAlias = DeleteMemoryResponse  # noqa: Y015
+
+@_typing.final
+class PlanDocumentRequest(_message.Message):
+    """PlanDocumentRequest is a document to load progressively."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
+    OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    OMIT_TEXT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required with reserve: the ledger keys of the holds are "doc:" + key + ":" + chunk index.
+    At most 96 printable ASCII characters.
+    """
+    tenant_id: _builtins.str
+    """The tenant (charged with reserve)."""
+    user_id: _builtins.str
+    """The user to charge; required with reserve."""
+    conversation_id: _builtins.str
+    """The conversation to charge; optional."""
+    model: _builtins.str
+    """The target model; or name an encoding (with context_window_tokens)."""
+    encoding: _builtins.str
+    """Count with this encoding instead of the model's; it must be an exact one (not
+    gemma_estimate or claude_estimate).
+    """
+    context_window_tokens: _builtins.int
+    """Use this window instead of the model's published one; 0 means the model's."""
+    text: _builtins.str
+    """The document (1 byte to 4 MiB of UTF-8)."""
+    chunk_tokens: _builtins.int
+    """The most tokens of the document one chunk may hold (at least 1); with max_output_tokens
+    it must fit the window.
+    """
+    overlap_tokens: _builtins.int
+    """Tokens each chunk repeats from the end of the one before (0 to chunk_tokens - 1)."""
+    max_output_tokens: _builtins.int
+    """Tokens the reply to each chunk may take: held with the chunk, and counted against the
+    window (0 to the model's output cap).
+    """
+    reserve: _builtins.bool
+    """Hold every chunk's tokens plus max_output_tokens in the ledger, all or none (at most 100
+    chunks).
+    """
+    ttl_seconds: _builtins.int
+    """Seconds until the holds expire; 0 means the ledger's default."""
+    omit_text: _builtins.bool
+    """Leave the chunks' text out of the response (the byte offsets still locate it)."""
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        encoding: _builtins.str = ...,
+        context_window_tokens: _builtins.int = ...,
+        text: _builtins.str = ...,
+        chunk_tokens: _builtins.int = ...,
+        overlap_tokens: _builtins.int = ...,
+        max_output_tokens: _builtins.int = ...,
+        reserve: _builtins.bool = ...,
+        ttl_seconds: _builtins.int = ...,
+        omit_text: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "encoding", b"encoding", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "model", b"model", "omit_text", b"omit_text", "overlap_tokens", b"overlap_tokens", "reserve", b"reserve", "tenant_id", b"tenant_id", "text", b"text", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanDocumentRequest: _TypeAlias = PlanDocumentRequest  # noqa: Y015
+
+@_typing.final
+class DocumentChunk(_message.Message):
+    """DocumentChunk is one chunk of a plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    START_TOKEN_FIELD_NUMBER: _builtins.int
+    END_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    START_BYTE_FIELD_NUMBER: _builtins.int
+    END_BYTE_FIELD_NUMBER: _builtins.int
+    BOUNDARY_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in the plan, from 0."""
+    start_token: _builtins.int
+    """Its first token in the whole document's tokens."""
+    end_token: _builtins.int
+    """One past its last token in the whole document's tokens."""
+    tokens: _builtins.int
+    """Its tokens when sent alone, as the model counts them (at most chunk_tokens)."""
+    overlap_tokens: _builtins.int
+    """Tokens it repeats from the chunk before (0 for the first): overlap_tokens exactly,
+    except where that would start inside a UTF-8 character (then a token or two more).
+    """
+    start_byte: _builtins.int
+    """Its first byte in the document's UTF-8 (after NFC for models that normalize)."""
+    end_byte: _builtins.int
+    """One past its last byte."""
+    boundary: _builtins.str
+    """Where it ends: "paragraph", "sentence", "token" (no boundary near enough) or "end"."""
+    text: _builtins.str
+    """Its text; empty with omit_text."""
+    reservation_id: _builtins.str
+    """Its ledger hold (with reserve)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        start_token: _builtins.int = ...,
+        end_token: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        overlap_tokens: _builtins.int = ...,
+        start_byte: _builtins.int = ...,
+        end_byte: _builtins.int = ...,
+        boundary: _builtins.str = ...,
+        text: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boundary", b"boundary", "end_byte", b"end_byte", "end_token", b"end_token", "index", b"index", "overlap_tokens", b"overlap_tokens", "reservation_id", b"reservation_id", "start_byte", b"start_byte", "start_token", b"start_token", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentChunk: _TypeAlias = DocumentChunk  # noqa: Y015
+
+@_typing.final
+class PlanDocumentResponse(_message.Message):
+    """PlanDocumentResponse is the plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    DOCUMENT_TOKENS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    document_tokens: _builtins.int
+    """Tokens of the whole document."""
+    encoding: _builtins.str
+    """The encoding used."""
+    exact: _builtins.bool
+    """True when the counts are exact for the encoding."""
+    context_window_tokens: _builtins.int
+    """The window the chunks were planned for."""
+    reserved_tokens: _builtins.int
+    """Tokens held in the ledger: the chunks' tokens plus max_output_tokens each (with reserve)."""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentChunk]:
+        """The chunks, in order; together they cover every token of the document."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___DocumentChunk] | None = ...,
+        document_tokens: _builtins.int = ...,
+        encoding: _builtins.str = ...,
+        exact: _builtins.bool = ...,
+        context_window_tokens: _builtins.int = ...,
+        reserved_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "context_window_tokens", b"context_window_tokens", "document_tokens", b"document_tokens", "encoding", b"encoding", "exact", b"exact", "reserved_tokens", b"reserved_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanDocumentResponse: _TypeAlias = PlanDocumentResponse  # noqa: Y015

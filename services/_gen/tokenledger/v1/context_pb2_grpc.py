@@ -69,6 +69,11 @@ class ContextServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryResponse.FromString,
                 _registered_method=True)
+        self.PlanDocument = channel.unary_unary(
+                '/tokenledger.v1.ContextService/PlanDocument',
+                request_serializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -126,6 +131,17 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanDocument(self, request, context):
+        """PlanDocument plans a document too large for one call as chunks for a model: split by
+        exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+        its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+        holds are placed or none stays (one hold per chunk, their keys derived from one
+        idempotency key), so a long job cannot run out of budget halfway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +169,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.DeleteMemory,
                     request_deserializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryResponse.SerializeToString,
+            ),
+            'PlanDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanDocument,
+                    request_deserializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -300,6 +321,33 @@ class ContextService:
             '/tokenledger.v1.ContextService/DeleteMemory',
             tokenledger_dot_v1_dot_context__pb2.DeleteMemoryRequest.SerializeToString,
             tokenledger_dot_v1_dot_context__pb2.DeleteMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.ContextService/PlanDocument',
+            tokenledger_dot_v1_dot_context__pb2.PlanDocumentRequest.SerializeToString,
+            tokenledger_dot_v1_dot_context__pb2.PlanDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,13 @@ class ContextServiceStub:
     """ListMemory lists a conversation's facts, the most recently set first."""
     DeleteMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryRequest, _context_pb2.DeleteMemoryResponse]
     """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
+    PlanDocument: _grpc.UnaryUnaryMultiCallable[_context_pb2.PlanDocumentRequest, _context_pb2.PlanDocumentResponse]
+    """PlanDocument plans a document too large for one call as chunks for a model: split by
+    exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+    its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+    holds are placed or none stays (one hold per chunk, their keys derived from one
+    idempotency key), so a long job cannot run out of budget halfway.
+    """
 
 @_typing.type_check_only
 class ContextServiceAsyncStub(ContextServiceStub):
@@ -99,6 +106,13 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """ListMemory lists a conversation's facts, the most recently set first."""
     DeleteMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryRequest, _context_pb2.DeleteMemoryResponse]  # type: ignore[assignment]
     """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
+    PlanDocument: _aio.UnaryUnaryMultiCallable[_context_pb2.PlanDocumentRequest, _context_pb2.PlanDocumentResponse]  # type: ignore[assignment]
+    """PlanDocument plans a document too large for one call as chunks for a model: split by
+    exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+    its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+    holds are placed or none stays (one hold per chunk, their keys derived from one
+    idempotency key), so a long job cannot run out of budget halfway.
+    """
 
 class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
     """ContextService sits in front of model calls. It counts tokens exactly for the target model,
@@ -162,5 +176,18 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.DeleteMemoryResponse, _abc.Awaitable[_context_pb2.DeleteMemoryResponse]]:
         """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
+
+    @_abc_1.abstractmethod
+    def PlanDocument(
+        self,
+        request: _context_pb2.PlanDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.PlanDocumentResponse, _abc.Awaitable[_context_pb2.PlanDocumentResponse]]:
+        """PlanDocument plans a document too large for one call as chunks for a model: split by
+        exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+        its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+        holds are placed or none stays (one hold per chunk, their keys derived from one
+        idempotency key), so a long job cannot run out of budget halfway.
+        """
 
 def add_ContextServiceServicer_to_server(servicer: ContextServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
