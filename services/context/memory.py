@@ -71,19 +71,40 @@ def check_key(c: Checker, field: str, key: str) -> None:
     c.text(field, key, chars_max=memory_key_chars_max, pattern=KEY_PATTERN)
 
 
-def _fact(c: Checker, i: int, f: cpb.MemoryFact) -> Fact:
-    check_key(c, f"facts[{i}].key", f.key)
+def _fact(c: Checker, i: int, f: cpb.MemoryFact, prefix: str = "facts") -> Fact:
+    at = f"{prefix}[{i}]"
+    check_key(c, f"{at}.key", f.key)
     size = len(f.value.encode())
     if not f.value.strip():
-        c.fail(f"facts[{i}].value", "is required (not only spaces)")
+        c.fail(f"{at}.value", "is required (not only spaces)")
     elif size > memory_value_bytes_max:
-        c.fail(f"facts[{i}].value", f"is {size} bytes; at most {memory_value_bytes_max} allowed")
+        c.fail(f"{at}.value", f"is {size} bytes; at most {memory_value_bytes_max} allowed")
     elif _CONTROL.search(f.value):
-        c.fail(f"facts[{i}].value", "must not contain control characters other than tab")
+        c.fail(f"{at}.value", "must not contain control characters other than tab")
     if not -1 <= f.source_index <= source_index_max:
-        c.fail(f"facts[{i}].source_index", f"is {f.source_index}; must be -1 (none) or "
+        c.fail(f"{at}.source_index", f"is {f.source_index}; must be -1 (none) or "
                f"between 0 and {source_index_max}")  # fmt: skip
     return Fact(f.key, f.value, f.source_index)
+
+
+def key_information(c: Checker, messages: Sequence[cpb.ChatMessage], use: bool) -> list[Fact]:
+    """The facts the messages state (a later message's value for a key wins), each with its
+    message's index; at most `memory_facts_count_max` in one request."""
+    facts: dict[str, Fact] = {}
+    seen = 0
+    for i, m in enumerate(messages):
+        for j, f in enumerate(m.key_information):
+            seen += 1
+            if seen > memory_facts_count_max:
+                c.fail(f"messages[{i}].key_information", f"more than {memory_facts_count_max} "
+                       "facts in one request")  # fmt: skip
+                return []
+            fact = _fact(c, j, f, prefix=f"messages[{i}].key_information")
+            facts.pop(fact.key, None)
+            facts[fact.key] = Fact(fact.key, fact.value, i)
+    if facts and not use:
+        c.fail("use_memory", "must be set when messages carry key_information")
+    return list(facts.values())
 
 
 def parse_set(r: cpb.SetMemoryRequest) -> tuple[Conversation, list[Fact]]:

@@ -22,6 +22,8 @@ from services.context.fitting import (
     Strategy,
 )
 from services.context.memory import (
+    Fact,
+    key_information,
     memory_share_default,
     retention_marker_chars_max,
     retention_markers_count_max,
@@ -367,7 +369,8 @@ def _policy(
 
 
 def _memory(c: Checker, r: cpb.PrepareContextRequest) -> tuple[float, tuple[str, ...]]:
-    """The memory share (from the policy, else the default) and the retention markers."""
+    """The memory share (from the policy, else the default) and the retention markers (the
+    messages' key_information is checked by memory.key_information)."""
     share = memory_share_default
     if r.HasField("policy") and r.policy.HasField("memory_share"):
         share = r.policy.memory_share
@@ -428,6 +431,8 @@ class Prepare:
     use_memory: bool = False
     memory_share: float = memory_share_default
     markers: tuple[str, ...] = ()
+    stated: tuple[Fact, ...] = ()
+    """Facts the messages' key_information states, to set before fitting."""
 
 
 def parse_prepare(
@@ -450,6 +455,7 @@ def parse_prepare(
         c.fail("strategy", f"is {r.strategy}; must be one of STRATEGY_*")
     policy = _policy(c, r, default_policy)
     memory_share, markers = _memory(c, r)
+    stated = key_information(c, r.messages, r.use_memory)
     render = _render(c, r.serving_stack, r.date, target)
     start_on_user = START_ON_USER.get(r.history_start)
     if start_on_user is None:
@@ -471,6 +477,7 @@ def parse_prepare(
         use_memory=r.use_memory,
         memory_share=memory_share,
         markers=markers,
+        stated=tuple(stated),
     )
 
 

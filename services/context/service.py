@@ -218,7 +218,7 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         started = time.perf_counter()
         p = parse_prepare(request, self._registry, self._policy)
         inline = p.content_bytes <= inline_count_bytes_max
-        facts = await self._memory_facts(request) if p.use_memory else []
+        facts = await self._memory_facts(request, p) if p.use_memory else []
         mp = await self._plan(p, inline, facts)
         p, counted, plan_ = mp.prepare, mp.counted, mp.plan
         ahead = self._fit_ahead(p, counted, plan_)
@@ -256,10 +256,15 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         self._record_memory(p, response)
         return response
 
-    async def _memory_facts(self, request: cpb.PrepareContextRequest) -> list[memory.Fact]:
+    async def _memory_facts(
+        self, request: cpb.PrepareContextRequest, p: Prepare
+    ) -> list[memory.Fact]:
+        """The conversation's facts, after setting those its messages state."""
         conversation = memory.Conversation(
             request.tenant_id, request.user_id, request.conversation_id
         )
+        if p.stated:
+            return await self._store().set(conversation, p.stated)
         return await self._store().list(conversation)
 
     def _store(self) -> MemoryStore:

@@ -81,19 +81,22 @@ def listed(ctx: Any, tenant: str, chat: str = "chat-1") -> list[tuple[str, str]]
 
 
 def prepare(ctx: Any, tenant: str, messages: list[cpb.ChatMessage], **kw: Any) -> Any:
+    return ctx.PrepareContext(request(tenant, messages=messages, **kw))
+
+
+def request(tenant: str, **kw: Any) -> cpb.PrepareContextRequest:
     fields: dict[str, Any] = {
         "idempotency_key": new_id("p"),
         "tenant_id": tenant,
         "user_id": "ann",
         "conversation_id": "chat-1",
         "model": "gpt-4o",
-        "messages": messages,
         "max_output_tokens": 200,
         "context_window_tokens": 4_000,
         "strategy": cpb.STRATEGY_WINDOW,
     }
     fields.update(kw)
-    return ctx.PrepareContext(cpb.PrepareContextRequest(**fields))
+    return cpb.PrepareContextRequest(**fields)
 
 
 def memory_message(reply: Any) -> cpb.ChatMessage:
@@ -140,6 +143,24 @@ def test_a_fact_stated_in_turn_3_of_200_is_in_the_prompt_after_window_with_memor
     for m, s in zip(reply.messages, reply.source_indices, strict=True):
         if s >= 0:
             assert m == messages[s]
+
+
+def test_key_information_on_messages_is_remembered_and_a_later_statement_wins(
+    ctx: Any,
+) -> None:
+    tenant = new_id("t")
+    messages = conversation(200, {3: f"My booking code is {CODE}.", 150: "Make it Porto."})
+    messages[7].key_information.extend([fact("booking_code", CODE), fact("city", "Lisbon")])
+    messages[301].key_information.append(fact("city", "Porto"))
+    reply = prepare(ctx, tenant, messages, use_memory=True, retention_markers=[CODE])
+    content = memory_message(reply).content
+    assert f"- booking_code: {CODE}" in content and "- city: Porto" in content
+    assert "Lisbon" not in content and 7 in reply.dropped_indices
+    stored = ctx.ListMemory(cpb.ListMemoryRequest(tenant_id=tenant, user_id="ann",
+                                                  conversation_id="chat-1")).facts  # fmt: skip
+    assert {(f.key, f.value, f.source_index) for f in stored} == {
+        ("booking_code", CODE, 7), ("city", "Porto", 301)}  # fmt: skip
+    assert reply.retention.ratio == 1.0 and reply.retention.facts_total == 3
 
 
 def test_a_fact_updated_later_shows_its_newer_value(ctx: Any) -> None:
@@ -336,6 +357,21 @@ PREPARE_CASES = [
     ("long marker", {"retention_markers": ["m" * 257]}, "retention_markers[0]"),
     ("too many markers", {"retention_markers": [f"m{i}" for i in range(65)]},
      "retention_markers"),
+    ("key_information without use_memory",
+     {"messages": [msg(cpb.CHAT_ROLE_USER, "hi", key_information=[fact("k", "v")])]},
+     "use_memory"),
+    ("oversized key_information",
+     {"use_memory": True, "messages": [msg(cpb.CHAT_ROLE_SYSTEM, "x"), msg(
+         cpb.CHAT_ROLE_USER, "hi", key_information=[fact("k", "v"), fact("big", "x" * 1025)])]},
+     "messages[1].key_information[1].value"),
+    ("bad key_information key",
+     {"use_memory": True,
+      "messages": [msg(cpb.CHAT_ROLE_USER, "hi", key_information=[fact("a b", "v")])]},
+     "messages[0].key_information[0].key"),
+    ("too much key_information",
+     {"use_memory": True, "messages": [msg(cpb.CHAT_ROLE_USER, "hi", key_information=[
+         fact(f"k{i}", "v") for i in range(65)])]},
+     "messages[0].key_information"),
 ]  # fmt: skip
 
 
@@ -345,11 +381,13 @@ def test_prepare_context_refuses_bad_memory_fields_and_reserves_nothing(
     ctx: Any, stub: Stub, fields: dict[str, Any], field: str
 ) -> None:
     tenant = new_id("t")
-    failed = call_fails(lambda r: prepare(ctx, tenant, conversation(2), **fields), None)
+    fields = {"messages": conversation(2), **fields}
+    failed = call_fails(lambda r: ctx.PrepareContext(request(tenant, **fields)), None)
     assert failed.code == grpc.StatusCode.INVALID_ARGUMENT, failed.message
     assert field in [f for f, _ in failed.field_violations], failed.field_violations
     replies = stub.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant))
     assert sum(len(r.events) for r in replies) == 0
+    assert listed(ctx, tenant) == []
 
 
 def test_without_a_database_memory_is_refused_as_unavailable(ledger: ServerThread) -> None:

@@ -186,6 +186,7 @@ class ChatMessage(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     TOOL_CALL_IDS_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    KEY_INFORMATION_FIELD_NUMBER: _builtins.int
     role: Global___ChatRole.ValueType
     """Who speaks it."""
     content: _builtins.str
@@ -212,6 +213,14 @@ class ChatMessage(_message.Message):
         and its results are kept or dropped together.
         """
 
+    @_builtins.property
+    def key_information(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryFact]:
+        """Key facts this message states (the guide's key_information), for PrepareContext with
+        use_memory: each is set in the conversation's memory as SetMemory would (this message's
+        index is its source_index) before the prompt is fitted. Not sent to the model; ignored
+        by CountTokens.
+        """
+
     def __init__(
         self,
         *,
@@ -223,10 +232,11 @@ class ChatMessage(_message.Message):
         tool_call_id: _builtins.str = ...,
         tool_call_ids: _abc.Iterable[_builtins.str] | None = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        key_information: _abc.Iterable[Global___MemoryFact] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "pinned", b"pinned", "priority", b"priority", "role", b"role", "tool_call_id", b"tool_call_id", "tool_call_ids", b"tool_call_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "key_information", b"key_information", "name", b"name", "pinned", b"pinned", "priority", b"priority", "role", b"role", "tool_call_id", b"tool_call_id", "tool_call_ids", b"tool_call_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
