@@ -11,7 +11,7 @@ import unicodedata
 from dataclasses import dataclass
 
 from ledger import limits
-from ledger.validation import ID_PATTERN, KEY_PATTERN, Checker, account_key
+from ledger.validation import ID_PATTERN, KEY_PATTERN, MODEL_PATTERN, Checker, account_key
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services.context.requests import (
     Target,
@@ -91,7 +91,9 @@ def parse_plan(r: cpb.PlanDocumentRequest, registry: ModelRegistry) -> DocumentP
     """Every field checked; all problems at once (InvalidRequest, UnknownModel)."""
     c = Checker()
     _reserve_fields(c, r)
-    c.text("model", r.model, chars_max=limits.model_chars_max, required=not r.encoding)
+    # With reserve the ledger charges a model, so one is named even beside an encoding.
+    c.text("model", r.model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN,
+           required=r.reserve or not r.encoding)  # fmt: skip
     c.number("context_window_tokens", r.context_window_tokens, low=0, high=10_000_000)
     target, unknown = _resolve(c, registry, r.model, r.encoding, r.context_window_tokens)
     if target is None and not unknown and not c.violations:

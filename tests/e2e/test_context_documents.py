@@ -213,6 +213,8 @@ CASES = [
     ("an estimated encoding", _set(model="claude-sonnet-4"), "encoding"),
     ("unknown model", _set(model="no-such-model"), "model"),
     ("no model", _set(model=""), "model"),
+    ("reserve with only an encoding", _set(model="", encoding="o200k_base",
+                                           context_window_tokens=8_000), "model"),
     ("negative ttl", _set(ttl_seconds=-1), "ttl_seconds"),
     ("over 100 chunks", _set(chunk_tokens=20, overlap_tokens=0), "chunk_tokens"),
 ]  # fmt: skip

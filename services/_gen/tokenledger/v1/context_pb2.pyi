@@ -1143,7 +1143,9 @@ class PlanDocumentRequest(_message.Message):
     conversation_id: _builtins.str
     """The conversation to charge; optional."""
     model: _builtins.str
-    """The target model; or name an encoding (with context_window_tokens)."""
+    """The target model; or name an encoding (with context_window_tokens). Required with
+    reserve: the ledger charges a model.
+    """
     encoding: _builtins.str
     """Count with this encoding instead of the model's; it must be an exact one (not
     gemma_estimate or claude_estimate).
