@@ -5,11 +5,14 @@ retention ratio; and bad input refused with nothing written."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -18,7 +21,8 @@ from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.context import memory
-from tests.support import ContextServerThread, ServerThread, call_fails, new_id
+from services.context.memory_store import LOCK_SQL, UPSERT_SQL
+from tests.support import ContextServerThread, ServerThread, call_fails, failure, new_id
 
 Stub = pb_grpc.LedgerServiceStub
 SYSTEM = "You are a careful assistant for a travel agency. Answer briefly."
@@ -265,6 +269,54 @@ def test_a_conversation_over_its_bound_of_facts_is_refused_with_nothing_written(
     assert len(after) == n and after["k0"] == "v" and "one_more" not in after
     set_facts(ctx, tenant, fact("k1", "replaced"))  # replacing stays within the bound
     assert dict(listed(ctx, tenant))["k1"] == "replaced"
+
+
+def test_a_set_waits_for_a_concurrent_set_of_the_conversation_then_sees_its_facts(
+    ctx: Any, database_url: str
+) -> None:
+    """Sets of one conversation are serialized: while another transaction holds the
+    conversation's lock (as a SetMemory does) and adds the 64th fact, a SetMemory adding one
+    more waits, then counts that fact and is refused MEMORY_FULL, writing nothing."""
+    tenant = new_id("t")
+    n = memory.memory_facts_count_max
+    set_facts(ctx, tenant, *(fact(f"k{i}", "v") for i in range(n - 1)))
+    lock_key = "context_memory\x1f" + "\x1f".join((tenant, "ann", "chat-1"))
+    with psycopg.connect(database_url) as conn:
+        conn.execute(LOCK_SQL, (lock_key,))
+        conn.execute(UPSERT_SQL, (tenant, "ann", "chat-1", "held", "v", -1))
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(call_fails, ctx.SetMemory, cpb.SetMemoryRequest(
+                tenant_id=tenant, user_id="ann", conversation_id="chat-1",
+                facts=[fact("late", "v")]))  # fmt: skip
+            time.sleep(0.5)
+            assert not pending.done()  # it waits for the lock
+            conn.commit()
+            failed = pending.result(timeout=10)
+    assert failed.reason == "MEMORY_FULL"
+    keys = dict(listed(ctx, tenant))
+    assert len(keys) == n and "held" in keys and "late" not in keys
+
+
+def test_concurrent_sets_cannot_both_pass_the_bound(ctx: Any) -> None:
+    """Eight clients at once, each adding a new key to a conversation one short of its bound:
+    exactly one wins, the others are MEMORY_FULL, and the conversation holds the bound."""
+    tenant = new_id("t")
+    n = memory.memory_facts_count_max
+    set_facts(ctx, tenant, *(fact(f"k{i}", "v") for i in range(n - 1)))
+    barrier = threading.Barrier(8)
+
+    def add(i: int) -> str:
+        barrier.wait()
+        try:
+            set_facts(ctx, tenant, fact(f"new{i}", "v"))
+        except grpc.RpcError as exc:
+            return failure(exc).reason
+        return "ok"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(add, range(8)))
+    assert sorted(outcomes) == ["MEMORY_FULL"] * 7 + ["ok"]
+    assert len(listed(ctx, tenant)) == n
 
 
 # --- bad input --------------------------------------------------------------------------------
