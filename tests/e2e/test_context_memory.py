@@ -167,6 +167,20 @@ def test_key_information_on_messages_is_remembered_and_a_later_statement_wins(
     assert reply.retention.ratio == 1.0 and reply.retention.facts_total == 3
 
 
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "qwen2.5-7b", "mistral-nemo", "gpt-4o"])
+def test_the_memory_message_is_counted_with_the_chat_for_each_family(ctx: Any, model: str) -> None:
+    """The fitted prompt with its memory message recounts (CountTokens, the family's own
+    format) to exactly the prompt total PrepareContext reported."""
+    tenant = new_id("t")
+    set_facts(ctx, tenant, fact("booking_code", CODE), fact("city", "Porto"))
+    reply = prepare(ctx, tenant, conversation(120), model=model, use_memory=True,
+                    context_window_tokens=6_000)  # fmt: skip
+    assert "- city: Porto" in memory_message(reply).content and reply.dropped_indices
+    counted = ctx.CountTokens(cpb.CountTokensRequest(model=model, messages=reply.messages))
+    assert counted.total_tokens == reply.breakdown.prompt_total
+    assert reply.breakdown.memory == counted.message_tokens[list(reply.source_indices).index(-2)]
+
+
 def test_a_fact_updated_later_shows_its_newer_value(ctx: Any) -> None:
     tenant = new_id("t")
     set_facts(ctx, tenant, fact("hotel_city", "Lisbon"), fact("budget_eur", "900"))
