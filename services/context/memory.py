@@ -67,6 +67,18 @@ def _raise(c: Checker) -> None:
         raise InvalidRequest(f"invalid memory request: {text}", violations=violations)
 
 
+def value_problem(value: str) -> str:
+    """What is wrong with a fact's value, or "" if nothing."""
+    size = len(value.encode())
+    if not value.strip():
+        return "is required (not only spaces)"
+    if size > memory_value_bytes_max:
+        return f"is {size} bytes; at most {memory_value_bytes_max} allowed"
+    if _CONTROL.search(value):
+        return "must not contain control characters other than tab"
+    return ""
+
+
 def check_key(c: Checker, field: str, key: str) -> None:
     c.text(field, key, chars_max=memory_key_chars_max, pattern=KEY_PATTERN)
 
@@ -74,13 +86,9 @@ def check_key(c: Checker, field: str, key: str) -> None:
 def _fact(c: Checker, i: int, f: cpb.MemoryFact, prefix: str = "facts") -> Fact:
     at = f"{prefix}[{i}]"
     check_key(c, f"{at}.key", f.key)
-    size = len(f.value.encode())
-    if not f.value.strip():
-        c.fail(f"{at}.value", "is required (not only spaces)")
-    elif size > memory_value_bytes_max:
-        c.fail(f"{at}.value", f"is {size} bytes; at most {memory_value_bytes_max} allowed")
-    elif _CONTROL.search(f.value):
-        c.fail(f"{at}.value", "must not contain control characters other than tab")
+    problem = value_problem(f.value)
+    if problem:
+        c.fail(f"{at}.value", problem)
     if not -1 <= f.source_index <= source_index_max:
         c.fail(f"{at}.source_index", f"is {f.source_index}; must be -1 (none) or "
                f"between 0 and {source_index_max}")  # fmt: skip

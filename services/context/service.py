@@ -72,6 +72,7 @@ from services.platform.errors import (
     ContextOverWindow,
     InvalidRequest,
     LedgerUnavailable,
+    MemoryFull,
     MemoryUnavailable,
     Relayed,
     TokenizationFailed,
@@ -248,13 +249,43 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         sent = _with_memory(request, mp)
         response = prepare_response(request, p, counted, plan_, reply, fitted, output, outcome,
                                     sent)  # fmt: skip
+        await self._memory_report(request, p, mp, facts, response, outcome)
+        self._record(p, counted, fitted, outcome, started)
+        self._record_memory(p, response)
+        return response
+
+    async def _memory_report(
+        self,
+        request: cpb.PrepareContextRequest,
+        p: Prepare,
+        mp: MemoryPlan,
+        facts: list[memory.Fact],
+        response: cpb.PrepareContextResponse,
+        outcome: SummarizerOutcome | None,
+    ) -> None:
+        """The memory's part of the response and the retention ratio; facts the remote
+        summarizer proposed are set for later calls (not over the caller's own)."""
         memory.apply_memory(response, mp.selection, mp.index, mp.tokens)
         response.retention.CopyFrom(
             memory.retention(facts, p.markers, request.messages, response.messages)
         )
-        self._record(p, counted, fitted, outcome, started)
-        self._record_memory(p, response)
-        return response
+        if outcome is None or not p.use_memory:
+            return
+        response.summarizer.facts_note = outcome.facts_note
+        known = {f.key for f in facts}
+        new = [f for f in outcome.proposed if f.key not in known]
+        if not new:
+            return
+        conversation = memory.Conversation(
+            request.tenant_id, request.user_id, request.conversation_id
+        )
+        try:
+            await self._store().set(conversation, new)
+        except MemoryFull as exc:  # the prompt is ready: proposals are a bonus, not a refusal
+            note = f"proposed facts not set: {exc.message}"
+            response.summarizer.facts_note = "; ".join(filter(None, (outcome.facts_note, note)))
+            return
+        response.memory_proposed.extend(f.key for f in new)
 
     async def _memory_facts(
         self, request: cpb.PrepareContextRequest, p: Prepare
@@ -316,7 +347,9 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             return step, None
         assert remote is not None
         pending, remote_job = step
-        text, outcome = await remote.summarize(remote_job, _charge(request), self._measure(p))
+        text, outcome = await remote.summarize(
+            remote_job, _charge(request), self._measure(p), want_facts=p.use_memory
+        )
         finish = planning.finish_summary
         fitted = await self._work(inline, finish, self._counter, p, counted, pending, text)
         return fitted, outcome

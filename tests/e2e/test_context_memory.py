@@ -5,6 +5,8 @@ retention ratio; and bad input refused with nothing written."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +24,7 @@ from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.context import memory
 from services.context.memory_store import LOCK_SQL, UPSERT_SQL
+from services.context.remote_summarizer import RemoteSummarizerConfig
 from tests.support import ContextServerThread, ServerThread, call_fails, failure, new_id
 
 Stub = pb_grpc.LedgerServiceStub
@@ -240,6 +243,86 @@ def test_a_conversation_without_facts_is_fitted_as_before(ctx: Any) -> None:
     assert list(with_memory.source_indices) == list(plain.source_indices)
     assert with_memory.breakdown == plain.breakdown
     assert with_memory.retention.facts_total == 0 and with_memory.retention.ratio == 1.0
+
+
+# --- facts the remote summarizer proposes ---------------------------------------------------
+
+SUMMARY = "Earlier the user booked a hotel in Lisbon and asked about trains to Porto."
+
+
+class _Endpoint(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions answering `content` with reported usage."""
+
+    content = SUMMARY
+    requests: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append(body)
+        message = {"role": "assistant", "content": type(self).content}
+        reply = {"choices": [{"index": 0, "message": message}],
+                 "usage": {"prompt_tokens": 300, "completion_tokens": 40}}  # fmt: skip
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def remote_ctx(ledger: ServerThread, database_url: str) -> Iterator[Any]:
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{http_server.server_address[1]}/v1"
+    config = RemoteSummarizerConfig(url, "gpt-4o-mini", timeout_s=5)
+    server = ContextServerThread(ledger.target, memory_url=database_url,
+                                 remote_summarizer=config).start()  # fmt: skip
+    with server.stub() as s:
+        yield s
+    server.stop()
+    http_server.shutdown()
+    thread.join(10)
+
+
+def test_facts_the_remote_summarizer_proposes_are_checked_and_set_for_later_calls(
+    remote_ctx: Any,
+) -> None:
+    tenant = new_id("t")
+    set_facts(remote_ctx, tenant, fact("hotel", "Pestana"))
+    _Endpoint.requests = []
+    _Endpoint.content = SUMMARY + '\nFACTS: {"booking_code": "ZX-9", "hotel": "Casa Azul", ' \
+        '"bad key": "x", "nights": 3}'  # fmt: skip
+    reply = prepare(remote_ctx, tenant, conversation(40), use_memory=True,
+                    strategy=cpb.STRATEGY_SUMMARIZE, context_window_tokens=1_500)  # fmt: skip
+    assert "FACTS:" in _Endpoint.requests[-1]["messages"][0]["content"]
+    summary = reply.messages[list(reply.source_indices).index(-1)]
+    assert summary.content == SUMMARY and reply.summarizer.kind == "remote"
+    assert list(reply.memory_proposed) == ["booking_code", "nights"]
+    assert "'bad key'" in reply.summarizer.facts_note
+    assert dict(listed(remote_ctx, tenant)) == {
+        "hotel": "Pestana",
+        "booking_code": "ZX-9",
+        "nights": "3",
+    }  # the caller's fact wins
+    later = prepare(remote_ctx, tenant, conversation(2), use_memory=True)
+    assert "- booking_code: ZX-9" in memory_message(later).content
+
+
+def test_without_memory_the_summarizer_is_not_asked_for_facts_and_none_are_set(
+    remote_ctx: Any,
+) -> None:
+    tenant = new_id("t")
+    _Endpoint.requests = []
+    _Endpoint.content = SUMMARY + '\nFACTS: {"booking_code": "ZX-9"}'
+    reply = prepare(remote_ctx, tenant, conversation(40), strategy=cpb.STRATEGY_SUMMARIZE,
+                    context_window_tokens=1_500)  # fmt: skip
+    assert "FACTS:" not in _Endpoint.requests[-1]["messages"][0]["content"]
+    assert not reply.memory_proposed and listed(remote_ctx, tenant) == []
 
 
 # --- set, list, delete -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ a document chunk may end, and a plan's coverage on real tokenizers (no server)."
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services.context.documents import _kind, parse_plan, plan_chunks
 from services.context.memory import Fact, insert_at, render, retention, select
 from services.context.messages import ChatMessage, Role
+from services.context.remote_summarizer import proposed_facts_count_max, split_facts
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import DEFAULT_REGISTRY, TokenCounter, TokenizerPool
 
@@ -95,3 +97,19 @@ def test_a_plan_covers_every_token_with_exact_overlaps_for_each_exact_family(
     )
     assert rebuilt == text
     assert all(data[c.start_byte : c.end_byte].decode() == c.text for c in chunks)
+
+
+def test_proposed_facts_are_split_off_the_summary_checked_and_bounded() -> None:
+    facts_line = '{"booking_code": "ZX-1", "bad key": "x", "n": 42, "e": " "}'
+    text = "The user booked a hotel.\nFACTS: " + facts_line
+    summary, facts, note = split_facts(text)
+    assert summary == "The user booked a hotel."
+    assert [(f.key, f.value) for f in facts] == [("booking_code", "ZX-1"), ("n", "42")]
+    assert "'bad key'" in note and "'e'" in note
+    many = "S.\nFACTS: " + json.dumps({f"k{i}": "v" for i in range(20)})
+    summary, facts, note = split_facts(many)
+    assert len(facts) == proposed_facts_count_max and "more than 16" in note
+    assert split_facts("Only a summary.") == ("Only a summary.", (), "no FACTS line in the summary")
+    assert split_facts("S.\nFACTS: [1, 2]")[1:] == ((), "the FACTS line is not a JSON object")
+    assert split_facts("S.\nFACTS: {oops")[1:] == ((), "the FACTS line is not JSON")
+    assert split_facts('S.\nFACTS: {"v": "a\\nb  c"}')[1][0].value == "a b c"

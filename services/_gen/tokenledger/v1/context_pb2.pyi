@@ -679,6 +679,7 @@ class SummarizerReport(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    FACTS_NOTE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"extractive" (built in, offline) or "remote" (CONTEXT_SUMMARIZER_URL)."""
     model: _builtins.str
@@ -691,6 +692,10 @@ class SummarizerReport(_message.Message):
     """Completion tokens the endpoint reported."""
     fallback_reason: _builtins.str
     """Why the remote summarizer was not used and the extractive one stood in; empty otherwise."""
+    facts_note: _builtins.str
+    """With use_memory: what the remote summarizer proposed as key facts that was dropped, and
+    why (not JSON, a bad key or value, over 16); empty when nothing was.
+    """
     def __init__(
         self,
         *,
@@ -700,10 +705,11 @@ class SummarizerReport(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         fallback_reason: _builtins.str = ...,
+        facts_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "fallback_reason", b"fallback_reason", "kind", b"kind", "model", b"model", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "facts_note", b"facts_note", "fallback_reason", b"fallback_reason", "kind", b"kind", "model", b"model", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -741,6 +747,7 @@ class PrepareContextResponse(_message.Message):
     MEMORY_KEYS_FIELD_NUMBER: _builtins.int
     MEMORY_LEFT_OUT_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
+    MEMORY_PROPOSED_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """The ledger reservation for prompt plus output. The caller commits it with the actual usage
     after the model call; committing releases whatever the fitted prompt did not need.
@@ -823,6 +830,13 @@ class PrepareContextResponse(_message.Message):
     def retention(self) -> Global___Retention:
         """How much of what mattered the fitted prompt kept."""
 
+    @_builtins.property
+    def memory_proposed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With use_memory and a remote summarizer (STRATEGY_SUMMARIZE, CONTEXT_SUMMARIZER_URL):
+        keys of the key facts it proposed that were validated and set in memory for later calls
+        (a key already set is left as it is: the caller's facts win).
+        """
+
     def __init__(
         self,
         *,
@@ -852,10 +866,11 @@ class PrepareContextResponse(_message.Message):
         memory_keys: _abc.Iterable[_builtins.str] | None = ...,
         memory_left_out: _abc.Iterable[_builtins.str] | None = ...,
         retention: Global___Retention | None = ...,
+        memory_proposed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "retention", b"retention", "suggestion", b"suggestion", "summarizer", b"summarizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "context_window_tokens", b"context_window_tokens", "dropped_indices", b"dropped_indices", "encoding", b"encoding", "exact", b"exact", "granted_tokens", b"granted_tokens", "limited_by", b"limited_by", "memory_keys", b"memory_keys", "memory_left_out", b"memory_left_out", "messages", b"messages", "method", b"method", "original_prompt_tokens", b"original_prompt_tokens", "over_share", b"over_share", "partial", b"partial", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retention", b"retention", "source_indices", b"source_indices", "strategy", b"strategy", "suggestion", b"suggestion", "summarized_indices", b"summarized_indices", "summarizer", b"summarizer", "summary_tokens", b"summary_tokens", "tokens_saved", b"tokens_saved", "truncated_indices", b"truncated_indices", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "context_window_tokens", b"context_window_tokens", "dropped_indices", b"dropped_indices", "encoding", b"encoding", "exact", b"exact", "granted_tokens", b"granted_tokens", "limited_by", b"limited_by", "memory_keys", b"memory_keys", "memory_left_out", b"memory_left_out", "memory_proposed", b"memory_proposed", "messages", b"messages", "method", b"method", "original_prompt_tokens", b"original_prompt_tokens", "over_share", b"over_share", "partial", b"partial", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retention", b"retention", "source_indices", b"source_indices", "strategy", b"strategy", "suggestion", b"suggestion", "summarized_indices", b"summarized_indices", "summarizer", b"summarizer", "summary_tokens", b"summary_tokens", "tokens_saved", b"tokens_saved", "truncated_indices", b"truncated_indices", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
