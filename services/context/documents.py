@@ -138,13 +138,14 @@ class _Doc:
     def piece(self, start: int, end: int) -> str:
         return self.data[self.offsets[start] : self.offsets[end]].decode("utf-8", "surrogatepass")
 
-    def end_for(self, start: int, plan: DocumentPlan) -> tuple[int, str, int]:
-        """(end token, boundary kind, the chunk's own count) of the chunk starting at `start`."""
+    def end_for(self, start: int, after: int, plan: DocumentPlan) -> tuple[int, str, int]:
+        """(end token, boundary kind, the chunk's own count) of the chunk starting at `start`
+        and ending past `after` (the previous chunk's end)."""
         n = len(self.tokens)
         hard = min(start + plan.chunk_tokens, n)
         if hard == n and self.enc.count(self.piece(start, n)) <= plan.chunk_tokens:
             return n, "end", self.enc.count(self.piece(start, n))
-        low = max(start + plan.overlap_tokens + 1, start + plan.chunk_tokens // 2)
+        low = max(start + plan.overlap_tokens + 1, start + plan.chunk_tokens // 2, after + 1)
         candidates = [b for b in range(hard, low - 1, -1)
                       if _is_char_start(self.data, self.offsets[b])]  # fmt: skip
         ranked = sorted(candidates, key=lambda b: (_RANK[_kind(self.data, self.offsets[b])], -b))
@@ -152,28 +153,48 @@ class _Doc:
             own = self.enc.count(self.piece(start, b))
             if own <= plan.chunk_tokens:
                 return b, _kind(self.data, self.offsets[b]) or "token", own
-        b = start + plan.overlap_tokens + 1  # nothing fits its own count: the smallest step
-        return b, "token", self.enc.count(self.piece(start, b))
+        b = max(start + plan.overlap_tokens + 1, after + 1)  # nothing fits: the smallest step
+        while not _is_char_start(self.data, self.offsets[b]):
+            b += 1  # a whole character at least
+        own = self.enc.count(self.piece(start, b))
+        if own > plan.chunk_tokens:
+            text = (f"is {plan.chunk_tokens}; the document has a character (at byte "
+                    f"{self.offsets[start]}) that takes {own} tokens: raise chunk_tokens to at "
+                    f"least {own + plan.overlap_tokens}")  # fmt: skip
+            raise InvalidRequest(f"chunk_tokens {text}", violations=[("chunk_tokens", text)])
+        return b, "token", own
 
 
 _RANK = {"paragraph": 0, "sentence": 1, "": 2}
+
+
+def _next_start(doc: _Doc, start: int, end: int, overlap: int) -> tuple[int, int]:
+    """The next chunk's first token and its overlap: `overlap` tokens back from `end`, moved
+    back to the start of the character it would cut (a token or more of overlap more), or
+    forward when moving back would not advance past `start` (less overlap)."""
+    following = end - overlap
+    back = following
+    while not _is_char_start(doc.data, doc.offsets[back]):
+        back -= 1
+    if back > start:
+        return back, end - back
+    while not _is_char_start(doc.data, doc.offsets[following]):
+        following += 1
+    return following, end - following
 
 
 def plan_chunks(counter: TokenCounter, plan: DocumentPlan) -> tuple[list[Chunk], int]:
     """The chunks covering every token of the document, in order, and its token count."""
     doc = _Doc(counter.encoding(plan.target.encoding), plan.text)
     chunks: list[Chunk] = []
-    start, overlap, n = 0, 0, len(doc.tokens)
+    start, overlap, end, n = 0, 0, 0, len(doc.tokens)
     while True:
-        end, kind, own = doc.end_for(start, plan)
+        end, kind, own = doc.end_for(start, end, plan)
         chunks.append(Chunk(start, end, own, overlap, doc.offsets[start], doc.offsets[end],
                             kind, doc.piece(start, end)))  # fmt: skip
         if end >= n:
             return chunks, n
-        following = end - plan.overlap_tokens
-        while not _is_char_start(doc.data, doc.offsets[following]):
-            following -= 1  # never start inside a character: overlap a token more
-        start, overlap = following, end - following
+        start, overlap = _next_start(doc, start, end, plan.overlap_tokens)
 
 
 def check_reservable(chunks: list[Chunk]) -> None:

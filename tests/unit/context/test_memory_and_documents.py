@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from services.context.messages import ChatMessage, Role
 from services.context.remote_summarizer import proposed_facts_count_max, split_facts
 from services.context.tokenizer_data import DATA_DIR_ENV
 from services.context.tokenizers import DEFAULT_REGISTRY, TokenCounter, TokenizerPool
+from services.platform.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -113,3 +115,36 @@ def test_proposed_facts_are_split_off_the_summary_checked_and_bounded() -> None:
     assert split_facts("S.\nFACTS: [1, 2]")[1:] == ((), "the FACTS line is not a JSON object")
     assert split_facts("S.\nFACTS: {oops")[1:] == ((), "the FACTS line is not JSON")
     assert split_facts('S.\nFACTS: {"v": "a\\nb  c"}')[1][0].value == "a b c"
+
+
+def test_random_multibyte_plans_cover_every_token_never_cut_a_character_and_always_advance(
+    counter: TokenCounter,
+) -> None:
+    """Tiny chunks over emoji, CJK and accents (characters of several tokens): every plan
+    covers the document in order, each chunk decodes to its byte range and fits its size, and
+    each starts and ends later than the one before; a chunk too small for one character is
+    refused naming chunk_tokens."""
+    rng = random.Random(0)
+    planned = refused = 0
+    for _ in range(400):
+        text = "".join(rng.choice("ab .\n€😀Ô東京 ") for _ in range(rng.randint(1, 80)))
+        size = rng.randint(1, 12)
+        model = rng.choice(["gpt-4o", "llama-3.1-8b", "gpt-4", "qwen2.5-7b", "mistral-nemo"])
+        overlap = rng.randrange(size)
+        request = cpb.PlanDocumentRequest(tenant_id="t", model=model, text=text,
+                                          chunk_tokens=size, overlap_tokens=overlap)  # fmt: skip
+        try:
+            chunks, total = plan_chunks(counter, parse_plan(request, DEFAULT_REGISTRY))
+        except InvalidRequest as exc:
+            assert [f for f, _ in exc.violations] == ["chunk_tokens"]
+            refused += 1
+            continue
+        planned += 1
+        data = text.encode()
+        assert chunks[0].start_token == 0 and chunks[-1].end_token == total
+        for before, c in itertools.pairwise(chunks):
+            assert c.start_token == before.end_token - c.overlap_tokens
+            assert c.start_token > before.start_token and c.end_token > before.end_token
+        for c in chunks:
+            assert c.tokens <= size and data[c.start_byte : c.end_byte].decode() == c.text
+    assert planned > 100 and refused > 10

@@ -1239,7 +1239,8 @@ class DocumentChunk(_message.Message):
     """Its tokens when sent alone, as the model counts them (at most chunk_tokens)."""
     overlap_tokens: _builtins.int
     """Tokens it repeats from the chunk before (0 for the first): overlap_tokens exactly,
-    except where that would start inside a UTF-8 character (then a token or two more).
+    except where that would start inside a UTF-8 character (then the character's other
+    tokens too, or, when that would not advance past the chunk before, fewer).
     """
     start_byte: _builtins.int
     """Its first byte in the document's UTF-8 (after NFC for models that normalize)."""
