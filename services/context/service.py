@@ -281,8 +281,10 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         )
         try:
             await self._store().set(conversation, new)
-        except MemoryFull as exc:  # the prompt is ready: proposals are a bonus, not a refusal
-            note = f"proposed facts not set: {exc.message}"
+        except Exception as exc:  # the prompt and its hold are ready: proposals are a bonus,
+            # and failing now would leave the caller a hold it never heard of.
+            why = exc.message if isinstance(exc, MemoryFull) else type(exc).__name__
+            note = f"proposed facts not set: {why}"
             response.summarizer.facts_note = "; ".join(filter(None, (outcome.facts_note, note)))
             return
         response.memory_proposed.extend(f.key for f in new)
