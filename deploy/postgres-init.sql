@@ -12,8 +12,9 @@
 --   tokenledger_ledger  LOGIN  member of tokenledger_app: the ledger's DATABASE_URL
 --                              (may append events, never change or remove them)
 --   tokenledger_context LOGIN  member of tokenledger_app: the context service's DATABASE_URL,
---                              only to look its callers' API keys up (TOKENLEDGER_AUTH on);
---                              it reaches the ledger itself over gRPC only
+--                              for its memory table (context_memory_facts) and to look its
+--                              callers' API keys up (TOKENLEDGER_AUTH on); it reaches the
+--                              ledger itself over gRPC only
 --   tokenledger_usage   LOGIN  member of tokenledger_reader: read-only reports and replicas
 
 \set ON_ERROR_STOP on

@@ -376,13 +376,20 @@ class ContextServerThread(_LoopThread):
     what = "context server"
 
     def __init__(
-        self, ledger_target: str, *, auth_mode: str = "off", keys_url: str = "", **kwargs: Any
+        self,
+        ledger_target: str,
+        *,
+        auth_mode: str = "off",
+        keys_url: str = "",
+        memory_url: str = "",
+        **kwargs: Any,
     ) -> None:
         """`auth_mode` other than "off" authenticates callers against the api_keys table of
-        the database at `keys_url`."""
+        the database at `keys_url`; `memory_url` (or `keys_url`) gives the memory table."""
         self.ledger_target = ledger_target
         self.auth_mode = auth_mode
         self.keys_url = keys_url
+        self.memory_url = memory_url or keys_url
         self.keys_pool: Any = None
         self.kwargs = kwargs
         super().__init__()
@@ -391,9 +398,11 @@ class ContextServerThread(_LoopThread):
         from services.context.server import ContextServer
 
         kwargs = dict(self.kwargs)
-        if self.auth_mode != "off":
-            self.keys_pool = db.make_pool(self.keys_url, 2)
+        if self.memory_url:
+            self.keys_pool = db.make_pool(self.memory_url, 2)
             await self.keys_pool.open(wait=True, timeout=10)
+            kwargs["memory_pool"] = self.keys_pool
+        if self.auth_mode != "off":
             kwargs["auth"] = Authenticator(self.auth_mode, KeyStore(self.keys_pool))
         self.server = ContextServer(self.ledger_target, **kwargs)
         self.port = await self.server.start("127.0.0.1:0")

@@ -124,6 +124,16 @@ class LedgerClient:
     ) -> pb.RollbackResponse:
         return await self._call(self._stub.Rollback, "Rollback", request, timeout_s)
 
+    async def reserve_batch(
+        self, request: pb.ReserveBatchRequest, timeout_s: float | None = None
+    ) -> pb.ReserveBatchResponse:
+        return await self._call(self._stub.ReserveBatch, "ReserveBatch", request, timeout_s)
+
+    async def rollback_batch(
+        self, request: pb.RollbackBatchRequest, timeout_s: float | None = None
+    ) -> pb.RollbackBatchResponse:
+        return await self._call(self._stub.RollbackBatch, "RollbackBatch", request, timeout_s)
+
     async def record_usage(
         self, request: pb.RecordUsageRequest, timeout_s: float | None = None
     ) -> pb.RecordUsageResponse:

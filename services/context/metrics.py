@@ -46,6 +46,7 @@ class ContextMetrics:
             unit="{call}",
             description="Remote summarizer calls, by outcome (ok, fallback)",
         )
+        self._memory_instruments(meter)
         self.prepare_duration = meter.create_histogram(
             "context.prepare.duration",
             unit="ms",
@@ -74,6 +75,26 @@ class ContextMetrics:
             [self._observe(lambda s: s.pool.bytes_estimated)],
             unit="By",
             description="Estimated memory of the loaded encodings",
+        )
+
+    def _memory_instruments(self, meter: metrics.Meter) -> None:
+        self.retention_ratio = meter.create_histogram(
+            "context.retention.ratio",
+            unit="1",
+            description="Information retention ratio of each PrepareContext that had facts to "
+            "keep (memory facts and retention markers kept / in the original), by strategy",
+        )
+        self.retention_facts = meter.create_counter(
+            "context.retention.facts",
+            unit="{fact}",
+            description="Facts (memory facts and markers) PrepareContext had to keep, by "
+            "strategy and outcome (kept, lost)",
+        )
+        self.memory_left_out = meter.create_counter(
+            "context.memory.left_out",
+            unit="{fact}",
+            description="Memory facts left out of the prompt because they did not fit the "
+            "memory's share, by strategy",
         )
 
     def _observe(

@@ -33,6 +33,7 @@ from services.context.fitting import (
     summary_role,
     summary_text_count,
 )
+from services.context.memory import Fact, MemorySelection, insert_at, select
 from services.context.messages import DEFAULT_RENDER, ChatMessage, RenderOptions, Role, ToolDef
 from services.context.requests import Prepare, Target
 from services.context.summarizer import ExtractiveSummarizer, TextCount
@@ -236,3 +237,56 @@ def finish_summary(
 def summary_counter(counter: TokenCounter, target: Target) -> TextCount:
     """Tokens of a summary message with a given text, for the model of `target`."""
     return summary_text_count(counter.message_counter(target.count_target))
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryPlan:
+    """The request with its memory message (if any fact fit) at `index` (-1: none)."""
+
+    prepare: Prepare
+    counted: Counted
+    plan: Plan
+    selection: MemorySelection
+    index: int
+
+    @property
+    def tokens(self) -> int:
+        """The memory message's tokens as the whole chat was counted (exact where it is)."""
+        return self.counted.per_message[self.index] if self.index >= 0 else 0
+
+
+def memory_room(p: Prepare, mandatory: int) -> int:
+    """Tokens the memory message may take: its share of the window less the output, and never
+    more than the window leaves beside the mandatory part and the full output."""
+    free = p.target.window_tokens - p.max_output
+    return max(0, min(int(p.memory_share * free), free - mandatory))
+
+
+def plan_with_memory(counter: TokenCounter, p: Prepare, facts: Sequence[Fact]) -> MemoryPlan:
+    """Count and plan the request as sent, choose the facts that fit the memory's room (the
+    most recently set first), then count and plan again with their message inserted after the
+    leading system messages. Memory never displaces system, pinned or input messages: if the
+    inserted message (counted with the whole chat) would make the mandatory part too large for
+    the window, the request goes without it and every fact is reported left out."""
+    counted, plan_ = plan_request(counter, p)
+    left_out = MemorySelection(None, (), tuple(f.key for f in facts), 0)
+    none = MemoryPlan(p, counted, plan_, left_out, -1)
+    if not facts:
+        return none
+    count = counter.message_counter(p.target.count_target)
+    selection = select(facts, memory_room(p, plan_.mandatory_tokens), count)
+    if selection.message is None:
+        return none
+    index = insert_at(p.messages)
+    messages = [*p.messages[:index], selection.message, *p.messages[index:]]
+    with_memory = replace(p, messages=messages)
+    try:
+        counted_m, plan_m = plan_request(counter, with_memory)
+    except WindowTooSmall:
+        return none
+    if plan_m.mandatory_tokens + p.max_output > p.target.window_tokens:
+        return none
+    return MemoryPlan(with_memory, counted_m, plan_m, selection, index)

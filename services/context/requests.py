@@ -21,6 +21,13 @@ from services.context.fitting import (
     AllocationPolicy,
     Strategy,
 )
+from services.context.memory import (
+    Fact,
+    key_information,
+    memory_share_default,
+    retention_marker_chars_max,
+    retention_markers_count_max,
+)
 from services.context.messages import (
     ChatMessage,
     RenderOptions,
@@ -361,6 +368,26 @@ def _policy(
         return default
 
 
+def _memory(c: Checker, r: cpb.PrepareContextRequest) -> tuple[float, tuple[str, ...]]:
+    """The memory share (from the policy, else the default) and the retention markers (the
+    messages' key_information is checked by memory.key_information)."""
+    share = memory_share_default
+    if r.HasField("policy") and r.policy.HasField("memory_share"):
+        share = r.policy.memory_share
+        if not (math.isfinite(share) and 0.0 <= share <= 1.0):
+            c.fail("policy.memory_share", f"is {share}; must be in [0, 1]")
+    if r.use_memory and not r.conversation_id:
+        c.fail("use_memory", "needs a conversation_id: memory belongs to a conversation")
+    if len(r.retention_markers) > retention_markers_count_max:
+        c.fail("retention_markers", f"has {len(r.retention_markers)}; at most "
+               f"{retention_markers_count_max} allowed")  # fmt: skip
+    for i, marker in enumerate(r.retention_markers[:retention_markers_count_max]):
+        if not marker.strip() or len(marker) > retention_marker_chars_max:
+            c.fail(f"retention_markers[{i}]", f"is {len(marker)} characters; must be 1 to "
+                   f"{retention_marker_chars_max}, not only spaces")  # fmt: skip
+    return share, tuple(dict.fromkeys(r.retention_markers))
+
+
 def _account(c: Checker, r: cpb.PrepareContextRequest) -> None:
     c.text(
         "idempotency_key",
@@ -401,6 +428,11 @@ class Prepare:
     content_bytes: int
     render: RenderOptions
     start_on_user: bool = True
+    use_memory: bool = False
+    memory_share: float = memory_share_default
+    markers: tuple[str, ...] = ()
+    stated: tuple[Fact, ...] = ()
+    """Facts the messages' key_information states, to set before fitting."""
 
 
 def parse_prepare(
@@ -422,6 +454,8 @@ def parse_prepare(
     if strategy is None:
         c.fail("strategy", f"is {r.strategy}; must be one of STRATEGY_*")
     policy = _policy(c, r, default_policy)
+    memory_share, markers = _memory(c, r)
+    stated = key_information(c, r.messages, r.use_memory)
     render = _render(c, r.serving_stack, r.date, target)
     start_on_user = START_ON_USER.get(r.history_start)
     if start_on_user is None:
@@ -440,6 +474,10 @@ def parse_prepare(
         content_bytes=size,
         render=render,
         start_on_user=bool(start_on_user),
+        use_memory=r.use_memory,
+        memory_share=memory_share,
+        markers=markers,
+        stated=tuple(stated),
     )
 
 

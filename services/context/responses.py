@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.context.fitting import FitResult
@@ -101,8 +103,10 @@ def prepare_response(
     fitted: FitResult,
     output: int,
     outcome: SummarizerOutcome | None,
+    sent: Sequence[cpb.ChatMessage] | None = None,
 ) -> cpb.PrepareContextResponse:
-    """PrepareContext's answer. Messages kept as they were come back as sent (no re-encoding)."""
+    """PrepareContext's answer. Messages kept as they were come back as sent (no re-encoding);
+    `sent` is the request's messages as fitted (with the memory message), if not as sent."""
     granted = reply.reservation.amount
     budget = granted - output
     response = cpb.PrepareContextResponse(
@@ -129,7 +133,7 @@ def prepare_response(
     if reply.HasField("suggestion"):
         response.suggestion.CopyFrom(reply.suggestion)
     truncated = set(fitted.truncated)
-    sent = request.messages
+    sent = request.messages if sent is None else sent
     response.messages.extend(  # one extend copies faster than an append per message
         _pb_message(m) if source is None or source in truncated else sent[source]
         for source, m in zip(fitted.sources, fitted.messages, strict=True)

@@ -8,12 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.metrics import MeterProvider
+from psycopg_pool import AsyncConnectionPool
 
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
@@ -24,6 +26,7 @@ from services.context.ledger_client import (
     LedgerClient,
     MetadataProvider,
 )
+from services.context.memory_store import MemoryStore
 from services.context.metrics import ContextMetrics
 from services.context.remote_summarizer import RemoteSummarizerConfig
 from services.context.requests import request_bytes_max
@@ -57,7 +60,8 @@ SERVICE = cpb.DESCRIPTOR.services_by_name["ContextService"]
 SERVICE_NAME = SERVICE.full_name
 COUNT_WORKERS_DEFAULT = 4
 KEYS_POOL_SIZE_MAX = 4
-"""Database connections for callers' key lookups (one short primary-key read per call)."""
+"""Database connections for callers' key lookups and the memory table (short primary-key
+reads and writes, one per call)."""
 
 
 class ContextServer:
@@ -82,9 +86,12 @@ class ContextServer:
         auth: Authenticator | None = None,
         credentials: grpc.ServerCredentials | None = None,
         ledger_credentials: grpc.ChannelCredentials | None = None,
+        memory_pool: AsyncConnectionPool[Any] | None = None,
     ) -> None:
         """`auth` authenticates callers (None: anyone may call), `credentials` make the port
-        TLS; `ledger_metadata` and `ledger_credentials` are this service's own for the ledger."""
+        TLS; `ledger_metadata` and `ledger_credentials` are this service's own for the ledger;
+        `memory_pool` reaches the memory table (None: the memory RPCs and use_memory refuse
+        with MEMORY_UNAVAILABLE)."""
         self.pool = pool or TokenizerPool(pool_bytes_max)
         self.counter = TokenCounter(self.pool, cache_entries_max)
         self.metrics = ContextMetrics(self.counter.stats, meter_provider)
@@ -117,6 +124,7 @@ class ContextServer:
             registry=registry,
             policy=policy or AllocationPolicy(),
             remote_summarizer=remote_summarizer,
+            memory_store=MemoryStore(memory_pool) if memory_pool is not None else None,
         )
         cpb_grpc.add_ContextServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -189,12 +197,12 @@ async def serve(
     meter_provider: MeterProvider | None = None,
     database_url: str = "",
 ) -> None:
-    """Serve until SIGTERM or SIGINT. With auth on, callers' keys are looked up in the
-    database at `database_url` (a small pool; SELECT on api_keys is all it needs)."""
+    """Serve until SIGTERM or SIGINT. The database at `database_url` holds the memory table
+    and, with auth on, callers' keys (a small pool)."""
     keys_pool = None
-    if settings.auth.mode != "off":
+    if database_url:
         keys_pool = db.make_pool(database_url, KEYS_POOL_SIZE_MAX)
-        await keys_pool.open(wait=True, timeout=30)
+        await keys_pool.open(wait=settings.auth.mode != "off", timeout=30)
     remote = (
         RemoteSummarizerConfig(
             settings.summarizer_url,
@@ -219,6 +227,7 @@ async def serve(
         credentials=server_credentials(settings.auth),
         ledger_metadata=settings.ledger_auth.metadata,
         ledger_credentials=settings.ledger_auth.credentials(),
+        memory_pool=keys_pool,
     )
     await server.preload(preload)
     await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
@@ -240,9 +249,7 @@ def main(env: dict[str, str] | None = None) -> int:
     meters = configure_metrics(
         settings.metrics.exporter, settings.metrics.listen, "tokenledger-context"
     )
-    url = ""
-    if settings.auth.mode != "off":
-        url = settings.database_url or db.embedded_url(settings.data_dir)
+    url = settings.database_url or db.embedded_url(settings.data_dir)
     try:
         asyncio.run(serve(settings, preload, meters.provider, url))
     finally:

@@ -40,11 +40,12 @@ from google.protobuf import message
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from services.context import planning
+from services.context import document_holds, documents, memory, planning
 from services.context.fitting import AllocationPolicy, DoesNotFit, FitResult, Strategy
 from services.context.ledger_client import LedgerCallError, LedgerClient
+from services.context.memory_store import MemoryStore
 from services.context.metrics import ContextMetrics
-from services.context.planning import Counted, Plan, WindowTooSmall
+from services.context.planning import Counted, MemoryPlan, Plan, WindowTooSmall
 from services.context.remote_summarizer import (
     Account,
     Charge,
@@ -71,6 +72,8 @@ from services.platform.errors import (
     ContextOverWindow,
     InvalidRequest,
     LedgerUnavailable,
+    MemoryFull,
+    MemoryUnavailable,
     Relayed,
     TokenizationFailed,
     TokenizerUnavailable,
@@ -161,8 +164,10 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         registry: ModelRegistry,
         policy: AllocationPolicy,
         remote_summarizer: RemoteSummarizerConfig | None = None,
+        memory_store: MemoryStore | None = None,
     ) -> None:
         self._counter = counter
+        self._memory = memory_store
         self._ledger = ledger
         self._metrics = metrics
         self._executor = executor
@@ -214,7 +219,9 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         started = time.perf_counter()
         p = parse_prepare(request, self._registry, self._policy)
         inline = p.content_bytes <= inline_count_bytes_max
-        counted, plan_ = await self._plan(p, inline)
+        facts = await self._memory_facts(request, p) if p.use_memory else []
+        mp = await self._plan(p, inline, facts)
+        p, counted, plan_ = mp.prepare, mp.counted, mp.plan
         ahead = self._fit_ahead(p, counted, plan_)
         try:
             reply = await self._reserve(request, p, plan_, context)
@@ -239,14 +246,72 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         except BaseException:
             await self._rollback(request.tenant_id, reservation.reservation_id, "internal error")
             raise
-        response = prepare_response(request, p, counted, plan_, reply, fitted, output, outcome)
+        sent = _with_memory(request, mp)
+        response = prepare_response(request, p, counted, plan_, reply, fitted, output, outcome,
+                                    sent)  # fmt: skip
+        await self._memory_report(request, p, mp, facts, response, outcome)
         self._record(p, counted, fitted, outcome, started)
+        self._record_memory(p, response)
         return response
 
-    async def _plan(self, p: Prepare, inline: bool) -> tuple[Counted, Plan]:
-        """Count and plan (thread); a window too small for the floor is refused unreserved."""
+    async def _memory_report(
+        self,
+        request: cpb.PrepareContextRequest,
+        p: Prepare,
+        mp: MemoryPlan,
+        facts: list[memory.Fact],
+        response: cpb.PrepareContextResponse,
+        outcome: SummarizerOutcome | None,
+    ) -> None:
+        """The memory's part of the response and the retention ratio; facts the remote
+        summarizer proposed are set for later calls (not over the caller's own)."""
+        memory.apply_memory(response, mp.selection, mp.index, mp.tokens)
+        response.retention.CopyFrom(
+            memory.retention(facts, p.markers, request.messages, response.messages)
+        )
+        if outcome is None or not p.use_memory:
+            return
+        response.summarizer.facts_note = outcome.facts_note
+        known = {f.key for f in facts}
+        new = [f for f in outcome.proposed if f.key not in known]
+        if not new:
+            return
+        conversation = memory.Conversation(
+            request.tenant_id, request.user_id, request.conversation_id
+        )
         try:
-            return await self._work(inline, planning.plan_request, self._counter, p)
+            await self._store().set(conversation, new)
+        except Exception as exc:  # the prompt and its hold are ready: proposals are a bonus,
+            # and failing now would leave the caller a hold it never heard of.
+            why = exc.message if isinstance(exc, MemoryFull) else type(exc).__name__
+            note = f"proposed facts not set: {why}"
+            response.summarizer.facts_note = "; ".join(filter(None, (outcome.facts_note, note)))
+            return
+        response.memory_proposed.extend(f.key for f in new)
+
+    async def _memory_facts(
+        self, request: cpb.PrepareContextRequest, p: Prepare
+    ) -> list[memory.Fact]:
+        """The conversation's facts, after setting those its messages state."""
+        conversation = memory.Conversation(
+            request.tenant_id, request.user_id, request.conversation_id
+        )
+        if p.stated:
+            return await self._store().set(conversation, p.stated)
+        return await self._store().list(conversation)
+
+    def _store(self) -> MemoryStore:
+        if self._memory is None:
+            raise MemoryUnavailable(
+                "this context service has no database for its memory (DATABASE_URL)"
+            )
+        return self._memory
+
+    async def _plan(self, p: Prepare, inline: bool, facts: list[memory.Fact]) -> MemoryPlan:
+        """Count and plan (thread), with the memory message when facts fit its share; a
+        window too small for the floor is refused unreserved."""
+        try:
+            return await self._work(inline, planning.plan_with_memory, self._counter, p, facts)
         except WindowTooSmall as exc:
             raise _does_not_fit(p.target, p.model, exc.required, exc.window, exc.mandatory,
                                 p.min_output, exc.indices, "WINDOW") from None  # fmt: skip
@@ -284,7 +349,9 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             return step, None
         assert remote is not None
         pending, remote_job = step
-        text, outcome = await remote.summarize(remote_job, _charge(request), self._measure(p))
+        text, outcome = await remote.summarize(
+            remote_job, _charge(request), self._measure(p), want_facts=p.use_memory
+        )
         finish = planning.finish_summary
         fitted = await self._work(inline, finish, self._counter, p, counted, pending, text)
         return fitted, outcome
@@ -338,6 +405,59 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         with contextlib.suppress(LedgerCallError):
             await self._ledger.rollback(request)
 
+    def _record_memory(self, p: Prepare, response: cpb.PrepareContextResponse) -> None:
+        strategy = {"strategy": p.strategy.value}
+        if response.memory_left_out:
+            self._metrics.memory_left_out.add(len(response.memory_left_out), strategy)
+        r = response.retention
+        if r.facts_total:
+            self._metrics.retention_ratio.record(r.ratio, strategy)
+            self._metrics.retention_facts.add(r.facts_kept, {**strategy, "outcome": "kept"})
+            lost = r.facts_total - r.facts_kept
+            self._metrics.retention_facts.add(lost, {**strategy, "outcome": "lost"})
+
+    # --- PlanDocument ------------------------------------------------------------------------
+
+    async def PlanDocument(
+        self, request: cpb.PlanDocumentRequest, context: Context
+    ) -> cpb.PlanDocumentResponse:
+        plan_ = documents.parse_plan(request, self._registry)
+        chunks, total = await self._work(False, documents.plan_chunks, self._counter, plan_)
+        ids: list[str] = []
+        if request.reserve:
+            documents.check_reservable(chunks)  # before anything is held
+            try:
+                ids = await document_holds.reserve_all(
+                    self._ledger, request, chunks, _remaining(context)
+                )
+            except LedgerCallError as exc:
+                raise ledger_refusal(exc, documents.ask_text(request, chunks)) from None
+        self._metrics.counted(total, plan_.target.encoding, "PlanDocument")
+        return documents.plan_response(request, plan_, chunks, total, ids)
+
+    # --- memory ------------------------------------------------------------------------------
+
+    async def SetMemory(
+        self, request: cpb.SetMemoryRequest, context: Context
+    ) -> cpb.SetMemoryResponse:
+        conversation, facts = memory.parse_set(request)
+        stored = await self._store().set(conversation, facts)
+        return cpb.SetMemoryResponse(facts=memory.pb_facts(stored))
+
+    async def ListMemory(
+        self, request: cpb.ListMemoryRequest, context: Context
+    ) -> cpb.ListMemoryResponse:
+        conversation = memory.parse_list(request)
+        stored = await self._store().list(conversation)
+        return cpb.ListMemoryResponse(facts=memory.pb_facts(stored))
+
+    async def DeleteMemory(
+        self, request: cpb.DeleteMemoryRequest, context: Context
+    ) -> cpb.DeleteMemoryResponse:
+        conversation, keys = memory.parse_delete(request)
+        deleted = await self._store().delete(conversation, keys)
+        return cpb.DeleteMemoryResponse(deleted=deleted)
+
     def _record(
         self,
         p: Prepare,
@@ -360,6 +480,20 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             )
         elapsed_ms = (time.perf_counter() - started) * 1000
         self._metrics.prepare_duration.record(elapsed_ms, {"strategy": p.strategy.value})
+
+
+def _with_memory(
+    request: cpb.PrepareContextRequest, mp: MemoryPlan
+) -> Sequence[cpb.ChatMessage] | None:
+    """The request's messages with the memory message where the fit put it (None: as sent)."""
+    if mp.index < 0:
+        return None
+    m = mp.prepare.messages[mp.index]
+    message = cpb.ChatMessage(role=cpb.CHAT_ROLE_SYSTEM, content=m.content, name=m.name,
+                              pinned=True)  # fmt: skip
+    sent = list(request.messages)
+    sent.insert(mp.index, message)
+    return sent
 
 
 def _discard(ahead: asyncio.Future[FitResult] | None) -> None:

@@ -182,6 +182,18 @@ class TokenizationFailed(CallRefused):
     reason = "TOKENIZATION_FAILED"
 
 
+class MemoryFull(CallRefused):
+    """A SetMemory would take a conversation over its bound of facts; nothing was written."""
+
+    reason = "MEMORY_FULL"
+
+
+class MemoryUnavailable(CallRefused):
+    """The context service was started without a database for its memory."""
+
+    reason = "MEMORY_UNAVAILABLE"
+
+
 class Relayed(CallRefused):
     """Another service's refusal passed on (the ledger's, to a context service caller): its
     code and its details as they came, under a message that says what was being asked.
@@ -235,6 +247,8 @@ TABLE: dict[type[Exception], Row] = {
     LedgerUnavailable: Row(Code.UNAVAILABLE, RETRY_INFO),
     TokenizerUnavailable: Row(Code.FAILED_PRECONDITION),
     TokenizationFailed: Row(Code.INVALID_ARGUMENT),
+    MemoryFull: Row(Code.FAILED_PRECONDITION),
+    MemoryUnavailable: Row(Code.FAILED_PRECONDITION),
     Relayed: Row(None, Detail.RELAYED),
 }
 """Exactly one row per class: a subclass does not inherit its parent's (tests hold every

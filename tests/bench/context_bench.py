@@ -8,7 +8,10 @@ compression, in one run on one machine (client and servers sharing it).
 - the count cache's hit rate over a replayed 50-turn conversation (each turn re-sends history);
 - compression achieved by each strategy on the 50k conversation (plus a ~12k-token pasted log)
   fitted to a 16k window;
-- tokenizer pool memory with every exact family loaded (RSS growth, in a fresh process).
+- tokenizer pool memory with every exact family loaded (RSS growth, in a fresh process);
+- facts kept (issue #19): on long conversations with five planted facts, the facts each
+  strategy keeps in a 16k window, without and with memory (the retention ratio);
+- chunk plans of a 1 MB document (PlanDocument): chunks, overlaps kept exactly, time to plan.
 
 The ledger (`tokenledger serve`) and the context service (`tokenledger context-serve`) run as
 separate processes. Prints figures, then one JSON line.
@@ -17,6 +20,7 @@ separate processes. Prints figures, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -155,9 +159,10 @@ def replay_hit_rate(pool: TokenizerPool, turns: int) -> dict[str, Any]:
 
 
 @contextmanager
-def context_process(ledger_target: str, log_path: Path) -> Iterator[str]:
+def context_process(ledger_target: str, log_path: Path, database_url: str) -> Iterator[str]:
     target = f"127.0.0.1:{free_port()}"
     env = os.environ | {
+        "DATABASE_URL": database_url,
         "TOKENLEDGER_CONTEXT_LISTEN": target,
         "TOKENLEDGER_LEDGER_TARGET": ledger_target,
         "TOKENLEDGER_LOG_LEVEL": "warning",
@@ -191,16 +196,16 @@ def _wait_serving(target: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 def _request(messages: list[cpb.ChatMessage], **kw: Any) -> cpb.PrepareContextRequest:
-    return cpb.PrepareContextRequest(
-        idempotency_key=uuid.uuid4().hex,
-        tenant_id="bench",
-        user_id="u1",
-        conversation_id="c1",
-        model="gpt-4o",
-        messages=messages,
-        max_output_tokens=OUTPUT_TOKENS,
-        **kw,
-    )
+    fields: dict[str, Any] = {
+        "idempotency_key": uuid.uuid4().hex,
+        "tenant_id": "bench",
+        "user_id": "u1",
+        "conversation_id": "c1",
+        "model": "gpt-4o",
+        "messages": messages,
+        "max_output_tokens": OUTPUT_TOKENS,
+    }
+    return cpb.PrepareContextRequest(**(fields | kw))
 
 
 def prepare_latency(
@@ -376,6 +381,92 @@ def _pool_memory_in_fresh_process() -> dict[str, Any]:
     return result
 
 
+PLANTED = (3, 41, 87, 133, 171)
+"""User turns (message indices) of the 200-message conversation that state a fact."""
+
+
+def planted(chat: list[ChatMessage], seed: int) -> tuple[list[cpb.ChatMessage], list[str]]:
+    """The conversation with a fact stated in each PLANTED user turn; the facts' values."""
+    rng = random.Random(seed)
+    values = [f"{k}-{rng.randrange(10**6):06d}" for k in ("PNR", "ACCT", "ROOM", "PIN", "REF")]
+    messages = to_pb(chat)
+    for i, value in zip(PLANTED, values, strict=True):
+        messages[i].content = f"Please remember: my {value[:-7]} is {value}. " + messages[i].content
+    return messages, values
+
+
+def facts_kept(stub: Any, chat: list[ChatMessage]) -> dict[str, Any]:
+    """Facts each strategy keeps in a 16k window, without memory (the turns alone) and with
+    it (the facts also set in memory), over three conversations with different facts."""
+    out: dict[str, Any] = {}
+    strategies = (
+        ("window", cpb.STRATEGY_WINDOW),
+        ("priority", cpb.STRATEGY_PRIORITY),
+        ("truncate", cpb.STRATEGY_TRUNCATE),
+        ("summarize", cpb.STRATEGY_SUMMARIZE),
+    )
+    for seed in (1, 2, 3):
+        messages, values = planted(chat, seed)
+        conversation_id = f"facts-{uuid.uuid4().hex[:8]}"
+        facts = [cpb.MemoryFact(key=v[:-7].lower(), value=v, source_index=i)
+                 for i, v in zip(PLANTED, values, strict=True)]  # fmt: skip
+        stub.SetMemory(
+            cpb.SetMemoryRequest(
+                tenant_id="bench", user_id="u1", conversation_id=conversation_id, facts=facts
+            )
+        )
+        for name, strategy in strategies:
+            for memory in (False, True):
+                reply = stub.PrepareContext(_request(
+                    messages, strategy=strategy, context_window_tokens=WINDOW_TOKENS,
+                    retention_markers=values, use_memory=memory,
+                    conversation_id=conversation_id))  # fmt: skip
+                markers = [v for v in values if v not in reply.retention.lost]
+                row = out.setdefault(f"{name}{'+memory' if memory else ''}", {"kept": 0, "of": 0})
+                row["kept"] += len(markers)
+                row["of"] += len(values)
+                row["memory_tokens"] = reply.breakdown.memory
+    return out
+
+
+def document_text(chars: int = 1_000_000, seed: int = 5) -> str:
+    rng = random.Random(seed)
+    paragraphs: list[str] = []
+    size = 0
+    while size < chars:
+        paragraph = _paragraph(rng, rng.randint(40, 300))
+        paragraphs.append(paragraph)
+        size += len(paragraph) + 2
+    return "\n\n".join(paragraphs)
+
+
+def document_plan(stub: Any) -> dict[str, Any]:
+    """PlanDocument on a 1 MB document for gpt-4o: 8k-token chunks overlapping by 200, and
+    4k by 400; each timed over 5 calls (the text not sent back), checked for exact overlaps."""
+    text = document_text()
+    out: dict[str, Any] = {"bytes": len(text.encode())}
+    for chunk, overlap in ((8_000, 200), (4_000, 400)):
+        lat = Latencies()
+        for _ in range(5):
+            started = time.perf_counter()
+            reply = stub.PlanDocument(cpb.PlanDocumentRequest(
+                tenant_id="bench", model="gpt-4o", text=text, chunk_tokens=chunk,
+                overlap_tokens=overlap, max_output_tokens=1_000, omit_text=True))  # fmt: skip
+            lat.add(started)
+        chunks = reply.chunks
+        exact = all(c.overlap_tokens == overlap and c.start_token == b.end_token - overlap
+                    for b, c in itertools.pairwise(chunks))  # fmt: skip
+        out[f"{chunk}/{overlap}"] = lat.summary() | {
+            "document_tokens": reply.document_tokens,
+            "chunks": len(chunks),
+            "overlaps_exact": exact,
+            "covers": chunks[0].start_token == 0 and chunks[-1].end_token == reply.document_tokens,
+            "max_chunk_tokens": max(c.tokens for c in chunks),
+            "boundaries": sorted({c.boundary for c in chunks}),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200, help="PrepareContext calls per case")
@@ -400,7 +491,7 @@ def main() -> None:
         log = Path(tmp) / "servers.log"
         with (
             ledger_process(url, log, TOKENLEDGER_LOG_LEVEL="warning") as ledger_target,
-            context_process(ledger_target, log) as target,
+            context_process(ledger_target, log, url) as target,
             grpc.insecure_channel(target) as channel,
         ):
             stub = cpb_grpc.ContextServiceStub(channel)
@@ -412,6 +503,8 @@ def main() -> None:
             )
             report["compression"] = compression(stub, messages)
             report["latency_budget"] = latency_budget(stub, ledger_target, messages, args.calls)
+            report["facts_kept"] = facts_kept(stub, chat)
+            report["document_plan"] = document_plan(stub)
     report["pool"] = _pool_memory_in_fresh_process()
     _print(report)
     print(json.dumps(report, separators=(",", ":")))
@@ -439,6 +532,20 @@ def _print(r: dict[str, Any]) -> None:
               f"({s['ratio']:.1%}), {s['kept_messages']} messages kept ({s['dropped']} "
               f"dropped, {s['summarized']} summarized, {s['truncated']} truncated), "
               f"{s['ms']} ms")  # fmt: skip
+    print("  facts kept of 5 planted x 3 conversations (16k window), without -> with memory:")
+    fk = r["facts_kept"]
+    for name in ("window", "priority", "truncate", "summarize"):
+        a, b = fk[name], fk[name + "+memory"]
+        print(f"    {name:9}: {a['kept']}/{a['of']} -> {b['kept']}/{b['of']} "
+              f"(memory message {b['memory_tokens']} tokens)")  # fmt: skip
+    d = r["document_plan"]
+    for key, v in d.items():
+        if key == "bytes":
+            continue
+        print(f"  PlanDocument {d['bytes']:,} bytes, chunk/overlap {key}: {v['chunks']} chunks "
+              f"of {v['document_tokens']:,} tokens (largest {v['max_chunk_tokens']}), overlaps "
+              f"exact {v['overlaps_exact']}, covers {v['covers']}, ends {v['boundaries']}; "
+              f"p50 {v['p50_ms']} ms")  # fmt: skip
     p = r["pool"]
     print(f"  pool with {', '.join(p['encodings'])}: RSS +{p['rss_growth_mib']} MiB "
           f"(estimate {p['pool_estimate_mib']} MiB, bound {p['pool_bound_mib']} MiB)")  # fmt: skip

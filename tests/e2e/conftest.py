@@ -36,9 +36,10 @@ def history(stub: Stub) -> str:
 
 
 @pytest.fixture(scope="session")
-def context_service(ledger: ServerThread) -> Iterator[ContextServerThread]:
-    """A real context service (exact tokenizers from var/tokenizers) calling the ledger."""
-    server = ContextServerThread(ledger.target).start()
+def context_service(ledger: ServerThread, database_url: str) -> Iterator[ContextServerThread]:
+    """A real context service (exact tokenizers from var/tokenizers) calling the ledger, its
+    memory in the test database."""
+    server = ContextServerThread(ledger.target, memory_url=database_url).start()
     yield server
     server.stop()
 

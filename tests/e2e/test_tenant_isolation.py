@@ -118,7 +118,31 @@ CONTEXT_CASES: dict[str, Case] = {
         ],
         max_output_tokens=50,
     ),
+    "PlanDocument": lambda t, rid: cpb.PlanDocumentRequest(
+        idempotency_key=new_id("d"),
+        tenant_id=t,
+        user_id="u",
+        model="gpt-4o",
+        text="A first paragraph.\n\nA second one, a little longer than the first.",
+        chunk_tokens=8,
+        overlap_tokens=2,
+        reserve=True,
+    ),
+    "SetMemory": lambda t, rid: cpb.SetMemoryRequest(
+        tenant_id=t,
+        user_id="u",
+        conversation_id=new_id("c"),
+        facts=[cpb.MemoryFact(key="city", value="Porto")],
+    ),
+    "ListMemory": lambda t, rid: cpb.ListMemoryRequest(
+        tenant_id=t, user_id="u", conversation_id="c1"
+    ),
+    "DeleteMemory": lambda t, rid: cpb.DeleteMemoryRequest(
+        tenant_id=t, user_id="u", conversation_id="c1"
+    ),
 }
+WRITES_NOTHING = {"ListMemory", "DeleteMemory"}
+"""Context RPCs whose own call by B changes nothing there is to see (B's memory is empty)."""
 # RPCs that name no tenant and read no tenant's data: any authenticated key may call them.
 TENANTLESS = {"CountTokens": cpb.CountTokensRequest(model="gpt-4o", text="hello there")}
 
@@ -185,6 +209,15 @@ def _events(url: str, tenant: str) -> int:
         return int(row.fetchone()[0])  # type: ignore[index]
 
 
+def _written(url: str, tenant: str) -> int:
+    """The tenant's events plus its context memory facts."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM context_memory_facts WHERE tenant_id = %s", (tenant,)
+        )
+        return _events(url, tenant) + int(row.fetchone()[0])  # type: ignore[index]
+
+
 def _call(stub: Any, rpc: str, request: Any) -> Any:
     """A unary reply, or a stream's first message (the stream is then cancelled)."""
     method = getattr(stub, rpc)
@@ -242,23 +275,25 @@ def test_a_key_of_tenant_a_is_refused_every_context_rpc_on_tenant_b(
     database_url: str,
     keys: dict[str, Any],
 ) -> None:
-    """The context service checks the caller's tenant before it calls the ledger."""
+    """The context service checks the caller's tenant before it calls the ledger or touches
+    its memory."""
     b = keys["b"]
     request = CONTEXT_CASES[rpc](b, "")
-    before = _events(database_url, b)
+    before = _written(database_url, b)
     with (
         _channel(auth_context.target, keys["key_a"]) as chan_a,
         _channel(auth_context.target, keys["key_b"]) as chan_b,
     ):
         with pytest.raises(grpc.RpcError) as refused:
             getattr(cpb_grpc.ContextServiceStub(chan_a), rpc)(request)
-        after = _events(database_url, b)
+        after = _written(database_url, b)
         getattr(cpb_grpc.ContextServiceStub(chan_b), rpc)(request)
     how = failure(refused.value)
     assert (how.code, how.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED")
     assert how.metadata["tenant_id"] == b
     assert after == before
-    assert _events(database_url, b) > before  # B's own call did reach the ledger
+    if rpc not in WRITES_NOTHING:  # B's own call did reach the ledger or the memory
+        assert _written(database_url, b) > before
 
 
 @pytest.mark.parametrize("rpc", sorted(TENANTLESS))

@@ -31,6 +31,8 @@ from services.platform.errors import (
     InternalError,
     InvalidRequest,
     LedgerUnavailable,
+    MemoryFull,
+    MemoryUnavailable,
     PermissionDenied,
     Relayed,
     ServerDeadlineExceeded,
@@ -90,6 +92,10 @@ SAMPLES: dict[type[Exception], errors.LedgerError | CallRefused] = {
     ),
     TokenizerUnavailable: TokenizerUnavailable("cannot count: no rank file"),
     TokenizationFailed: TokenizationFailed("cannot count: the tokenizer failed"),
+    MemoryFull: MemoryFull(
+        "conversation 'c' would hold 65 facts", metadata={"facts_max": "64", "facts_after": "65"}
+    ),
+    MemoryUnavailable: MemoryUnavailable("no database for the memory"),
 }
 DETAIL_NAMES = {
     Detail.BAD_REQUEST: error_details_pb2.BadRequest,

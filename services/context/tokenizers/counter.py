@@ -35,7 +35,7 @@ from services.context.tokenizers.chats import (
     openai_tool_tokens,
     tool_call_tokens,
 )
-from services.context.tokenizers.pool import PoolStats, TokenizerPool
+from services.context.tokenizers.pool import LoadedEncoding, PoolStats, TokenizerPool
 from services.context.tokenizers.registry import (
     DEFAULT_CHAT_FORMATS,
     ENCODINGS,
@@ -168,6 +168,10 @@ class TokenCounter:
         encoding, _ = _resolve(target)
         tokens = self._encode_count(encoding, text)
         return TextCount(tokens, encoding, encoding in ENCODINGS, METHODS[encoding])
+
+    def encoding(self, name: str) -> LoadedEncoding:
+        """The loaded encoding itself, for work on token ids (document chunk plans)."""
+        return self._pool.get(name)
 
     def count_message(self, target: CountTarget | str, message: ChatMessage) -> int:
         """Content + the template around it (+ the name, where the template renders one)."""

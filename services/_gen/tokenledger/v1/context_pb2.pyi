@@ -186,6 +186,7 @@ class ChatMessage(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     TOOL_CALL_IDS_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    KEY_INFORMATION_FIELD_NUMBER: _builtins.int
     role: Global___ChatRole.ValueType
     """Who speaks it."""
     content: _builtins.str
@@ -212,6 +213,14 @@ class ChatMessage(_message.Message):
         and its results are kept or dropped together.
         """
 
+    @_builtins.property
+    def key_information(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryFact]:
+        """Key facts this message states (the guide's key_information), for PrepareContext with
+        use_memory: each is set in the conversation's memory as SetMemory would (this message's
+        index is its source_index) before the prompt is fitted. Not sent to the model; ignored
+        by CountTokens.
+        """
+
     def __init__(
         self,
         *,
@@ -223,10 +232,11 @@ class ChatMessage(_message.Message):
         tool_call_id: _builtins.str = ...,
         tool_call_ids: _abc.Iterable[_builtins.str] | None = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        key_information: _abc.Iterable[Global___MemoryFact] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "name", b"name", "pinned", b"pinned", "priority", b"priority", "role", b"role", "tool_call_id", b"tool_call_id", "tool_call_ids", b"tool_call_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "key_information", b"key_information", "name", b"name", "pinned", b"pinned", "priority", b"priority", "role", b"role", "tool_call_id", b"tool_call_id", "tool_call_ids", b"tool_call_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -309,6 +319,7 @@ class AllocationPolicy(_message.Message):
     HISTORY_SHARE_FIELD_NUMBER: _builtins.int
     INPUT_SHARE_FIELD_NUMBER: _builtins.int
     RESERVE_SHARE_FIELD_NUMBER: _builtins.int
+    MEMORY_SHARE_FIELD_NUMBER: _builtins.int
     system_share: _builtins.float
     """Advisory share of system messages (they are never cut); exceeding it is reported."""
     history_share: _builtins.float
@@ -317,6 +328,10 @@ class AllocationPolicy(_message.Message):
     """Under STRATEGY_TRUNCATE, the most the input may take."""
     reserve_share: _builtins.float
     """Under STRATEGY_SUMMARIZE, the room set aside for the summary."""
+    memory_share: _builtins.float
+    """With use_memory, the most the memory message may take, as a share of the window less
+    the output; it never takes room from system, pinned or input messages.
+    """
     def __init__(
         self,
         *,
@@ -324,15 +339,18 @@ class AllocationPolicy(_message.Message):
         history_share: _builtins.float | None = ...,
         input_share: _builtins.float | None = ...,
         reserve_share: _builtins.float | None = ...,
+        memory_share: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_history_share", b"_history_share", "_input_share", b"_input_share", "_reserve_share", b"_reserve_share", "_system_share", b"_system_share", "history_share", b"history_share", "input_share", b"input_share", "reserve_share", b"reserve_share", "system_share", b"system_share"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_history_share", b"_history_share", "_input_share", b"_input_share", "_memory_share", b"_memory_share", "_reserve_share", b"_reserve_share", "_system_share", b"_system_share", "history_share", b"history_share", "input_share", b"input_share", "memory_share", b"memory_share", "reserve_share", b"reserve_share", "system_share", b"system_share"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_history_share", b"_history_share", "_input_share", b"_input_share", "_reserve_share", b"_reserve_share", "_system_share", b"_system_share", "history_share", b"history_share", "input_share", b"input_share", "reserve_share", b"reserve_share", "system_share", b"system_share"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_history_share", b"_history_share", "_input_share", b"_input_share", "_memory_share", b"_memory_share", "_reserve_share", b"_reserve_share", "_system_share", b"_system_share", "history_share", b"history_share", "input_share", b"input_share", "memory_share", b"memory_share", "reserve_share", b"reserve_share", "system_share", b"system_share"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__history_share: _TypeAlias = _typing.Literal["history_share"]  # noqa: Y015
     _WhichOneofArgType__history_share: _TypeAlias = _typing.Literal["_history_share", b"_history_share"]  # noqa: Y015
     _WhichOneofReturnType__input_share: _TypeAlias = _typing.Literal["input_share"]  # noqa: Y015
     _WhichOneofArgType__input_share: _TypeAlias = _typing.Literal["_input_share", b"_input_share"]  # noqa: Y015
+    _WhichOneofReturnType__memory_share: _TypeAlias = _typing.Literal["memory_share"]  # noqa: Y015
+    _WhichOneofArgType__memory_share: _TypeAlias = _typing.Literal["_memory_share", b"_memory_share"]  # noqa: Y015
     _WhichOneofReturnType__reserve_share: _TypeAlias = _typing.Literal["reserve_share"]  # noqa: Y015
     _WhichOneofArgType__reserve_share: _TypeAlias = _typing.Literal["_reserve_share", b"_reserve_share"]  # noqa: Y015
     _WhichOneofReturnType__system_share: _TypeAlias = _typing.Literal["system_share"]  # noqa: Y015
@@ -341,6 +359,8 @@ class AllocationPolicy(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__history_share) -> _WhichOneofReturnType__history_share | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__input_share) -> _WhichOneofReturnType__input_share | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__memory_share) -> _WhichOneofReturnType__memory_share | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reserve_share) -> _WhichOneofReturnType__reserve_share | None: ...
     @_typing.overload
@@ -491,6 +511,8 @@ class PrepareContextRequest(_message.Message):
     SERVING_STACK_FIELD_NUMBER: _builtins.int
     DATE_FIELD_NUMBER: _builtins.int
     HISTORY_START_FIELD_NUMBER: _builtins.int
+    USE_MEMORY_FIELD_NUMBER: _builtins.int
+    RETENTION_MARKERS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe: the same key returns the same reservation. The ledger's idempotency
     key is derived from it ("ctx:" + key), so it is unique per tenant. At most 96 printable
@@ -530,6 +552,10 @@ class PrepareContextRequest(_message.Message):
     """The date the template states (Llama 3.1 and later), as YYYY-MM-DD; empty: the template's."""
     history_start: Global___HistoryStart.ValueType
     """What the kept history may begin with after fitting; unset: a user message."""
+    use_memory: _builtins.bool
+    """Put the conversation's memory (SetMemory) into the prompt as one system message after
+    the leading system messages; needs conversation_id.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The conversation, oldest first. The latest user message is the input."""
@@ -541,6 +567,12 @@ class PrepareContextRequest(_message.Message):
     @_builtins.property
     def policy(self) -> Global___AllocationPolicy:
         """Shares of the prompt budget; unset fields take the configured policy."""
+
+    @_builtins.property
+    def retention_markers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Texts the caller planted in the conversation (at most 64, each 1 to 256 characters);
+        the retention report says which of them the fitted prompt still contains.
+        """
 
     def __init__(
         self,
@@ -562,10 +594,12 @@ class PrepareContextRequest(_message.Message):
         serving_stack: Global___ServingStack.ValueType = ...,
         date: _builtins.str = ...,
         history_start: Global___HistoryStart.ValueType = ...,
+        use_memory: _builtins.bool = ...,
+        retention_markers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "policy", b"policy", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "policy", b"policy", "retention_markers", b"retention_markers", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "use_memory", b"use_memory", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -587,6 +621,7 @@ class TokenBreakdown(_message.Message):
     REPLY_PRIMING_FIELD_NUMBER: _builtins.int
     OUTPUT_RESERVE_FIELD_NUMBER: _builtins.int
     PROMPT_TOTAL_FIELD_NUMBER: _builtins.int
+    MEMORY_FIELD_NUMBER: _builtins.int
     system: _builtins.int
     """System and developer messages."""
     pinned: _builtins.int
@@ -607,6 +642,8 @@ class TokenBreakdown(_message.Message):
     """Tokens reserved for the reply: pass this as the model's max tokens."""
     prompt_total: _builtins.int
     """The prompt: every field above except output_reserve."""
+    memory: _builtins.int
+    """The memory message (use_memory); not counted in system."""
     def __init__(
         self,
         *,
@@ -620,10 +657,11 @@ class TokenBreakdown(_message.Message):
         reply_priming: _builtins.int = ...,
         output_reserve: _builtins.int = ...,
         prompt_total: _builtins.int = ...,
+        memory: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "input", b"input", "output_reserve", b"output_reserve", "pinned", b"pinned", "prompt_total", b"prompt_total", "reply_priming", b"reply_priming", "summary", b"summary", "system", b"system", "tool_definitions", b"tool_definitions", "tool_results", b"tool_results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history", "input", b"input", "memory", b"memory", "output_reserve", b"output_reserve", "pinned", b"pinned", "prompt_total", b"prompt_total", "reply_priming", b"reply_priming", "summary", b"summary", "system", b"system", "tool_definitions", b"tool_definitions", "tool_results", b"tool_results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,6 +679,7 @@ class SummarizerReport(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    FACTS_NOTE_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"extractive" (built in, offline) or "remote" (CONTEXT_SUMMARIZER_URL)."""
     model: _builtins.str
@@ -653,6 +692,10 @@ class SummarizerReport(_message.Message):
     """Completion tokens the endpoint reported."""
     fallback_reason: _builtins.str
     """Why the remote summarizer was not used and the extractive one stood in; empty otherwise."""
+    facts_note: _builtins.str
+    """With use_memory: what the remote summarizer proposed as key facts that was dropped, and
+    why (not JSON, a bad key or value, over 16); empty when nothing was.
+    """
     def __init__(
         self,
         *,
@@ -662,10 +705,11 @@ class SummarizerReport(_message.Message):
         prompt_tokens: _builtins.int = ...,
         completion_tokens: _builtins.int = ...,
         fallback_reason: _builtins.str = ...,
+        facts_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "fallback_reason", b"fallback_reason", "kind", b"kind", "model", b"model", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "facts_note", b"facts_note", "fallback_reason", b"fallback_reason", "kind", b"kind", "model", b"model", "prompt_tokens", b"prompt_tokens", "reservation_id", b"reservation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -700,6 +744,10 @@ class PrepareContextResponse(_message.Message):
     OVER_SHARE_FIELD_NUMBER: _builtins.int
     CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
     TOKENS_SAVED_FIELD_NUMBER: _builtins.int
+    MEMORY_KEYS_FIELD_NUMBER: _builtins.int
+    MEMORY_LEFT_OUT_FIELD_NUMBER: _builtins.int
+    RETENTION_FIELD_NUMBER: _builtins.int
+    MEMORY_PROPOSED_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """The ledger reservation for prompt plus output. The caller commits it with the actual usage
     after the model call; committing releases whatever the fitted prompt did not need.
@@ -770,6 +818,25 @@ class PrepareContextResponse(_message.Message):
     def over_share(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Kinds over their policy share after fitting: "system", "history", "input"."""
 
+    @_builtins.property
+    def memory_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of the facts in the memory message, the most recently set first."""
+
+    @_builtins.property
+    def memory_left_out(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of the facts left out of the memory message because they did not fit its share."""
+
+    @_builtins.property
+    def retention(self) -> Global___Retention:
+        """How much of what mattered the fitted prompt kept."""
+
+    @_builtins.property
+    def memory_proposed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With use_memory and a remote summarizer (STRATEGY_SUMMARIZE, CONTEXT_SUMMARIZER_URL):
+        keys of the key facts it proposed that were validated and set in memory for later calls
+        (a key already set is left as it is: the caller's facts win).
+        """
+
     def __init__(
         self,
         *,
@@ -796,11 +863,457 @@ class PrepareContextResponse(_message.Message):
         over_share: _abc.Iterable[_builtins.str] | None = ...,
         context_window_tokens: _builtins.int = ...,
         tokens_saved: _builtins.int = ...,
+        memory_keys: _abc.Iterable[_builtins.str] | None = ...,
+        memory_left_out: _abc.Iterable[_builtins.str] | None = ...,
+        retention: Global___Retention | None = ...,
+        memory_proposed: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "suggestion", b"suggestion", "summarizer", b"summarizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "retention", b"retention", "suggestion", b"suggestion", "summarizer", b"summarizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "context_window_tokens", b"context_window_tokens", "dropped_indices", b"dropped_indices", "encoding", b"encoding", "exact", b"exact", "granted_tokens", b"granted_tokens", "limited_by", b"limited_by", "messages", b"messages", "method", b"method", "original_prompt_tokens", b"original_prompt_tokens", "over_share", b"over_share", "partial", b"partial", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "source_indices", b"source_indices", "strategy", b"strategy", "suggestion", b"suggestion", "summarized_indices", b"summarized_indices", "summarizer", b"summarizer", "summary_tokens", b"summary_tokens", "tokens_saved", b"tokens_saved", "truncated_indices", b"truncated_indices", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "context_window_tokens", b"context_window_tokens", "dropped_indices", b"dropped_indices", "encoding", b"encoding", "exact", b"exact", "granted_tokens", b"granted_tokens", "limited_by", b"limited_by", "memory_keys", b"memory_keys", "memory_left_out", b"memory_left_out", "memory_proposed", b"memory_proposed", "messages", b"messages", "method", b"method", "original_prompt_tokens", b"original_prompt_tokens", "over_share", b"over_share", "partial", b"partial", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retention", b"retention", "source_indices", b"source_indices", "strategy", b"strategy", "suggestion", b"suggestion", "summarized_indices", b"summarized_indices", "summarizer", b"summarizer", "summary_tokens", b"summary_tokens", "tokens_saved", b"tokens_saved", "truncated_indices", b"truncated_indices", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrepareContextResponse: _TypeAlias = PrepareContextResponse  # noqa: Y015
+
+@_typing.final
+class Retention(_message.Message):
+    """Retention is the information retention ratio: facts present in the fitted prompt divided
+    by facts in the original, over the conversation's memory facts (use_memory) and the
+    retention markers found in the request's messages.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACTS_TOTAL_FIELD_NUMBER: _builtins.int
+    FACTS_KEPT_FIELD_NUMBER: _builtins.int
+    RATIO_FIELD_NUMBER: _builtins.int
+    MARKERS_NOT_IN_ORIGINAL_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    facts_total: _builtins.int
+    """Facts in the original: memory facts plus markers found in the request's messages."""
+    facts_kept: _builtins.int
+    """Of those, the ones whose text (a fact's value, a marker) is in the fitted prompt."""
+    ratio: _builtins.float
+    """facts_kept / facts_total; 1 when facts_total is 0."""
+    @_builtins.property
+    def markers_not_in_original(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Markers named in retention_markers but absent from the request's messages."""
+
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Memory keys and markers that the fitted prompt lost."""
+
+    def __init__(
+        self,
+        *,
+        facts_total: _builtins.int = ...,
+        facts_kept: _builtins.int = ...,
+        ratio: _builtins.float = ...,
+        markers_not_in_original: _abc.Iterable[_builtins.str] | None = ...,
+        lost: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facts_kept", b"facts_kept", "facts_total", b"facts_total", "lost", b"lost", "markers_not_in_original", b"markers_not_in_original", "ratio", b"ratio"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Retention: _TypeAlias = Retention  # noqa: Y015
+
+@_typing.final
+class MemoryFact(_message.Message):
+    """MemoryFact is one key fact of a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    SOURCE_INDEX_FIELD_NUMBER: _builtins.int
+    SET_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The fact's name: 1 to 64 letters, digits, '_', '-', '.' or ':'."""
+    value: _builtins.str
+    """Its value: 1 to 1,024 bytes of UTF-8, no control characters other than tab."""
+    source_index: _builtins.int
+    """The index of the message it came from in the caller's conversation; -1 when none."""
+    set_at_unix_ms: _builtins.int
+    """When it was last set, in Unix milliseconds (set by the service; ignored on input)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+        source_index: _builtins.int = ...,
+        set_at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "set_at_unix_ms", b"set_at_unix_ms", "source_index", b"source_index", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemoryFact: _TypeAlias = MemoryFact  # noqa: Y015
+
+@_typing.final
+class SetMemoryRequest(_message.Message):
+    """SetMemoryRequest sets facts of one conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    FACTS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user the conversation belongs to."""
+    conversation_id: _builtins.str
+    """The conversation."""
+    @_builtins.property
+    def facts(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryFact]:
+        """The facts, 1 to 64 with distinct keys; each replaces the fact of the same key."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        facts: _abc.Iterable[Global___MemoryFact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "facts", b"facts", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMemoryRequest: _TypeAlias = SetMemoryRequest  # noqa: Y015
+
+@_typing.final
+class SetMemoryResponse(_message.Message):
+    """SetMemoryResponse is the conversation's memory after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def facts(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryFact]:
+        """Every fact of the conversation, the most recently set first."""
+
+    def __init__(
+        self,
+        *,
+        facts: _abc.Iterable[Global___MemoryFact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMemoryResponse: _TypeAlias = SetMemoryResponse  # noqa: Y015
+
+@_typing.final
+class ListMemoryRequest(_message.Message):
+    """ListMemoryRequest names a conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user the conversation belongs to."""
+    conversation_id: _builtins.str
+    """The conversation."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemoryRequest: _TypeAlias = ListMemoryRequest  # noqa: Y015
+
+@_typing.final
+class ListMemoryResponse(_message.Message):
+    """ListMemoryResponse is a conversation's memory."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def facts(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemoryFact]:
+        """Every fact of the conversation, the most recently set first."""
+
+    def __init__(
+        self,
+        *,
+        facts: _abc.Iterable[Global___MemoryFact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["facts", b"facts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMemoryResponse: _TypeAlias = ListMemoryResponse  # noqa: Y015
+
+@_typing.final
+class DeleteMemoryRequest(_message.Message):
+    """DeleteMemoryRequest names facts to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user the conversation belongs to."""
+    conversation_id: _builtins.str
+    """The conversation."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys to delete (at most 64); none: every fact of the conversation."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "keys", b"keys", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMemoryRequest: _TypeAlias = DeleteMemoryRequest  # noqa: Y015
+
+@_typing.final
+class DeleteMemoryResponse(_message.Message):
+    """DeleteMemoryResponse says how many facts went."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.int
+    """Facts deleted (a key that was not set counts nothing)."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteMemoryResponse: _TypeAlias = DeleteMemoryResponse  # noqa: Y015
+
+@_typing.final
+class PlanDocumentRequest(_message.Message):
+    """PlanDocumentRequest is a document to load progressively."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    CHUNK_TOKENS_FIELD_NUMBER: _builtins.int
+    OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVE_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    OMIT_TEXT_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Required with reserve: the ledger keys of the holds are "doc:" + key + ":" + chunk index.
+    At most 96 printable ASCII characters.
+    """
+    tenant_id: _builtins.str
+    """The tenant (charged with reserve)."""
+    user_id: _builtins.str
+    """The user to charge; required with reserve."""
+    conversation_id: _builtins.str
+    """The conversation to charge; optional."""
+    model: _builtins.str
+    """The target model; or name an encoding (with context_window_tokens). Required with
+    reserve: the ledger charges a model.
+    """
+    encoding: _builtins.str
+    """Count with this encoding instead of the model's; it must be an exact one (not
+    gemma_estimate or claude_estimate).
+    """
+    context_window_tokens: _builtins.int
+    """Use this window instead of the model's published one; 0 means the model's."""
+    text: _builtins.str
+    """The document (1 byte to 4 MiB of UTF-8)."""
+    chunk_tokens: _builtins.int
+    """The most tokens of the document one chunk may hold (at least 1); with max_output_tokens
+    it must fit the window.
+    """
+    overlap_tokens: _builtins.int
+    """Tokens each chunk repeats from the end of the one before (0 to chunk_tokens - 1)."""
+    max_output_tokens: _builtins.int
+    """Tokens the reply to each chunk may take: held with the chunk, and counted against the
+    window (0 to the model's output cap).
+    """
+    reserve: _builtins.bool
+    """Hold every chunk's tokens plus max_output_tokens in the ledger, all or none (at most 100
+    chunks).
+    """
+    ttl_seconds: _builtins.int
+    """Seconds until the holds expire; 0 means the ledger's default."""
+    omit_text: _builtins.bool
+    """Leave the chunks' text out of the response (the byte offsets still locate it)."""
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        conversation_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        encoding: _builtins.str = ...,
+        context_window_tokens: _builtins.int = ...,
+        text: _builtins.str = ...,
+        chunk_tokens: _builtins.int = ...,
+        overlap_tokens: _builtins.int = ...,
+        max_output_tokens: _builtins.int = ...,
+        reserve: _builtins.bool = ...,
+        ttl_seconds: _builtins.int = ...,
+        omit_text: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_tokens", b"chunk_tokens", "context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "encoding", b"encoding", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "model", b"model", "omit_text", b"omit_text", "overlap_tokens", b"overlap_tokens", "reserve", b"reserve", "tenant_id", b"tenant_id", "text", b"text", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanDocumentRequest: _TypeAlias = PlanDocumentRequest  # noqa: Y015
+
+@_typing.final
+class DocumentChunk(_message.Message):
+    """DocumentChunk is one chunk of a plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    START_TOKEN_FIELD_NUMBER: _builtins.int
+    END_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    OVERLAP_TOKENS_FIELD_NUMBER: _builtins.int
+    START_BYTE_FIELD_NUMBER: _builtins.int
+    END_BYTE_FIELD_NUMBER: _builtins.int
+    BOUNDARY_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in the plan, from 0."""
+    start_token: _builtins.int
+    """Its first token in the whole document's tokens."""
+    end_token: _builtins.int
+    """One past its last token in the whole document's tokens."""
+    tokens: _builtins.int
+    """Its tokens when sent alone, as the model counts them (at most chunk_tokens)."""
+    overlap_tokens: _builtins.int
+    """Tokens it repeats from the chunk before (0 for the first): overlap_tokens exactly,
+    except where that would start inside a UTF-8 character (then the character's other
+    tokens too, or, when that would not advance past the chunk before, fewer).
+    """
+    start_byte: _builtins.int
+    """Its first byte in the document's UTF-8 (after NFC for models that normalize)."""
+    end_byte: _builtins.int
+    """One past its last byte."""
+    boundary: _builtins.str
+    """Where it ends: "paragraph", "sentence", "token" (no boundary near enough) or "end"."""
+    text: _builtins.str
+    """Its text; empty with omit_text."""
+    reservation_id: _builtins.str
+    """Its ledger hold (with reserve)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        start_token: _builtins.int = ...,
+        end_token: _builtins.int = ...,
+        tokens: _builtins.int = ...,
+        overlap_tokens: _builtins.int = ...,
+        start_byte: _builtins.int = ...,
+        end_byte: _builtins.int = ...,
+        boundary: _builtins.str = ...,
+        text: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boundary", b"boundary", "end_byte", b"end_byte", "end_token", b"end_token", "index", b"index", "overlap_tokens", b"overlap_tokens", "reservation_id", b"reservation_id", "start_byte", b"start_byte", "start_token", b"start_token", "text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentChunk: _TypeAlias = DocumentChunk  # noqa: Y015
+
+@_typing.final
+class PlanDocumentResponse(_message.Message):
+    """PlanDocumentResponse is the plan."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    DOCUMENT_TOKENS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    CONTEXT_WINDOW_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_TOKENS_FIELD_NUMBER: _builtins.int
+    document_tokens: _builtins.int
+    """Tokens of the whole document."""
+    encoding: _builtins.str
+    """The encoding used."""
+    exact: _builtins.bool
+    """True when the counts are exact for the encoding."""
+    context_window_tokens: _builtins.int
+    """The window the chunks were planned for."""
+    reserved_tokens: _builtins.int
+    """Tokens held in the ledger: the chunks' tokens plus max_output_tokens each (with reserve)."""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentChunk]:
+        """The chunks, in order; together they cover every token of the document."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___DocumentChunk] | None = ...,
+        document_tokens: _builtins.int = ...,
+        encoding: _builtins.str = ...,
+        exact: _builtins.bool = ...,
+        context_window_tokens: _builtins.int = ...,
+        reserved_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "context_window_tokens", b"context_window_tokens", "document_tokens", b"document_tokens", "encoding", b"encoding", "exact", b"exact", "reserved_tokens", b"reserved_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanDocumentResponse: _TypeAlias = PlanDocumentResponse  # noqa: Y015

@@ -54,6 +54,26 @@ class ContextServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_context__pb2.PrepareContextRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_context__pb2.PrepareContextResponse.FromString,
                 _registered_method=True)
+        self.SetMemory = channel.unary_unary(
+                '/tokenledger.v1.ContextService/SetMemory',
+                request_serializer=tokenledger_dot_v1_dot_context__pb2.SetMemoryRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_context__pb2.SetMemoryResponse.FromString,
+                _registered_method=True)
+        self.ListMemory = channel.unary_unary(
+                '/tokenledger.v1.ContextService/ListMemory',
+                request_serializer=tokenledger_dot_v1_dot_context__pb2.ListMemoryRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_context__pb2.ListMemoryResponse.FromString,
+                _registered_method=True)
+        self.DeleteMemory = channel.unary_unary(
+                '/tokenledger.v1.ContextService/DeleteMemory',
+                request_serializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryResponse.FromString,
+                _registered_method=True)
+        self.PlanDocument = channel.unary_unary(
+                '/tokenledger.v1.ContextService/PlanDocument',
+                request_serializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -88,6 +108,40 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMemory(self, request, context):
+        """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+        newer value replaces the older. All the facts are set or none (a bad fact, or a
+        conversation that would exceed its bound, writes nothing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMemory(self, request, context):
+        """ListMemory lists a conversation's facts, the most recently set first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMemory(self, request, context):
+        """DeleteMemory deletes facts of a conversation by key (all of them when no key is named).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanDocument(self, request, context):
+        """PlanDocument plans a document too large for one call as chunks for a model: split by
+        exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+        its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+        holds are placed or none stays (one hold per chunk, their keys derived from one
+        idempotency key), so a long job cannot run out of budget halfway.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +154,26 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.PrepareContext,
                     request_deserializer=tokenledger_dot_v1_dot_context__pb2.PrepareContextRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_context__pb2.PrepareContextResponse.SerializeToString,
+            ),
+            'SetMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMemory,
+                    request_deserializer=tokenledger_dot_v1_dot_context__pb2.SetMemoryRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_context__pb2.SetMemoryResponse.SerializeToString,
+            ),
+            'ListMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMemory,
+                    request_deserializer=tokenledger_dot_v1_dot_context__pb2.ListMemoryRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_context__pb2.ListMemoryResponse.SerializeToString,
+            ),
+            'DeleteMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMemory,
+                    request_deserializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_context__pb2.DeleteMemoryResponse.SerializeToString,
+            ),
+            'PlanDocument': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanDocument,
+                    request_deserializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_context__pb2.PlanDocumentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -166,6 +240,114 @@ class ContextService:
             '/tokenledger.v1.ContextService/PrepareContext',
             tokenledger_dot_v1_dot_context__pb2.PrepareContextRequest.SerializeToString,
             tokenledger_dot_v1_dot_context__pb2.PrepareContextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.ContextService/SetMemory',
+            tokenledger_dot_v1_dot_context__pb2.SetMemoryRequest.SerializeToString,
+            tokenledger_dot_v1_dot_context__pb2.SetMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.ContextService/ListMemory',
+            tokenledger_dot_v1_dot_context__pb2.ListMemoryRequest.SerializeToString,
+            tokenledger_dot_v1_dot_context__pb2.ListMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.ContextService/DeleteMemory',
+            tokenledger_dot_v1_dot_context__pb2.DeleteMemoryRequest.SerializeToString,
+            tokenledger_dot_v1_dot_context__pb2.DeleteMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanDocument(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.ContextService/PlanDocument',
+            tokenledger_dot_v1_dot_context__pb2.PlanDocumentRequest.SerializeToString,
+            tokenledger_dot_v1_dot_context__pb2.PlanDocumentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,22 @@ class ContextServiceStub:
     fitted messages with the reservation. Retrying with the same idempotency key returns the
     same reservation and, with the built-in summarizer, the same messages.
     """
+    SetMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.SetMemoryRequest, _context_pb2.SetMemoryResponse]
+    """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+    newer value replaces the older. All the facts are set or none (a bad fact, or a
+    conversation that would exceed its bound, writes nothing).
+    """
+    ListMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListMemoryRequest, _context_pb2.ListMemoryResponse]
+    """ListMemory lists a conversation's facts, the most recently set first."""
+    DeleteMemory: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryRequest, _context_pb2.DeleteMemoryResponse]
+    """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
+    PlanDocument: _grpc.UnaryUnaryMultiCallable[_context_pb2.PlanDocumentRequest, _context_pb2.PlanDocumentResponse]
+    """PlanDocument plans a document too large for one call as chunks for a model: split by
+    exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+    its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+    holds are placed or none stays (one hold per chunk, their keys derived from one
+    idempotency key), so a long job cannot run out of budget halfway.
+    """
 
 @_typing.type_check_only
 class ContextServiceAsyncStub(ContextServiceStub):
@@ -80,6 +96,22 @@ class ContextServiceAsyncStub(ContextServiceStub):
     conversation into the window and the grant with the chosen strategy, and returns the
     fitted messages with the reservation. Retrying with the same idempotency key returns the
     same reservation and, with the built-in summarizer, the same messages.
+    """
+    SetMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.SetMemoryRequest, _context_pb2.SetMemoryResponse]  # type: ignore[assignment]
+    """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+    newer value replaces the older. All the facts are set or none (a bad fact, or a
+    conversation that would exceed its bound, writes nothing).
+    """
+    ListMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.ListMemoryRequest, _context_pb2.ListMemoryResponse]  # type: ignore[assignment]
+    """ListMemory lists a conversation's facts, the most recently set first."""
+    DeleteMemory: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteMemoryRequest, _context_pb2.DeleteMemoryResponse]  # type: ignore[assignment]
+    """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
+    PlanDocument: _aio.UnaryUnaryMultiCallable[_context_pb2.PlanDocumentRequest, _context_pb2.PlanDocumentResponse]  # type: ignore[assignment]
+    """PlanDocument plans a document too large for one call as chunks for a model: split by
+    exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+    its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+    holds are placed or none stays (one hold per chunk, their keys derived from one
+    idempotency key), so a long job cannot run out of budget halfway.
     """
 
 class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -116,6 +148,46 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         conversation into the window and the grant with the chosen strategy, and returns the
         fitted messages with the reservation. Retrying with the same idempotency key returns the
         same reservation and, with the built-in summarizer, the same messages.
+        """
+
+    @_abc_1.abstractmethod
+    def SetMemory(
+        self,
+        request: _context_pb2.SetMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.SetMemoryResponse, _abc.Awaitable[_context_pb2.SetMemoryResponse]]:
+        """SetMemory sets key facts of a conversation (a name, a number, a decision): each key's
+        newer value replaces the older. All the facts are set or none (a bad fact, or a
+        conversation that would exceed its bound, writes nothing).
+        """
+
+    @_abc_1.abstractmethod
+    def ListMemory(
+        self,
+        request: _context_pb2.ListMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.ListMemoryResponse, _abc.Awaitable[_context_pb2.ListMemoryResponse]]:
+        """ListMemory lists a conversation's facts, the most recently set first."""
+
+    @_abc_1.abstractmethod
+    def DeleteMemory(
+        self,
+        request: _context_pb2.DeleteMemoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.DeleteMemoryResponse, _abc.Awaitable[_context_pb2.DeleteMemoryResponse]]:
+        """DeleteMemory deletes facts of a conversation by key (all of them when no key is named)."""
+
+    @_abc_1.abstractmethod
+    def PlanDocument(
+        self,
+        request: _context_pb2.PlanDocumentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.PlanDocumentResponse, _abc.Awaitable[_context_pb2.PlanDocumentResponse]]:
+        """PlanDocument plans a document too large for one call as chunks for a model: split by
+        exact tokens with a token overlap, on paragraph or sentence ends where possible, each with
+        its count. With reserve, it also holds every chunk's tokens in the ledger at once: all the
+        holds are placed or none stays (one hold per chunk, their keys derived from one
+        idempotency key), so a long job cannot run out of budget halfway.
         """
 
 def add_ContextServiceServicer_to_server(servicer: ContextServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
