@@ -9,11 +9,8 @@ replace older ones; `set_at` is when it was last confirmed), so the table is a s
 log. The bounds (facts per conversation, bytes per fact) are checked by the service and, for
 the bytes, here too.
 
-Numbered 0011 after 0009: revision 0010 is being added on another branch; when both are on
-main, down_revision becomes "0010".
-
 Revision ID: 0011
-Revises: 0009
+Revises: 0010
 Create Date: 2026-12-06
 """
 
