@@ -62,24 +62,16 @@ def _wrap(handler: Any, method: str, wrap: Wrapper) -> Any:
     return handler
 
 
-class _Interceptor(grpc.aio.ServerInterceptor):
+class _Interceptor:
     """One concern of the call path (a layer): `wrap` decorates a method's unary behaviour,
-    `apply` its whole handler. Servers run their layers through one `Pipeline`; a layer is
-    also a gRPC interceptor on its own."""
+    `apply` its whole handler. A server runs its layers through one `Pipeline`, its only
+    gRPC interceptor."""
 
     def wrap(self, behavior: UnaryBehavior, method: str) -> UnaryBehavior:
         raise NotImplementedError
 
     def apply(self, handler: Any, method: str) -> Any:
         return _wrap(handler, method, self.wrap)
-
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        return self.apply(handler, handler_call_details.method)  # type: ignore[no-any-return]
 
 
 class Pipeline(grpc.aio.ServerInterceptor):
