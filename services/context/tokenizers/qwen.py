@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import tiktoken
 
 from services.context.messages import Role
@@ -74,26 +76,13 @@ QWEN2_CHAT = ChatFormat(
 )
 # Qwen2.5: its official template (templates/qwen2.5.jinja: the default system prompt, tools in
 # the system block, <tool_call> / <tool_response>); the fields serve messages fitting creates.
-QWEN25_CHAT = ChatFormat(
-    "chatml-qwen2.5",
-    message_prefix="<|im_start|>{role}\n",
-    message_suffix="<|im_end|>\n",
-    role_templates=((Role.TOOL, *_QWEN_TOOL),),
-    role_names=((Role.DEVELOPER, "system"),),
-    specials=_CHATML_SPECIALS,
-    reply_prefix="<|im_start|>assistant\n",
-    whole_chat="qwen2.5",
-)
+QWEN25_CHAT = replace(QWEN2_CHAT, name="chatml-qwen2.5", whole_chat="qwen2.5")
 # Qwen3: its official template (templates/qwen3.jinja: no default system prompt, reasoning of
 # earlier turns dropped from history).
-QWEN3_CHAT = ChatFormat(
-    "chatml-qwen3",
-    message_prefix="<|im_start|>{role}\n",
-    message_suffix="<|im_end|>\n",
-    role_templates=((Role.TOOL, *_QWEN_TOOL),),
-    role_names=((Role.DEVELOPER, "system"),),
+QWEN3_CHAT = replace(
+    QWEN2_CHAT,
+    name="chatml-qwen3",
     specials=_CHATML_SPECIALS | {"<tool_response>", "</tool_response>"},
-    reply_prefix="<|im_start|>assistant\n",
     whole_chat="qwen3",
 )
 
