@@ -30,7 +30,14 @@ from typing import Any
 
 from ledger import codec, errors, limits
 from ledger.batch import EXPIRY_ACTOR, Batch
-from ledger.domain import Decidable, commit_outcome, decide, headroom, soft_limit_warnings
+from ledger.domain import (
+    Decidable,
+    commit_outcome,
+    decide,
+    headroom,
+    hold_pricing,
+    soft_limit_warnings,
+)
 from ledger.model import (
     Account,
     AccountKey,
@@ -40,6 +47,8 @@ from ledger.model import (
     CommitResult,
     Event,
     GrantTokens,
+    PriceEntry,
+    PriceSet,
     RateLimit,
     RateLimitKey,
     RecordUsage,
@@ -49,12 +58,14 @@ from ledger.model import (
     Rollback,
     RollbackResult,
     SetBudgetAlerts,
+    SetPrices,
     SetQuota,
     SetRateLimit,
     SoftLimitWarning,
     State,
     Usage,
 )
+from ledger.money import PricePoint
 from ledger.ports import Store, UnitOfWork
 from ledger.reads import RebuildReport
 from ledger.replay import Projection
@@ -95,7 +106,7 @@ class ExpireTenant:
 # Writes on one account whose response is that account's balance (or, for SetRateLimit, the
 # limiter): they differ only in their events.
 AccountWrite = SetQuota | RecordUsage | GrantTokens | AdjustBalance | SetRateLimit | SetBudgetAlerts
-Write = Reserve | Commit | Rollback | AccountWrite | ExpireTenant
+Write = Reserve | Commit | Rollback | AccountWrite | SetPrices | ExpireTenant
 
 
 @dataclass
@@ -165,6 +176,10 @@ class Ledger:
 
     async def set_budget_alerts(self, cmd: SetBudgetAlerts, meta: CallMeta = CallMeta()) -> Account:
         result: Account = await self._submit(cmd, meta)
+        return result
+
+    async def set_prices(self, cmd: SetPrices, meta: CallMeta = CallMeta()) -> list[PricePoint]:
+        result: list[PricePoint] = await self._submit(cmd, meta)
         return result
 
     async def expire_overdue(self) -> int:
@@ -288,7 +303,13 @@ class Ledger:
             await log.fold(uow)
             p = log.projection
             changes = work.replacing(
-                p.accounts, log.heads, p.reservations, p.ended_balances, p.rate_limits, log.usage
+                p.accounts,
+                log.heads,
+                p.reservations,
+                p.ended_balances,
+                p.rate_limits,
+                log.usage,
+                list(p.prices.values()),
             )
             await uow.replace_projections(changes)
         return RebuildReport(
@@ -314,7 +335,15 @@ class Ledger:
         lineage = key.lineage()
         stored = await self._store.accounts(lineage)
         accounts = [stored.get(k, Account(k)).rolled(now) for k in lineage]
-        return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+        return BalanceResult(accounts[-1], tuple(accounts[:-1]), await self.currency(key.tenant_id))
+
+    async def prices(self, tenant_id: str, model: str = "") -> list[PricePoint]:
+        """The tenant's price points (of `model`, when given), by model, oldest first."""
+        return await self._store.prices(tenant_id, model)
+
+    async def currency(self, tenant_id: str) -> str:
+        """The tenant's currency ("" while it has no prices)."""
+        return await self._store.currency(tenant_id)
 
     async def held_total(self) -> int:
         """Tokens held now across all tenants: for a periodic gauge, not the request path."""
@@ -327,10 +356,15 @@ class Ledger:
 async def _load(work: Batch, commands: Sequence[Write]) -> None:
     """Lock and load what the batch's commands will read."""
     keyed = [c for c in commands if isinstance(c, Reserve | AccountWrite)]
+    priced = [c for c in commands if isinstance(c, SetPrices)]
     await work.load(
         {k for c in keyed for k in c.key.lineage()},
         [c.reservation_id for c in commands if isinstance(c, Commit | Rollback)],
-        [c.idempotency_key for c in keyed],
+        [c.idempotency_key for c in (*keyed, *priced)],
+        price_models=sorted(
+            {c.model for c in commands if isinstance(c, Reserve | RecordUsage)}
+            | {e.model for c in priced for e in c.prices}
+        ),
     )
 
 
@@ -350,12 +384,15 @@ async def _reserve(work: Batch, cmd: Reserve) -> ReserveResult:
     res = work.apply(events)
     assert res is not None
     levels = [work.accounts[k].rolled(work.now) for k in cmd.key.lineage()]
-    reservable, resets_at = headroom(levels)
+    points = work.prices.get(cmd.model, ())
+    reservable, resets_at = headroom(
+        levels, hold_pricing(points, work.now, res.expires_at, cmd.prompt_tokens)
+    )
     result = ReserveResult(
         reservation=res,
         balance=work.accounts[cmd.key],
         requested=cmd.amount,
-        warnings=soft_limit_warnings(levels),
+        warnings=soft_limit_warnings(levels, work.currency),
         reservable=reservable,
         resets_at=resets_at,
     )
@@ -431,6 +468,26 @@ async def _account_write(work: Batch, cmd: AccountWrite) -> Account | RateLimit:
     return codec.account_from_json(stored["balance"])
 
 
+async def _set_prices(work: Batch, cmd: SetPrices) -> list[PricePoint]:
+    """Set every price of the call in this transaction, or none; a retry of the key gets
+    the points it set."""
+    request = _request_json(cmd)
+    stored = work.stored_response(cmd.idempotency_key, "SetPrices", request)
+    if stored is None:
+        held_until: dict[str, datetime] = {}
+        for model in sorted({e.model for e in cmd.prices}):
+            currency, until = await work.uow.price_facts(model)
+            work.currency = work.currency or currency
+            ends = [t for t in (until, work.held_until(model)) if t is not None]
+            if ends:
+                held_until[model] = max(ends)
+        events = decide(work.price_snapshot(held_until), cmd, work.context())
+        work.apply(events)
+        stored = {"prices": [codec.price_to_json(e) for e in events if isinstance(e, PriceSet)]}
+        work.remember(cmd.idempotency_key, "SetPrices", request, stored)
+    return [codec.price_from_json(p) for p in stored["prices"]]
+
+
 async def _expire(work: Batch, cmd: ExpireTenant) -> int:
     return await work.expire_overdue()
 
@@ -446,6 +503,7 @@ _HANDLERS: dict[type, Handler] = {
     AdjustBalance: _account_write,
     SetRateLimit: _account_write,
     SetBudgetAlerts: _account_write,
+    SetPrices: _set_prices,
     ExpireTenant: _expire,
 }
 
@@ -470,6 +528,11 @@ class _Refold:
             self.position = logged.position
 
 
+def _entry_json(entry: PriceEntry) -> dict[str, Any]:
+    at = entry.effective_from
+    return vars(entry) | {"effective_from": codec.ts(at) if at else None}
+
+
 def _tenant_of(cmd: Write) -> str:
     return cmd.key.tenant_id if isinstance(cmd, Reserve | AccountWrite) else cmd.tenant_id
 
@@ -492,6 +555,8 @@ def _request_json(cmd: Decidable) -> dict[str, Any]:
             fields[name] = dict(value)
         elif isinstance(value, datetime):
             fields[name] = codec.ts(value)
+        elif name == "prices":
+            fields[name] = [_entry_json(e) for e in value]
         else:
             fields[name] = value.value if isinstance(value, StrEnum) else value
     return fields

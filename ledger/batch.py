@@ -20,6 +20,7 @@ from ledger.domain import (
     evolve_reservation,
     rate_limit_keys,
     threshold_crossings,
+    with_point,
 )
 from ledger.model import (
     Account,
@@ -27,11 +28,13 @@ from ledger.model import (
     Context,
     Event,
     Expire,
+    PriceSet,
     RateLimit,
     RateLimitKey,
     Reservation,
     State,
 )
+from ledger.money import PricePoint
 from ledger.ports import (
     Changes,
     Locked,
@@ -68,6 +71,10 @@ class Batch:
         self.reservations: dict[str, Reservation] = {}
         self.ended_balances: dict[str, Account] = {}
         self.rate_limits: dict[RateLimitKey, RateLimit] = {}
+        self.prices: dict[str, tuple[PricePoint, ...]] = {}
+        """The price points loaded (and set since), by model, oldest first."""
+        self.currency = ""
+        """The tenant's currency, as far as the prices loaded or set tell ("" if unknown)."""
         self.events: list[Event] = []
         self._outcomes: dict[str, Outcome] = {}
         self._overdue_checked = False
@@ -85,6 +92,7 @@ class Batch:
         account_keys: set[AccountKey],
         reservation_ids: Sequence[str],
         idempotency_keys: Sequence[str],
+        price_models: Sequence[str] = (),
     ) -> None:
         """Lock and load what the batch's writes will read: every account of their lineages
         (tenant first), their reservations and idempotency keys, the tenant's limiters and its
@@ -103,6 +111,7 @@ class Batch:
             limits.expire_batch_max,
             outcomes_since=self.now - self.key_retention,
             lock=[k for k in ordered if k not in self.accounts],
+            price_models=price_models,
         )
         self._take(locked)
 
@@ -113,6 +122,9 @@ class Batch:
         self._outcomes = dict(locked.outcomes)
         for rl in locked.rate_limits:
             self.rate_limits[rl.key] = rl
+        for point in locked.prices:
+            self.prices[point.model] = (*self.prices.get(point.model, ()), point)
+            self.currency = point.currency
         for stored in locked.reservations:
             rid = stored.reservation.reservation_id
             if rid in self.reservations:  # ours may be ahead of the table
@@ -138,11 +150,28 @@ class Batch:
     def snapshot(
         self, key: AccountKey, res: Reservation | None = None, model: str = ""
     ) -> Snapshot:
+        """What a decision on `key` may see; the prices of `model` (or of `res`'s)."""
+        model = model or (res.model if res else "")
         return Snapshot(
             accounts={k: self.accounts[k] for k in key.lineage()},
             reservation=res,
             rate_limits={rl.key: rl for rl in applicable_limits(self.rate_limits, key, model)},
+            prices={model: self.prices.get(model, ())},
+            currency=self.currency,
         )
+
+    def price_snapshot(self, held_until: dict[str, datetime]) -> Snapshot:
+        """What a SetPrices decision may see: every price loaded, and the live holds."""
+        return Snapshot(prices=dict(self.prices), currency=self.currency, held_until=held_until)
+
+    def held_until(self, model: str) -> datetime | None:
+        """When the last hold on `model` this transaction placed or loaded expires."""
+        held = [
+            r.expires_at
+            for r in self.reservations.values()
+            if r.model == model and r.state is State.HELD
+        ]
+        return max(held, default=None)
 
     async def expire_overdue(self) -> int:
         """Expire the tenant's overdue holds, oldest first (at most `expire_batch_max` in a
@@ -187,6 +216,8 @@ class Batch:
                     self._new_reservations.add(rid)
                 self.reservations[rid] = res
                 self._dirty_reservations.add(rid)
+            if isinstance(event, PriceSet):
+                self._set_price(event)
             for rk in rate_limit_keys(event):
                 rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
                 if rl is not None:
@@ -205,6 +236,12 @@ class Batch:
         if crossed:
             self.apply(crossed)
         return res
+
+    def _set_price(self, event: PriceSet) -> None:
+        point = codec.price_point(event)
+        self.prices[event.model] = with_point(self.prices.get(event.model, ()), point)
+        self.currency = event.currency
+        self._changes.prices.append(point)
 
     def end(self, reservation_id: str, balance: Account) -> None:
         """Record the balance a commit or rollback answered, for its repeats."""
@@ -265,6 +302,7 @@ class Batch:
         ended_balances: dict[str, Account],
         rate_limits: dict[RateLimitKey, RateLimit],
         usage: dict[UsageKey, UsageCounters],
+        prices: list[PricePoint],
     ) -> Changes:
         """The rows of a tenant rebuilt from its log, as changes that replace all of its
         projection rows."""
@@ -278,5 +316,5 @@ class Batch:
         self._new_reservations = set(self.reservations)
         self._ended = set(self.ended_balances)
         self._dirty_limits = set(self.rate_limits)
-        self._changes = Changes(usage=dict(usage))
+        self._changes = Changes(usage=dict(usage), prices=list(prices))
         return self.changes()

@@ -127,7 +127,12 @@ def parse_reservation(value: str) -> Reservation:
 
 
 def parse_usage(value: str) -> UsageCounters:
-    return UsageCounters(**json.loads(value))
+    counters = UsageCounters(**json.loads(value))
+    if "unpriced_tokens" not in value:  # taken before prices existed: all usage was unpriced
+        counters.unpriced_tokens = (
+            counters.input_tokens + counters.output_tokens + counters.cached_input_tokens
+        )
+    return counters
 
 
 def parse_rate_limit(key: RateLimitKey, value: str) -> RateLimit:

@@ -24,10 +24,12 @@ from ledger.model import (
     Grant,
     GrantOrder,
     Period,
+    PriceSet,
     Reservation,
     State,
     Usage,
 )
+from ledger.money import Price, PricePoint
 
 GENESIS_HASH = bytes(32)
 
@@ -250,6 +252,7 @@ def account_to_json(acc: Account) -> dict[str, Any]:
         "recent": [list(b) for b in acc.recent],
         "grants": grants_to_json(acc.grants),
         **alerts_to_json(acc),
+        "money": None if acc.money is None else account_to_json(acc.money),
     }
 
 
@@ -315,6 +318,8 @@ def account_from_json(obj: dict[str, Any]) -> Account:
         alert_thresholds=tuple(obj.get("alert_thresholds", ())),
         alerts_fired=tuple(obj.get("alerts_fired", ())),
         alerts_period=date.fromisoformat(obj.get("alerts_period", "1970-01-01")),
+        # Balances stored before money have none.
+        money=account_from_json(obj["money"]) if obj.get("money") else None,
     )
 
 
@@ -334,6 +339,8 @@ def reservation_to_json(res: Reservation) -> dict[str, Any]:
         else [usage.input_tokens, usage.output_tokens, usage.cached_input_tokens],
         "late": res.late,
         "ended_at": ts(res.ended_at) if res.ended_at else None,
+        "money": res.money,
+        "cost": res.cost,
     }
 
 
@@ -350,6 +357,8 @@ def reservation_from_json(obj: dict[str, Any]) -> Reservation:
         usage=None if obj["usage"] is None else Usage(*obj["usage"]),
         late=obj["late"],
         ended_at=parse_ts(obj["ended_at"]) if obj["ended_at"] else None,
+        money=obj.get("money", 0),
+        cost=obj.get("cost"),
     )
 
 
@@ -391,3 +400,27 @@ def refusal_from_json(obj: dict[str, Any]) -> errors.Refusal:
             **fields,
         )
     return errors.RateLimited(**fields)
+
+
+# --- prices ---------------------------------------------------------------------------------
+
+
+def price_to_json(event: PriceSet) -> dict[str, Any]:
+    return {
+        "model": event.model,
+        "effective_from": ts(event.effective_from),
+        "currency": event.currency,
+        "per_mtok": [event.input_per_mtok, event.output_per_mtok, event.cached_input_per_mtok],
+    }
+
+
+def price_from_json(obj: dict[str, Any]) -> PricePoint:
+    return PricePoint(
+        obj["model"], parse_ts(obj["effective_from"]), obj["currency"], Price(*obj["per_mtok"])
+    )
+
+
+def price_point(event: PriceSet) -> PricePoint:
+    """The price point a PriceSet event sets."""
+    price = Price(event.input_per_mtok, event.output_per_mtok, event.cached_input_per_mtok)
+    return PricePoint(event.model, event.effective_from, event.currency, price)

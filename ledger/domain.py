@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypedDict
 
-from ledger import errors
+from ledger import errors, limits
 from ledger.model import (
     EPOCH,
     Account,
@@ -29,6 +29,8 @@ from ledger.model import (
     Grant,
     GrantOrder,
     GrantTokens,
+    PriceEntry,
+    PriceSet,
     QuotaSet,
     RateLimit,
     RateLimitKey,
@@ -41,6 +43,7 @@ from ledger.model import (
     Reserve,
     Rollback,
     SetBudgetAlerts,
+    SetPrices,
     SetQuota,
     SetRateLimit,
     SoftLimitWarning,
@@ -53,6 +56,7 @@ from ledger.model import (
     hour_of,
     rolling_window_hours_max,
 )
+from ledger.money import HoldPricing, Price, PricePoint, price_at, prices_during
 
 MINUTE_US = 60_000_000
 
@@ -65,6 +69,12 @@ class Snapshot:
     accounts: dict[AccountKey, Account] = field(default_factory=dict)
     reservation: Reservation | None = None
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
+    prices: dict[str, tuple[PricePoint, ...]] = field(default_factory=dict)
+    """The price points of the command's models, oldest first."""
+    currency: str = ""
+    """The tenant's currency: that of its prices ("" while it has none)."""
+    held_until: dict[str, datetime] = field(default_factory=dict)
+    """For SetPrices: when the last live hold on each model expires (absent: none is live)."""
 
 
 Decidable = (
@@ -78,6 +88,7 @@ Decidable = (
     | AdjustBalance
     | SetRateLimit
     | SetBudgetAlerts
+    | SetPrices
 )
 
 
@@ -96,19 +107,38 @@ def decide(snap: Snapshot, cmd: Decidable, ctx: Context) -> list[Event]:
 
 
 def _decide_reserve(snap: Snapshot, cmd: Reserve, ctx: Context, meta: _Meta) -> list[Event]:
+    expires_at = ctx.now + timedelta(seconds=cmd.ttl_s)
+    pricing = hold_pricing(snap.prices.get(cmd.model, ()), ctx.now, expires_at, cmd.prompt_tokens)
+    amount = _grantable(snap, cmd, ctx.now, pricing)
     return [
         TokensReserved(
             key=cmd.key,
             model=cmd.model,
             idempotency_key=cmd.idempotency_key,
             reservation_id=ctx.new_id,
-            amount=_grantable(snap, cmd, ctx.now),
+            amount=amount,
             requested=cmd.amount,
-            expires_at=ctx.now + timedelta(seconds=cmd.ttl_s),
+            expires_at=expires_at,
             labels=cmd.labels,
+            money=None if pricing is None else pricing.bound(amount),
             **meta,
         )
     ]
+
+
+def hold_pricing(
+    points: tuple[PricePoint, ...], now: datetime, expires_at: datetime, prompt_tokens: int
+) -> HoldPricing | None:
+    """How a hold placed now is priced in money (None: the model has no price now)."""
+    if price_at(points, now) is None:
+        return None
+    return HoldPricing.over(prices_during(points, now, expires_at), prompt_tokens)
+
+
+def cost_at(points: tuple[PricePoint, ...], at: datetime, usage: Usage) -> int | None:
+    """What `usage` costs at the price in force at `at` (None: no price then)."""
+    point = price_at(points, at)
+    return None if point is None else point.price.cost(usage)
 
 
 def _decide_set_quota(snap: Snapshot, cmd: SetQuota, ctx: Context, meta: _Meta) -> list[Event]:
@@ -122,9 +152,81 @@ def _decide_set_quota(snap: Snapshot, cmd: SetQuota, ctx: Context, meta: _Meta) 
             time_zone=cmd.time_zone,
             soft_limit_percent=cmd.soft_limit_percent,
             grant_order=cmd.grant_order,
+            money_limit=cmd.money_limit,
             **meta,
         )
     ]
+
+
+def _decide_set_prices(snap: Snapshot, cmd: SetPrices, ctx: Context, meta: _Meta) -> list[Event]:
+    """All the prices, or a refusal of the first that cannot be set (then none is)."""
+    book, currency = dict(snap.prices), snap.currency
+    events: list[Event] = []
+    for i, entry in enumerate(cmd.prices):
+        points = book.get(entry.model, ())
+        at = _price_start(points, currency, snap.held_until.get(entry.model), entry, i, ctx.now)
+        events.append(
+            PriceSet(
+                key=AccountKey(cmd.tenant_id),
+                idempotency_key=cmd.idempotency_key,
+                model=entry.model,
+                currency=entry.currency,
+                effective_from=at,
+                input_per_mtok=entry.input_per_mtok,
+                output_per_mtok=entry.output_per_mtok,
+                cached_input_per_mtok=entry.cached_input_per_mtok,
+                **meta,
+            )
+        )
+        currency = entry.currency
+        book[entry.model] = with_point(
+            points, PricePoint(entry.model, at, currency, _price_of(entry))
+        )
+    return events
+
+
+def _price_of(entry: PriceEntry) -> Price:
+    return Price(entry.input_per_mtok, entry.output_per_mtok, entry.cached_input_per_mtok)
+
+
+def _price_start(
+    points: tuple[PricePoint, ...],
+    currency: str,
+    held_until: datetime | None,
+    entry: PriceEntry,
+    index: int,
+    now: datetime,
+) -> datetime:
+    """When the price `entry` takes effect, or why it cannot be set. A price takes effect
+    now or later, never earlier (costs already charged stay as they were). A rise takes
+    effect no sooner than the last live hold on the model expires: those holds were priced
+    without it, and their bound must hold until they end."""
+    at = entry.effective_from or now
+    if at < now:
+        past = f"is {at.isoformat()}, in the past; a price takes effect now or later"
+        field_name = f"prices[{index}].effective_from"
+        raise errors.InvalidArgument([errors.FieldViolation(field_name, past)])
+    if currency and entry.currency != currency:
+        raise errors.PriceRefused(
+            f"prices[{index}]: the tenant is billed in {currency}; its prices are all in one "
+            f"currency, so a price in {entry.currency} cannot be set",
+            currency=currency,
+        )
+    rises = any(_price_of(entry).rises_from(p) for p in prices_during(points, now, at))
+    if held_until is not None and at < held_until and rises:
+        raise errors.PriceRefused(
+            f"prices[{index}] raises the price of {entry.model!r} from {at.isoformat()}, while "
+            f"holds priced without the rise are live until {held_until.isoformat()}; set "
+            f"effective_from to that time or later (a lower price may apply at once)",
+            earliest=held_until.isoformat(),
+        )
+    return at
+
+
+def with_point(points: tuple[PricePoint, ...], point: PricePoint) -> tuple[PricePoint, ...]:
+    """A model's points with `point` added (replacing one at the same time), oldest first."""
+    kept = [p for p in points if p.effective_from != point.effective_from]
+    return tuple(sorted((*kept, point), key=lambda p: p.effective_from))
 
 
 def _decide_grant(snap: Snapshot, cmd: GrantTokens, ctx: Context, meta: _Meta) -> list[Event]:
@@ -139,6 +241,7 @@ def _decide_grant(snap: Snapshot, cmd: GrantTokens, ctx: Context, meta: _Meta) -
             amount=cmd.amount,
             expires_at=cmd.expires_at,
             reason=cmd.reason,
+            money=cmd.money,
             **meta,
         )
     ]
@@ -151,6 +254,7 @@ def _decide_adjust(snap: Snapshot, cmd: AdjustBalance, ctx: Context, meta: _Meta
             idempotency_key=cmd.idempotency_key,
             tokens=cmd.tokens,
             reason=cmd.reason,
+            money=cmd.money,
             **meta,
         )
     ]
@@ -208,6 +312,7 @@ def _decide_usage(snap: Snapshot, cmd: RecordUsage, ctx: Context, meta: _Meta) -
             model=cmd.model,
             idempotency_key=cmd.idempotency_key,
             usage=cmd.usage,
+            cost=cost_at(snap.prices.get(cmd.model, ()), ctx.now, cmd.usage),
             **meta,
         )
     ]
@@ -228,6 +333,7 @@ def _decide_rollback(snap: Snapshot, cmd: Rollback, ctx: Context, meta: _Meta) -
             reservation_id=res.reservation_id,
             amount=res.amount,
             reason=cmd.reason,
+            money=res.money or None,
             **meta,
         )
     ]
@@ -243,13 +349,16 @@ def _decide_expire(snap: Snapshot, cmd: Expire, ctx: Context, meta: _Meta) -> li
             model=res.model,
             reservation_id=res.reservation_id,
             amount=res.amount,
+            money=res.money or None,
             **meta,
         )
     ]
 
 
 def _decide_commit_cmd(snap: Snapshot, cmd: Commit, ctx: Context, meta: _Meta) -> list[Event]:
-    return _decide_commit(_reservation(snap, cmd.tenant_id, cmd.reservation_id), cmd, meta)
+    res = _reservation(snap, cmd.tenant_id, cmd.reservation_id)
+    cost = cost_at(snap.prices.get(res.model, ()), ctx.now, cmd.usage)
+    return _decide_commit(res, cmd, cost, meta)
 
 
 def _reservation(snap: Snapshot, tenant_id: str, reservation_id: str) -> Reservation:
@@ -258,7 +367,7 @@ def _reservation(snap: Snapshot, tenant_id: str, reservation_id: str) -> Reserva
     return snap.reservation
 
 
-def _decide_commit(res: Reservation, cmd: Commit, meta: _Meta) -> list[Event]:
+def _decide_commit(res: Reservation, cmd: Commit, cost: int | None, meta: _Meta) -> list[Event]:
     if res.state is State.ROLLED_BACK:
         raise errors.ReservationEnded(
             res.reservation_id,
@@ -283,6 +392,7 @@ def _decide_commit(res: Reservation, cmd: Commit, meta: _Meta) -> list[Event]:
                 reservation_id=res.reservation_id,
                 usage=cmd.usage,
                 reserved_at=res.created_at,
+                cost=cost,
                 **meta,
             )
         ]
@@ -294,6 +404,8 @@ def _decide_commit(res: Reservation, cmd: Commit, meta: _Meta) -> list[Event]:
             amount=res.amount,
             usage=cmd.usage,
             reserved_at=res.created_at,
+            money=res.money or None,
+            cost=cost,
             **meta,
         )
     ]
@@ -306,17 +418,18 @@ def _first_difference(a: Usage, b: Usage) -> str:
     return "usage"
 
 
-def _grantable(snap: Snapshot, cmd: Reserve, now: datetime) -> int:
-    """What a Reserve gets: all of `amount` when every level's budget and every rate limit
-    allow it, else the most they allow if that is at least `min_amount`; otherwise the
-    refusal of the budget (checked first: it does not come back within a minute) or of the
-    rate limit that binds."""
+def _grantable(snap: Snapshot, cmd: Reserve, now: datetime, pricing: HoldPricing | None) -> int:
+    """What a Reserve gets: all of `amount` when every level's budget (in tokens and in
+    money) and every rate limit allow it, else the most they allow if that is at least
+    `min_amount`; otherwise the refusal of the budget (checked first: it does not come back
+    within a minute) or of the rate limit that binds."""
     minimum = cmd.min_amount or cmd.amount
     levels = [snap.accounts[k].rolled(now) for k in cmd.key.lineage()]
     budget = min((a.available for a in levels if a.available is not None), default=None)
     if budget is not None and budget < minimum:
         acc = next(a for a in levels if a.available is not None and a.available < minimum)
         raise _budget_refusal(acc, cmd.amount, budget)
+    by_money = _money_room(levels, cmd, pricing, snap.currency, minimum, budget)
     limiters = list(applicable_limits(snap.rate_limits, cmd.key, cmd.model))
     for rl in limiters:
         if rl.requests_per_minute and gcra_room(rl.requests_tat, rl.requests_per_minute, now) < 1:
@@ -329,10 +442,36 @@ def _grantable(snap: Snapshot, cmd: Reserve, now: datetime) -> int:
     for room, rl in rooms:
         if room < minimum:
             raise _rate_refusal(rl, "tokens", minimum, now)
-    return min([cmd.amount, *(r for r, _ in rooms), *([budget] if budget is not None else [])])
+    caps = [budget, by_money]
+    return min([cmd.amount, *(r for r, _ in rooms), *(c for c in caps if c is not None)])
 
 
-def _budget_refusal(acc: Account, requested: int, reservable: int) -> errors.LedgerError:
+def _money_room(
+    levels: list[Account],
+    cmd: Reserve,
+    pricing: HoldPricing | None,
+    currency: str,
+    minimum: int,
+    token_budget: int | None,
+) -> int | None:
+    """The most tokens the levels' money budgets allow (None: no level has one); refuses
+    when that is below `minimum`, or when the model has no price to bound the hold with."""
+    bounded = [a.money for a in levels if a.money is not None and a.money.limit is not None]
+    if not bounded:
+        return None
+    if pricing is None:
+        raise errors.PriceMissing(cmd.model, str(bounded[0].key))
+    rooms = [(pricing.affordable(m.available or 0, cmd.amount), m) for m in bounded]
+    room, binding = min(rooms, key=lambda r: r[0])
+    if room < minimum:
+        reservable = room if token_budget is None else min(room, token_budget)
+        raise _budget_refusal(binding, cmd.amount, reservable, currency)
+    return room
+
+
+def _budget_refusal(
+    acc: Account, requested: int, reservable: int, currency: str = ""
+) -> errors.LedgerError:
     assert acc.limit is not None and acc.available is not None
     bounds = acc.period_bounds()
     return errors.BudgetExhausted(
@@ -344,6 +483,7 @@ def _budget_refusal(acc: Account, requested: int, reservable: int) -> errors.Led
             held=acc.held,
             used=acc.used,
             available=acc.available,
+            currency=currency,
         ),
         reservable,
         resets_at=bounds[1] if bounds else None,
@@ -405,39 +545,96 @@ def _rescale(tat: int, old: int, new: int) -> int:
     return -(-tat * new // old) if old and new else 0
 
 
-def headroom(accounts: list[Account]) -> tuple[int | None, datetime | None]:
-    """The most a reservation could get across these levels, and when the level that bounds
-    it resets its period."""
-    limited = [a for a in accounts if a.available is not None]
-    if not limited:
+def headroom(
+    accounts: list[Account], pricing: HoldPricing | None = None
+) -> tuple[int | None, datetime | None]:
+    """The most tokens a reservation could get across these levels (their money budgets
+    too, priced by `pricing`), and when the level that bounds it resets its period."""
+    rooms = [(a.available, a) for a in accounts if a.available is not None]
+    if pricing is not None:
+        rooms += [
+            (pricing.affordable(m.available, limits.amount_tokens_max), m)
+            for a in accounts
+            if (m := a.money) is not None and m.available is not None
+        ]
+    if not rooms:
         return None, None
-    binding = min(limited, key=lambda a: a.available or 0)
+    room, binding = min(rooms, key=lambda r: r[0] or 0)
     bounds = binding.period_bounds()
-    return binding.available, bounds[1] if bounds else None
+    return room, bounds[1] if bounds else None
 
 
-def soft_limit_warnings(accounts: list[Account]) -> tuple[SoftLimitWarning, ...]:
-    """The levels at or past their soft threshold."""
+def soft_limit_warnings(
+    accounts: list[Account], currency: str = ""
+) -> tuple[SoftLimitWarning, ...]:
+    """The levels at or past their soft threshold, in tokens or in money."""
+    sides = [(a, "") for a in accounts] + [(a.money, currency) for a in accounts if a.money]
     return tuple(
-        SoftLimitWarning(a.key.scope, str(a.key), a.percent_used, a.soft_limit_percent)
-        for a in accounts
+        SoftLimitWarning(a.key.scope, str(a.key), a.percent_used, a.soft_limit_percent, unit)
+        for a, unit in sides
         if a.soft_limit_percent and a.limit is not None and a.percent_used >= a.soft_limit_percent
     )
 
 
 def affected(event: Event) -> tuple[AccountKey, ...]:
-    """The accounts an event changes: quotas and grants only their own, a rate limit none
-    (its stream is the account's), a charge or hold every level."""
+    """The accounts an event changes: quotas and grants only their own, a rate limit or a
+    price none (its stream is the account's), a charge or hold every level."""
     if isinstance(event, QuotaSet | TokensGranted | BudgetAlertsSet | BudgetThresholdCrossed):
         return (event.key,)
-    if isinstance(event, RateLimitSet):
+    if isinstance(event, RateLimitSet | PriceSet):
         return ()
     return event.key.lineage()
 
 
 def evolve_account(acc: Account, event: Event) -> Account:
-    """The account after `event` (one of affected(event))."""
-    acc = acc.rolled(event.occurred_at)
+    """The account after `event` (one of affected(event)), in tokens and in money."""
+    acc = _evolve_tokens(acc.rolled(event.occurred_at), event)
+    money = _evolve_money(acc, event)
+    return acc if money is acc.money else acc.with_(money=money)
+
+
+def _evolve_money(acc: Account, event: Event) -> Account | None:
+    """The account's money side after `event` (acc is the account after it, in tokens)."""
+    match event:
+        case QuotaSet() if event.money_limit is not None or acc.money is not None:
+            return _with_policy(acc.money_side(), acc).with_(limit=event.money_limit)
+        case TokensReserved() if event.money:
+            m = acc.money_side()
+            return m.with_(held=m.held + event.money)
+        case ReservationCommitted() if event.money or event.cost:
+            cost, released = event.cost or 0, event.money or 0
+            return _charge(acc.money_side(), cost, event.reserved_at, event.occurred_at, released)
+        case ReservationRolledBack() | ReservationExpired() if event.money:
+            m = acc.money_side()
+            return m.with_(held=m.held - event.money)
+        case UsageRecorded() if event.cost:
+            at = event.occurred_at
+            return _charge(acc.money_side(), event.cost, event.reserved_at or at, at)
+        case TokensGranted() if event.money:
+            m = acc.money_side()
+            grant = Grant(event.expires_at, event.grant_id, event.money)
+            return m.with_(grants=tuple(sorted((*m.grants, grant), key=Grant.draw_order)))
+        case BalanceAdjusted() if event.money:
+            at = event.occurred_at
+            return _charge(acc.money_side(), event.money, at, at, draw=False)
+    return acc.money
+
+
+def _with_policy(money: Account, acc: Account) -> Account:
+    """`money` under the account's period, zone, soft limit and grant order."""
+    return money.with_(
+        period=acc.period,
+        window_hours=acc.window_hours,
+        time_zone=acc.time_zone,
+        soft_limit_percent=acc.soft_limit_percent,
+        grant_order=acc.grant_order,
+        day_start=acc.day_start,
+        month_start=acc.month_start,
+        window_start_hour=acc.window_start_hour,
+    )
+
+
+def _evolve_tokens(acc: Account, event: Event) -> Account:
     match event:
         case QuotaSet():
             changes: dict[str, object] = {}
@@ -467,9 +664,11 @@ def evolve_account(acc: Account, event: Event) -> Account:
             return _charge(
                 acc, event.usage.total, event.reserved_at or event.occurred_at, event.occurred_at
             )
-        case TokensGranted():
+        case TokensGranted() if event.amount:
             grant = Grant(event.expires_at, event.grant_id, event.amount)
             return acc.with_(grants=tuple(sorted((*acc.grants, grant), key=Grant.draw_order)))
+        case TokensGranted():
+            return acc
         case BalanceAdjusted():
             return _charge(acc, event.tokens, event.occurred_at, event.occurred_at, draw=False)
         case BudgetAlertsSet():
@@ -585,11 +784,16 @@ def evolve_reservation(res: Reservation | None, event: Event) -> Reservation | N
                 created_at=event.occurred_at,
                 expires_at=event.expires_at,
                 labels=event.labels,
+                money=event.money or 0,
             )
         case ReservationCommitted():
             assert res is not None
             return replace(
-                res, state=State.COMMITTED, usage=event.usage, ended_at=event.occurred_at
+                res,
+                state=State.COMMITTED,
+                usage=event.usage,
+                ended_at=event.occurred_at,
+                cost=event.cost,
             )
         case ReservationRolledBack():
             assert res is not None
@@ -599,7 +803,7 @@ def evolve_reservation(res: Reservation | None, event: Event) -> Reservation | N
             return replace(res, state=State.EXPIRED, ended_at=event.occurred_at)
         case UsageRecorded() if event.reservation_id:
             assert res is not None
-            return replace(res, usage=event.usage, late=True)
+            return replace(res, usage=event.usage, late=True, cost=event.cost)
     return res
 
 
@@ -626,6 +830,7 @@ _DECIDERS: dict[type, Callable[[Snapshot, Any, Context, _Meta], list[Event]]] = 
     AdjustBalance: _decide_adjust,
     SetRateLimit: _decide_rate_limit,
     SetBudgetAlerts: _decide_alerts,
+    SetPrices: _decide_set_prices,
     RecordUsage: _decide_usage,
     Commit: _decide_commit_cmd,
     Rollback: _decide_rollback,

@@ -55,6 +55,11 @@ class RefusingLevel:
     held: int
     used: int
     available: int
+    currency: str = ""
+    """Set when the level's money budget refused: the figures are micro-units of it."""
+
+    def figure(self, amount: int) -> str:
+        return f"{amount} µ{self.currency}" if self.currency else str(amount)
 
 
 class BudgetExhausted(Refusal):
@@ -76,11 +81,13 @@ class BudgetExhausted(Refusal):
         self.reservable = reservable
         self.resets_at = resets_at
         when = f"the period resets at {resets_at.isoformat()}" if resets_at else "holds end"
+        f = level.figure
+        budget = "money budget " if level.currency else ""
         super().__init__(
-            f"requested {requested} tokens but the {level.scope} {level.account} has "
-            f"{level.available} available (limit {level.limit}, held {level.held}, "
-            f"used {level.used}); reserve at most {reservable} tokens now (or pass "
-            f"min_amount to accept a partial grant), or wait until {when}"
+            f"requested {requested} tokens but the {budget}of {level.scope} {level.account} "
+            f"has {f(level.available)} available (limit {f(level.limit)}, held "
+            f"{f(level.held)}, used {f(level.used)}); reserve at most {reservable} tokens "
+            f"now (or pass min_amount to accept a partial grant), or wait until {when}"
         )
 
     def metadata(self) -> dict[str, str]:
@@ -92,6 +99,8 @@ class BudgetExhausted(Refusal):
             "account": self.level.account,
             "reservable": str(self.reservable),
         }
+        if self.level.currency:
+            out["currency"] = self.level.currency
         if self.resets_at is not None:
             out["resets_at"] = self.resets_at.isoformat()
         return out
@@ -182,6 +191,37 @@ class IdempotencyKeyReused(LedgerError):
 
     def metadata(self) -> dict[str, str]:
         return {"field": self.field}
+
+
+class PriceMissing(LedgerError):
+    """A hold must be priced (a level has a money quota) but the model has no price."""
+
+    reason = "PRICE_MISSING"
+
+    def __init__(self, model: str, account: str) -> None:
+        self.model = model
+        super().__init__(
+            f"{account} has a money budget but model {model!r} has no price, so a hold "
+            f"cannot be bounded in money; set one with SetPrices (`tokenledger price set`) "
+            f"or import the default table (`tokenledger price import`)"
+        )
+
+    def metadata(self) -> dict[str, str]:
+        return {"model": self.model}
+
+
+class PriceRefused(LedgerError):
+    """A price that cannot be set as asked: another currency than the tenant's, or a rise
+    that would take effect while holds priced without it are live. Nothing was written."""
+
+    reason = "PRICE_REFUSED"
+
+    def __init__(self, detail: str, **facts: str) -> None:
+        self.facts = facts
+        super().__init__(detail)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.facts)
 
 
 class CheckpointRefused(LedgerError):

@@ -51,3 +51,13 @@ alert_threshold_percent_max = 1_000
 """A threshold past 100 % watches overage (usage recorded above the limit)."""
 prune_batch_max = 1_000
 """Expired keys deleted in one statement (a short transaction that skips locked rows)."""
+
+money_micros_max = 10**15
+"""A money quota, grant or correction, in micro-units: a thousand million currency units."""
+price_micros_per_mtok_max = 10**10
+"""A price per million tokens, in micro-units: 10,000 currency units, about 17 times the
+dearest model in LiteLLM's price table (600 USD per million output tokens)."""
+prices_per_call_max = 1_000
+"""Prices one SetPrices call sets (a price table of thousands of models takes a few calls)."""
+price_schedule_days_max = 366
+"""How far ahead a price may be set to take effect."""

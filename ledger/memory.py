@@ -18,6 +18,7 @@ from datetime import datetime
 from ledger import codec
 from ledger.errors import Conflict
 from ledger.model import Account, AccountKey, RateLimit, RateLimitKey, Reservation, State
+from ledger.money import PricePoint
 from ledger.ports import (
     Changes,
     EventRow,
@@ -37,6 +38,8 @@ class _Tables:
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
     outcomes: dict[tuple[str, str], Outcome] = field(default_factory=dict)
+    prices: dict[tuple[str, str, datetime], PricePoint] = field(default_factory=dict)
+    """(tenant, model, effective_from) -> point."""
     events: list[tuple[int, EventRow]] = field(default_factory=list)
     """(position, row) in log order."""
 
@@ -70,6 +73,16 @@ class MemoryStore:
 
     async def accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, Account]:
         return {k: self.tables.accounts[k].account for k in keys if k in self.tables.accounts}
+
+    async def prices(self, tenant_id: str, model: str = "") -> list[PricePoint]:
+        return [
+            p
+            for (tenant, m, _), p in sorted(self.tables.prices.items())
+            if tenant == tenant_id and (not model or m == model)
+        ]
+
+    async def currency(self, tenant_id: str) -> str:
+        return next((p.currency for k, p in self.tables.prices.items() if k[0] == tenant_id), "")
 
     async def held_total(self) -> int:
         return sum(h.account.held for k, h in self.tables.accounts.items() if not k.user_id)
@@ -111,6 +124,7 @@ class _Unit:
         overdue_max: int,
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
+        price_models: Sequence[str] = (),
     ) -> Locked:
         heads = await self.lock_accounts(lock)
         t, tenant = self._tables, self._tenant_id
@@ -130,7 +144,13 @@ class _Unit:
             ),
             key=lambda s: s.reservation.expires_at,
         )
+        models = {*price_models, *(s.reservation.model for s in named)}
         return Locked(
+            prices=[
+                p
+                for (owner, m, _), p in sorted(t.prices.items())
+                if owner == tenant and m in models
+            ],
             outcomes={
                 k: o
                 for k in idempotency_keys
@@ -140,6 +160,18 @@ class _Unit:
             reservations=named + overdue[:overdue_max],
             heads=heads,
         )
+
+    async def price_facts(self, model: str) -> tuple[str, datetime | None]:
+        t, tenant = self._tables, self._tenant_id
+        currency = next((p.currency for k, p in t.prices.items() if k[0] == tenant), "")
+        held = [
+            s.reservation.expires_at
+            for (owner, _), s in t.reservations.items()
+            if owner == tenant
+            and s.reservation.model == model
+            and s.reservation.state is State.HELD
+        ]
+        return currency, max(held, default=None)
 
     async def write(self, changes: Changes) -> None:
         self._staged.append((changes, False))
@@ -179,6 +211,7 @@ class _Unit:
         t.reservations = {k: s for k, s in t.reservations.items() if k[0] != tenant}
         t.rate_limits = {k: r for k, r in t.rate_limits.items() if k.account.tenant_id != tenant}
         t.usage = {k: c for k, c in t.usage.items() if k.tenant_id != tenant}
+        t.prices = {k: p for k, p in t.prices.items() if k[0] != tenant}
 
     def _apply(self, changes: Changes) -> None:
         t, tenant = self._tables, self._tenant_id
@@ -194,3 +227,5 @@ class _Unit:
             t.usage.setdefault(key, UsageCounters()).add(counters)
         for idem, outcome in changes.outcomes.items():
             t.outcomes[(tenant, idem)] = outcome
+        for p in changes.prices:
+            t.prices[(tenant, p.model, p.effective_from)] = p

@@ -147,6 +147,11 @@ class Account:
     alerts_fired: tuple[int, ...] = ()
     """The thresholds already crossed in the period starting `alerts_period`."""
     alerts_period: date = EPOCH_DAY
+    money: Account | None = None
+    """The account's budget in money (micro-units of the tenant's currency): the same
+    figures, kept by the same rules, for costs instead of tokens; its `limit` is the money
+    quota. Its policy (period, zone, soft limit, grant order) is the account's. None until
+    a money quota, a cost, a priced hold or money granted concerns the account."""
     window_start_hour: int = field(default=0, compare=False)
 
     def rolled(self, at: datetime) -> Account:
@@ -170,10 +175,30 @@ class Account:
         window_start = hour - self.window_hours + 1
         if window_start != self.window_start_hour:
             changes["window_start_hour"] = window_start
+        if self.money is not None:
+            money = self.money.rolled(at)
+            if money is not self.money:
+                changes["money"] = money
         out = self.with_(**changes) if changes else self
         if out.alerts_fired and out.alert_period() != out.alerts_period:
             out = out.with_(alerts_fired=(), alerts_period=out.alert_period())
         return out
+
+    def money_side(self) -> Account:
+        """The money budget, made with the account's policy when it has none yet."""
+        if self.money is not None:
+            return self.money
+        return Account(
+            self.key,
+            period=self.period,
+            window_hours=self.window_hours,
+            time_zone=self.time_zone,
+            soft_limit_percent=self.soft_limit_percent,
+            grant_order=self.grant_order,
+            day_start=self.day_start,
+            month_start=self.month_start,
+            window_start_hour=self.window_start_hour,
+        )
 
     def alert_period(self) -> date:
         """The period budget alerts fire once in: the quota's day or month; for other
@@ -260,6 +285,10 @@ class Reservation:
     usage: Usage | None = None
     late: bool = False
     ended_at: datetime | None = None
+    money: int = 0
+    """Micro-units held (the upper bound of the tokens' cost); 0 for an unpriced model."""
+    cost: int | None = None
+    """What the usage cost at commit, in micro-units; None: unpriced or not committed."""
 
 
 # --- events --------------------------------------------------------------------------------
@@ -296,25 +325,38 @@ class QuotaSet(Event):
     time_zone: str = "UTC"
     soft_limit_percent: int = 0
     grant_order: GrantOrder = GrantOrder.QUOTA_FIRST
+    money_limit: int | None = field(default=None, metadata=stored(omit_none=True))
+    """Micro-units of the tenant's currency per period; None: no money quota."""
+
+
+_MONEY = stored(omit_none=True)
+"""Money fields are left out of rows while None, so events without money keep their form."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokensReserved(Event):
-    """A hold of `amount` tokens; `requested` is what was asked (more, for a partial grant)."""
+    """A hold of `amount` tokens; `requested` is what was asked (more, for a partial grant);
+    `money` the micro-units held for them (None: the model has no price)."""
 
     reservation_id: str
     amount: int
     expires_at: datetime
     labels: tuple[tuple[str, str], ...] = ()
     requested: int = field(default=0, metadata=stored(absent_is="amount"))
+    money: int | None = field(default=None, metadata=_MONEY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReservationCommitted(Event):
+    """`money` is the hold's money released; `cost` what the usage cost at the price in force
+    at commit (None: the model had no price)."""
+
     reservation_id: str
     amount: int
     usage: Usage
     reserved_at: datetime
+    money: int | None = field(default=None, metadata=_MONEY)
+    cost: int | None = field(default=None, metadata=_MONEY)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,42 +364,61 @@ class ReservationRolledBack(Event):
     reservation_id: str
     amount: int
     reason: str = ""
+    money: int | None = field(default=None, metadata=_MONEY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReservationExpired(Event):
     reservation_id: str
     amount: int
+    money: int | None = field(default=None, metadata=_MONEY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class UsageRecorded(Event):
     """Usage without a live hold: plain usage, or the late commit of an expired reservation
     (then `reservation_id` and `reserved_at` are set, and the usage is charged to the period
-    the hold was placed in)."""
+    the hold was placed in). `cost` at the price in force when recorded (None: no price)."""
 
     usage: Usage
     reservation_id: str = ""
     reserved_at: datetime | None = field(default=None, metadata=stored(omit_none=True))
+    cost: int | None = field(default=None, metadata=_MONEY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokensGranted(Event):
-    """Tokens added to the account itself (not its ancestors), until `expires_at`."""
+    """Tokens (and, with `money`, micro-units) added to the account itself (not its
+    ancestors), until `expires_at`."""
 
     grant_id: str
     amount: int
     expires_at: datetime | None
     reason: str
+    money: int | None = field(default=None, metadata=_MONEY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BalanceAdjusted(Event):
-    """An operator's correction of usage: `tokens` > 0 charges, < 0 credits. It rolls up to
-    every ancestor, as usage does, and counts in the current period."""
+    """An operator's correction of usage: `tokens` (and `money`, micro-units) > 0 charges,
+    < 0 credits. It rolls up to every ancestor, as usage does, and counts in the current
+    period."""
 
     tokens: int = field(metadata=stored(column="amount"))
     reason: str
+    money: int | None = field(default=None, metadata=_MONEY)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PriceSet(Event):
+    """The price of `model` from `effective_from`, in micro-units of `currency` per million
+    tokens of each kind. Logged on the tenant's stream; it changes no balance."""
+
+    currency: str
+    effective_from: datetime
+    input_per_mtok: int
+    output_per_mtok: int
+    cached_input_per_mtok: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -401,6 +462,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         UsageRecorded,
         BudgetAlertsSet,
         BudgetThresholdCrossed,
+        PriceSet,
     )
 }
 
@@ -438,6 +500,8 @@ class Reserve:
     labels: tuple[tuple[str, str], ...] = ()
     min_amount: int = 0
     """Grant less than `amount`, down to this, when only that fits; 0: all or nothing."""
+    prompt_tokens: int = 0
+    """How much of `amount` is prompt: priced at the prompt price for the money hold."""
 
 
 @dataclass(frozen=True)
@@ -464,6 +528,7 @@ class SetQuota:
     time_zone: str = "UTC"
     soft_limit_percent: int = 0
     grant_order: GrantOrder = GrantOrder.QUOTA_FIRST
+    money_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -473,6 +538,7 @@ class GrantTokens:
     amount: int
     expires_at: datetime | None
     reason: str
+    money: int | None = None
 
 
 @dataclass(frozen=True)
@@ -481,6 +547,28 @@ class AdjustBalance:
     key: AccountKey
     tokens: int
     reason: str
+    money: int | None = None
+
+
+@dataclass(frozen=True)
+class PriceEntry:
+    """`model`'s price from `effective_from` (None: now), micro-units per million tokens."""
+
+    model: str
+    currency: str
+    input_per_mtok: int
+    output_per_mtok: int
+    cached_input_per_mtok: int
+    effective_from: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SetPrices:
+    """Set prices for the tenant: all of them, or none when one cannot be set."""
+
+    idempotency_key: str
+    tenant_id: str
+    prices: tuple[PriceEntry, ...]
 
 
 @dataclass(frozen=True)
@@ -536,6 +624,8 @@ class SoftLimitWarning:
     account: str
     percent_used: int
     threshold_percent: int
+    currency: str = ""
+    """Set when the money budget is past its threshold (its currency)."""
 
 
 @dataclass(frozen=True)
@@ -575,6 +665,8 @@ class RollbackResult:
 class BalanceResult:
     balance: Account
     ancestors: tuple[Account, ...] = field(default_factory=tuple)
+    currency: str = ""
+    """The tenant's currency, for the money figures ("" while it has no prices)."""
 
     @property
     def reservable(self) -> int | None:

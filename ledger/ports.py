@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from ledger.model import Account, AccountKey, Event, RateLimit, Reservation
+from ledger.money import PricePoint
 from ledger.usage import UsageCounters, UsageKey
 
 EventRow = dict[str, Any]
@@ -64,6 +65,9 @@ class Locked:
     """The named reservations, then the overdue holds, oldest first."""
     heads: dict[AccountKey, StreamHead] = field(default_factory=dict)
     """The accounts locked first (read_locked's `lock`), with their stream heads."""
+    prices: list[PricePoint] = field(default_factory=list)
+    """The price points of the models asked for and of the named reservations' models, by
+    model and then oldest first."""
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Changes:
     """Additions to the hourly usage rows."""
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     """New idempotency keys; each replaces an expired one of the same name, if any."""
+    prices: list[PricePoint] = field(default_factory=list)
+    """Price points set; one at the same model and time replaces it."""
 
 
 @dataclass(frozen=True)
@@ -107,12 +113,18 @@ class UnitOfWork(Protocol):
         overdue_max: int,
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
+        price_models: Sequence[str] = (),
     ) -> Locked:
         """Lock the account rows `lock` (sorted; creating missing ones), then read and lock:
         stored outcomes of the keys (those created at or after `outcomes_since`; older ones
         have expired), the rate limits of the accounts, the named reservations and up to
-        `overdue_max` holds overdue at `overdue_at`. Whatever it returns was read while the
+        `overdue_max` holds overdue at `overdue_at`; and read the prices of `price_models`
+        and of the named reservations' models. Whatever it returns was read while the
         tenant's row was locked, when `lock` names it or it was locked before."""
+
+    async def price_facts(self, model: str) -> tuple[str, datetime | None]:
+        """The tenant's currency ("" while it has no price) and when the last held
+        reservation on `model` expires (None: none is held)."""
 
     async def write(self, changes: Changes) -> None:
         """Append the events and write the projection rows."""
@@ -139,6 +151,12 @@ class Store(Protocol):
 
     async def held_total(self) -> int:
         """Tokens held now, across all tenants."""
+
+    async def prices(self, tenant_id: str, model: str = "") -> list[PricePoint]:
+        """The tenant's price points (of `model` only, when given), by model, oldest first."""
+
+    async def currency(self, tenant_id: str) -> str:
+        """The tenant's currency: that of its prices ("" while it has none)."""
 
     async def prune_outcomes(self, before: datetime, limit: int) -> int:
         """Delete up to `limit` idempotency keys created before `before`, without waiting for

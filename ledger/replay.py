@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from ledger import codec
@@ -22,6 +23,7 @@ from ledger.model import (
     Account,
     AccountKey,
     Event,
+    PriceSet,
     RateLimit,
     RateLimitKey,
     RateLimitSet,
@@ -31,6 +33,7 @@ from ledger.model import (
     TokensReserved,
     UsageRecorded,
 )
+from ledger.money import PricePoint
 
 
 def _every(key: AccountKey) -> bool:
@@ -46,12 +49,16 @@ class Projection:
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
     ended_balances: dict[str, Account] = field(default_factory=dict)
     """The balance a commit or rollback answered (what its repeats return)."""
+    prices: dict[tuple[str, datetime], PricePoint] = field(default_factory=dict)
+    """(model, effective_from) -> the price set last for it."""
 
     def feed(self, event: Event) -> None:
         """Apply one event (in log order). An event about a reservation the log never placed
         (its TokensReserved was removed) changes the balances but no reservation, so the
         rebuild shows the reservation as missing instead of failing."""
         keep = self.keep
+        if isinstance(event, PriceSet):
+            self.prices[(event.model, event.effective_from)] = codec.price_point(event)
         for key in affected(event):
             if keep(key):
                 self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)

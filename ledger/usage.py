@@ -14,6 +14,7 @@ from ledger.model import (
     ReservationExpired,
     ReservationRolledBack,
     TokensReserved,
+    Usage,
     UsageRecorded,
 )
 
@@ -42,6 +43,12 @@ class UsageCounters:
     adjusted_tokens: int = 0
     """Signed: what operators' corrections (BalanceAdjusted) added to usage."""
     adjustments: int = 0
+    cost_micros: int = 0
+    """What the usage cost, in micro-units of the tenant's currency (priced usage only)."""
+    unpriced_tokens: int = 0
+    """Tokens used on a model that had no price: they have no cost (never a guess)."""
+    adjusted_micros: int = 0
+    """Signed: what operators' corrections added to spending, in micro-units."""
 
     def add(self, other: UsageCounters) -> None:
         mine = self.__dict__
@@ -72,6 +79,7 @@ def usage_delta(event: Event) -> UsageCounters | None:
                 cached_input_tokens=u.cached_input_tokens,
                 commits=1,
                 overage_tokens=max(0, u.total - event.amount),
+                **_cost(u, event.cost),
             )
         case ReservationRolledBack():
             return UsageCounters(rollbacks=1)
@@ -86,10 +94,19 @@ def usage_delta(event: Event) -> UsageCounters | None:
                 cached_input_tokens=u.cached_input_tokens,
                 late_commits=int(late),
                 usage_records=int(not late),
+                **_cost(u, event.cost),
             )
         case BalanceAdjusted():
-            return UsageCounters(adjusted_tokens=event.tokens, adjustments=1)
+            return UsageCounters(
+                adjusted_tokens=event.tokens, adjustments=1, adjusted_micros=event.money or 0
+            )
     return None
+
+
+def _cost(usage: Usage, cost: int | None) -> dict[str, int]:
+    if cost is None:
+        return {"unpriced_tokens": usage.total}
+    return {"cost_micros": cost}
 
 
 def usage_key(event: Event) -> UsageKey:

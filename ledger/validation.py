@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
+import pycountry
+
 from ledger import errors, limits
 from ledger.model import (
     AccountKey,
@@ -19,10 +21,12 @@ from ledger.model import (
     GrantOrder,
     GrantTokens,
     Period,
+    PriceEntry,
     RecordUsage,
     Reserve,
     Rollback,
     SetBudgetAlerts,
+    SetPrices,
     SetQuota,
     SetRateLimit,
     Usage,
@@ -38,6 +42,7 @@ _TIME_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*")
 _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1 (e.g. CSI)
 _DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit() also takes "²", int() not
+_CURRENCY = re.compile(r"[A-Z]{3}")
 _POSITION_MAX = 2**62
 _XID_MAX = 2**63 - 1
 
@@ -147,10 +152,13 @@ def reserve(
     ttl_seconds: int,
     labels: Mapping[str, str],
     min_amount: int = 0,
+    prompt_tokens: int = 0,
 ) -> Reserve:
     c = Checker()
     if min_amount and min_amount > amount:
         c.fail("min_amount", f"is {min_amount}; must not exceed amount ({amount})")
+    if prompt_tokens > amount:
+        c.fail("prompt_tokens", f"is {prompt_tokens}; must not exceed amount ({amount})")
     cmd = Reserve(
         idempotency_key=_idempotency_key(c, idempotency_key),
         key=account_key(c, tenant_id, user_id, conversation_id, user=True),
@@ -160,6 +168,9 @@ def reserve(
         or limits.ttl_s_default,
         labels=_labels(c, labels),
         min_amount=c.number("min_amount", min_amount, low=0, high=limits.amount_tokens_max),
+        prompt_tokens=c.number(
+            "prompt_tokens", prompt_tokens, low=0, high=limits.amount_tokens_max
+        ),
     )
     c.done()
     return cmd
@@ -215,11 +226,14 @@ def set_quota(
     time_zone: str = "",
     soft_limit_percent: int = 0,
     grant_order: GrantOrder | None = GrantOrder.QUOTA_FIRST,
+    money_limit: int | None = None,
 ) -> SetQuota:
     c = Checker()
     key = account_key(c, tenant_id, user_id, conversation_id, user=False)
     if limit is not None:
         c.number("limit", limit, low=0, high=limits.limit_tokens_max)
+    if money_limit is not None:
+        c.number("money_limit_micros", money_limit, low=0, high=limits.money_micros_max)
     if period is None:
         c.fail("period", "is required: PERIOD_NONE, PERIOD_DAY, PERIOD_MONTH or PERIOD_ROLLING")
     if period is Period.ROLLING:
@@ -238,6 +252,7 @@ def set_quota(
         time_zone=_time_zone(c, time_zone),
         soft_limit_percent=soft_limit_percent,
         grant_order=grant_order or GrantOrder.QUOTA_FIRST,
+        money_limit=money_limit,
     )
     c.done()
     return cmd
@@ -279,16 +294,20 @@ def grant_tokens(
     amount: int,
     expires_at: datetime | None,
     reason: str,
+    money: int = 0,
 ) -> GrantTokens:
     """Whether `expires_at` is in the future is decided with the key: a retry after the
-    expiry must still get the first response."""
+    expiry must still get the first response. Tokens, money or both."""
     c = Checker()
+    if not (amount or money):
+        c.fail("amount", "is 0 and so is money_micros: grant tokens, money or both")
     cmd = GrantTokens(
         idempotency_key=_idempotency_key(c, idempotency_key),
         key=account_key(c, tenant_id, user_id, conversation_id, user=False),
-        amount=c.number("amount", amount, low=1, high=limits.limit_tokens_max),
+        amount=c.number("amount", amount, low=0, high=limits.limit_tokens_max),
         expires_at=expires_at,
         reason=c.text("reason", reason, chars_max=limits.reason_chars_max, required=False),
+        money=c.number("money_micros", money, low=0, high=limits.money_micros_max) or None,
     )
     c.done()
     return cmd
@@ -302,16 +321,18 @@ def adjust_balance(
     conversation_id: str,
     tokens: int,
     reason: str,
+    money: int = 0,
 ) -> AdjustBalance:
     c = Checker()
-    bound = limits.limit_tokens_max
-    if tokens == 0:
-        c.fail("tokens", "must not be 0: > 0 charges, < 0 credits")
+    bound, money_bound = limits.limit_tokens_max, limits.money_micros_max
+    if tokens == 0 and money == 0:
+        c.fail("tokens", "must not be 0 (nor money_micros): > 0 charges, < 0 credits")
     cmd = AdjustBalance(
         idempotency_key=_idempotency_key(c, idempotency_key),
         key=account_key(c, tenant_id, user_id, conversation_id, user=False),
         tokens=c.number("tokens", tokens, low=-bound, high=bound),
         reason=c.text("reason", reason, chars_max=limits.reason_chars_max),
+        money=c.number("money_micros", money, low=-money_bound, high=money_bound) or None,
     )
     c.done()
     return cmd
@@ -408,6 +429,44 @@ def record_usage(
     )
     c.done()
     return cmd
+
+
+def set_prices(
+    *, idempotency_key: str, tenant_id: str, prices: Sequence[PriceEntry], now: datetime
+) -> SetPrices:
+    """Each price's model, currency (ISO 4217), amounts (0 to the bound: a free model is
+    allowed, a negative or absurd price is not) and start (at most a year ahead; whether it
+    is past is decided with the key, as a grant's expiry is)."""
+    c = Checker()
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
+    if not 1 <= len(prices) <= limits.prices_per_call_max:
+        c.fail("prices", f"has {len(prices)}; 1 to {limits.prices_per_call_max} allowed")
+    horizon = now + timedelta(days=limits.price_schedule_days_max)
+    seen: set[tuple[str, datetime | None]] = set()
+    for i, p in enumerate(prices[: limits.prices_per_call_max]):
+        name = f"prices[{i}]."
+        c.text(name + "model", p.model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN)
+        _currency(c, name + "currency", p.currency)
+        for kind in ("input", "output", "cached_input"):
+            bound = limits.price_micros_per_mtok_max
+            value = getattr(p, f"{kind}_per_mtok")
+            c.number(f"{name}{kind}_micros_per_mtok", value, low=0, high=bound)
+        if p.effective_from is not None and p.effective_from > horizon:
+            c.fail(name + "effective_from", f"is more than {limits.price_schedule_days_max} "
+                   "days ahead")  # fmt: skip
+        if (p.model, p.effective_from) in seen:
+            c.fail(name + "model", f"{p.model!r} is priced twice from the same time")
+        seen.add((p.model, p.effective_from))
+    cmd = SetPrices(_idempotency_key(c, idempotency_key), tenant_id, tuple(prices))
+    c.done()
+    return cmd
+
+
+def _currency(c: Checker, field: str, code: str) -> str:
+    known = _CURRENCY.fullmatch(code) and pycountry.currencies.get(alpha_3=code) is not None
+    if not known:
+        c.fail(field, f"{code!r} is not an ISO 4217 currency code (e.g. USD, EUR)")
+    return code
 
 
 def replay(
@@ -558,3 +617,11 @@ def subscription(*, tenant_id: str, after_cursor: str, from_position: int) -> tu
 
 def cursor(xid: int, position: int) -> str:
     return f"{xid}.{position}"
+
+
+def price_list(*, tenant_id: str, model: str) -> tuple[str, str]:
+    c = Checker()
+    c.text("tenant_id", tenant_id, chars_max=limits.id_chars_max, pattern=ID_PATTERN)
+    c.text("model", model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN, required=False)
+    c.done()
+    return tenant_id, model

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
-from ledger.codec import grants_from_json
+from ledger.codec import account_from_json, grants_from_json
 from ledger.model import (
     Account,
     AccountKey,
@@ -18,17 +18,18 @@ from ledger.model import (
     State,
     Usage,
 )
+from ledger.money import Price, PricePoint
 from ledger.reads import LoggedEvent, Scope
 
 ACCOUNT_COLUMNS = """tenant_id, user_id, conversation_id, quota_limit, period, window_hours,
     time_zone, soft_limit_percent, grant_order, held, used_total, used_day, day_start, used_month,
-    month_start, recent, grants, alert_thresholds, alerts_fired, alerts_period, stream_version,
-    head_hash"""
+    month_start, recent, grants, alert_thresholds, alerts_fired, alerts_period, money,
+    stream_version, head_hash"""
 RATE_LIMIT_COLUMNS = """tenant_id, user_id, conversation_id, model, tokens_per_minute,
     requests_per_minute, tokens_tat, requests_tat"""
 RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, model, amount,
     state, created_at, expires_at, labels, input_tokens, output_tokens, cached_input_tokens,
-    late, ended_at, ended_balance"""
+    late, ended_at, ended_balance, money, cost"""
 
 
 def select_accounts_sql(keys: Sequence[AccountKey], *, lock: bool) -> tuple[str, tuple[str, ...]]:
@@ -69,6 +70,7 @@ def account_from_row(row: dict[str, Any]) -> Account:
         alert_thresholds=tuple(row["alert_thresholds"]),
         alerts_fired=tuple(row["alerts_fired"]),
         alerts_period=row["alerts_period"],
+        money=None if row["money"] is None else account_from_json(row["money"]),
     )
 
 
@@ -100,6 +102,17 @@ def reservation_from_row(row: dict[str, Any]) -> Reservation:
         usage=usage,
         late=row["late"],
         ended_at=row["ended_at"].astimezone(UTC) if row["ended_at"] else None,
+        money=row["money"],
+        cost=row["cost"],
+    )
+
+
+def price_from_row(row: dict[str, Any]) -> PricePoint:
+    return PricePoint(
+        row["model"],
+        row["effective_from"].astimezone(UTC),
+        row["currency"],
+        Price(row["input_per_mtok"], row["output_per_mtok"], row["cached_input_per_mtok"]),
     )
 
 

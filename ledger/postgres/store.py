@@ -22,6 +22,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from ledger import codec
 from ledger.model import Account, AccountKey, RateLimit, Reservation
+from ledger.money import PricePoint
 from ledger.ports import (
     Changes,
     FoldedEvent,
@@ -37,6 +38,7 @@ from ledger.postgres.rows import (
     RESERVATION_COLUMNS,
     account_from_row,
     account_key,
+    price_from_row,
     rate_limit_from_row,
     reservation_from_row,
     select_accounts_sql,
@@ -54,7 +56,7 @@ _INSERT_EVENTS = (
 _UPDATE_ACCOUNTS = """UPDATE accounts SET quota_limit = %s, period = %s, window_hours = %s,
        time_zone = %s, soft_limit_percent = %s, grant_order = %s, held = %s, used_total = %s,
        used_day = %s, day_start = %s, used_month = %s, month_start = %s, recent = %s,
-       grants = %s, alert_thresholds = %s, alerts_fired = %s, alerts_period = %s,
+       grants = %s, alert_thresholds = %s, alerts_fired = %s, alerts_period = %s, money = %s,
        stream_version = %s, head_hash = %s, updated_at = now()
    WHERE tenant_id = %s AND user_id = %s AND conversation_id = %s"""
 _UPSERT_RATE_LIMITS = (
@@ -73,7 +75,7 @@ _INSERT_RESERVATIONS = (
 _UPDATE_RESERVATIONS = """UPDATE reservations SET state = %(state)s,
        input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s,
        cached_input_tokens = %(cached_input_tokens)s, late = %(late)s,
-       ended_at = %(ended_at)s, ended_balance = %(ended_balance)s
+       ended_at = %(ended_at)s, ended_balance = %(ended_balance)s, cost = %(cost)s
    WHERE tenant_id = %(tenant_id)s AND reservation_id = %(reservation_id)s"""
 _UPSERT_USAGE = (
     "INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model, "  # noqa: S608
@@ -91,7 +93,24 @@ _INSERT_OUTCOMES = """INSERT INTO idempotency_keys
        request = EXCLUDED.request, response = EXCLUDED.response,
        created_at = EXCLUDED.created_at"""
 _PRUNE_OUTCOMES = "SELECT prune_idempotency_keys(%s, %s) AS pruned"  # migration 0007
-_PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits")
+_PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits", "prices")
+_UPSERT_PRICES = """INSERT INTO prices (tenant_id, model, effective_from, currency,
+       input_per_mtok, output_per_mtok, cached_input_per_mtok)
+   VALUES (%s, %s, %s, %s, %s, %s, %s)
+   ON CONFLICT (tenant_id, model, effective_from) DO UPDATE SET currency = EXCLUDED.currency,
+       input_per_mtok = EXCLUDED.input_per_mtok, output_per_mtok = EXCLUDED.output_per_mtok,
+       cached_input_per_mtok = EXCLUDED.cached_input_per_mtok"""
+# The prices of the models a batch names, and of the models of the reservations it ends.
+_LOCKED_PRICES = """SELECT model, effective_from, currency, input_per_mtok, output_per_mtok,
+       cached_input_per_mtok FROM prices
+   WHERE tenant_id = %(tenant)s AND (model = ANY(%(models)s) OR model IN (
+       SELECT model FROM reservations
+        WHERE tenant_id = %(tenant)s AND reservation_id = ANY(%(reservations)s)))
+   ORDER BY model, effective_from"""
+_TENANT_PRICES = """SELECT model, effective_from, currency, input_per_mtok, output_per_mtok,
+       cached_input_per_mtok FROM prices
+   WHERE tenant_id = %(tenant)s AND (%(model)s = '' OR model = %(model)s)
+   ORDER BY model, effective_from"""
 
 
 def _dumps(obj: Any) -> bytes | str:
@@ -174,6 +193,19 @@ class PostgresStore:
             row = await cur.fetchone()
         return int(row["n"]) if row else 0
 
+    async def prices(self, tenant_id: str, model: str = "") -> list[PricePoint]:
+        async with self._connection() as conn:
+            cur = await conn.execute(_TENANT_PRICES, {"tenant": tenant_id, "model": model})
+            return [price_from_row(row) for row in await cur.fetchall()]
+
+    async def currency(self, tenant_id: str) -> str:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT currency FROM prices WHERE tenant_id = %s LIMIT 1", (tenant_id,)
+            )
+            row = await cur.fetchone()
+        return row["currency"] if row else ""
+
     async def held_total(self) -> int:
         """Every hold counts in its tenant's row: this reads every tenant row."""
         async with self._connection() as conn:
@@ -228,6 +260,7 @@ class _Unit:
         overdue_max: int,
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
+        price_models: Sequence[str] = (),
     ) -> Locked:
         """One round trip: the accounts locked, then the four queries, in a pipeline (the
         server runs them in order, so the reads happen under the accounts' locks). Accounts
@@ -237,32 +270,17 @@ class _Unit:
             accounts = (
                 await self._conn.execute(*select_accounts_sql(lock, lock=True)) if lock else None
             )
-            known = await self._conn.execute(
-                "SELECT idempotency_key, operation, request, response, created_at "
-                "FROM idempotency_keys "
-                "WHERE tenant_id = %s AND idempotency_key = ANY(%s) AND created_at >= %s",
-                (self._tenant_id, list(idempotency_keys), outcomes_since),
-            )
-            limiters = await self._conn.execute(*_rate_limits_sql(limiter_accounts))
-            named = await self._conn.execute(
-                *self._reservations_sql(
-                    "reservation_id = ANY(%s) ORDER BY reservation_id", list(reservation_ids)
-                )
-            )
-            overdue = await self._conn.execute(
-                *self._reservations_sql(
-                    "state = 'held' AND expires_at <= %s ORDER BY expires_at LIMIT %s",
-                    overdue_at,
-                    overdue_max,
-                )
-            )
+            known, limiters, named, overdue, prices = await self._read(
+                idempotency_keys, limiter_accounts, reservation_ids, overdue_at, overdue_max,
+                outcomes_since, price_models,
+            )  # fmt: skip
         heads = _heads(await accounts.fetchall()) if accounts is not None else {}
         if missing := [k for k in lock if k not in heads]:
             heads |= await self.lock_accounts(missing)
             if AccountKey(self._tenant_id) in missing:
                 reread = await self.read_locked(
                     idempotency_keys, limiter_accounts, reservation_ids, overdue_at,
-                    overdue_max, outcomes_since,
+                    overdue_max, outcomes_since, price_models=price_models,
                 )  # fmt: skip
                 return replace(reread, heads=heads)
         return Locked(
@@ -279,7 +297,63 @@ class _Unit:
                 for row in rows
             ],
             heads=heads,
+            prices=[price_from_row(row) for row in await prices.fetchall()],
         )
+
+    async def price_facts(self, model: str) -> tuple[str, datetime | None]:
+        cur = await self._conn.execute(
+            """SELECT (SELECT currency FROM prices WHERE tenant_id = %(tenant)s LIMIT 1)
+                          AS currency,
+                      (SELECT max(expires_at) FROM reservations
+                        WHERE tenant_id = %(tenant)s AND model = %(model)s AND state = 'held')
+                          AS held_until""",
+            {"tenant": self._tenant_id, "model": model},
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return row["currency"] or "", row["held_until"]
+
+    async def _read(
+        self,
+        idempotency_keys: Sequence[str],
+        limiter_accounts: Sequence[AccountKey],
+        reservation_ids: Sequence[str],
+        overdue_at: datetime,
+        overdue_max: int,
+        outcomes_since: datetime,
+        price_models: Sequence[str],
+    ) -> list[psycopg.AsyncCursor[dict[str, Any]]]:
+        """read_locked's queries, sent in its pipeline (their results are fetched after)."""
+        tenant = self._tenant_id
+        return [
+            await self._conn.execute(
+                "SELECT idempotency_key, operation, request, response, created_at "
+                "FROM idempotency_keys "
+                "WHERE tenant_id = %s AND idempotency_key = ANY(%s) AND created_at >= %s",
+                (tenant, list(idempotency_keys), outcomes_since),
+            ),
+            await self._conn.execute(*_rate_limits_sql(limiter_accounts)),
+            await self._conn.execute(
+                *self._reservations_sql(
+                    "reservation_id = ANY(%s) ORDER BY reservation_id", list(reservation_ids)
+                )
+            ),
+            await self._conn.execute(
+                *self._reservations_sql(
+                    "state = 'held' AND expires_at <= %s ORDER BY expires_at LIMIT %s",
+                    overdue_at,
+                    overdue_max,
+                )
+            ),
+            await self._conn.execute(
+                _LOCKED_PRICES,
+                {
+                    "tenant": tenant,
+                    "models": list(price_models),
+                    "reservations": list(reservation_ids),
+                },
+            ),
+        ]
 
     def _reservations_sql(self, where: str, *params: Any) -> tuple[str, tuple[Any, ...]]:
         return (
@@ -315,6 +389,15 @@ class _Unit:
             await cur.executemany(
                 _UPSERT_USAGE, [vars(k) | vars(c) for k, c in changes.usage.items()]
             )
+            if changes.prices:
+                await cur.executemany(
+                    _UPSERT_PRICES,
+                    [
+                        (self._tenant_id, p.model, p.effective_from, p.currency, p.price.input,
+                         p.price.output, p.price.cached_input)
+                        for p in changes.prices
+                    ],
+                )  # fmt: skip
             if changes.outcomes:
                 await cur.executemany(
                     _INSERT_OUTCOMES,
@@ -402,6 +485,7 @@ def _account_params(head: StreamHead) -> tuple[Any, ...]:
         _jsonb(list(acc.alert_thresholds)),
         _jsonb(list(acc.alerts_fired)),
         acc.alerts_period,
+        None if acc.money is None else _jsonb(codec.account_to_json(acc.money)),
         head.version,
         head.hash,
         k.tenant_id,
@@ -436,4 +520,6 @@ def _reservation_params(stored: StoredReservation) -> dict[str, Any]:
         "late": res.late,
         "ended_at": res.ended_at,
         "ended_balance": None if ended is None else _jsonb(codec.account_to_json(ended)),
+        "money": res.money,
+        "cost": res.cost,
     }

@@ -21,6 +21,7 @@ from ledger.model import (
     GrantOrder,
     GrantTokens,
     Period,
+    PriceEntry,
     RateLimit,
     RecordUsage,
     Reservation,
@@ -29,11 +30,13 @@ from ledger.model import (
     Rollback,
     RollbackResult,
     SetBudgetAlerts,
+    SetPrices,
     SetQuota,
     SetRateLimit,
     State,
     Usage,
 )
+from ledger.money import PricePoint
 from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.usage import COUNTER_NAMES
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -87,6 +90,7 @@ def reserve(req: pb.ReserveRequest) -> Reserve:
         ttl_seconds=req.ttl_seconds,
         labels=dict(req.labels),
         min_amount=req.min_amount,
+        prompt_tokens=req.prompt_tokens,
     )
 
 
@@ -116,6 +120,7 @@ def set_quota(req: pb.SetQuotaRequest) -> SetQuota:
         time_zone=req.time_zone,
         soft_limit_percent=req.soft_limit_percent,
         grant_order=_GRANT_ORDER_FROM_PB.get(req.grant_order),
+        money_limit=req.money_limit_micros if req.HasField("money_limit_micros") else None,
     )
 
 
@@ -150,6 +155,7 @@ def grant_tokens(req: pb.GrantTokensRequest) -> GrantTokens:
         amount=req.amount,
         expires_at=time_field(req, "expires_at"),
         reason=req.reason,
+        money=req.money_micros,
     )
 
 
@@ -161,6 +167,7 @@ def adjust_balance(req: pb.AdjustBalanceRequest) -> AdjustBalance:
         conversation_id=req.conversation_id,
         tokens=req.tokens,
         reason=req.reason,
+        money=req.money_micros,
     )
 
 
@@ -172,6 +179,23 @@ def record_usage(req: pb.RecordUsageRequest) -> RecordUsage:
         conversation_id=req.conversation_id,
         model=req.model,
         usage=_usage(req.usage) if req.HasField("usage") else None,
+    )
+
+
+def set_prices(req: pb.SetPricesRequest, now: datetime) -> SetPrices:
+    entries = [
+        PriceEntry(
+            model=p.model,
+            currency=p.currency,
+            input_per_mtok=p.input_micros_per_mtok,
+            output_per_mtok=p.output_micros_per_mtok,
+            cached_input_per_mtok=p.cached_input_micros_per_mtok,
+            effective_from=time_field(p, "effective_from", f"prices[{i}].effective_from"),
+        )
+        for i, p in enumerate(req.prices[: limits.prices_per_call_max + 1])
+    ]
+    return validation.set_prices(
+        idempotency_key=req.idempotency_key, tenant_id=req.tenant_id, prices=entries, now=now
     )
 
 
@@ -210,6 +234,18 @@ def balance(acc: Account) -> pb.Balance:
         alert_thresholds_percent=acc.alert_thresholds,
         alerts_crossed_percent=acc.alerts_fired,
     )
+    if acc.money is not None:
+        m = acc.money
+        msg.money.CopyFrom(
+            pb.MoneyBalance(
+                limit_micros=m.limit,
+                held_micros=m.held,
+                used_micros=m.used,
+                available_micros=m.available,
+                granted_micros=m.granted,
+                used_total_micros=m.used_total,
+            )
+        )
     bounds = acc.period_bounds()
     if bounds is not None:
         msg.period_start.CopyFrom(_timestamp(bounds[0]))
@@ -237,6 +273,8 @@ def reservation(res: Reservation) -> pb.Reservation:
         created_at=_timestamp(res.created_at),
         expires_at=_timestamp(res.expires_at),
         labels=dict(res.labels),
+        money_held_micros=res.money,
+        cost_micros=res.cost,
     )
     if res.usage is not None:
         msg.usage.CopyFrom(usage_pb(res.usage))
@@ -276,6 +314,7 @@ def reserve_response(result: ReserveResult, advised: Advice) -> pb.ReserveRespon
                 account=w.account,
                 percent_used=w.percent_used,
                 threshold_percent=w.threshold_percent,
+                currency=w.currency,
             )
             for w in result.warnings
         ],
@@ -329,19 +368,31 @@ def balance_response(result: BalanceResult) -> pb.GetBalanceResponse:
         balance=balance(result.balance),
         ancestors=[balance(a) for a in result.ancestors],
         reservable=result.reservable,
+        currency=result.currency,
     )
 
 
-def time_field(msg: Any, name: str) -> datetime | None:
+def price(point: PricePoint) -> pb.Price:
+    return pb.Price(
+        model=point.model,
+        effective_from=_timestamp(point.effective_from),
+        currency=point.currency,
+        input_micros_per_mtok=point.price.input,
+        output_micros_per_mtok=point.price.output,
+        cached_input_micros_per_mtok=point.price.cached_input,
+    )
+
+
+def time_field(msg: Any, name: str, path: str = "") -> datetime | None:
     """A Timestamp field as an aware datetime; None when unset. One that no datetime can hold
-    (beyond year 9999, or nanos out of range) is refused naming the field."""
+    (beyond year 9999, or nanos out of range) is refused naming the field (or `path`)."""
     if not msg.HasField(name):
         return None
     try:
         at: datetime = getattr(msg, name).ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
         raise errors.InvalidArgument(
-            [errors.FieldViolation(name, "is not a valid timestamp (years 1 to 9999)")]
+            [errors.FieldViolation(path or name, "is not a valid timestamp (years 1 to 9999)")]
         ) from None
     return at
 

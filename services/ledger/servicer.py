@@ -179,6 +179,22 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             balance=convert.balance(await self._store.adjust_balance(cmd, _meta()))
         )
 
+    async def SetPrices(
+        self, request: pb.SetPricesRequest, context: Context
+    ) -> pb.SetPricesResponse:
+        points = await self._store.set_prices(convert.set_prices(request, self._clock()), _meta())
+        return pb.SetPricesResponse(prices=[convert.price(p) for p in points])
+
+    async def ListPrices(
+        self, request: pb.ListPricesRequest, context: Context
+    ) -> pb.ListPricesResponse:
+        tenant_id, model = validation.price_list(tenant_id=request.tenant_id, model=request.model)
+        points = await self._store.prices(tenant_id, model)
+        return pb.ListPricesResponse(
+            prices=[convert.price(p) for p in points],
+            currency=await self._store.currency(tenant_id),
+        )
+
     async def RecordUsage(
         self, request: pb.RecordUsageRequest, context: Context
     ) -> pb.RecordUsageResponse:
@@ -235,15 +251,18 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         return pb.QueryUsageResponse(
             rows=[convert.usage_row(r) for r in rows[:limit]],
             next_page_token=validation.page_token(query, offset + limit) if more else "",
+            currency=await self._store.currency(query.tenant_id),
         )
 
     async def ExportUsage(
         self, request: pb.ExportUsageRequest, context: Context
     ) -> AsyncIterator[pb.ExportUsageResponse]:
-        rows = self._audit.export_usage(convert.usage_query(request.query))
+        query = convert.usage_query(request.query)
+        currency = await self._store.currency(query.tenant_id)
+        rows = self._audit.export_usage(query)
         async with aclosing(rows):
             async for row in rows:
-                yield pb.ExportUsageResponse(row=convert.usage_row(row))
+                yield pb.ExportUsageResponse(row=convert.usage_row(row), currency=currency)
 
     async def SubscribeEvents(
         self, request: pb.SubscribeEventsRequest, context: Context

@@ -229,6 +229,8 @@ TABLE: dict[type[Exception], Row] = {
     errors.ReservationNotFound: Row(Code.NOT_FOUND),
     errors.ReservationEnded: Row(Code.FAILED_PRECONDITION),
     errors.CheckpointRefused: Row(Code.FAILED_PRECONDITION),
+    errors.PriceMissing: Row(Code.FAILED_PRECONDITION),
+    errors.PriceRefused: Row(Code.FAILED_PRECONDITION),
     errors.IdempotencyKeyReused: Row(Code.ALREADY_EXISTS),
     errors.StoreUnavailable: Row(Code.UNAVAILABLE, RETRY_INFO),
     errors.Conflict: Row(Code.UNAVAILABLE, RETRY_INFO),

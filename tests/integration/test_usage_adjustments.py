@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 from alembic import command
+from psycopg.rows import dict_row
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.platform import db
@@ -55,8 +56,8 @@ def test_an_adjustment_is_counted_apart_from_tokens_used(
     assert not report.breaks and not report.differences
 
 
-def usage_rows(url: str, tenant: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url) as conn:
+def usage_rows(url: str, tenant: str) -> list[dict[str, Any]]:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
         cur = conn.execute(
             "SELECT * FROM usage_hourly WHERE tenant_id = %s ORDER BY user_id, conversation_id",
             (tenant,),
@@ -77,11 +78,12 @@ def test_migration_0006_counts_the_adjustments_already_in_the_log(tmp_path: Path
         finally:
             server.stop()
         live = usage_rows(url, tenant)
-        assert [(r[2], r[-2], r[-1]) for r in live if r[-1]] == [("ann", -35, 2), ("zed", 70, 1)]
+        adjusted = [(r["user_id"], r["adjusted_tokens"], r["adjustments"]) for r in live]
+        assert [a for a in adjusted if a[2]] == [("ann", -35, 2), ("zed", 70, 1)]
 
         config = db._config(url)
         command.downgrade(config, "0005")
-        assert [r[2] for r in usage_rows(url, tenant)] == ["ann"]  # zed's row went
+        assert [r["user_id"] for r in usage_rows(url, tenant)] == ["ann"]  # zed's row went
         command.upgrade(config, "head")
         assert usage_rows(url, tenant) == live
         report = verify_tenant(url, tenant)

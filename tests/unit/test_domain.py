@@ -35,6 +35,7 @@ from ledger.model import (
     Expire,
     GrantOrder,
     Period,
+    PriceSet,
     QuotaSet,
     RateLimitSet,
     RecordUsage,
@@ -932,6 +933,33 @@ EVENTS: list[Event] = [
     RateLimitSet(**COMMON, tokens_per_minute=90_000, requests_per_minute=0),
     BudgetAlertsSet(**COMMON, thresholds_percent=(50, 80, 100)),
     BudgetThresholdCrossed(**COMMON, threshold_percent=80, used=812, capacity=1_000),
+    PriceSet(
+        **COMMON,
+        currency="EUR",
+        effective_from=NOW + timedelta(hours=2),
+        input_per_mtok=2_500_000,
+        output_per_mtok=10_000_000,
+        cached_input_per_mtok=1_250_000,
+    ),
+    TokensReserved(**COMMON, reservation_id="r-3", amount=10, expires_at=NOW, labels=(), money=125),
+    ReservationCommitted(
+        **COMMON,
+        reservation_id="r-3",
+        amount=10,
+        usage=Usage(4, 5, 0),
+        reserved_at=NOW,
+        money=125,
+        cost=61,
+    ),
+    ReservationCommitted(
+        **COMMON, reservation_id="r-4", amount=10, usage=Usage(4, 5, 0), reserved_at=NOW, cost=0
+    ),
+    ReservationRolledBack(**COMMON, reservation_id="r-3", amount=10, money=125),
+    ReservationExpired(**COMMON, reservation_id="r-3", amount=10, money=125),
+    UsageRecorded(**COMMON, usage=Usage(1, 2, 3), cost=9),
+    QuotaSet(**COMMON, limit=None, period=Period.MONTH, money_limit=50_000_000),
+    TokensGranted(**COMMON, grant_id="g-3", amount=0, expires_at=None, reason="", money=7),
+    BalanceAdjusted(**COMMON, tokens=0, reason="refund", money=-3_000),
 ]
 
 

@@ -60,6 +60,8 @@ SAMPLES: dict[type[Exception], errors.LedgerError | CallRefused] = {
     errors.ReservationNotFound: errors.ReservationNotFound("acme", "r1"),
     errors.ReservationEnded: errors.ReservationEnded("r1", "rolled back", "cannot commit"),
     errors.CheckpointRefused: errors.CheckpointRefused("tenant 'acme' has no checkpoint yet"),
+    errors.PriceMissing: errors.PriceMissing("gpt-4o", "acme/alice"),
+    errors.PriceRefused: errors.PriceRefused("billed in USD", currency="USD"),
     errors.IdempotencyKeyReused: errors.IdempotencyKeyReused("k1", "amount", 1, 2),
     errors.StoreUnavailable: errors.StoreUnavailable("database unavailable: read-only"),
     errors.Conflict: errors.Conflict("the transaction lost a race and changed nothing"),

@@ -42,6 +42,7 @@ PURE_LEDGER_MODULES = frozenset(
         "ledger.codec",
         "ledger.usage",
         "ledger.checkpoints",
+        "ledger.money",
     }
 )
 """Ledger modules that do no I/O: the only ones `services.platform` and `services.context` may

@@ -190,6 +190,7 @@ class SoftLimitWarning(_message.Message):
     ACCOUNT_FIELD_NUMBER: _builtins.int
     PERCENT_USED_FIELD_NUMBER: _builtins.int
     THRESHOLD_PERCENT_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
     scope: _builtins.str
     """"tenant", "user" or "conversation"."""
     account: _builtins.str
@@ -198,6 +199,8 @@ class SoftLimitWarning(_message.Message):
     """Held plus used, as a share of limit plus grants."""
     threshold_percent: _builtins.int
     """The account's soft threshold."""
+    currency: _builtins.str
+    """Set when the money budget is past its threshold: the tenant's currency."""
     def __init__(
         self,
         *,
@@ -205,10 +208,11 @@ class SoftLimitWarning(_message.Message):
         account: _builtins.str = ...,
         percent_used: _builtins.int = ...,
         threshold_percent: _builtins.int = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "percent_used", b"percent_used", "scope", b"scope", "threshold_percent", b"threshold_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "currency", b"currency", "percent_used", b"percent_used", "scope", b"scope", "threshold_percent", b"threshold_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,6 +312,7 @@ class Balance(_message.Message):
     GRANT_ORDER_FIELD_NUMBER: _builtins.int
     ALERT_THRESHOLDS_PERCENT_FIELD_NUMBER: _builtins.int
     ALERTS_CROSSED_PERCENT_FIELD_NUMBER: _builtins.int
+    MONEY_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant of the account."""
     user_id: _builtins.str
@@ -356,6 +361,12 @@ class Balance(_message.Message):
     def alerts_crossed_percent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The thresholds already crossed in the current period."""
 
+    @_builtins.property
+    def money(self) -> Global___MoneyBalance:
+        """The account's budget in money; unset while no money concerns it (no money quota, no
+        priced usage or hold, no money granted).
+        """
+
     def __init__(
         self,
         *,
@@ -377,10 +388,11 @@ class Balance(_message.Message):
         grant_order: Global___GrantOrder.ValueType = ...,
         alert_thresholds_percent: _abc.Iterable[_builtins.int] | None = ...,
         alerts_crossed_percent: _abc.Iterable[_builtins.int] | None = ...,
+        money: Global___MoneyBalance | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "limit", b"limit", "period_start", b"period_start", "resets_at", b"resets_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "available", b"available", "limit", b"limit", "money", b"money", "period_start", b"period_start", "resets_at", b"resets_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "alert_thresholds_percent", b"alert_thresholds_percent", "alerts_crossed_percent", b"alerts_crossed_percent", "available", b"available", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "granted", b"granted", "grants", b"grants", "held", b"held", "limit", b"limit", "period", b"period", "period_start", b"period_start", "resets_at", b"resets_at", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "used", b"used", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available", b"_available", "_limit", b"_limit", "alert_thresholds_percent", b"alert_thresholds_percent", "alerts_crossed_percent", b"alerts_crossed_percent", "available", b"available", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "granted", b"granted", "grants", b"grants", "held", b"held", "limit", b"limit", "money", b"money", "period", b"period", "period_start", b"period_start", "resets_at", b"resets_at", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "used", b"used", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__available: _TypeAlias = _typing.Literal["available"]  # noqa: Y015
     _WhichOneofArgType__available: _TypeAlias = _typing.Literal["_available", b"_available"]  # noqa: Y015
@@ -392,6 +404,57 @@ class Balance(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
 
 Global___Balance: _TypeAlias = Balance  # noqa: Y015
+
+@_typing.final
+class MoneyBalance(_message.Message):
+    """MoneyBalance is an account's budget in money, in micro-units (millionths) of the tenant's
+    currency, in the same period and by the same rules as its tokens.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    HELD_MICROS_FIELD_NUMBER: _builtins.int
+    USED_MICROS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_MICROS_FIELD_NUMBER: _builtins.int
+    GRANTED_MICROS_FIELD_NUMBER: _builtins.int
+    USED_TOTAL_MICROS_FIELD_NUMBER: _builtins.int
+    limit_micros: _builtins.int
+    """The money quota per period; unset when the account has none."""
+    held_micros: _builtins.int
+    """Held by open reservations (each hold's upper bound)."""
+    used_micros: _builtins.int
+    """Spent in the current period."""
+    available_micros: _builtins.int
+    """limit - held - used (plus money granted), never below zero; unset without a limit."""
+    granted_micros: _builtins.int
+    """Money granted and not yet spent (included in `available_micros`)."""
+    used_total_micros: _builtins.int
+    """Spent since the account began."""
+    def __init__(
+        self,
+        *,
+        limit_micros: _builtins.int | None = ...,
+        held_micros: _builtins.int = ...,
+        used_micros: _builtins.int = ...,
+        available_micros: _builtins.int | None = ...,
+        granted_micros: _builtins.int = ...,
+        used_total_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros", "_limit_micros", b"_limit_micros", "available_micros", b"available_micros", "limit_micros", b"limit_micros"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros", "_limit_micros", b"_limit_micros", "available_micros", b"available_micros", "granted_micros", b"granted_micros", "held_micros", b"held_micros", "limit_micros", b"limit_micros", "used_micros", b"used_micros", "used_total_micros", b"used_total_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__available_micros: _TypeAlias = _typing.Literal["available_micros"]  # noqa: Y015
+    _WhichOneofArgType__available_micros: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros"]  # noqa: Y015
+    _WhichOneofReturnType__limit_micros: _TypeAlias = _typing.Literal["limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__limit_micros: _TypeAlias = _typing.Literal["_limit_micros", b"_limit_micros"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__available_micros) -> _WhichOneofReturnType__available_micros | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__limit_micros) -> _WhichOneofReturnType__limit_micros | None: ...
+
+Global___MoneyBalance: _TypeAlias = MoneyBalance  # noqa: Y015
 
 @_typing.final
 class Reservation(_message.Message):
@@ -430,6 +493,8 @@ class Reservation(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    MONEY_HELD_MICROS_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """Server-assigned id."""
     tenant_id: _builtins.str
@@ -444,6 +509,12 @@ class Reservation(_message.Message):
     """Tokens held."""
     state: Global___ReservationState.ValueType
     """Where the reservation stands."""
+    money_held_micros: _builtins.int
+    """Micro-units held: the most the hold's tokens may cost (0: the model has no price)."""
+    cost_micros: _builtins.int
+    """What the committed usage cost at the price in force at commit, in micro-units; unset
+    while not committed, or when the model had no price.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the hold was placed."""
@@ -474,12 +545,16 @@ class Reservation(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         usage: Global___Usage | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        money_held_micros: _builtins.int = ...,
+        cost_micros: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_micros", b"_cost_micros", "cost_micros", b"cost_micros", "created_at", b"created_at", "expires_at", b"expires_at", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "created_at", b"created_at", "expires_at", b"expires_at", "labels", b"labels", "model", b"model", "reservation_id", b"reservation_id", "state", b"state", "tenant_id", b"tenant_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_micros", b"_cost_micros", "amount", b"amount", "conversation_id", b"conversation_id", "cost_micros", b"cost_micros", "created_at", b"created_at", "expires_at", b"expires_at", "labels", b"labels", "model", b"model", "money_held_micros", b"money_held_micros", "reservation_id", b"reservation_id", "state", b"state", "tenant_id", b"tenant_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__cost_micros: _TypeAlias = _typing.Literal["cost_micros"]  # noqa: Y015
+    _WhichOneofArgType__cost_micros: _TypeAlias = _typing.Literal["_cost_micros", b"_cost_micros"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cost_micros) -> _WhichOneofReturnType__cost_micros | None: ...
 
 Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
 
@@ -518,6 +593,7 @@ class ReserveRequest(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MIN_AMOUNT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe: the same key returns the first response; a different request with the
     same key is refused. Unique per tenant.
@@ -536,6 +612,10 @@ class ReserveRequest(_message.Message):
     """Seconds until the hold expires; 0 means the server default."""
     min_amount: _builtins.int
     """Accept a partial grant down to this many tokens; 0 means all of `amount` or nothing."""
+    prompt_tokens: _builtins.int
+    """How much of `amount` is prompt (0 to `amount`). The money hold prices the prompt part at
+    the model's highest prompt price and the rest at its highest price of any kind.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels kept with the reservation."""
@@ -552,10 +632,11 @@ class ReserveRequest(_message.Message):
         ttl_seconds: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         min_amount: _builtins.int = ...,
+        prompt_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "labels", b"labels", "min_amount", b"min_amount", "model", b"model", "tenant_id", b"tenant_id", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "labels", b"labels", "min_amount", b"min_amount", "model", b"model", "prompt_tokens", b"prompt_tokens", "tenant_id", b"tenant_id", "ttl_seconds", b"ttl_seconds", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1098,10 +1179,13 @@ class GetBalanceResponse(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     ANCESTORS_FIELD_NUMBER: _builtins.int
     RESERVABLE_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
     reservable: _builtins.int
     """The most a Reserve on this account could hold now (the smallest `available` of all levels
     with a limit); unset when no level has a limit.
     """
+    currency: _builtins.str
+    """The tenant's currency (ISO 4217), for the money figures; empty while it has no prices."""
     @_builtins.property
     def balance(self) -> Global___Balance:
         """The account asked for."""
@@ -1116,10 +1200,11 @@ class GetBalanceResponse(_message.Message):
         balance: Global___Balance | None = ...,
         ancestors: _abc.Iterable[Global___Balance] | None = ...,
         reservable: _builtins.int | None = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_reservable", b"_reservable", "balance", b"balance", "reservable", b"reservable"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reservable", b"_reservable", "ancestors", b"ancestors", "balance", b"balance", "reservable", b"reservable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reservable", b"_reservable", "ancestors", b"ancestors", "balance", b"balance", "currency", b"currency", "reservable", b"reservable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reservable: _TypeAlias = _typing.Literal["reservable"]  # noqa: Y015
     _WhichOneofArgType__reservable: _TypeAlias = _typing.Literal["_reservable", b"_reservable"]  # noqa: Y015
@@ -1143,6 +1228,7 @@ class SetQuotaRequest(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     SOFT_LIMIT_PERCENT_FIELD_NUMBER: _builtins.int
     GRANT_ORDER_FIELD_NUMBER: _builtins.int
+    MONEY_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe, as in ReserveRequest."""
     tenant_id: _builtins.str
@@ -1163,6 +1249,8 @@ class SetQuotaRequest(_message.Message):
     """Reserve warns once held plus used pass this share of the limit; 0: never."""
     grant_order: Global___GrantOrder.ValueType
     """Whether grants pay before or after the quota."""
+    money_limit_micros: _builtins.int
+    """The limit in micro-units of the tenant's currency per period (same period); unset: none."""
     def __init__(
         self,
         *,
@@ -1176,14 +1264,20 @@ class SetQuotaRequest(_message.Message):
         time_zone: _builtins.str = ...,
         soft_limit_percent: _builtins.int = ...,
         grant_order: Global___GrantOrder.ValueType = ...,
+        money_limit_micros: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "limit", b"limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_money_limit_micros", b"_money_limit_micros", "limit", b"limit", "money_limit_micros", b"money_limit_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "idempotency_key", b"idempotency_key", "limit", b"limit", "period", b"period", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_limit", b"_limit", "_money_limit_micros", b"_money_limit_micros", "conversation_id", b"conversation_id", "grant_order", b"grant_order", "idempotency_key", b"idempotency_key", "limit", b"limit", "money_limit_micros", b"money_limit_micros", "period", b"period", "soft_limit_percent", b"soft_limit_percent", "tenant_id", b"tenant_id", "time_zone", b"time_zone", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__limit: _TypeAlias = _typing.Literal["limit"]  # noqa: Y015
     _WhichOneofArgType__limit: _TypeAlias = _typing.Literal["_limit", b"_limit"]  # noqa: Y015
+    _WhichOneofReturnType__money_limit_micros: _TypeAlias = _typing.Literal["money_limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__money_limit_micros: _TypeAlias = _typing.Literal["_money_limit_micros", b"_money_limit_micros"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__limit) -> _WhichOneofReturnType__limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__money_limit_micros) -> _WhichOneofReturnType__money_limit_micros | None: ...
 
 Global___SetQuotaRequest: _TypeAlias = SetQuotaRequest  # noqa: Y015
 
@@ -1280,6 +1374,160 @@ class RecordUsageResponse(_message.Message):
 Global___RecordUsageResponse: _TypeAlias = RecordUsageResponse  # noqa: Y015
 
 @_typing.final
+class Price(_message.Message):
+    """Price is a model's price from a time: micro-units of `currency` per million tokens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_FROM_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    INPUT_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
+    OUTPUT_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
+    CACHED_INPUT_MICROS_PER_MTOK_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model."""
+    currency: _builtins.str
+    """ISO 4217 code; one per tenant."""
+    input_micros_per_mtok: _builtins.int
+    """Per million prompt tokens not served from a cache."""
+    output_micros_per_mtok: _builtins.int
+    """Per million completion tokens."""
+    cached_input_micros_per_mtok: _builtins.int
+    """Per million prompt tokens served from the provider's cache."""
+    @_builtins.property
+    def effective_from(self) -> _timestamp_pb2.Timestamp:
+        """When it takes effect; it is in force until the model's next price."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        effective_from: _timestamp_pb2.Timestamp | None = ...,
+        currency: _builtins.str = ...,
+        input_micros_per_mtok: _builtins.int = ...,
+        output_micros_per_mtok: _builtins.int = ...,
+        cached_input_micros_per_mtok: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effective_from", b"effective_from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_input_micros_per_mtok", b"cached_input_micros_per_mtok", "currency", b"currency", "effective_from", b"effective_from", "input_micros_per_mtok", b"input_micros_per_mtok", "model", b"model", "output_micros_per_mtok", b"output_micros_per_mtok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Price: _TypeAlias = Price  # noqa: Y015
+
+@_typing.final
+class SetPricesRequest(_message.Message):
+    """SetPricesRequest sets prices for one tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """Makes retries safe, as in ReserveRequest."""
+    tenant_id: _builtins.str
+    """The tenant."""
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """The prices (1 to 1000); `effective_from` unset means now."""
+
+    def __init__(
+        self,
+        *,
+        idempotency_key: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        prices: _abc.Iterable[Global___Price] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "prices", b"prices", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPricesRequest: _TypeAlias = SetPricesRequest  # noqa: Y015
+
+@_typing.final
+class SetPricesResponse(_message.Message):
+    """SetPricesResponse is the prices as set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """Each price, with the time it takes effect."""
+
+    def __init__(
+        self,
+        *,
+        prices: _abc.Iterable[Global___Price] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prices", b"prices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPricesResponse: _TypeAlias = SetPricesResponse  # noqa: Y015
+
+@_typing.final
+class ListPricesRequest(_message.Message):
+    """ListPricesRequest names a tenant and, optionally, a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    model: _builtins.str
+    """Only this model, when set."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPricesRequest: _TypeAlias = ListPricesRequest  # noqa: Y015
+
+@_typing.final
+class ListPricesResponse(_message.Message):
+    """ListPricesResponse is the tenant's price points."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRICES_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """The tenant's currency; empty while it has no prices."""
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Price]:
+        """By model, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        prices: _abc.Iterable[Global___Price] | None = ...,
+        currency: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "prices", b"prices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPricesResponse: _TypeAlias = ListPricesResponse  # noqa: Y015
+
+@_typing.final
 class LedgerEvent(_message.Message):
     """LedgerEvent is one event of the log with every field, enough to recompute its hash:
     sha256(prev_hash || canonical JSON of the hashed fields), see README "Audit".
@@ -1319,7 +1567,7 @@ class LedgerEvent(_message.Message):
     event_type: _builtins.str
     """QuotaSet, TokensGranted, BalanceAdjusted, RateLimitSet, TokensReserved,
     ReservationCommitted, ReservationRolledBack, ReservationExpired, UsageRecorded,
-    BudgetAlertsSet or BudgetThresholdCrossed.
+    BudgetAlertsSet, BudgetThresholdCrossed or PriceSet.
     """
     model: _builtins.str
     """The model, if any."""
@@ -1799,6 +2047,9 @@ class UsageRow(_message.Message):
     OVERAGE_TOKENS_FIELD_NUMBER: _builtins.int
     ADJUSTED_TOKENS_FIELD_NUMBER: _builtins.int
     ADJUSTMENTS_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    UNPRICED_TOKENS_FIELD_NUMBER: _builtins.int
+    ADJUSTED_MICROS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user, when grouped by user or conversation."""
     conversation_id: _builtins.str
@@ -1831,6 +2082,12 @@ class UsageRow(_message.Message):
     """Operators' corrections (AdjustBalance), signed; not part of total_tokens."""
     adjustments: _builtins.int
     """Corrections made."""
+    cost_micros: _builtins.int
+    """What the usage cost, in micro-units of the tenant's currency (priced usage only)."""
+    unpriced_tokens: _builtins.int
+    """Tokens used on models that had no price: they have no cost. Reports flag such rows."""
+    adjusted_micros: _builtins.int
+    """Operators' corrections in money, signed micro-units; not part of cost_micros."""
     @_builtins.property
     def period_start(self) -> _timestamp_pb2.Timestamp:
         """Start of the day or hour, when grouped by one."""
@@ -1855,10 +2112,13 @@ class UsageRow(_message.Message):
         overage_tokens: _builtins.int = ...,
         adjusted_tokens: _builtins.int = ...,
         adjustments: _builtins.int = ...,
+        cost_micros: _builtins.int = ...,
+        unpriced_tokens: _builtins.int = ...,
+        adjusted_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjusted_tokens", b"adjusted_tokens", "adjustments", b"adjustments", "cached_input_tokens", b"cached_input_tokens", "commits", b"commits", "conversation_id", b"conversation_id", "expiries", b"expiries", "input_tokens", b"input_tokens", "late_commits", b"late_commits", "model", b"model", "output_tokens", b"output_tokens", "overage_tokens", b"overage_tokens", "period_start", b"period_start", "reservations", b"reservations", "rollbacks", b"rollbacks", "total_tokens", b"total_tokens", "usage_records", b"usage_records", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjusted_micros", b"adjusted_micros", "adjusted_tokens", b"adjusted_tokens", "adjustments", b"adjustments", "cached_input_tokens", b"cached_input_tokens", "commits", b"commits", "conversation_id", b"conversation_id", "cost_micros", b"cost_micros", "expiries", b"expiries", "input_tokens", b"input_tokens", "late_commits", b"late_commits", "model", b"model", "output_tokens", b"output_tokens", "overage_tokens", b"overage_tokens", "period_start", b"period_start", "reservations", b"reservations", "rollbacks", b"rollbacks", "total_tokens", b"total_tokens", "unpriced_tokens", b"unpriced_tokens", "usage_records", b"usage_records", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1904,8 +2164,11 @@ class QueryUsageResponse(_message.Message):
 
     ROWS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Empty on the last page."""
+    currency: _builtins.str
+    """The tenant's currency, for cost_micros; empty while it has no prices."""
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
         """The rows, ordered by the group keys."""
@@ -1915,10 +2178,11 @@ class QueryUsageResponse(_message.Message):
         *,
         rows: _abc.Iterable[Global___UsageRow] | None = ...,
         next_page_token: _builtins.str = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "next_page_token", b"next_page_token", "rows", b"rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1955,6 +2219,9 @@ class ExportUsageResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROW_FIELD_NUMBER: _builtins.int
+    CURRENCY_FIELD_NUMBER: _builtins.int
+    currency: _builtins.str
+    """The tenant's currency, for cost_micros; empty while it has no prices."""
     @_builtins.property
     def row(self) -> Global___UsageRow:
         """The row."""
@@ -1963,10 +2230,11 @@ class ExportUsageResponse(_message.Message):
         self,
         *,
         row: Global___UsageRow | None = ...,
+        currency: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["row", b"row"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["row", b"row"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["currency", b"currency", "row", b"row"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2223,6 +2491,7 @@ class GrantTokensRequest(_message.Message):
     AMOUNT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MONEY_MICROS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe, as in ReserveRequest."""
     tenant_id: _builtins.str
@@ -2235,6 +2504,10 @@ class GrantTokensRequest(_message.Message):
     """Tokens to add."""
     reason: _builtins.str
     """Why (recorded in the event)."""
+    money_micros: _builtins.int
+    """Money to add, in micro-units of the tenant's currency (a credit for its money budget).
+    At least one of `amount` and `money_micros` is set.
+    """
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """When unused tokens lapse; unset: never."""
@@ -2249,10 +2522,11 @@ class GrantTokensRequest(_message.Message):
         amount: _builtins.int = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        money_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "reason", b"reason", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "conversation_id", b"conversation_id", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "money_micros", b"money_micros", "reason", b"reason", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2294,6 +2568,7 @@ class AdjustBalanceRequest(_message.Message):
     CONVERSATION_ID_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    MONEY_MICROS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe, as in ReserveRequest."""
     tenant_id: _builtins.str
@@ -2308,6 +2583,10 @@ class AdjustBalanceRequest(_message.Message):
     """
     reason: _builtins.str
     """Why (required; recorded in the event)."""
+    money_micros: _builtins.int
+    """Money to charge (> 0) or credit (< 0), in micro-units; at least one of `tokens` and
+    `money_micros` is set.
+    """
     def __init__(
         self,
         *,
@@ -2317,10 +2596,11 @@ class AdjustBalanceRequest(_message.Message):
         conversation_id: _builtins.str = ...,
         tokens: _builtins.int = ...,
         reason: _builtins.str = ...,
+        money_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "reason", b"reason", "tenant_id", b"tenant_id", "tokens", b"tokens", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation_id", b"conversation_id", "idempotency_key", b"idempotency_key", "money_micros", b"money_micros", "reason", b"reason", "tenant_id", b"tenant_id", "tokens", b"tokens", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -106,6 +106,16 @@ class LedgerServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceResponse.FromString,
                 _registered_method=True)
+        self.SetPrices = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/SetPrices',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetPricesRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetPricesResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/ListPrices',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
         self.RecordUsage = channel.unary_unary(
                 '/tokenledger.v1.LedgerService/RecordUsage',
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.RecordUsageRequest.SerializeToString,
@@ -253,6 +263,21 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPrices(self, request, context):
+        """SetPrices sets model prices for a tenant, each in force from a time (now or later), all
+        or none. Costs are charged at the price in force at commit; holds are bounded with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
+        """ListPrices returns a tenant's price points, by model, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RecordUsage(self, request, context):
         """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
         the ledger records reality, enforcement happens at Reserve.
@@ -366,6 +391,16 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.AdjustBalance,
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceResponse.SerializeToString,
+            ),
+            'SetPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrices,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.SetPricesRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.SetPricesResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.ListPricesRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.ListPricesResponse.SerializeToString,
             ),
             'RecordUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordUsage,
@@ -756,6 +791,60 @@ class LedgerService:
             '/tokenledger.v1.LedgerService/AdjustBalance',
             tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceRequest.SerializeToString,
             tokenledger_dot_v1_dot_ledger__pb2.AdjustBalanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/SetPrices',
+            tokenledger_dot_v1_dot_ledger__pb2.SetPricesRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.SetPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/ListPrices',
+            tokenledger_dot_v1_dot_ledger__pb2.ListPricesRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.ListPricesResponse.FromString,
             options,
             channel_credentials,
             insecure,

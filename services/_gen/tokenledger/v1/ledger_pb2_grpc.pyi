@@ -89,6 +89,12 @@ class LedgerServiceStub:
     """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
     recorded with its reason.
     """
+    SetPrices: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetPricesRequest, _ledger_pb2.SetPricesResponse]
+    """SetPrices sets model prices for a tenant, each in force from a time (now or later), all
+    or none. Costs are charged at the price in force at commit; holds are bounded with it.
+    """
+    ListPrices: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListPricesRequest, _ledger_pb2.ListPricesResponse]
+    """ListPrices returns a tenant's price points, by model, oldest first."""
     RecordUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]
     """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
     the ledger records reality, enforcement happens at Reserve.
@@ -171,6 +177,12 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
     recorded with its reason.
     """
+    SetPrices: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetPricesRequest, _ledger_pb2.SetPricesResponse]  # type: ignore[assignment]
+    """SetPrices sets model prices for a tenant, each in force from a time (now or later), all
+    or none. Costs are charged at the price in force at commit; holds are bounded with it.
+    """
+    ListPrices: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListPricesRequest, _ledger_pb2.ListPricesResponse]  # type: ignore[assignment]
+    """ListPrices returns a tenant's price points, by model, oldest first."""
     RecordUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.RecordUsageRequest, _ledger_pb2.RecordUsageResponse]  # type: ignore[assignment]
     """RecordUsage records usage that had no prior hold. It is never refused for lack of budget:
     the ledger records reality, enforcement happens at Reserve.
@@ -328,6 +340,24 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         """AdjustBalance is an operator's correction of an account's usage (a charge or a credit),
         recorded with its reason.
         """
+
+    @_abc_1.abstractmethod
+    def SetPrices(
+        self,
+        request: _ledger_pb2.SetPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.SetPricesResponse, _abc.Awaitable[_ledger_pb2.SetPricesResponse]]:
+        """SetPrices sets model prices for a tenant, each in force from a time (now or later), all
+        or none. Costs are charged at the price in force at commit; holds are bounded with it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPrices(
+        self,
+        request: _ledger_pb2.ListPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ListPricesResponse, _abc.Awaitable[_ledger_pb2.ListPricesResponse]]:
+        """ListPrices returns a tenant's price points, by model, oldest first."""
 
     @_abc_1.abstractmethod
     def RecordUsage(
