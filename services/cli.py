@@ -8,6 +8,7 @@ import sys
 
 import grpc
 
+from services import run as run_both
 from services.ledger import cli as ledger_cli
 from services.ledger import cli_keys, cli_reports, export_nats
 from services.ledger.config import Settings
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="reserve -> commit -> balance against a running server")
     target = os.environ.get("TOKENLEDGER_TARGET", ledger_cli.DEFAULT_TARGET)
     demo.add_argument("--target", default=target)
+    run_both.add_command(sub)
     cli_reports.add_commands(sub, target)
     cli_keys.add_commands(sub)
     export_nats.add_command(sub)

@@ -8,6 +8,8 @@ import uuid
 from typing import Any
 
 import grpc
+import psycopg
+import sqlalchemy.exc
 import structlog
 from opentelemetry.metrics import MeterProvider
 
@@ -16,6 +18,7 @@ from services.platform import db
 from services.platform.config import ConfigError
 from services.platform.metrics import configure_metrics
 from services.platform.observability import configure_tracing
+from services.platform.serve import STARTUP_FAILED_EXIT_CODE, StartupFailure, check_listen
 
 log = structlog.get_logger("tokenledger")
 
@@ -56,32 +59,61 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
             settings.checkpoint_check_s,
         ),
     )
-    await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
+    await serve_until_signalled(
+        server,
+        settings.listen,
+        settings.shutdown_grace_s,
+        what="ledger",
+        setting="TOKENLEDGER_LISTEN",
+    )
     await pool.close()
     if read_pool is not None:
         await read_pool.close()
 
 
 def cmd_serve(settings: Settings) -> int:
+    """Serve until a signal; a server that cannot start says why in one line, exit code 2."""
+    try:
+        _serve_checked(settings)
+    except StartupFailure as exc:
+        print(f"tokenledger serve: {exc}", file=sys.stderr)
+        return STARTUP_FAILED_EXIT_CODE
+    return 0
+
+
+def _serve_checked(settings: Settings) -> None:
+    # The ports first: before the embedded database and the migrations, which take seconds.
+    check_listen("ledger", settings.listen, "TOKENLEDGER_LISTEN")
+    if settings.metrics.listen:
+        check_listen("ledger metrics", settings.metrics.listen, "TOKENLEDGER_METRICS_LISTEN")
     provider = configure_tracing(settings.trace_exporter, "tokenledger-ledger")
     meters = configure_metrics(
         settings.metrics.exporter, settings.metrics.listen, "tokenledger-ledger"
     )
-    url = _database_url(settings)
-    if settings.migrate_on_start:
-        db.migrate(url)
-    else:  # production: a migration job runs as the owner; the service role only checks
-        try:
-            db.check_schema(url)
-        except db.SchemaError as exc:
-            log.error("schema", error=str(exc))
-            return 2
     try:
+        url = _database_url(settings)
+        _prepare_schema(settings, url)
         asyncio.run(_serve(settings, url, meters.provider if meters.enabled else None))
     finally:
         meters.shutdown()
         provider.shutdown()
-    return 0
+
+
+def _prepare_schema(settings: Settings, url: str) -> None:
+    """Migrate, or in production (a migration job runs as the owner; the service role only
+    checks) refuse a schema at another revision."""
+    try:
+        if settings.migrate_on_start:
+            db.migrate(url)
+        else:
+            db.check_schema(url)
+    except db.SchemaError as exc:
+        raise StartupFailure(f"ledger: {exc}") from exc
+    except (psycopg.OperationalError, sqlalchemy.exc.OperationalError) as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StartupFailure(
+            f"ledger: cannot reach the database ({first}); check DATABASE_URL"
+        ) from exc
 
 
 def cmd_migrate(settings: Settings) -> int:
