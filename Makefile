@@ -21,12 +21,11 @@ venv: $(BIN)/tokenledger
 tokenizers: $(BIN)/tokenledger
 	$(PY) -m services.context.tokenizer_data fetch
 
-# Both services on loopback: the context service in the background (it reaches the ledger
-# lazily, so the order does not matter), the ledger in front. Ctrl-C or SIGTERM to the
-# process group stops both; should the ledger exit, the trap stops the context service.
+# Both services on loopback, as one: `tokenledger run` checks both ports first, starts each
+# service as its child and stops both when either exits (services/run.py). Ctrl-C or SIGTERM
+# stops both gracefully.
 run: $(BIN)/tokenledger tokenizers
-	$(BIN)/tokenledger context-serve & ctx=$$!; trap 'kill $$ctx 2>/dev/null' EXIT; \
-	  $(BIN)/tokenledger serve
+	$(BIN)/tokenledger run
 
 demo: $(BIN)/tokenledger
 	$(BIN)/tokenledger demo

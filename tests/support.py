@@ -146,12 +146,15 @@ class ServerThread(_LoopThread):
         read_url: str = "",
         audit_workers: int = 2,
         alert_webhook_url: str = "",
+        listen: str = "127.0.0.1:0",
     ) -> None:
-        """`auth_mode` other than "off" authenticates callers against the api_keys table
-        (services/platform/auth.py), re-checking open streams every `stream_recheck_s`;
-        `credentials` make the port TLS (mTLS with a client CA); `read_url` is the database
-        audit and usage reads go to (a read replica's). With `audit_workers` > 1 (the
-        default), every verification runs in parts (ledger/verify.py)."""
+        """`listen`: a fixed address, for a test that stops and starts a ledger where its
+        clients expect it. `auth_mode` other than "off" authenticates callers against the
+        api_keys table (services/platform/auth.py), re-checking open streams every
+        `stream_recheck_s`; `credentials` make the port TLS (mTLS with a client CA);
+        `read_url` is the database audit and usage reads go to (a read replica's). With
+        `audit_workers` > 1 (the default), every verification runs in parts
+        (ledger/verify.py)."""
         self.url = url
         self.read_url = read_url
         self.auth_mode = auth_mode
@@ -164,6 +167,7 @@ class ServerThread(_LoopThread):
         self.sweep_interval_s = sweep_interval_s
         self.audit_workers = audit_workers
         self.alert_webhook_url = alert_webhook_url
+        self.listen = listen
         super().__init__()
 
     async def _start(self) -> None:
@@ -189,7 +193,7 @@ class ServerThread(_LoopThread):
             alert_webhook_url=self.alert_webhook_url,
             **kwargs,
         )
-        self.port = await self.server.start("127.0.0.1:0")
+        self.port = await self.server.start(self.listen)
 
     async def _close(self) -> None:
         await self.pool.close()

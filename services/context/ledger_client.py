@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -81,6 +82,7 @@ class LedgerClient:
             else grpc.aio.insecure_channel(target, options=list(options))
         )
         self._stub = pb_grpc.LedgerServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def _call(
         self,
@@ -138,6 +140,16 @@ class LedgerClient:
         self, request: pb.RecordUsageRequest, timeout_s: float | None = None
     ) -> pb.RecordUsageResponse:
         return await self._call(self._stub.RecordUsage, "RecordUsage", request, timeout_s)
+
+    async def serving(self, timeout_s: float) -> bool:
+        """Whether the ledger answers its health check SERVING (it does not while its own
+        database is away) within `timeout_s`."""
+        request = health_pb2.HealthCheckRequest(service="")
+        try:
+            reply = await self._health.Check(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def close(self) -> None:
         await self._channel.close()

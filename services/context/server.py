@@ -52,7 +52,15 @@ from services.platform.guards import Guards
 from services.platform.interceptors import DrainInterceptor
 from services.platform.metrics import configure_metrics
 from services.platform.observability import configure_logging, configure_tracing
-from services.platform.serve import call_path, serve_until_signalled, server_options
+from services.platform.serve import (
+    LIVENESS,
+    STARTUP_FAILED_EXIT_CODE,
+    StartupFailure,
+    call_path,
+    check_listen,
+    serve_until_signalled,
+    server_options,
+)
 
 log = structlog.get_logger("tokenledger.context.server")
 
@@ -60,6 +68,8 @@ SERVICE = cpb.DESCRIPTOR.services_by_name["ContextService"]
 SERVICE_NAME = SERVICE.full_name
 COUNT_WORKERS_DEFAULT = 4
 KEYS_POOL_SIZE_MAX = 4
+LEDGER_CHECK_S_DEFAULT = 1.0
+"""How often readiness asks the ledger's health (each check waits at most this long too)."""
 """Database connections for callers' key lookups and the memory table (short primary-key
 reads and writes, one per call)."""
 
@@ -87,11 +97,13 @@ class ContextServer:
         credentials: grpc.ServerCredentials | None = None,
         ledger_credentials: grpc.ChannelCredentials | None = None,
         memory_pool: AsyncConnectionPool[Any] | None = None,
+        ledger_check_s: float = LEDGER_CHECK_S_DEFAULT,
     ) -> None:
         """`auth` authenticates callers (None: anyone may call), `credentials` make the port
         TLS; `ledger_metadata` and `ledger_credentials` are this service's own for the ledger;
         `memory_pool` reaches the memory table (None: the memory RPCs and use_memory refuse
-        with MEMORY_UNAVAILABLE)."""
+        with MEMORY_UNAVAILABLE); readiness follows the ledger's health, asked every
+        `ledger_check_s`."""
         self.pool = pool or TokenizerPool(pool_bytes_max)
         self.counter = TokenCounter(self.pool, cache_entries_max)
         self.metrics = ContextMetrics(self.counter.stats, meter_provider)
@@ -133,6 +145,8 @@ class ContextServer:
         )
         self.auth = auth
         self.credentials = credentials
+        self.ledger_check_s = ledger_check_s
+        self._watcher: asyncio.Task[None] | None = None
         self.port = 0
 
     async def preload(self, encodings: Sequence[str]) -> None:
@@ -150,8 +164,9 @@ class ContextServer:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self._check_ledger()
+        self._watcher = asyncio.create_task(self._watch_ledger(), name="ledger-health")
         warn_if_off(self.auth, SERVICE_NAME, tls=self.credentials is not None, address=address)
         log.info(
             "serving",
@@ -165,8 +180,10 @@ class ContextServer:
     async def stop(self, grace_s: float) -> None:
         """NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish (up to
         `grace_s`), then stop and close the ledger channel."""
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        await self._set_ready(False)
         if not await self.drain.drain(grace_s):
             log.warning("calls still in flight after the grace period are cancelled")
         await self.server.stop(0)
@@ -176,6 +193,25 @@ class ContextServer:
             await self.auth.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("stopped")
+
+    async def _check_ledger(self) -> None:
+        await self._set_ready(await self.ledger.serving(self.ledger_check_s))
+
+    async def _watch_ledger(self) -> None:
+        """Readiness ("" and the service's name) is whether the ledger serves: every call
+        needs it. Liveness ("liveness") stays SERVING: a restart cannot bring a ledger back."""
+        while True:
+            await asyncio.sleep(self.ledger_check_s)
+            await self._check_ledger()
+
+    async def _set_ready(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
 
 def _preload_names(raw: str) -> list[str]:
@@ -230,7 +266,13 @@ async def serve(
         memory_pool=keys_pool,
     )
     await server.preload(preload)
-    await serve_until_signalled(server, settings.listen, settings.shutdown_grace_s)
+    await serve_until_signalled(
+        server,
+        settings.listen,
+        settings.shutdown_grace_s,
+        what="context service",
+        setting="TOKENLEDGER_CONTEXT_LISTEN",
+    )
     if keys_pool is not None:
         await keys_pool.close()
 
@@ -244,6 +286,19 @@ def main(env: dict[str, str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tokenledger context-serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        _serve_checked(settings, preload)
+    except StartupFailure as exc:
+        print(f"tokenledger context-serve: {exc}", file=sys.stderr)
+        return STARTUP_FAILED_EXIT_CODE
+    return 0
+
+
+def _serve_checked(settings: ContextSettings, preload: Sequence[str]) -> None:
+    # The ports first: before the embedded database, which takes seconds to start.
+    check_listen("context service", settings.listen, "TOKENLEDGER_CONTEXT_LISTEN")
+    if settings.metrics.listen:
+        check_listen("metrics", settings.metrics.listen, "TOKENLEDGER_CONTEXT_METRICS_LISTEN")
     configure_logging(settings.log_format, settings.log_level)
     provider = configure_tracing(settings.trace_exporter, "tokenledger-context")
     meters = configure_metrics(
@@ -255,4 +310,3 @@ def main(env: dict[str, str] | None = None) -> int:
     finally:
         meters.shutdown()
         provider.shutdown()
-    return 0

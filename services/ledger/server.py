@@ -31,7 +31,7 @@ from services.ledger.servicer import LedgerService
 from services.platform.auth import Authenticator, warn_if_off
 from services.platform.guards import Guards
 from services.platform.interceptors import DrainInterceptor
-from services.platform.serve import call_path, server_options
+from services.platform.serve import LIVENESS, call_path, server_options
 
 log = structlog.get_logger("tokenledger.server")
 
@@ -47,10 +47,6 @@ SLOW_METHODS = ("VerifyAudit",)
 
 KEY_PRUNE_INTERVAL_S = 60.0
 """How often the sweeper deletes expired idempotency keys (in batches; see Ledger.prune_keys)."""
-
-LIVENESS = "liveness"
-"""A health service name that says only that the process serves, for liveness probes: "" and
-the ledger's own name go NOT_SERVING while the database is away, which a restart cannot fix."""
 
 
 @dataclass(frozen=True)

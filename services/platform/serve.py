@@ -4,8 +4,10 @@ SIGTERM or SIGINT, then stopping gracefully."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import signal
+import socket
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -27,16 +29,69 @@ from services.platform.metrics import RpcMetricsInterceptor
 
 log = structlog.get_logger("tokenledger.server")
 
+LIVENESS = "liveness"
+"""A health service name that says only that the process serves, for liveness probes: "" and
+the service's own name (readiness) go NOT_SERVING while what it depends on is away (the
+ledger's database, the context service's ledger), which a restart cannot fix."""
+
+
+class StartupFailure(Exception):
+    """A server cannot start; the message is one line saying why and which setting to change.
+    Its process prints it and exits with STARTUP_FAILED_EXIT_CODE, no traceback."""
+
+
+STARTUP_FAILED_EXIT_CODE = 2
+_BIND_ERRORS = {
+    errno.EADDRINUSE: "is taken",
+    errno.EADDRNOTAVAIL: "is not an address of this machine",
+    errno.EACCES: "needs privileges (a port below 1024)",
+}
+
+
+def bind_problem(address: str) -> str | None:
+    """Why a server could not listen on `address` (host:port) now, or None if it could. It
+    binds as gRPC does (SO_REUSEADDR: a port in TIME_WAIT is free, one with a listener is
+    not) and lets go at once."""
+    host, _, port = address.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError):
+        return "is not a host:port this machine can resolve"
+    for family, kind, proto, _name, sockaddr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                return _BIND_ERRORS.get(exc.errno or 0, f"cannot be bound ({exc.strerror})")
+    return None
+
+
+def check_listen(what: str, address: str, setting: str) -> None:
+    """StartupFailure naming `setting` when `what` (e.g. "ledger") cannot listen on `address`."""
+    problem = bind_problem(address)
+    if problem is not None:
+        raise StartupFailure(f"{what}: {address} {problem}; set {setting} to a free host:port")
+
 
 class _Serving(Protocol):
     async def start(self, address: str) -> int: ...
     async def stop(self, grace_s: float) -> None: ...
 
 
-async def serve_until_signalled(server: _Serving, address: str, grace_s: float) -> None:
+async def serve_until_signalled(
+    server: _Serving, address: str, grace_s: float, *, what: str, setting: str
+) -> None:
     """Start `server` on `address`, serve until SIGTERM or SIGINT, then stop it gracefully
-    (calls in flight get up to `grace_s`)."""
-    await server.start(address)
+    (calls in flight get up to `grace_s`). StartupFailure, naming `setting`, when it cannot
+    listen there."""
+    check_listen(what, address, setting)  # gRPC's own refusal says neither why nor what to do
+    try:
+        await server.start(address)
+    except (OSError, RuntimeError) as exc:  # taken in the moment since the check
+        raise StartupFailure(f"{what}: cannot listen on {address} ({exc}); set {setting}") from exc
     # What start-up built (modules, descriptors, pools) lives as long as the process: moved out
     # of the collector's generations, a full collection no longer walks it.
     gc.freeze()

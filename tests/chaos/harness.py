@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.ledger.server import LIVENESS
 from services.platform import db
+from services.platform.serve import LIVENESS
 from tests.support import LedgerProcess, health_status, verify_tenant, wait_health
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -53,8 +53,7 @@ def test_make_run_serves_with_embedded_postgres_and_demo_succeeds(tmp_path: Path
             timeout=60,
         )
         assert demo.returncode == 0, demo.stdout + demo.stderr
-        assert "demo ok" in demo.stdout
-        assert "RESOURCE_EXHAUSTED" in demo.stdout
+        assert "-> RESOURCE_EXHAUSTED: requested 50000 tokens" in demo.stdout
         wait_health(context_target, health_pb2.HealthCheckResponse.SERVING, STARTUP_TIMEOUT_S)
         with grpc.insecure_channel(context_target) as channel:
             prepared = cpb_grpc.ContextServiceStub(channel).PrepareContext(

@@ -31,7 +31,7 @@ from compose_spec import PyOptions
 from dockerfile_parse import DockerfileParser
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.ledger.server import LIVENESS
+from services.platform.serve import LIVENESS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -200,9 +200,10 @@ def test_deployments_probe_grpc_health_request_resources_and_run_as_non_root(
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             grpc_probe = container[probe]["grpc"]
             assert grpc_probe["port"] in ports - {METRICS_PORT}, (container["name"], probe)
-            # Liveness may name "liveness", which the servers keep SERVING while the
-            # process serves (a database outage must not restart them); the rest check "".
-            allowed = {"", LIVENESS} if probe == "livenessProbe" else {""}
+            # Startup and liveness may name "liveness", which the servers keep SERVING while
+            # the process serves (an outage of what they depend on must not restart them);
+            # readiness checks "".
+            allowed = {""} if probe == "readinessProbe" else {"", LIVENESS}
             assert grpc_probe.get("service", "") in allowed, (container["name"], probe)
         requests = container["resources"]["requests"]
         assert {"cpu", "memory"} <= requests.keys()
