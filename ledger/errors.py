@@ -82,9 +82,9 @@ class BudgetExhausted(Refusal):
         self.resets_at = resets_at
         when = f"the period resets at {resets_at.isoformat()}" if resets_at else "holds end"
         f = level.figure
-        budget = "money budget " if level.currency else ""
+        budget = "money budget of the " if level.currency else ""
         super().__init__(
-            f"requested {requested} tokens but the {budget}of {level.scope} {level.account} "
+            f"requested {requested} tokens but the {budget}{level.scope} {level.account} "
             f"has {f(level.available)} available (limit {f(level.limit)}, held "
             f"{f(level.held)}, used {f(level.used)}); reserve at most {reservable} tokens "
             f"now (or pass min_amount to accept a partial grant), or wait until {when}"

@@ -12,7 +12,7 @@ import grpc
 
 from services import run as run_both
 from services.ledger import cli as ledger_cli
-from services.ledger import cli_admin, cli_keys, cli_reports, export_nats
+from services.ledger import cli_admin, cli_keys, cli_prices, cli_reports, export_nats
 from services.ledger.config import Settings
 from services.platform.config import ConfigError
 from services.platform.observability import configure_logging
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(run=lambda args: ledger_cli.cmd_demo(args.target, args.json))
     run_both.add_command(sub)
     cli_admin.add_commands(sub, target)
+    cli_prices.add_commands(sub, target)
     cli_reports.add_commands(sub, target)
     cli_keys.add_commands(sub)
     export_nats.add_command(sub)

@@ -230,6 +230,18 @@ class LedgerClient(_Base):
         request = rq.build(pb.RecordUsageRequest, fields)
         return self._unary(self._stub.RecordUsage, request, timeout_s)
 
+    def set_prices(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.SetPricesFields]
+    ) -> pb.SetPricesResponse:
+        request = rq.build(pb.SetPricesRequest, fields)
+        return self._unary(self._stub.SetPrices, request, timeout_s)
+
+    def list_prices(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.ListPricesFields]
+    ) -> pb.ListPricesResponse:
+        request = rq.build(pb.ListPricesRequest, fields)
+        return self._unary(self._stub.ListPrices, request, timeout_s)
+
     def verify_audit(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.VerifyAuditFields]
     ) -> pb.VerifyAuditResponse:
@@ -442,6 +454,20 @@ class AsyncLedgerClient(_Base):
         reply: pb.RecordUsageResponse = await self._unary(
             self._stub.RecordUsage, request, timeout_s
         )
+        return reply
+
+    async def set_prices(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.SetPricesFields]
+    ) -> pb.SetPricesResponse:
+        request = rq.build(pb.SetPricesRequest, fields)
+        reply: pb.SetPricesResponse = await self._unary(self._stub.SetPrices, request, timeout_s)
+        return reply
+
+    async def list_prices(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.ListPricesFields]
+    ) -> pb.ListPricesResponse:
+        request = rq.build(pb.ListPricesRequest, fields)
+        reply: pb.ListPricesResponse = await self._unary(self._stub.ListPrices, request, timeout_s)
         return reply
 
     async def verify_audit(

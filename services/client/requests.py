@@ -59,6 +59,7 @@ class ReserveFields(TypedDict, total=False):
     ttl_seconds: int
     labels: Mapping[str, str]
     min_amount: int
+    prompt_tokens: int
 
 
 class CommitFields(TypedDict, total=False):
@@ -127,6 +128,7 @@ class SetQuotaFields(TypedDict, total=False):
     time_zone: str
     soft_limit_percent: int
     grant_order: pb.GrantOrder.ValueType
+    money_limit_micros: int
 
 
 class SetRateLimitFields(TypedDict, total=False):
@@ -161,6 +163,7 @@ class GrantTokensFields(TypedDict, total=False):
     amount: int
     expires_at: Timestamp
     reason: str
+    money_micros: int
 
 
 class AdjustBalanceFields(TypedDict, total=False):
@@ -172,6 +175,7 @@ class AdjustBalanceFields(TypedDict, total=False):
     conversation_id: str
     tokens: int
     reason: str
+    money_micros: int
 
 
 class RecordUsageFields(TypedDict, total=False):
@@ -183,6 +187,21 @@ class RecordUsageFields(TypedDict, total=False):
     conversation_id: str
     model: str
     usage: pb.Usage
+
+
+class SetPricesFields(TypedDict, total=False):
+    """SetPricesRequest's fields."""
+
+    idempotency_key: str
+    tenant_id: str
+    prices: Sequence[pb.Price]
+
+
+class ListPricesFields(TypedDict, total=False):
+    """ListPricesRequest's fields."""
+
+    tenant_id: str
+    model: str
 
 
 class ReplayHistoryFields(TypedDict, total=False):

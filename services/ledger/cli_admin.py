@@ -5,8 +5,8 @@ TOKENLEDGER_TARGET; the API key from TOKENLEDGER_LEDGER_API_KEY).
 Each prints a short answer, or with `--json` the response as JSON. A write sends a fresh
 idempotency key unless `--idempotency-key` gives one, so a script that retries with its own
 key writes once. Anything wrong with the input is refused before the ledger is called: one
-line on stderr, exit code 2, nothing written. `price set|list` will join these once the
-ledger has SetPrice and ListPrices (see `add_commands`)."""
+line on stderr, exit code 2, nothing written. Money is typed in currency units ("2.50") and
+kept in the ledger's micro-units; prices are `tokenledger price` (cli_prices.py)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.client import LedgerClient, LedgerError
 from services.client.errors import ClientError
 from services.client.requests import new_idempotency_key
+from services.ledger import money_text
 from services.platform.auth import ClientAuth
 from services.platform.config import ConfigError
 
@@ -109,10 +110,11 @@ def _limit(text: str) -> int | None:
 
 
 def _tokens(text: str) -> int:
-    value = _bounded(-limits.amount_tokens_max, limits.amount_tokens_max)(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 changes nothing: > 0 charges, < 0 credits")
-    return value
+    return _bounded(-limits.amount_tokens_max, limits.amount_tokens_max)(text)
+
+
+money = money_text.parser(limits.money_micros_max)
+signed_money = money_text.parser(limits.money_micros_max, signed=True)
 
 
 def _reason(text: str) -> str:
@@ -122,7 +124,7 @@ def _reason(text: str) -> str:
     return reason
 
 
-def _key(text: str) -> str:
+def key_arg(text: str) -> str:
     if not KEY_PATTERN.fullmatch(text) or len(text) > limits.idempotency_key_chars_max:
         raise argparse.ArgumentTypeError(
             f"1-{limits.idempotency_key_chars_max} printable ASCII characters, no spaces"
@@ -130,13 +132,13 @@ def _key(text: str) -> str:
     return text
 
 
-def _model(text: str) -> str:
+def model_arg(text: str) -> str:
     if not MODEL_PATTERN.fullmatch(text) or len(text) > limits.model_chars_max:
         raise argparse.ArgumentTypeError(f"{text!r} is not a model name")
     return text
 
 
-def _future(text: str) -> datetime:
+def future_time(text: str) -> datetime:
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
@@ -173,7 +175,7 @@ def add_commands(sub: Any, target_default: str) -> None:
         p.add_argument("account", type=account, help="TENANT[/USER[/CONVERSATION]]")
         p.add_argument(
             "--idempotency-key",
-            type=_key,
+            type=key_arg,
             help="the write's key (default: a new one); a retry with the same key writes once",
         )
         return p
@@ -193,16 +195,19 @@ def add_commands(sub: Any, target_default: str) -> None:
     q.add_argument("--soft-limit-percent", type=_bounded(0, 100), default=0,
                    help="warn past this share of the limit (0: never)")  # fmt: skip
     q.add_argument("--grant-order", choices=GRANT_ORDERS, help="default: quota-first")
+    q.add_argument("--money-limit", type=money, help="the same period's limit in money, e.g. 50.00")
 
     grant = write(sub, "grant", "add tokens to one account", _grant)
-    grant.add_argument("amount", type=_bounded(1, limits.amount_tokens_max), help="tokens")
+    grant.add_argument("amount", type=_bounded(0, limits.amount_tokens_max), help="tokens")
+    grant.add_argument("--money", type=money, help="money to add too, e.g. 5.00")
     grant.add_argument("--reason", type=_reason, required=True, help="recorded in the event")
     expiry = grant.add_mutually_exclusive_group()
-    expiry.add_argument("--expires-at", type=_future, help="ISO time the rest lapses")
+    expiry.add_argument("--expires-at", type=future_time, help="ISO time the rest lapses")
     expiry.add_argument("--expires-in", type=_from_now, help="e.g. 90m, 12h, 7d")
 
     adjust = write(sub, "adjust", "correct an account's usage (> 0 charges, < 0 credits)", _adjust)
     adjust.add_argument("tokens", type=_tokens, help="tokens to charge, or credit if negative")
+    adjust.add_argument("--money", type=signed_money, help="money to charge (or credit if < 0)")
     adjust.add_argument("--reason", type=_reason, required=True, help="recorded in the event")
 
     rate = sub.add_parser("rate-limit", help="set an account's rate limits").add_subparsers(
@@ -212,9 +217,7 @@ def add_commands(sub: Any, target_default: str) -> None:
     r = write(rate, "set", "tokens and requests per minute (0: no limit)", _rate_limit_set)
     r.add_argument("--tokens-per-minute", type=per_minute, help="0: no limit")
     r.add_argument("--requests-per-minute", type=per_minute, help="0: no limit")
-    r.add_argument("--model", type=_model, help="one model (default: all)")
-    # `price set|list` go here, written like `rate-limit set`, once the ledger has SetPrice
-    # and ListPrices (the money work).
+    r.add_argument("--model", type=model_arg, help="one model (default: all)")
 
 
 def _balance(args: argparse.Namespace) -> int:
@@ -239,8 +242,10 @@ def _quota_set(args: argparse.Namespace) -> int:
     }
     if args.limit is not None:
         fields["limit"] = args.limit
+    if args.money_limit is not None:
+        fields["money_limit_micros"] = args.money_limit
     with connect(args.target) as client:
-        reply = _write(client.set_quota, args, fields)
+        reply = send_write(client.set_quota, args, fields)
     if args.json:
         return show_json(reply)
     print(f"quota set: {balance_line(reply.balance)}")
@@ -258,28 +263,36 @@ def _period(args: argparse.Namespace) -> pb.Period.ValueType:
 
 
 def _grant(args: argparse.Namespace) -> int:
+    if not (args.amount or args.money):
+        raise CliError("grant 0 tokens and no --money changes nothing")
     fields: dict[str, Any] = {**args.account.fields(), "amount": args.amount}
     fields["reason"] = args.reason
+    fields["money_micros"] = args.money or 0
     until = args.expires_at or args.expires_in
     if until is not None:
-        fields["expires_at"] = _stamp(until)
+        fields["expires_at"] = to_stamp(until)
     with connect(args.target) as client:
-        reply = _write(client.grant_tokens, args, fields)
+        reply = send_write(client.grant_tokens, args, fields)
     if args.json:
         return show_json(reply)
     lapses = f", unused by {_when(fields['expires_at'])}" if until else ""
-    print(f"granted {args.amount} tokens{lapses}: {balance_line(reply.balance)}")
+    money = f" and {money_text.text_of(args.money)} in money" if args.money else ""
+    print(f"granted {args.amount} tokens{money}{lapses}: {balance_line(reply.balance)}")
     return 0
 
 
 def _adjust(args: argparse.Namespace) -> int:
-    fields = {**args.account.fields(), "tokens": args.tokens, "reason": args.reason}
+    if not (args.tokens or args.money):
+        raise CliError("0 tokens and no --money change nothing: > 0 charges, < 0 credits")
+    fields = {**args.account.fields(), "tokens": args.tokens, "reason": args.reason,
+              "money_micros": args.money or 0}  # fmt: skip
     with connect(args.target) as client:
-        reply = _write(client.adjust_balance, args, fields)
+        reply = send_write(client.adjust_balance, args, fields)
     if args.json:
         return show_json(reply)
-    done = f"charged {args.tokens}" if args.tokens > 0 else f"credited {-args.tokens}"
-    print(f"{done} tokens: {balance_line(reply.balance)}")
+    done = f"charged {args.tokens}" if args.tokens >= 0 else f"credited {-args.tokens}"
+    money = f" and {money_text.text_of(args.money)} in money" if args.money else ""
+    print(f"{done} tokens{money}: {balance_line(reply.balance)}")
     return 0
 
 
@@ -293,7 +306,7 @@ def _rate_limit_set(args: argparse.Namespace) -> int:
         "requests_per_minute": args.requests_per_minute or 0,
     }
     with connect(args.target) as client:
-        reply = _write(client.set_rate_limit, args, fields)
+        reply = send_write(client.set_rate_limit, args, fields)
     if args.json:
         return show_json(reply)
     limit = reply.rate_limit
@@ -336,7 +349,9 @@ def connect(target: str) -> closing[LedgerClient]:
     return closing(client)
 
 
-def _write(call: Callable[..., Message], args: argparse.Namespace, fields: dict[str, Any]) -> Any:
+def send_write(
+    call: Callable[..., Message], args: argparse.Namespace, fields: dict[str, Any]
+) -> Any:
     """One write with the caller's key or a fresh one; a call whose outcome is unknown says
     how to retry it safely."""
     key = args.idempotency_key or new_idempotency_key()
@@ -373,13 +388,14 @@ def show_json(message: Message) -> int:
 
 def balance_lines(reply: pb.GetBalanceResponse) -> list[str]:
     """The ancestors (tenant first), the account, and what a Reserve there could get now."""
-    lines = [balance_line(b) for b in (*reply.ancestors, reply.balance)]
+    lines = [balance_line(b, reply.currency) for b in (*reply.ancestors, reply.balance)]
     room = reply.reservable if reply.HasField("reservable") else "no limit"
     return [*lines, f"reservable now: {room}"]
 
 
-def balance_line(b: pb.Balance) -> str:
-    """One account on one line; an account without a limit says so instead of zeros."""
+def balance_line(b: pb.Balance, currency: str = "") -> str:
+    """One account on one line (its money after a '|'); an account without a limit says so
+    instead of zeros."""
     scope = "conversation" if b.conversation_id else "user" if b.user_id else "tenant"
     figures = [f"used {b.used}", f"held {b.held}"]
     if b.granted:
@@ -389,7 +405,21 @@ def balance_line(b: pb.Balance) -> str:
     if b.HasField("resets_at") and b.HasField("limit"):
         figures.append(f"resets at {_when(b.resets_at)}")
     name = _name(b.tenant_id, b.user_id, b.conversation_id)
-    return f"{scope} {name}: {describe_limit(b)}; {', '.join(figures)}"
+    line = f"{scope} {name}: {describe_limit(b)}; {', '.join(figures)}"
+    return line + money_line(b.money, currency) if b.HasField("money") else line
+
+
+def money_line(m: pb.MoneyBalance, currency: str) -> str:
+    def cash(micros: int) -> str:
+        return money_text.with_currency(micros, currency)
+
+    limit = f"limit {cash(m.limit_micros)}" if m.HasField("limit_micros") else "no money limit"
+    figures = [limit, f"spent {cash(m.used_micros)}", f"held {cash(m.held_micros)}"]
+    if m.granted_micros:
+        figures.append(f"granted {cash(m.granted_micros)}")
+    if m.HasField("available_micros"):
+        figures.append(f"available {cash(m.available_micros)}")
+    return " | money: " + ", ".join(figures)
 
 
 def describe_limit(b: pb.Balance) -> str:
@@ -414,7 +444,7 @@ def _when(stamp: timestamp_pb2.Timestamp) -> str:
     return stamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _stamp(at: datetime) -> timestamp_pb2.Timestamp:
+def to_stamp(at: datetime) -> timestamp_pb2.Timestamp:
     out = timestamp_pb2.Timestamp()
     out.FromDatetime(at)
     return out

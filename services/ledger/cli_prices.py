@@ -10,32 +10,37 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import functools
 import importlib.metadata
 import importlib.util
 import json
-import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from datetime import UTC
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import json_format, timestamp_pb2
-
 from ledger import limits
+from ledger.money import TOKENS_PER_PRICE_UNIT
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.platform.auth import ClientAuth
+from services.ledger import money_text
+from services.ledger.cli_admin import (
+    CliError,
+    account,
+    connect,
+    future_time,
+    key_arg,
+    model_arg,
+    run_command,
+    send_write,
+    show_json,
+    to_stamp,
+)
 
-MICROS = 1_000_000
 LITELLM_PRICE_FILE = "model_prices_and_context_window_backup.json"
-CALL_TIMEOUT_S = 60
-
-
-class PriceInputError(ValueError):
-    """A price the user typed or the price file holds that cannot be used."""
+per_mtok = money_text.parser(limits.price_micros_per_mtok_max)
 
 
 def add_commands(sub: Any, target_default: str) -> None:
@@ -43,125 +48,75 @@ def add_commands(sub: Any, target_default: str) -> None:
         dest="price_command", required=True
     )
 
-    def parser(name: str, help_text: str) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, run: Callable[..., int]) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = price.add_parser(name, help=help_text)
+        p.add_argument("tenant", type=_tenant, help="the tenant whose prices these are")
         p.add_argument("--target", default=target_default, help="the ledger's address")
-        p.add_argument("--tenant", required=True)
-        p.add_argument("--json", action="store_true", help="JSON output")
+        p.add_argument("--json", action="store_true", help="the response as JSON")
+        p.set_defaults(run=functools.partial(run_command, run))
         return p
 
-    set_ = parser("set", "set one model's price (per million tokens, in currency units)")
-    set_.add_argument("model")
+    set_ = command("set", "set a model's price, per million tokens in currency units", _set)
+    set_.add_argument("model", type=model_arg)
     set_.add_argument("--currency", required=True, help="ISO 4217, e.g. USD")
-    set_.add_argument("--input", required=True, help="per million input tokens, e.g. 2.50")
-    set_.add_argument("--output", required=True, help="per million output tokens")
-    set_.add_argument("--cached-input", help="per million cached input tokens (default: input)")
-    set_.add_argument("--from", dest="effective_from", help="ISO time it takes effect (now)")
-    set_.add_argument("--idempotency-key", default="", help="to make a retry safe")
-    set_.set_defaults(run=cmd_set)
-    list_ = parser("list", "the tenant's prices, by model, oldest first")
-    list_.add_argument("--model", default="")
-    list_.set_defaults(run=cmd_list)
-    imp = parser("import", "set prices from the price table in the installed litellm package")
+    set_.add_argument("--input", type=per_mtok, required=True, help="e.g. 2.50")
+    set_.add_argument("--output", type=per_mtok, required=True)
+    set_.add_argument("--cached-input", type=per_mtok, help="default: the input price")
+    set_.add_argument("--from", dest="effective_from", type=future_time, help="ISO time (now)")
+    set_.add_argument("--idempotency-key", type=key_arg, help="a retry with it writes once")
+    list_ = command("list", "the tenant's prices, by model, oldest first", _list)
+    list_.add_argument("--model", type=model_arg, help="only this model")
+    imp = command("import", "set prices from the table in the installed litellm package", _import)
     imp.add_argument("--models", default="*", help="comma-separated globs (default: all)")
-    imp.add_argument("--idempotency-key", default="", help="to make a retry safe")
-    imp.set_defaults(run=cmd_import)
+    imp.add_argument("--idempotency-key", type=key_arg, help="a retry with it writes once")
 
 
-def per_mtok_micros(text: str, field: str) -> int:
-    """'2.50' (currency units per million tokens) as micro-units per million tokens."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise PriceInputError(f"{field}: {text!r} is not a number (e.g. 2.50)") from None
-    micros = value * MICROS
-    if not value.is_finite() or value < 0 or micros != micros.to_integral_value():
-        raise PriceInputError(f"{field}: {text!r} must be 0 or more, with at most 6 decimals")
-    if micros > limits.price_micros_per_mtok_max:
-        bound = money_text(limits.price_micros_per_mtok_max)
-        raise PriceInputError(f"{field}: {text} is above {bound} per million tokens")
-    return int(micros)
+def _tenant(text: str) -> str:
+    return str(account(text).tenant_id) if "/" not in text else _not_tenant(text)
 
 
-def money_text(micros: int) -> str:
-    """Micro-units as currency units with six decimals, trailing zeros kept to two."""
-    sign, whole = ("-" if micros < 0 else ""), abs(micros)
-    units, fraction = divmod(whole, MICROS)
-    digits = f"{fraction:06d}".rstrip("0").ljust(2, "0")
-    return f"{sign}{units:,}.{digits}"
+def _not_tenant(text: str) -> str:
+    raise argparse.ArgumentTypeError(f"{text!r}: prices are a tenant's, name the tenant alone")
 
 
-def _time(text: str | None) -> timestamp_pb2.Timestamp | None:
-    if not text:
-        return None
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise PriceInputError(f"--from: {text!r} is not an ISO time") from None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(at if at.tzinfo else at.replace(tzinfo=UTC))
-    return stamp
-
-
-def _stub(target: str) -> Any:
-    return ClientAuth.from_env().channel(target)
-
-
-def _key(given: str, prefix: str) -> str:
-    return given or f"{prefix}-{uuid.uuid4().hex}"
-
-
-def cmd_set(args: argparse.Namespace) -> int:
-    try:
-        entry = pb.Price(
-            model=args.model,
-            currency=args.currency,
-            input_micros_per_mtok=per_mtok_micros(args.input, "--input"),
-            output_micros_per_mtok=per_mtok_micros(args.output, "--output"),
-            cached_input_micros_per_mtok=per_mtok_micros(
-                args.cached_input or args.input, "--cached-input"
-            ),
-            effective_from=_time(args.effective_from),
-        )
-    except PriceInputError as exc:
-        print(f"tokenledger price set: {exc}", file=sys.stderr)
-        return 2
-    request = pb.SetPricesRequest(
-        idempotency_key=_key(args.idempotency_key, "price-set"),
-        tenant_id=args.tenant,
-        prices=[entry],
+def _set(args: argparse.Namespace) -> int:
+    entry = pb.Price(
+        model=args.model,
+        currency=args.currency,
+        input_micros_per_mtok=args.input,
+        output_micros_per_mtok=args.output,
+        cached_input_micros_per_mtok=args.input if args.cached_input is None else args.cached_input,
     )
-    with _stub(args.target) as channel:
-        reply = pb_grpc.LedgerServiceStub(channel).SetPrices(request, timeout=CALL_TIMEOUT_S)
+    if args.effective_from is not None:
+        entry.effective_from.CopyFrom(to_stamp(args.effective_from))
+    with connect(args.target) as client:
+        reply = send_write(client.set_prices, args, {"tenant_id": args.tenant, "prices": [entry]})
     if args.json:
-        print(json_format.MessageToJson(reply, indent=2))
-        return 0
+        return show_json(reply)
     for p in reply.prices:
-        print(f"{args.tenant}: {_price_line(p)}")
+        print(f"price set: {args.tenant}: {price_line(p)}")
     return 0
 
 
-def _price_line(p: pb.Price) -> str:
-    since = p.effective_from.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds")
+def price_line(p: pb.Price) -> str:
+    since = p.effective_from.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M UTC")
+    per = money_text.text_of
     return (
-        f"{p.model} from {since}: {p.currency} {money_text(p.input_micros_per_mtok)} input, "
-        f"{money_text(p.output_micros_per_mtok)} output, "
-        f"{money_text(p.cached_input_micros_per_mtok)} cached input per 1M tokens"
+        f"{p.model} from {since}: {p.currency} {per(p.input_micros_per_mtok)} input, "
+        f"{per(p.output_micros_per_mtok)} output, {per(p.cached_input_micros_per_mtok)} "
+        "cached input per 1M tokens"
     )
 
 
-def cmd_list(args: argparse.Namespace) -> int:
-    request = pb.ListPricesRequest(tenant_id=args.tenant, model=args.model)
-    with _stub(args.target) as channel:
-        reply = pb_grpc.LedgerServiceStub(channel).ListPrices(request, timeout=CALL_TIMEOUT_S)
+def _list(args: argparse.Namespace) -> int:
+    with connect(args.target) as client:
+        reply = client.list_prices(tenant_id=args.tenant, model=args.model or "")
     if args.json:
-        print(json_format.MessageToJson(reply, indent=2))
-        return 0
+        return show_json(reply)
     if not reply.prices:
-        print(f"{args.tenant} has no prices: usage is recorded without cost (flagged unpriced)")
-        return 0
+        print(f"{args.tenant} has no prices: its usage is recorded without cost, flagged unpriced")
     for p in reply.prices:
-        print(_price_line(p))
+        print(price_line(p))
     return 0
 
 
@@ -177,13 +132,13 @@ def litellm_price_file() -> Path:
     """The price table inside the installed litellm package (not imported: it is large)."""
     spec = importlib.util.find_spec("litellm")
     if spec is None or not spec.submodule_search_locations:
-        raise PriceInputError(
+        raise CliError(
             "the default price table ships in the litellm package, which is not installed: "
             "pip install 'tokenledger[integrations]' (it is never downloaded at run time)"
         )
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(LITELLM_PRICE_FILE)
     if not path.is_file():
-        raise PriceInputError(f"{path} is missing from the installed litellm package")
+        raise CliError(f"{path} is missing from the installed litellm package")
     return path
 
 
@@ -225,7 +180,7 @@ def _per_mtok(spec: dict[str, Any]) -> list[Decimal] | None:
     numbers = [k for k in kinds if isinstance(k, Decimal | int)]
     if len(numbers) < len(kinds):
         return None
-    return [Decimal(k) * MICROS * MICROS for k in numbers]
+    return [Decimal(k) * money_text.MICROS * TOKENS_PER_PRICE_UNIT for k in numbers]
 
 
 def _chunks(items: list[pb.Price]) -> Iterator[list[pb.Price]]:
@@ -234,30 +189,22 @@ def _chunks(items: list[pb.Price]) -> Iterator[list[pb.Price]]:
         yield items[i : i + step]
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    try:
-        table = litellm_prices(litellm_price_file(), args.models.split(","))
-    except PriceInputError as exc:
-        print(f"tokenledger price import: {exc}", file=sys.stderr)
-        return 2
+def _import(args: argparse.Namespace) -> int:
+    table = litellm_prices(litellm_price_file(), args.models.split(","))
     if not table.prices:
-        print(f"tokenledger price import: no model matches {args.models!r}", file=sys.stderr)
-        return 2
-    base = _key(args.idempotency_key, "price-import")
-    with _stub(args.target) as channel:
-        stub = pb_grpc.LedgerServiceStub(channel)
+        raise CliError(f"no model of {table.source} matches {args.models!r}")
+    base = args.idempotency_key or f"price-import-{uuid.uuid4().hex}"
+    with connect(args.target) as client:
         for i, chunk in enumerate(_chunks(table.prices)):
-            request = pb.SetPricesRequest(
-                idempotency_key=f"{base}:{i}", tenant_id=args.tenant, prices=chunk
-            )
-            stub.SetPrices(request, timeout=CALL_TIMEOUT_S)
+            args.idempotency_key = f"{base}:{i}"
+            send_write(client.set_prices, args, {"tenant_id": args.tenant, "prices": chunk})
     summary = {"tenant": args.tenant, "prices": len(table.prices), "source": table.source,
                "rounded": table.rounded}  # fmt: skip
     if args.json:
         print(json.dumps(summary))
-    else:
-        print(
-            f"{args.tenant}: {len(table.prices)} model prices set from {table.source} "
-            f"(USD; {table.rounded} given finer than a micro-unit per 1M tokens, rounded)"
-        )
+        return 0
+    print(
+        f"{args.tenant}: {len(table.prices)} model prices set from {table.source} (USD; "
+        f"{table.rounded} given finer than a micro-unit per 1M tokens were rounded)"
+    )
     return 0

@@ -17,7 +17,11 @@ from ledger.model import Usage
 from ledger.money import HoldPricing, Price, PricePoint, price_at, prices_during
 
 REPO = Path(__file__).resolve().parents[2]
-MONEY_MODULES = ("ledger/money.py", "services/ledger/cli_prices.py")
+MONEY_MODULES = (
+    "ledger/money.py",
+    "services/ledger/cli_prices.py",
+    "services/ledger/money_text.py",
+)
 """Modules that are money through and through: no float in them at all."""
 MONEY_FUNCTIONS = {
     "ledger/domain.py": ("hold_pricing", "cost_at", "_money_room", "_evolve_money",
