@@ -3,7 +3,7 @@ malformed field is refused with the request's own field name."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +36,7 @@ from ledger.model import (
     State,
     Usage,
 )
-from ledger.money import PricePoint
+from ledger.money import PricePoint, price_at
 from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
 from ledger.usage import COUNTER_NAMES
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -289,17 +289,33 @@ class Advice:
 
     cheaper_model: str
     compact_context: bool = True
+    cheaper_price: PricePoint | None = None
+    """The cheaper model's price in force now, when it has one."""
 
     def metadata(self) -> dict[str, str]:
         out = {"compact_context": "true"} if self.compact_context else {}
         if self.cheaper_model:
             out["cheaper_model"] = self.cheaper_model
+        if self.cheaper_price is not None:
+            p = self.cheaper_price
+            out["cheaper_model_price"] = (
+                f"{p.currency} micro-units per 1M tokens: input {p.price.input}, "
+                f"output {p.price.output}, cached input {p.price.cached_input}"
+            )
         return out
 
 
-def advice(cheaper_models: Mapping[str, str], model: str) -> Advice:
-    """The one place advice is computed (TOKENLEDGER_CHEAPER_MODELS names the cheaper models)."""
-    return Advice(cheaper_model=cheaper_models.get(model, ""))
+def advice(
+    cheaper_models: Mapping[str, str],
+    model: str,
+    prices: Sequence[PricePoint] = (),
+    now: datetime | None = None,
+) -> Advice:
+    """The one place advice is computed (TOKENLEDGER_CHEAPER_MODELS names the cheaper models;
+    `prices` are the cheaper model's, and the one in force at `now` goes with it)."""
+    cheaper = cheaper_models.get(model, "")
+    in_force = price_at(prices, now) if cheaper and now is not None else None
+    return Advice(cheaper_model=cheaper, cheaper_price=in_force)
 
 
 def reserve_response(result: ReserveResult, advised: Advice) -> pb.ReserveResponse:
@@ -329,6 +345,8 @@ def reserve_response(result: ReserveResult, advised: Advice) -> pb.ReserveRespon
         )
         if result.resets_at is not None:
             msg.suggestion.resets_at.CopyFrom(_timestamp(result.resets_at))
+        if advised.cheaper_price is not None:
+            msg.suggestion.cheaper_model_price.CopyFrom(price(advised.cheaper_price))
     return msg
 
 

@@ -77,13 +77,22 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
 
     async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         cmd = convert.reserve(request)
-        advice = convert.advice(self._cheaper_models, cmd.model)
         try:
             result = await self._store.reserve(cmd, _meta())
         except errors.Refusal as exc:
-            exc.advise(advice.metadata())
+            exc.advise((await self._advice(cmd.key.tenant_id, cmd.model)).metadata())
             raise
+        if result.partial or result.warnings:
+            advice = await self._advice(cmd.key.tenant_id, cmd.model)
+        else:  # no suggestion is sent: no price to read
+            advice = convert.advice(self._cheaper_models, cmd.model)
         return convert.reserve_response(result, advice)
+
+    async def _advice(self, tenant_id: str, model: str) -> convert.Advice:
+        """Advice with the cheaper model's price in force now (one read, off the grant path)."""
+        cheaper = self._cheaper_models.get(model, "")
+        prices = await self._store.prices(tenant_id, cheaper) if cheaper else []
+        return convert.advice(self._cheaper_models, model, prices, self._clock())
 
     async def Commit(self, request: pb.CommitRequest, context: Context) -> pb.CommitResponse:
         return await self._commit(request)

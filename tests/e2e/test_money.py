@@ -33,7 +33,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def api(database_url: str, clock: Clock) -> Iterator[Stub]:
-    server = ServerThread(database_url, clock=clock, sweep_interval_s=3600).start()
+    server = ServerThread(
+        database_url, clock=clock, sweep_interval_s=3600, cheaper_models={"gpt-4o": "gpt-4o-mini"}
+    ).start()
     with server.stub() as stub:
         yield stub
     server.stop()
@@ -216,6 +218,27 @@ def test_a_money_refusal_names_the_money_figures(api: Stub) -> None:
     assert "500 µUSD available" in refused.message
     partial = reserve(api, tenant, "ann", 800, min_amount=100)
     assert partial.amount == 500 and partial.money_held_micros == 500
+
+
+def test_the_suggestion_names_the_cheaper_model_with_its_price(api: Stub) -> None:
+    tenant = new_id("t")
+    mini = price("gpt-4o-mini", 150_000, 600_000, 75_000)
+    set_prices(api, tenant, price("gpt-4o", 2_500_000, 10_000_000, 1_250_000), mini)
+    api.SetQuota(pb.SetQuotaRequest(idempotency_key=new_id("q"), tenant_id=tenant, user_id="ann",
+                                    period=pb.PERIOD_DAY, money_limit_micros=5_000))  # fmt: skip
+    request = pb.ReserveRequest(idempotency_key=new_id("r"), tenant_id=tenant, user_id="ann",
+                                model="gpt-4o", amount=1_000, min_amount=1)  # fmt: skip
+    suggestion = api.Reserve(request).suggestion
+    assert suggestion.cheaper_model == "gpt-4o-mini"
+    got = suggestion.cheaper_model_price
+    assert (got.model, got.output_micros_per_mtok, got.currency) == ("gpt-4o-mini", 600_000, "USD")
+    refused = call_fails(api.Reserve, pb.ReserveRequest(
+        idempotency_key=new_id("r"), tenant_id=tenant, user_id="ann", model="gpt-4o",
+        amount=1_000))  # fmt: skip
+    assert refused.metadata["cheaper_model"] == "gpt-4o-mini"
+    assert refused.metadata["cheaper_model_price"] == (
+        "USD micro-units per 1M tokens: input 150000, output 600000, cached input 75000"
+    )
 
 
 BAD_PRICES = [

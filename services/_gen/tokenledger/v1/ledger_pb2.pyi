@@ -228,6 +228,7 @@ class Suggestion(_message.Message):
     CHEAPER_MODEL_FIELD_NUMBER: _builtins.int
     COMPACT_CONTEXT_FIELD_NUMBER: _builtins.int
     RESETS_AT_FIELD_NUMBER: _builtins.int
+    CHEAPER_MODEL_PRICE_FIELD_NUMBER: _builtins.int
     max_amount_now: _builtins.int
     """The largest amount a Reserve would get now."""
     cheaper_model: _builtins.str
@@ -238,6 +239,10 @@ class Suggestion(_message.Message):
     def resets_at(self) -> _timestamp_pb2.Timestamp:
         """When the binding budget resets; unset if it never does."""
 
+    @_builtins.property
+    def cheaper_model_price(self) -> Global___Price:
+        """The cheaper model's price in force now; unset when it has none (or there is none)."""
+
     def __init__(
         self,
         *,
@@ -245,10 +250,11 @@ class Suggestion(_message.Message):
         cheaper_model: _builtins.str = ...,
         compact_context: _builtins.bool = ...,
         resets_at: _timestamp_pb2.Timestamp | None = ...,
+        cheaper_model_price: Global___Price | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now", "max_amount_now", b"max_amount_now", "resets_at", b"resets_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now", "cheaper_model_price", b"cheaper_model_price", "max_amount_now", b"max_amount_now", "resets_at", b"resets_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now", "cheaper_model", b"cheaper_model", "compact_context", b"compact_context", "max_amount_now", b"max_amount_now", "resets_at", b"resets_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now", "cheaper_model", b"cheaper_model", "cheaper_model_price", b"cheaper_model_price", "compact_context", b"compact_context", "max_amount_now", b"max_amount_now", "resets_at", b"resets_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_amount_now: _TypeAlias = _typing.Literal["max_amount_now"]  # noqa: Y015
     _WhichOneofArgType__max_amount_now: _TypeAlias = _typing.Literal["_max_amount_now", b"_max_amount_now"]  # noqa: Y015
