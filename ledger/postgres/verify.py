@@ -435,7 +435,8 @@ def balance_at(conninfo: str, key: AccountKey, as_of: datetime) -> BalanceResult
         for row in _event_rows(conn, where + " AND occurred_at <= %s", (*params, as_of)):
             projection.feed(codec.event_from_row(row))
     accounts = [projection.accounts.get(k, Account(k)).rolled(as_of) for k in lineage]
-    return BalanceResult(balance=accounts[-1], ancestors=tuple(accounts[:-1]))
+    currency = next((p.currency for p in projection.prices.values()), "")
+    return BalanceResult(accounts[-1], tuple(accounts[:-1]), currency)
 
 
 @contextmanager

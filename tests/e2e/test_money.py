@@ -116,6 +116,7 @@ def test_costs_follow_the_price_in_force_and_reports_equal_tokens_times_price(
     at = stamp(t0 + timedelta(hours=2))
     between = api.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="ann", as_of=at))
     assert between.balance.money.used_total_micros == charged[0] + charged[1]
+    assert between.currency == "USD"
     # Replay carries the prices and each cost as the log recorded them.
     events = [
         e for r in api.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant)) for e in r.events
