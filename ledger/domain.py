@@ -597,7 +597,7 @@ def _evolve_money(acc: Account, event: Event) -> Account | None:
     """The account's money side after `event` (acc is the account after it, in tokens)."""
     match event:
         case QuotaSet() if event.money_limit is not None or acc.money is not None:
-            return _with_policy(acc.money_side(), acc).with_(limit=event.money_limit)
+            return acc.money_side().with_policy_of(acc).with_(limit=event.money_limit)
         case TokensReserved() if event.money:
             m = acc.money_side()
             return m.with_(held=m.held + event.money)
@@ -618,20 +618,6 @@ def _evolve_money(acc: Account, event: Event) -> Account | None:
             at = event.occurred_at
             return _charge(acc.money_side(), event.money, at, at, draw=False)
     return acc.money
-
-
-def _with_policy(money: Account, acc: Account) -> Account:
-    """`money` under the account's period, zone, soft limit and grant order."""
-    return money.with_(
-        period=acc.period,
-        window_hours=acc.window_hours,
-        time_zone=acc.time_zone,
-        soft_limit_percent=acc.soft_limit_percent,
-        grant_order=acc.grant_order,
-        day_start=acc.day_start,
-        month_start=acc.month_start,
-        window_start_hour=acc.window_start_hour,
-    )
 
 
 def _evolve_tokens(acc: Account, event: Event) -> Account:

@@ -186,18 +186,20 @@ class Account:
 
     def money_side(self) -> Account:
         """The money budget, made with the account's policy when it has none yet."""
-        if self.money is not None:
-            return self.money
-        return Account(
-            self.key,
-            period=self.period,
-            window_hours=self.window_hours,
-            time_zone=self.time_zone,
-            soft_limit_percent=self.soft_limit_percent,
-            grant_order=self.grant_order,
-            day_start=self.day_start,
-            month_start=self.month_start,
-            window_start_hour=self.window_start_hour,
+        return self.money if self.money is not None else Account(self.key).with_policy_of(self)
+
+    def with_policy_of(self, acc: Account) -> Account:
+        """This account under `acc`'s period, zone, soft limit and grant order, with the
+        same current day, month and window."""
+        return self.with_(
+            period=acc.period,
+            window_hours=acc.window_hours,
+            time_zone=acc.time_zone,
+            soft_limit_percent=acc.soft_limit_percent,
+            grant_order=acc.grant_order,
+            day_start=acc.day_start,
+            month_start=acc.month_start,
+            window_start_hour=acc.window_start_hour,
         )
 
     def alert_period(self) -> date:

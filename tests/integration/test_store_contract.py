@@ -18,8 +18,10 @@ from ledger.model import (
     AccountKey,
     BudgetThresholdCrossed,
     Period,
+    PriceEntry,
     RecordUsage,
     SetBudgetAlerts,
+    SetPrices,
     State,
     TokensGranted,
     Usage,
@@ -390,5 +392,52 @@ def test_a_day_quotas_alerts_fire_again_the_next_day(run: Callable[[Body], Any])
         report = await ledger.rebuild(t)  # the alert state is a projection of the log too
         assert report.events == len(kinds)
         assert (await ledger.get_balance(AccountKey(t, "u"))).balance.alerts_fired == (50,)
+
+    run(body)
+
+
+def _prices(t: str, *entries: PriceEntry) -> SetPrices:
+    return validation.set_prices(
+        idempotency_key=new_id("p"), tenant_id=t, prices=list(entries), now=START
+    )
+
+
+def test_money_holds_costs_prices_and_their_rebuild(run: Callable[[Body], Any]) -> None:
+    """Prices as events, a money quota bounding holds, the cost at the price in force at
+    commit, a rise refused while a hold is live, and all of it rebuilt from the log."""
+
+    async def body(ledger: Ledger, store: Store, clock: Clock, t: str) -> None:
+        await ledger.set_prices(_prices(t, PriceEntry("m", "EUR", 2_000_000, 8_000_000, 0)))
+        await ledger.set_quota(
+            validation.set_quota(
+                idempotency_key=new_id("q"),
+                tenant_id=t,
+                user_id="u",
+                conversation_id="",
+                limit=None,
+                period=Period.DAY,
+                money_limit=5_000,
+            )
+        )
+        partial = validation.reserve(idempotency_key=new_id("k"), tenant_id=t, user_id="u",
+                                     conversation_id="", model="m", amount=1_000,
+                                     ttl_seconds=60, labels={}, min_amount=1)  # fmt: skip
+        held = (await ledger.reserve(partial)).reservation
+        assert (held.amount, held.money) == (625, 5_000)  # 8 µ a token at the dearest kind
+        with pytest.raises(errors.PriceRefused):
+            await ledger.set_prices(_prices(t, PriceEntry("m", "EUR", 3_000_000, 8_000_000, 0)))
+        clock.now += timedelta(seconds=30)  # a cut applies at once, hold or not
+        await ledger.set_prices(_prices(t, PriceEntry("m", "EUR", 1_000_000, 4_000_000, 0)))
+        done = await ledger.commit(validation.commit(
+            tenant_id=t, reservation_id=held.reservation_id, usage=Usage(500, 100)))  # fmt: skip
+        assert done.reservation.cost == 900  # 500 * 1 + 100 * 4, at the cut price
+        user = (await ledger.get_balance(AccountKey(t, "u"))).balance.money
+        assert user is not None and (user.held, user.used, user.available) == (0, 900, 4_100)
+        assert (await ledger.get_balance(AccountKey(t, "u"))).currency == "EUR"
+        live = await store.accounts([AccountKey(t), AccountKey(t, "u")])
+        prices = await store.prices(t)
+        await ledger.rebuild(t)
+        assert await store.accounts([AccountKey(t), AccountKey(t, "u")]) == live
+        assert await store.prices(t) == prices and len(prices) == 2
 
     run(body)

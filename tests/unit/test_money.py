@@ -25,7 +25,7 @@ MONEY_MODULES = (
 """Modules that are money through and through: no float in them at all."""
 MONEY_FUNCTIONS = {
     "ledger/domain.py": ("hold_pricing", "cost_at", "_money_room", "_evolve_money",
-                         "_decide_set_prices", "_price_start", "_with_policy", "headroom"),
+                         "_decide_set_prices", "_price_start", "headroom"),
     "ledger/usage.py": ("_cost", "usage_delta"),
     "services/ledger/convert.py": ("set_prices", "price", "balance"),
 }  # fmt: skip
