@@ -361,9 +361,7 @@ def _emit(rows: list[Record], args: argparse.Namespace, groups: list[str], title
         print(json.dumps(rows, indent=2))
         return
     if args.format == "csv":
-        writer = csv.DictWriter(
-            sys.stdout, fieldnames=reports.dimensions(groups) + list(reports.ROW_FIELDS)
-        )
+        writer = csv.DictWriter(sys.stdout, fieldnames=reports.csv_columns(groups))
         writer.writeheader()
         writer.writerows(rows)
         return

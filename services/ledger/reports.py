@@ -119,6 +119,11 @@ def record(row: pb.UsageRow, group_by: Iterable[str]) -> Record:
     return out | {name: getattr(row, name) for name in ROW_FIELDS}
 
 
+def csv_columns(group_by: Iterable[str]) -> list[str]:
+    """Every column of a CSV export, in order: the dimensions, then every field."""
+    return [*dimensions(group_by), *ROW_FIELDS]
+
+
 def table_columns(
     group_by: Iterable[str], wanted: str, fields: Sequence[str] = ROW_FIELDS
 ) -> list[Column]:
