@@ -129,9 +129,9 @@ async def read_request(reader: asyncio.StreamReader) -> Request:
         raise HttpError(400, "Content-Length is not a number") from None
     if not 0 <= length <= body_bytes_max:
         raise HttpError(413, f"the body is over {body_bytes_max} bytes")
-    url = urlsplit(target)
-    if not url.path.startswith("/"):
+    if not target.startswith("/"):  # origin form only: this is no proxy
         raise HttpError(400, "the request target must be a path")
+    url = urlsplit(target)
     body = await reader.readexactly(length)
     return Request(method, url.path, _fields(url.query), headers, body)
 
