@@ -12,7 +12,7 @@ import grpc
 
 from services import run as run_both
 from services.ledger import cli as ledger_cli
-from services.ledger import cli_admin, cli_keys, cli_prices, cli_reports, export_nats
+from services.ledger import cli_admin, cli_keys, cli_prices, cli_reports, export_nats, web
 from services.ledger.config import Settings
 from services.platform.config import ConfigError
 from services.platform.observability import configure_logging
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_reports.add_commands(sub, target)
     cli_keys.add_commands(sub)
     export_nats.add_command(sub)
+    web.add_command(sub)
     args = parser.parse_args(argv)
     if args.command == "context-serve":
         from services.context.server import main as context_main

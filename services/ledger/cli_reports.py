@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import csv
 import json
+import shutil
 import sys
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
+from zoneinfo import ZoneInfo
 
 from google.protobuf import json_format, timestamp_pb2
 from rich.console import Console
@@ -26,7 +29,9 @@ from ledger.postgres.store import PostgresStore
 from ledger.reads import RebuildReport, Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.ledger import reports
 from services.ledger.config import Settings
+from services.ledger.reports import Record
 from services.platform import db
 from services.platform.auth import ClientAuth
 
@@ -38,9 +43,9 @@ DIMENSIONS: dict[str, Dimension] = {
     "day": pb.USAGE_DIMENSION_DAY,
     "hour": pb.USAGE_DIMENSION_HOUR,
 }
-USAGE_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens", "total_tokens",
-                 "reservations", "commits", "rollbacks", "expiries", "late_commits",
-                 "usage_records", "overage_tokens", "adjusted_tokens", "adjustments")  # fmt: skip
+WIDTH_MIN = 40
+OPTIONAL_COLUMNS = ("input_tokens", "output_tokens")
+"""Default columns a narrow table leaves out (and says so) rather than cut ids to nothing."""
 CALL_TIMEOUT_S = 600
 err = Console(stderr=True)
 
@@ -97,6 +102,10 @@ def add_commands(sub: Any, target_default: str) -> None:
     rebuild.add_argument("--json", action="store_true", help="JSON output")
     rebuild.set_defaults(run=cmd_rebuild)
 
+    _add_usage_commands(parser)
+
+
+def _add_usage_commands(parser: Callable[[str, str], argparse.ArgumentParser]) -> None:
     for name, help_text, run in (
         ("usage", "usage totals, grouped", cmd_usage),
         ("top", "the heaviest users or conversations", cmd_top),
@@ -108,6 +117,18 @@ def add_commands(sub: Any, target_default: str) -> None:
         p.add_argument("--model", default="")
         p.add_argument("--tz", default="", help="IANA time zone of --by day (default: UTC)")
         p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        p.add_argument(
+            "--columns",
+            default="",
+            help="the table's columns, comma-separated, or `all` (default: the ones that "
+            "matter; csv and json carry every column)",
+        )
+        p.add_argument(
+            "--width",
+            type=int,
+            default=shutil.get_terminal_size((80, 24)).columns,
+            help="the table's width in characters (default: the terminal's, else 80)",
+        )
         p.set_defaults(run=run)
         if name == "usage":
             p.add_argument("--by", default="", help="comma-separated: " + ",".join(DIMENSIONS))
@@ -325,60 +346,79 @@ def _query(args: argparse.Namespace, dims: list[Dimension]) -> pb.UsageQuery:
     )
 
 
-def _rows(stub: pb_grpc.LedgerServiceStub, query: pb.UsageQuery) -> list[dict[str, Any]]:
-    rows = []
-    for answer in stub.ExportUsage(pb.ExportUsageRequest(query=query), timeout=CALL_TIMEOUT_S):
-        r = answer.row
-        row: dict[str, Any] = {}
-        for dim in query.group_by:
-            if dim in (pb.USAGE_DIMENSION_USER, pb.USAGE_DIMENSION_CONVERSATION):
-                row["user"] = r.user_id
-            if dim == pb.USAGE_DIMENSION_CONVERSATION:
-                row["conversation"] = r.conversation_id
-            if dim == pb.USAGE_DIMENSION_MODEL:
-                row["model"] = r.model
-            if dim in (pb.USAGE_DIMENSION_DAY, pb.USAGE_DIMENSION_HOUR):
-                row["period"] = r.period_start.ToJsonString()
-        rows.append(row | {c: getattr(r, c) for c in USAGE_COLUMNS})
-    return rows
+def _rows(stub: pb_grpc.LedgerServiceStub, query: pb.UsageQuery, groups: list[str]) -> list[Record]:
+    request = pb.ExportUsageRequest(query=query)
+    return [
+        reports.record(answer.row, groups)
+        for answer in stub.ExportUsage(request, timeout=CALL_TIMEOUT_S)
+    ]
 
 
-def _emit(rows: list[dict[str, Any]], fmt: str, title: str) -> None:
-    if fmt == "json":
+def _emit(rows: list[Record], args: argparse.Namespace, groups: list[str], title: str) -> None:
+    """CSV and JSON: every column of every row. A table: the chosen columns, fitted to the
+    terminal (--width), with a totals row."""
+    if args.format == "json":
         print(json.dumps(rows, indent=2))
         return
-    columns = list(rows[0]) if rows else ["total_tokens"]
-    if fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=columns)
+    if args.format == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=reports.csv_columns(groups))
         writer.writeheader()
         writer.writerows(rows)
         return
-    table = Table(*columns, title=title)
-    for row in rows:
-        table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row.values()))
-    Console().print(table)
+    columns = reports.table_columns(groups, args.columns)
+    zone = ZoneInfo(args.tz or "UTC")
+    period = "hour" if "hour" in groups else "day"
+    optional = () if args.columns else OPTIONAL_COLUMNS
+    lines = reports.render_table(
+        rows, columns, width=args.width, zone=zone, period=period, optional=optional
+    )
+    print("\n".join([*textwrap.wrap(title, args.width), *lines]))
 
 
-def _dimensions(names: list[str]) -> list[Dimension]:
-    unknown = [n for n in names if n not in DIMENSIONS]
+def _title(what: str, args: argparse.Namespace, query: pb.UsageQuery) -> str:
+    since, until = query.from_time.ToDatetime(UTC), query.to_time.ToDatetime(UTC)
+    return f"{what} of {args.tenant}: {since:%Y-%m-%d %H:%M} to {until:%Y-%m-%d %H:%M} UTC"
+
+
+def _check(args: argparse.Namespace, groups: list[str]) -> str:
+    """The one-line complaint about the options, or "" when they are usable."""
+    unknown = [n for n in groups if n not in DIMENSIONS]
     if unknown:
-        raise SystemExit(
-            f"tokenledger: unknown --by {', '.join(unknown)}; use {', '.join(DIMENSIONS)}"
-        )
-    return [DIMENSIONS[n] for n in names]
+        return f"unknown --by {', '.join(unknown)}; use {', '.join(DIMENSIONS)}"
+    if args.columns and args.format != "table":
+        return f"--columns chooses a table's columns; --format {args.format} carries them all"
+    if args.width < WIDTH_MIN:
+        return f"--width {args.width} is too narrow; at least {WIDTH_MIN}"
+    if getattr(args, "limit", 1) < 1:
+        return f"--limit {args.limit}: must be at least 1"
+    try:
+        reports.table_columns(groups, args.columns)
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    dims = _dimensions([n for n in args.by.split(",") if n])
+    groups = [n for n in args.by.split(",") if n]
+    if problem := _check(args, groups):
+        print(f"tokenledger usage: {problem}", file=sys.stderr)
+        return 2
+    query = _query(args, [DIMENSIONS[n] for n in groups])
     with _stub(args.target) as stub:
-        rows = _rows(stub, _query(args, dims))
-    _emit(rows, args.format, f"usage of {args.tenant}")
+        rows = _rows(stub, query, groups)
+    by = f" by {','.join(groups)}" if groups else ""
+    _emit(rows, args, groups, _title("usage" + by, args, query))
     return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    groups = [args.by]
+    if problem := _check(args, groups):
+        print(f"tokenledger top: {problem}", file=sys.stderr)
+        return 2
+    query = _query(args, [DIMENSIONS[args.by]])
     with _stub(args.target) as stub:
-        rows = _rows(stub, _query(args, [DIMENSIONS[args.by]]))
+        rows = _rows(stub, query, groups)
     rows.sort(key=lambda r: r["total_tokens"], reverse=True)
-    _emit(rows[: args.limit], args.format, f"top {args.limit} {args.by}s of {args.tenant}")
+    _emit(rows[: args.limit], args, groups, _title(f"top {args.limit} {args.by}s", args, query))
     return 0

@@ -271,20 +271,25 @@ class Authenticator:
         return _principal(row, f"cert:{cn}")
 
     async def _by_api_key(self, context: Context) -> Principal:
-        token = _bearer(context)
-        parsed = parse_token(token)
-        if parsed is None:
-            raise Unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
-        key_id, secret = parsed
-        row = await self.keys.by_key_id(key_id)
-        # Unknown id and wrong secret read the same; the hash comparison takes constant time.
-        if row is None or row["secret_sha256"] is None:
-            raise Unauthenticated("invalid API key")
-        if not hmac.compare_digest(bytes(row["secret_sha256"]), secret_hash(secret)):
-            raise Unauthenticated("invalid API key")
-        if row["revoked_at"] is not None:
-            raise Unauthenticated(f"API key {key_id} was revoked")
-        return _principal(row, f"key:{key_id}")
+        return await key_principal(self.keys, _bearer(context))
+
+
+async def key_principal(keys: KeyStore, token: str) -> Principal:
+    """The principal of an API key (`tlk_<id>_<secret>`); Unauthenticated when the key is
+    malformed, unknown, wrong or revoked. The gRPC servers and the web page both ask this."""
+    parsed = parse_token(token)
+    if parsed is None:
+        raise Unauthenticated("malformed API key: expected tlk_<key id>_<secret>")
+    key_id, secret = parsed
+    row = await keys.by_key_id(key_id)
+    # Unknown id and wrong secret read the same; the hash comparison takes constant time.
+    if row is None or row["secret_sha256"] is None:
+        raise Unauthenticated("invalid API key")
+    if not hmac.compare_digest(bytes(row["secret_sha256"]), secret_hash(secret)):
+        raise Unauthenticated("invalid API key")
+    if row["revoked_at"] is not None:
+        raise Unauthenticated(f"API key {key_id} was revoked")
+    return _principal(row, f"key:{key_id}")
 
 
 def _bearer(context: Context) -> str:

@@ -10,18 +10,28 @@ import subprocess
 from datetime import UTC, datetime
 
 import psycopg
+import pytest
 
-from tests.support import TOKENLEDGER, ServerThread
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.ledger import reports
+from tests.support import TOKENLEDGER, ServerThread, new_id
 
 
-def run(ledger: ServerThread, *args: str) -> subprocess.CompletedProcess[str]:
+def run(ledger: ServerThread, *args: str, columns: int = 250) -> subprocess.CompletedProcess[str]:
+    """`tokenledger …` in a terminal `columns` wide (COLUMNS, as a shell exports it)."""
     return subprocess.run(
         [str(TOKENLEDGER), *args, "--target", ledger.target],
         capture_output=True,
         text=True,
         timeout=60,
-        env=os.environ | {"COLUMNS": "250"},  # a wide terminal: rich wraps tables to fit
+        env=os.environ | {"COLUMNS": str(columns)},
     )
+
+
+def _header(lines: list[str]) -> int:
+    """Where a table's header is: above its first rule (the title above may wrap)."""
+    return next(i for i, line in enumerate(lines) if line.startswith("---")) - 1
 
 
 def test_audit_verify_exits_zero_when_clean_and_non_zero_on_tampering(
@@ -66,10 +76,11 @@ def test_usage_and_top(ledger: ServerThread, history: str) -> None:
         run(ledger, "top", "--tenant", history, "--limit", "1", "--format", "json").stdout
     )
     assert [(t["user"], t["total_tokens"]) for t in top] == [("ann", 352)]
-    table = run(ledger, "usage", "--tenant", history, "--by", "day")
-    assert table.returncode == 0 and "total_tokens" in table.stdout and "368" in table.stdout
+    table = run(ledger, "usage", "--tenant", history, "--by", "day").stdout.splitlines()
+    assert table[_header(table)].split() == ["day", "input", "output", "total"]
+    assert table[-1].split()[0] == "total" and table[-1].split()[-1] == "368"
     bad = run(ledger, "usage", "--tenant", history, "--by", "week")
-    assert bad.returncode != 0 and "unknown --by week" in bad.stderr
+    assert bad.returncode == 2 and "unknown --by week" in bad.stderr
     refused = run(ledger, "usage", "--tenant", "bad tenant")
     assert refused.returncode == 2 and "INVALID_ARGUMENT" in refused.stderr
     tokyo = json.loads(
@@ -104,3 +115,66 @@ def test_audit_rebuild_repairs_edited_projections(history: str, database_url: st
             (history,),
         ).fetchone()
     assert row == (352,)
+
+
+@pytest.fixture
+def big_tenant(stub: pb_grpc.LedgerServiceStub) -> str:
+    """A tenant with the ids real ones have (long emails, ticket ids, dated model names) and
+    millions of tokens."""
+    tenant = new_id("t")
+    for i in range(6):
+        stub.RecordUsage(pb.RecordUsageRequest(
+            idempotency_key=new_id("u"), tenant_id=tenant,
+            user_id=f"support-agent-{i:04d}@eu-west.customer-success.example.com",
+            conversation_id=f"ticket-2026-12-06-{i:06d}-escalation-thread",
+            model=("gpt-4o-2024-08-06", "claude-3-5-sonnet-20241022")[i % 2],
+            usage=pb.Usage(input_tokens=9_876_543 * (i + 1), output_tokens=123_456 * (i + 1),
+                           cached_input_tokens=1_000 * i),
+        ))  # fmt: skip
+    return tenant
+
+
+def test_tables_fit_80_columns_and_total_what_json_says(
+    ledger: ServerThread, big_tenant: str
+) -> None:
+    """The default table of `usage` and `top` fits an 80-column terminal with long ids and
+    big numbers: ids shortened in the middle, every number whole, a totals row of the sums."""
+    by = ("--by", "day,conversation,model")
+    rows = json.loads(run(ledger, "usage", "--tenant", big_tenant, *by, "--format", "json").stdout)
+    for args in (("usage", *by), ("top", "--by", "conversation")):
+        out = run(ledger, *args, "--tenant", big_tenant, columns=80)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80, out.stdout
+        head = _header(lines)
+        assert lines[head].split()[-3:] == ["input", "output", "total"]
+        body = lines[head + 2 : -2]
+        assert len(body) == 6 and all("…" in line for line in body)  # ids, shortened
+        for r in rows:
+            assert any(line.endswith(f" {r['total_tokens']:,}") for line in body)
+        sums = [sum(r[c] for r in rows) for c in ("input_tokens", "output_tokens", "total_tokens")]
+        assert lines[-1].split() == ["total", *(f"{n:,}" for n in sums)]
+
+
+def test_columns_option_and_every_column_in_csv(ledger: ServerThread, big_tenant: str) -> None:
+    """--columns picks a table's columns (`all`: every one, wider than 80 if need be); an
+    unknown one is a one-line error, exit 2; CSV always carries every column."""
+    usage = ("usage", "--tenant", big_tenant, "--by", "user")
+    chosen = run(ledger, *usage, "--columns", "user,commits,usage_records", columns=80)
+    lines = chosen.stdout.splitlines()
+    assert lines[_header(lines)].split() == ["user", "commits", "records"]
+    assert chosen.stdout.splitlines()[-1].split() == ["total", "0", "6"]
+    every = run(ledger, *usage, "--columns", "all").stdout.splitlines()
+    assert (
+        every[_header(every)].split()[:3] == ["account", "input", "output"]
+        and "adjustments" in every[1]
+    )
+    bad = run(ledger, *usage, "--columns", "total_tokens,cost_dollars")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "unknown column 'cost_dollars'" in bad.stderr
+    mixed = run(ledger, *usage, "--columns", "user", "--format", "csv")
+    assert mixed.returncode == 2 and "--format csv carries them all" in mixed.stderr
+    as_csv = run(ledger, *usage, "--format", "csv").stdout
+    header = next(csv.reader(io.StringIO(as_csv)))
+    assert header == ["user", *reports.ROW_FIELDS] and len(header) >= 14
+    assert run(ledger, "top", "--tenant", big_tenant, "--limit", "0").returncode == 2
