@@ -456,7 +456,8 @@ async def _account_write(work: Batch, cmd: AccountWrite) -> Account | RateLimit:
     stored = work.stored_response(cmd.idempotency_key, operation, request)
     if stored is None:
         await work.expire_overdue()
-        work.apply(decide(work.snapshot(cmd.key), cmd, work.context()))
+        model = cmd.model if isinstance(cmd, RecordUsage) else ""  # priced at the usage's model
+        work.apply(decide(work.snapshot(cmd.key, model=model), cmd, work.context()))
         if isinstance(cmd, SetRateLimit):
             rl = work.rate_limits[RateLimitKey(cmd.key, cmd.model)]
             stored = {"rate_limit": [rl.tokens_per_minute, rl.requests_per_minute]}

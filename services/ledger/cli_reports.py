@@ -349,7 +349,7 @@ def _query(args: argparse.Namespace, dims: list[Dimension]) -> pb.UsageQuery:
 def _rows(stub: pb_grpc.LedgerServiceStub, query: pb.UsageQuery, groups: list[str]) -> list[Record]:
     request = pb.ExportUsageRequest(query=query)
     return [
-        reports.record(answer.row, groups)
+        reports.record(answer.row, groups, answer.currency)
         for answer in stub.ExportUsage(request, timeout=CALL_TIMEOUT_S)
     ]
 

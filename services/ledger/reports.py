@@ -8,8 +8,7 @@ with every digit; the table shows the columns that matter and shortens only text
 
 Money is integer micro-units of the tenant's currency (DESIGN §2): it is formatted with int
 and Decimal arithmetic, never float. The cost columns (`cost_micros`, `unpriced_tokens`,
-`currency`) are ordinary columns of the catalogue; they are in a row as soon as the API's
-UsageRow declares them (`ROW_FIELDS`).
+`adjusted_micros`, and the tenant's `currency` from the response) are ordinary columns.
 """
 
 from __future__ import annotations
@@ -86,6 +85,7 @@ _FIELDS = (
     Column("overage_tokens", "overage", "count"),
     Column("adjusted_tokens", "adjusted", "count"),
     Column("adjustments", "adjustments", "count"),
+    Column("adjusted_micros", "adjusted cost", "money"),
 )
 ACCOUNT = Column("account", "account", "text")
 """A table's user/conversation in one column: what a reader calls the account."""
@@ -93,7 +93,9 @@ CATALOG = {c.name: c for c in (*_DIMENSIONS, ACCOUNT, *_FIELDS)}
 
 _DECLARED = pb.UsageRow.DESCRIPTOR.fields_by_name
 ROW_FIELDS = tuple(c.name for c in _FIELDS if c.name in _DECLARED)
-"""The catalogue's fields the API's UsageRow declares: the cost columns join once it does."""
+"""The catalogue's fields the API's UsageRow declares."""
+FIELDS = (*ROW_FIELDS, "currency")
+"""A record's fields: its row's, and the tenant's currency, which the response carries."""
 TABLE_FIELDS = ("input_tokens", "output_tokens", "total_tokens", "cost_micros")
 """What a table shows of the fields unless `--columns` says otherwise."""
 
@@ -107,8 +109,8 @@ def dimensions(group_by: Iterable[str]) -> list[str]:
     return names + (["model"] if "model" in groups else [])
 
 
-def record(row: pb.UsageRow, group_by: Iterable[str]) -> Record:
-    """The columns of `row` grouped by `group_by`: its dimensions, then ROW_FIELDS."""
+def record(row: pb.UsageRow, group_by: Iterable[str], currency: str = "") -> Record:
+    """The columns of `row` grouped by `group_by`: its dimensions, then FIELDS."""
     values = {
         "period": lambda: row.period_start.ToJsonString(),
         "user": lambda: row.user_id,
@@ -116,16 +118,16 @@ def record(row: pb.UsageRow, group_by: Iterable[str]) -> Record:
         "model": lambda: row.model,
     }
     out: Record = {name: values[name]() for name in dimensions(group_by)}
-    return out | {name: getattr(row, name) for name in ROW_FIELDS}
+    return out | {name: getattr(row, name) for name in ROW_FIELDS} | {"currency": currency}
 
 
 def csv_columns(group_by: Iterable[str]) -> list[str]:
     """Every column of a CSV export, in order: the dimensions, then every field."""
-    return [*dimensions(group_by), *ROW_FIELDS]
+    return [*dimensions(group_by), *FIELDS]
 
 
 def table_columns(
-    group_by: Iterable[str], wanted: str, fields: Sequence[str] = ROW_FIELDS
+    group_by: Iterable[str], wanted: str, fields: Sequence[str] = FIELDS
 ) -> list[Column]:
     """A table's columns: `wanted` ("" for the default, "all", or comma-separated names) of
     the report's dimensions and `fields`, with `account` standing for user and conversation.
@@ -157,8 +159,9 @@ def account_of(rec: Mapping[str, Any]) -> str:
 def cost_cell(rec: Mapping[str, Any]) -> str:
     """The cost, short; `*` when part of the tokens had no price (never a silent 0)."""
     micros, currency = int(rec.get("cost_micros", 0)), str(rec.get("currency", ""))
-    text = money_short(micros, currency) if micros or currency else "-"
-    return text + ("*" if rec.get("unpriced_tokens", 0) else "")
+    unpriced = int(rec.get("unpriced_tokens", 0))
+    text = money_short(micros, currency) if micros or (currency and not unpriced) else "-"
+    return text + ("*" if unpriced else "")
 
 
 def cell(column: Column, rec: Mapping[str, Any], zone: ZoneInfo, period: str) -> str:

@@ -40,6 +40,7 @@ from ledger import errors, limits, validation
 from ledger.application import utc_now
 from ledger.postgres.audit import LedgerAudit
 from ledger.postgres.errors import translated
+from ledger.postgres.store import PostgresStore
 from ledger.reads import GROUP_NAMES, UsageQuery
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.ledger import convert, reports
@@ -205,13 +206,12 @@ def _cell(column: Column, rec: Record, zone: ZoneInfo) -> Cell:
     text = reports.cell(column, rec, zone, "day")
     full = text
     if column.kind == "money":
-        full = reports.money_exact(int(rec.get("cost_micros", 0)), str(rec.get("currency", "")))
+        full = reports.money_exact(int(rec.get(column.name, 0)), str(rec.get("currency", "")))
     return Cell(reports.shorten(text, 48), full, column.kind in ("count", "money"))
 
 
 def _table(title: str, records: list[Record], first: Column, zone: ZoneInfo) -> Table:
-    fields = [reports.CATALOG[n] for n in reports.TABLE_FIELDS if n in reports.ROW_FIELDS]
-    columns = [first, *fields]
+    columns = [first, *(reports.CATALOG[n] for n in reports.TABLE_FIELDS)]
     return Table(
         title,
         [(c.header, c.kind in ("count", "money")) for c in columns],
@@ -362,10 +362,11 @@ class WebApp:
     # --- reading ---------------------------------------------------------------------------
 
     async def _records(self, query: UsageQuery) -> AsyncIterator[Record]:
+        currency = await PostgresStore(self._pool).currency(query.tenant_id)
         rows = self._audit.export_usage(query)
         async with aclosing(rows):
             async for row in rows:
-                yield reports.record(convert.usage_row(row), query.group_by)
+                yield reports.record(convert.usage_row(row), query.group_by, currency)
 
     async def _csv_chunks(self, query: UsageQuery, groups: list[str]) -> AsyncIterator[bytes]:
         out = io.StringIO()
@@ -400,11 +401,12 @@ class WebApp:
         zone = ZoneInfo(span.tz)
         days = [r async for r in self._records(span.query(["day"]))]
         by_day = {reports.cell(reports.CATALOG["period"], r, zone, "day"): r for r in days}
-        charts = [("Tokens by day", _day_chart(span, by_day, "total_tokens", "{:,}".format))]
-        if "cost_micros" in reports.ROW_FIELDS:
-            currency = str(reports.totals(days).get("currency", ""))
-            money = functools.partial(reports.money_short, currency=currency)
-            charts.append(("Cost by day", _day_chart(span, by_day, "cost_micros", money)))
+        currency = str(reports.totals(days).get("currency", ""))
+        money = functools.partial(reports.money_short, currency=currency)
+        charts = [
+            ("Tokens by day", _day_chart(span, by_day, "total_tokens", "{:,}".format)),
+            ("Cost by day", _day_chart(span, by_day, "cost_micros", money)),
+        ]
         models = [r async for r in self._records(span.query(["model"]))]
         models.sort(key=lambda r: int(r["total_tokens"]), reverse=True)
         tables = [
@@ -431,8 +433,8 @@ def _day_chart(
 
 def _summary(days: list[Record], zone: ZoneInfo) -> list[tuple[str, str]]:
     total = reports.totals(days)
-    names = ["total_tokens", "input_tokens", "output_tokens", "cached_input_tokens"]
-    names += [n for n in ("cost_micros", "unpriced_tokens") if n in reports.ROW_FIELDS]
+    names = ["total_tokens", "input_tokens", "output_tokens", "cached_input_tokens",
+             "cost_micros", "unpriced_tokens"]  # fmt: skip
     cells = [(reports.CATALOG[n].header, reports.cell(reports.CATALOG[n], total, zone, "day"))
              for n in names]  # fmt: skip
     return [*cells, ("days with usage", str(len(days)))]

@@ -77,8 +77,10 @@ def test_usage_and_top(ledger: ServerThread, history: str) -> None:
     )
     assert [(t["user"], t["total_tokens"]) for t in top] == [("ann", 352)]
     table = run(ledger, "usage", "--tenant", history, "--by", "day").stdout.splitlines()
-    assert table[_header(table)].split() == ["day", "input", "output", "total"]
-    assert table[-1].split()[0] == "total" and table[-1].split()[-1] == "368"
+    assert table[_header(table)].split() == ["day", "input", "output", "total", "cost"]
+    # The history's models have no price: no cost, flagged, never a silent 0.
+    assert table[-1] == "* 368 tokens were used on models with no price: they are not in the cost"
+    assert table[-2].split()[0] == "total" and table[-2].split()[-2:] == ["368", "-*"]
     bad = run(ledger, "usage", "--tenant", history, "--by", "week")
     assert bad.returncode == 2 and "unknown --by week" in bad.stderr
     refused = run(ledger, "usage", "--tenant", "bad tenant")
@@ -120,8 +122,16 @@ def test_audit_rebuild_repairs_edited_projections(history: str, database_url: st
 @pytest.fixture
 def big_tenant(stub: pb_grpc.LedgerServiceStub) -> str:
     """A tenant with the ids real ones have (long emails, ticket ids, dated model names) and
-    millions of tokens."""
+    millions of tokens, on two priced models."""
     tenant = new_id("t")
+    prices = [pb.Price(model="gpt-4o-2024-08-06", currency="USD", input_micros_per_mtok=2_500_000,
+                       output_micros_per_mtok=10_000_000, cached_input_micros_per_mtok=1_250_000),
+              pb.Price(model="claude-3-5-sonnet-20241022", currency="USD",
+                       input_micros_per_mtok=3_000_000, output_micros_per_mtok=15_000_000,
+                       cached_input_micros_per_mtok=300_000)]  # fmt: skip
+    stub.SetPrices(
+        pb.SetPricesRequest(idempotency_key=new_id("p"), tenant_id=tenant, prices=prices)
+    )
     for i in range(6):
         stub.RecordUsage(pb.RecordUsageRequest(
             idempotency_key=new_id("u"), tenant_id=tenant,
@@ -147,13 +157,21 @@ def test_tables_fit_80_columns_and_total_what_json_says(
         lines = out.stdout.splitlines()
         assert max(len(line) for line in lines) <= 80, out.stdout
         head = _header(lines)
-        assert lines[head].split()[-3:] == ["input", "output", "total"]
+        header = lines[head].split()
+        assert header[-3:] == ["output", "total", "cost"]
+        if "input" not in header:  # ids, a model and tens of millions leave it no room
+            assert lines.pop() == (
+                "input_tokens left out to fit 80 columns; --columns all shows them"
+            )
         body = lines[head + 2 : -2]
         assert len(body) == 6 and all("…" in line for line in body)  # ids, shortened
         for r in rows:
-            assert any(line.endswith(f" {r['total_tokens']:,}") for line in body)
-        sums = [sum(r[c] for r in rows) for c in ("input_tokens", "output_tokens", "total_tokens")]
-        assert lines[-1].split() == ["total", *(f"{n:,}" for n in sums)]
+            cost = reports.money_short(r["cost_micros"], "USD")
+            assert any(line.split()[-2:] == [f"{r['total_tokens']:,}", cost] for line in body)
+        shown = [c for c in ("input", "output", "total") if c in header]
+        sums = [sum(r[f"{c}_tokens"] for r in rows) for c in shown]
+        cost = reports.money_short(sum(r["cost_micros"] for r in rows), "USD")
+        assert lines[-1].split() == ["total", *(f"{n:,}" for n in sums), cost]
 
 
 def test_columns_option_and_every_column_in_csv(ledger: ServerThread, big_tenant: str) -> None:
@@ -163,7 +181,7 @@ def test_columns_option_and_every_column_in_csv(ledger: ServerThread, big_tenant
     chosen = run(ledger, *usage, "--columns", "user,commits,usage_records", columns=80)
     lines = chosen.stdout.splitlines()
     assert lines[_header(lines)].split() == ["user", "commits", "records"]
-    assert chosen.stdout.splitlines()[-1].split() == ["total", "0", "6"]
+    assert lines[-1].split() == ["total", "0", "6"]
     every = run(ledger, *usage, "--columns", "all").stdout.splitlines()
     assert (
         every[_header(every)].split()[:3] == ["account", "input", "output"]
@@ -176,5 +194,5 @@ def test_columns_option_and_every_column_in_csv(ledger: ServerThread, big_tenant
     assert mixed.returncode == 2 and "--format csv carries them all" in mixed.stderr
     as_csv = run(ledger, *usage, "--format", "csv").stdout
     header = next(csv.reader(io.StringIO(as_csv)))
-    assert header == ["user", *reports.ROW_FIELDS] and len(header) >= 14
+    assert header == ["user", *reports.FIELDS] and len(header) >= 14
     assert run(ledger, "top", "--tenant", big_tenant, "--limit", "0").returncode == 2

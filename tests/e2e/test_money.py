@@ -107,6 +107,12 @@ def test_costs_follow_the_price_in_force_and_reports_equal_tokens_times_price(
     api.RecordUsage(pb.RecordUsageRequest(idempotency_key=new_id("u"), tenant_id=tenant,
                                           user_id="ann", model="no-price-model",
                                           usage=pb.Usage(input_tokens=77)))  # fmt: skip
+    recorded = api.RecordUsage(pb.RecordUsageRequest(
+        idempotency_key=new_id("u"), tenant_id=tenant, user_id="ann", model="gpt-4o",
+        usage=pb.Usage(output_tokens=333)))  # fmt: skip
+    expected += reference_cost((0, 333, 0), p2)
+    charged.append(reference_cost((0, 333, 0), p2))
+    assert recorded.balance.money.used_total_micros == sum(charged)
     rows = usage_by_model(api, tenant, t0 - timedelta(hours=1))
     assert rows["gpt-4o"].cost_micros == expected and rows["gpt-4o"].unpriced_tokens == 0
     assert rows["no-price-model"].cost_micros == 0 and rows["no-price-model"].unpriced_tokens == 77
@@ -122,7 +128,7 @@ def test_costs_follow_the_price_in_force_and_reports_equal_tokens_times_price(
         e for r in api.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant)) for e in r.events
     ]
     assert [e.event_type for e in events].count("PriceSet") == 2
-    assert sum(1 for e in events if '"cost":' in e.data_json) == 3
+    assert sum(1 for e in events if '"cost":' in e.data_json) == 4
     report = verify_tenant(database_url, tenant)
     assert not report.breaks and not report.differences, report.differences[:5]
 

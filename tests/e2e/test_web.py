@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from ledger.postgres.audit import LedgerAudit
+from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.ledger.web import WebApp
 from services.ledger.web_http import WebServer
 from services.platform import db
@@ -129,12 +130,51 @@ def test_a_reader_sees_its_tenant(web: WebThread, reader: ApiKey, history: str) 
     assert page.headers["Content-Security-Policy"].startswith("default-src 'none'")
     assert len(re.findall(r'<rect class="bar" ', page.body)) == 1
     # ann: 50 + 300 input, 1 + 1 output; bob: 10 input, 1 output, 5 cached input
-    assert _table(page.body, "top-users") == [["ann", "350", "2", "352"], ["bob", "10", "1", "16"]]
+    # The history's models have no price: the cost is a flagged dash, never a silent 0.
+    assert _table(page.body, "top-users") == [
+        ["ann", "350", "2", "352", "-*"],
+        ["bob", "10", "1", "16", "-*"],
+    ]
+    assert "368 tokens were used on models with no price" in page.body
     assert [row[0] for row in _table(page.body, "by-model")] == ["llama-3", "gpt-4o"]
     conversations = _table(page.body, "top-conversations")
     assert [row[0] for row in conversations] == ["ann/c2", "ann/c1", "bob/c9", "bob"]
     assert "<strong>368</strong>" in page.body  # the tenant's total tokens
     assert f"tenant={history}" in page.body  # the CSV link
+
+
+def test_cost_on_the_page_is_tokens_times_the_price_in_force(
+    web: WebThread, ledger: ServerThread, database_url: str
+) -> None:
+    """A priced tenant: each user's cost is its tokens times the price, to the cent shown."""
+    tenant = new_id("t")
+    key = create_key(database_url, tenant, "reader")
+    with ledger.stub() as stub:
+        stub.SetPrices(
+            pb.SetPricesRequest(
+                idempotency_key=new_id("p"),
+                tenant_id=tenant,
+                prices=[
+                    pb.Price(
+                        model="gpt-4o",
+                        currency="EUR",
+                        input_micros_per_mtok=2_500_000,
+                        output_micros_per_mtok=10_000_000,
+                        cached_input_micros_per_mtok=0,
+                    )
+                ],
+            )
+        )
+        for user, inp, out in (("ann", 1_000_000, 200_000), ("bob", 40_000, 3_000)):
+            stub.RecordUsage(pb.RecordUsageRequest(
+                idempotency_key=new_id("u"), tenant_id=tenant, user_id=user, model="gpt-4o",
+                usage=pb.Usage(input_tokens=inp, output_tokens=out)))  # fmt: skip
+    page = call(web, "/", key=key)
+    assert page.status == 200, page.body
+    # ann: 1M * 2.50 + 0.2M * 10 = 4.50 EUR; bob: 0.04M * 2.50 + 0.003M * 10 = 0.13 EUR
+    users = _table(page.body, "top-users")
+    assert [(row[0], row[-1]) for row in users] == [("ann", "€4.50"), ("bob", "€0.13")]
+    assert "Cost by day" in page.body and "no price" not in page.body
 
 
 def _table(body: str, table_id: str) -> list[list[str]]:

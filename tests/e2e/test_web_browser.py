@@ -50,7 +50,7 @@ def _chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     chromium = _chromium()
     sync_api = pytest.importorskip(
@@ -72,6 +72,15 @@ def tenants(database_url: str) -> tuple[str, str]:
     server = ServerThread(database_url, clock=clock, sweep_interval_s=3600).start()
     try:
         with server.stub() as stub:
+            clock.now = today - timedelta(days=max(DAYS_WITH_USAGE))
+            gpt_4o = pb.Price(
+                model="gpt-4o",
+                currency="USD",
+                input_micros_per_mtok=2_500_000,
+                output_micros_per_mtok=10_000_000,
+            )  # llama-3 stays unpriced
+            stub.SetPrices(pb.SetPricesRequest(idempotency_key=new_id("p"), tenant_id=first,
+                                               prices=[gpt_4o]))  # fmt: skip
             for n, back in enumerate(DAYS_WITH_USAGE):
                 clock.now = today - timedelta(days=back)
                 for user, scale in (("alice@finance.example", 3), ("bob", 2), ("carol", 1)):
