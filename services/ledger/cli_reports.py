@@ -297,10 +297,23 @@ def _print_event(e: pb.LedgerEvent, as_json: bool) -> None:
     stream = "/".join(p for p in (e.user_id, e.conversation_id) if p) or "(tenant)"
     print(
         f"{e.position:>10} {e.occurred_at.ToJsonString()} {stream:<28} "
-        f"v{e.version:<5} {e.event_type:<22} {e.reservation_id} amount={e.amount} "
-        f"in={e.usage.input_tokens} out={e.usage.output_tokens} "
-        f"cached={e.usage.cached_input_tokens}"
+        f"v{e.version:<5} {e.event_type:<22} {' '.join(_event_facts(e))}"
     )
+
+
+def _event_facts(e: pb.LedgerEvent) -> list[str]:
+    """What this event says, as key=value: its own columns where set, then its data (a
+    QuotaSet's limit and period, a PriceSet's prices, a commit's cost), never a 0 that the
+    event does not hold."""
+    u = e.usage
+    facts = [f"model={e.model}"] if e.model else []
+    facts += [e.reservation_id] if e.reservation_id else []
+    facts += [f"amount={e.amount}"] if e.amount else []
+    if u.input_tokens or u.output_tokens or u.cached_input_tokens:
+        facts.append(f"in={u.input_tokens} out={u.output_tokens} cached={u.cached_input_tokens}")
+    data = json.loads(e.data_json or "{}")
+    return facts + [f"{k}={json.dumps(v) if isinstance(v, dict | list) else v}"
+                    for k, v in data.items()]  # fmt: skip
 
 
 def cmd_balance_at(args: argparse.Namespace) -> int:

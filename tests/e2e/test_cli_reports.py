@@ -60,6 +60,9 @@ def test_audit_replay_and_balance_at(ledger: ServerThread, history: str) -> None
     assert len(events) == 10 and events[0]["eventType"] == "QuotaSet"
     text = run(ledger, "audit", "replay", "--tenant", history, "--user", "bob")
     assert text.stdout.count("\n") == 5 and "ReservationRolledBack" in text.stdout
+    quota = run(ledger, "audit", "replay", "--tenant", history, "--user", "ann").stdout
+    quota_line = next(line for line in quota.splitlines() if " QuotaSet " in line)
+    assert "limit=10000 period=day" in quota_line and "amount=" not in quota_line
     now = datetime.now(UTC).isoformat()
     balance = run(ledger, "audit", "balance-at", "--tenant", history, "--user", "ann", "--at", now)
     assert balance.returncode == 0, balance.stderr
