@@ -157,7 +157,7 @@ def reserve(
     c = Checker()
     if min_amount and min_amount > amount:
         c.fail("min_amount", f"is {min_amount}; must not exceed amount ({amount})")
-    if prompt_tokens > amount:
+    if prompt_tokens > amount >= 0:
         c.fail("prompt_tokens", f"is {prompt_tokens}; must not exceed amount ({amount})")
     cmd = Reserve(
         idempotency_key=_idempotency_key(c, idempotency_key),

@@ -94,6 +94,10 @@ LEDGER_CASES: dict[str, Case] = {
     "AdjustBalance": lambda t, rid: pb.AdjustBalanceRequest(
         idempotency_key=new_id("a"), tenant_id=t, user_id="u", tokens=3, reason="test"
     ),
+    "SetPrices": lambda t, rid: pb.SetPricesRequest(
+        idempotency_key=new_id("p"), tenant_id=t, prices=[pb.Price(model="m", currency="USD")]
+    ),
+    "ListPrices": lambda t, rid: pb.ListPricesRequest(tenant_id=t),
     "RecordUsage": lambda t, rid: pb.RecordUsageRequest(
         idempotency_key=new_id("u"),
         tenant_id=t,
