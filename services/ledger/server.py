@@ -64,6 +64,16 @@ class CheckpointSchedule:
         return self.every_events > 0 or self.every_s > 0
 
 
+async def _end(task: asyncio.Task[None]) -> None:
+    """Cancel a background loop and wait for it. A cancel that lands in a database call can
+    come out as a database error the loop handles (psycopg cancels the query and reports
+    it), and the loop would then sleep its interval (an hour in some deployments) before
+    stopping: so it is cancelled again until it ends."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.1)
+
+
 class LedgerServer:
     """A running ledger server bound to one address; `port` is the one actually bound."""
 
@@ -167,8 +177,7 @@ class LedgerServer:
         (up to `grace_s`; the rest are cancelled), then stop."""
         for task in (self._sweeper, self._held_refresher, self._checkpointer):
             if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await _end(task)
         await self._set_serving(False)
         self.stopping.set()
         if not await self.drain.drain(grace_s):
