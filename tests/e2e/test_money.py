@@ -328,3 +328,25 @@ def test_money_grants_and_corrections_move_the_money_budget(api: Stub) -> None:
         reason="manual charge")).balance.money  # fmt: skip
     assert adjusted.used_micros == 200 and adjusted.available_micros == 1_300
     assert reserve(api, tenant, "ann", 5_000, min_amount=1).amount == 1_300
+
+
+def test_money_soft_limits_warn_and_a_day_quota_resets_at_midnight(api: Stub, clock: Clock) -> None:
+    tenant = new_id("t")
+    set_prices(api, tenant, price("gpt-4o", 1_000_000, 1_000_000, 1_000_000))  # 1 µ a token
+    api.SetQuota(pb.SetQuotaRequest(idempotency_key=new_id("q"), tenant_id=tenant, user_id="ann",
+                                    period=pb.PERIOD_DAY, soft_limit_percent=50,
+                                    money_limit_micros=1_000))  # fmt: skip
+    request = pb.ReserveRequest(idempotency_key=new_id("r"), tenant_id=tenant, user_id="ann",
+                                model="gpt-4o", amount=600)  # fmt: skip
+    warned = api.Reserve(request)
+    assert [(w.account, w.percent_used, w.currency) for w in warned.warnings] == [
+        (f"{tenant}/ann", 60, "USD")
+    ]
+    commit(api, tenant, warned.reservation.reservation_id, 0, 600)
+    assert call_fails(api.Reserve, pb.ReserveRequest(
+        idempotency_key=new_id("r"), tenant_id=tenant, user_id="ann", model="gpt-4o",
+        amount=600)).reason == "BUDGET_EXHAUSTED"  # fmt: skip
+    clock.now = clock.now.replace(hour=0) + timedelta(days=1)  # the next day, UTC
+    money = api.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="ann")).balance.money
+    assert (money.used_micros, money.available_micros, money.used_total_micros) == (0, 1_000, 600)
+    assert reserve(api, tenant, "ann", 600).money_held_micros == 600
