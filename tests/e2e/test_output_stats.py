@@ -18,6 +18,7 @@ import pytest
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from tests.support import Clock, ServerThread, call_fails, new_id
+from tests.support import committed_calls as calls
 
 Stub = pb_grpc.LedgerServiceStub
 MODEL = "gpt-4o"
@@ -34,24 +35,6 @@ def clocked(database_url: str, clock: Clock) -> Iterator[Stub]:
     with server.stub() as stub:
         yield stub
     server.stop()
-
-
-def calls(
-    stub: Stub, tenant: str, user: str, outputs: Sequence[int], model: str = MODEL, **kw: Any
-) -> list[str]:
-    """One reservation per output, each committed with that many output tokens (one batch of
-    reserves, one of commits); returns the reservation ids."""
-    fields = {"user_id": user, "model": model, "amount": 4096} | kw
-    reserves = [pb.ReserveRequest(idempotency_key=new_id("k"), **fields) for _ in outputs]
-    held = stub.ReserveBatch(pb.ReserveBatchRequest(tenant_id=tenant, items=reserves))
-    ids = [r.reserved.reservation.reservation_id for r in held.results]
-    commits = [
-        pb.CommitRequest(reservation_id=rid, usage=pb.Usage(input_tokens=10, output_tokens=out))
-        for rid, out in zip(ids, outputs, strict=True)
-    ]
-    done = stub.CommitBatch(pb.CommitBatchRequest(tenant_id=tenant, items=commits))
-    assert all(r.HasField("committed") for r in done.results)
-    return ids
 
 
 def percentile_disc(values: Sequence[int], fraction: float) -> int:
