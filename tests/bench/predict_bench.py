@@ -29,7 +29,7 @@ import random
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from tests.bench.context_bench import context_process
-from tests.bench.harness import bench_database, ledger_process
+from tests.bench.harness import Latencies, bench_database, ledger_process
 
 MODEL = "gpt-4o"
 MAX_TOKENS = 4096
@@ -101,6 +101,7 @@ class Tally:
     over_hold: int = 0
     overage: int = 0
     scopes: dict[str, int] | None = None
+    latency: Latencies = field(default_factory=Latencies)
 
 
 class Replay:
@@ -121,7 +122,10 @@ class Replay:
 
     def run(self, calls: list[Call], tally: Tally | None = None) -> None:
         for call in calls:
+            started = time.perf_counter()
             reply = self.prepare(call)
+            if tally is not None:
+                tally.latency.add(started)
             output = min(call.output, reply.max_tokens)  # a model stops at max_tokens
             usage = pb.Usage(input_tokens=reply.breakdown.prompt_total, output_tokens=output)
             done = self.ledger.Commit(pb.CommitRequest(
@@ -169,6 +173,21 @@ class Replay:
         return {"calls": len(placed), "held": held, "budget": budget}
 
 
+def cached_latency(ctx: Any, ledger: Any, replay: Replay, calls: list[Call]) -> dict[str, float]:
+    """PrepareContext p50 in both modes, interleaved call by call (outside load falls on both
+    alike), on a service keeping the figures for the default 5 s; each hold rolled back."""
+    lats = {mode: Latencies() for mode in MODES}
+    for call in calls:
+        for mode in MODES:
+            replay.mode = mode
+            started = time.perf_counter()
+            reply = replay.prepare(call)
+            lats[mode].add(started)
+            ended = pb.RollbackRequest(tenant_id=replay.tenant, reservation_id=reply.reservation_id)
+            ledger.Rollback(ended)
+    return {mode: lat.pct_ms(50) for mode, lat in lats.items()}
+
+
 def what_if(p95s: list[tuple[int, int, int]]) -> dict[str, dict[str, float]]:
     """Output held ÷ used and the share of replies over their hold, recomputed for other
     margins from the same figures (the figures do not depend on the margin: usage is recorded
@@ -200,7 +219,18 @@ def summary(t: Tally) -> dict[str, Any]:
         "overage_tokens": t.overage,
         "overage_over_used": round(t.overage / t.used, 4),
         "scopes": t.scopes or {},
+        "prepare_p50_ms": t.latency.pct_ms(50),
     }
+
+
+def replay_mode(
+    replay: Replay, warm: list[Call], measured: list[Call], budget_calls: list[Call], budget: int
+) -> dict[str, Any]:
+    """The warm-up, then the measured calls counted, then the fit of a budget."""
+    replay.run(warm)
+    tally = Tally()
+    replay.run(measured, tally)
+    return summary(tally) | {"fit": replay.fit_budget(budget_calls, budget)}
 
 
 def main() -> None:
@@ -229,13 +259,15 @@ def main() -> None:
             ctx, ledger = cpb_grpc.ContextServiceStub(cch), pb_grpc.LedgerServiceStub(lch)
             for mode in MODES:
                 replay = Replay(ctx, ledger, chats, mode)
-                replay.run(warm)
-                tally = Tally()
-                replay.run(measured, tally)
-                report[mode] = summary(tally)
-                report[mode]["fit"] = replay.fit_budget(budget_calls, args.budget)
-                if mode == "predicted":
-                    report["margins"] = what_if(replay.p95s)
+                report[mode] = replay_mode(replay, warm, measured, budget_calls, args.budget)
+            report["margins"] = what_if(replay.p95s)  # the predicted replay's figures
+            with (
+                context_process(ledger_target, log, url) as cached_target,
+                grpc.insecure_channel(cached_target) as cached,
+            ):
+                ctx = cpb_grpc.ContextServiceStub(cached)
+                replay.ctx = ctx
+                report["cached_p50_ms"] = cached_latency(ctx, ledger, replay, measured[:300])
     report["load_after"] = os.getloadavg()
     report["seconds"] = round(time.monotonic() - started)
     report["traffic"] = {"users": args.users, "warmup_calls": len(warm),
@@ -255,8 +287,12 @@ def _print(r: dict[str, Any]) -> None:
         print(f"  {mode:10}: output held/used {s['output_held_over_used']}, all held/used "
               f"{s['held_over_used']}, replies over their hold {s['over_hold_share']:.1%}, "
               f"overage {s['overage_tokens']:,} tokens ({s['overage_over_used']:.2%} of used); "
-              f"{fit['calls']} calls in flight fit {fit['budget']:,} tokens"
+              f"{fit['calls']} calls in flight fit {fit['budget']:,} tokens; PrepareContext "
+              f"p50 {s['prepare_p50_ms']} ms"
               + (f"; figures from {s['scopes']}" if s["scopes"] else ""))  # fmt: skip
+    c = r["cached_p50_ms"]
+    print(f"  PrepareContext p50 with the figures kept 5 s (the default), interleaved: "
+          f"max_tokens {c['max_tokens']} ms, predicted {c['predicted']} ms")  # fmt: skip
     for margin, m in r["margins"].items():
         print(f"  margin {margin:>4}: output held/used {m['output_held_over_used']}, "
               f"replies over their hold {m['over_hold_share']:.1%}")  # fmt: skip
