@@ -7,7 +7,8 @@ loop between them:
    find the mandatory part (system, pinned and input
    messages with their tool pairs); plan one Reserve: amount = the prompt capped by the window
    + max_output_tokens, floor = the mandatory part + min_output_tokens (WindowTooSmall when
-   even the floor exceeds the window: nothing is reserved);
+   even the floor exceeds the window: nothing is reserved); `Plan.with_hold` then holds a
+   predicted output instead, the prompt's room unchanged;
 2. the Reserve (loop); `Plan.split` turns the grant into a prompt budget and an output reserve;
 3. `fit_budget` (thread): fit the conversation to the budget with the strategy; with a
    summarizer that does I/O, a SUMMARIZE fit stops where its summary is needed;

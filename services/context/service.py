@@ -8,7 +8,10 @@ PrepareContext in two kinds of phases, never a thread waiting on the loop:
 2. plan (thread): count, find the mandatory part, plan one Reserve. If even its floor exceeds
    the window, fail before reserving (FAILED_PRECONDITION, CONTEXT_DOES_NOT_FIT, the shortfall
    named);
-3. reserve (loop): the grant is the budget: output reserve = min(max_output, grant -
+   With OUTPUT_HOLD_PREDICTED, the ledger's output figures are read (loop, usually from
+   output_hold.py's cache) meanwhile, and the plan holds their p95 plus a margin for the reply
+   instead of max_output (the window still keeps max_output for it);
+3. reserve (loop): the grant is the budget: output reserve = min(the output hold, grant -
    mandatory), prompt budget = grant - output reserve;
 4. fit (thread) the conversation to the budget with the strategy. With a summarizer endpoint, a
    SUMMARIZE fit stops where its summary is needed; then (loop) the endpoint's tokens are
