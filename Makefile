@@ -75,6 +75,7 @@ bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.checkpoint_bench
 	$(BIN)/python -m tests.bench.policy_bench
 	$(BIN)/python -m tests.bench.context_bench
+	$(BIN)/python -m tests.bench.predict_bench
 	$(BIN)/python -m tests.bench.keys_bench
 	$(BIN)/python -m tests.bench.batch_bench
 	$(BIN)/python -m tests.bench.gateway_bench

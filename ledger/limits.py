@@ -61,3 +61,14 @@ prices_per_call_max = 1_000
 """Prices one SetPrices call sets (a price table of thousands of models takes a few calls)."""
 price_schedule_days_max = 366
 """How far ahead a price may be set to take effect."""
+
+output_stats_window_hours_default = 7 * 24
+"""GetOutputStats looks this far back unless asked otherwise: a week covers weekday and
+weekend traffic, and is recent enough to follow a changed prompt or model."""
+output_stats_window_hours_max = 90 * 24
+output_stats_samples_max = 1_000
+"""The most recent calls a statistic is taken over: bounds the query (an index-only scan of
+at most this many entries) and keeps old traffic from outweighing new."""
+output_stats_min_samples_default = 20
+"""Below this many calls, a user's figures are not trusted and the tenant's are used (and
+below it for the tenant too, none): with 20, the p95 is the 19th of 20 observations."""

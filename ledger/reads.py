@@ -34,6 +34,34 @@ class UsageQuery:
     time_zone: str = "UTC"  # of DAY groups
 
 
+@dataclass(frozen=True)
+class OutputStatsQuery:
+    """Output tokens of recent calls of a model: the user's, or the tenant's when the user
+    has fewer than `min_samples` (an empty user_id asks for the tenant's directly)."""
+
+    tenant_id: str
+    user_id: str
+    model: str
+    window_hours: int
+    min_samples: int
+
+
+OUTPUT_STATS_SCOPES = ("user", "tenant", "none")
+"""Whose calls the figures are of; "none": not even the tenant had min_samples (the figures
+are the tenant's few, for what they are worth)."""
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    scope: str  # of OUTPUT_STATS_SCOPES
+    samples: int
+    p50: int
+    p95: int
+    max: int
+    user_samples: int
+    """The user's own calls in the window (also when the tenant's figures were used)."""
+
+
 GROUP_NAMES = ("user", "conversation", "model", "day", "hour")
 """What usage can be grouped by."""
 

@@ -33,7 +33,7 @@ from ledger.model import (
     rolling_window_hours_max,
     zone,
 )
-from ledger.reads import GROUP_NAMES, Scope, UsageQuery
+from ledger.reads import GROUP_NAMES, OutputStatsQuery, Scope, UsageQuery
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
 MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]*")
@@ -625,3 +625,23 @@ def price_list(*, tenant_id: str, model: str) -> tuple[str, str]:
     c.text("model", model, chars_max=limits.model_chars_max, pattern=MODEL_PATTERN, required=False)
     c.done()
     return tenant_id, model
+
+
+def output_stats(
+    *, tenant_id: str, user_id: str, model: str, window_hours: int, min_samples: int
+) -> OutputStatsQuery:
+    """A GetOutputStats query; 0 takes the default window and minimum."""
+    c = Checker()
+    key = account_key(c, tenant_id, user_id, "", user=False)
+    _model(c, model)
+    window = c.number("window_hours", window_hours, low=0,
+                      high=limits.output_stats_window_hours_max)  # fmt: skip
+    least = c.number("min_samples", min_samples, low=0, high=limits.output_stats_samples_max)
+    c.done()
+    return OutputStatsQuery(
+        key.tenant_id,
+        key.user_id,
+        model,
+        window or limits.output_stats_window_hours_default,
+        least or limits.output_stats_min_samples_default,
+    )

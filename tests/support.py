@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -457,3 +457,26 @@ def register_cert(url: str, cn: str, tenant: str, *roles: str) -> str:
             (key.key_id, tenant, list(roles), f"cert {cn}", cn),
         )
     return key.key_id
+
+
+def committed_calls(
+    stub: pb_grpc.LedgerServiceStub,
+    tenant: str,
+    user: str,
+    outputs: Sequence[int],
+    model: str = "gpt-4o",
+    **fields: Any,
+) -> list[str]:
+    """One hold of 4,096 tokens per output, each committed with 10 input and that many output
+    tokens (a batch of reserves, then one of commits); returns the reservation ids."""
+    asked = {"user_id": user, "model": model, "amount": 4096} | fields
+    reserves = [pb.ReserveRequest(idempotency_key=new_id("k"), **asked) for _ in outputs]
+    held = stub.ReserveBatch(pb.ReserveBatchRequest(tenant_id=tenant, items=reserves))
+    ids = [r.reserved.reservation.reservation_id for r in held.results]
+    commits = [
+        pb.CommitRequest(reservation_id=rid, usage=pb.Usage(input_tokens=10, output_tokens=out))
+        for rid, out in zip(ids, outputs, strict=True)
+    ]
+    done = stub.CommitBatch(pb.CommitBatchRequest(tenant_id=tenant, items=commits))
+    assert all(r.HasField("committed") for r in done.results), done
+    return ids

@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing import get_context
 from typing import Any, TypeVar
 
@@ -23,7 +23,15 @@ from ledger.postgres import checkpoints, notify, verify
 from ledger.postgres.errors import translated
 from ledger.postgres.rows import logged_event, scope_where
 from ledger.postgres.verify import Part
-from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
+from ledger.reads import (
+    LoggedEvent,
+    OutputStats,
+    OutputStatsQuery,
+    Scope,
+    UsageQuery,
+    UsageRow,
+    VerifyReport,
+)
 from ledger.usage import COUNTER_NAMES, UsageCounters
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
@@ -43,6 +51,26 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "day": ("date_trunc('day', hour, %s) AS period_start",),  # %s: the query's time zone
     "hour": ("hour AS period_start",),
 }
+
+# Output tokens of the most recent calls with usage (committed, or committed late after they
+# expired) of one model, newest first, at most %(n)s: index-only scans of migration 0013's
+# indexes. percentile_disc returns an observed value (no interpolation between two calls).
+_USER_OUTPUT_STATS = """SELECT count(*) AS samples,
+       percentile_disc(0.5) WITHIN GROUP (ORDER BY output_tokens) AS p50,
+       percentile_disc(0.95) WITHIN GROUP (ORDER BY output_tokens) AS p95,
+       max(output_tokens) AS max
+  FROM (SELECT output_tokens FROM reservations
+         WHERE tenant_id = %(tenant_id)s AND user_id = %(user_id)s AND model = %(model)s
+           AND output_tokens IS NOT NULL AND created_at >= %(since)s
+         ORDER BY created_at DESC LIMIT %(n)s) AS recent"""
+_TENANT_OUTPUT_STATS = """SELECT count(*) AS samples,
+       percentile_disc(0.5) WITHIN GROUP (ORDER BY output_tokens) AS p50,
+       percentile_disc(0.95) WITHIN GROUP (ORDER BY output_tokens) AS p95,
+       max(output_tokens) AS max
+  FROM (SELECT output_tokens FROM reservations
+         WHERE tenant_id = %(tenant_id)s AND model = %(model)s
+           AND output_tokens IS NOT NULL AND created_at >= %(since)s
+         ORDER BY created_at DESC LIMIT %(n)s) AS recent"""
 
 
 class LedgerAudit:
@@ -302,6 +330,21 @@ class LedgerAudit:
         async for row in self._rows(*self._usage_sql(q)):
             yield _usage_row(row)
 
+    async def output_stats(self, q: OutputStatsQuery, now: datetime) -> OutputStats:
+        """p50, p95 and max of the output tokens of the user's recent calls of the model, or
+        of the tenant's when the user has fewer than `q.min_samples` (see OutputStats)."""
+        params = {
+            "tenant_id": q.tenant_id, "user_id": q.user_id, "model": q.model,
+            "since": now - timedelta(hours=q.window_hours), "n": limits.output_stats_samples_max,
+        }  # fmt: skip
+        async with self._snapshot() as conn:
+            user = await _fetch_one(conn, _USER_OUTPUT_STATS, params) if q.user_id else None
+            if user is not None and user["samples"] >= q.min_samples:
+                return _output_stats("user", user, user)
+            tenant = await _fetch_one(conn, _TENANT_OUTPUT_STATS, params)
+        scope = "tenant" if tenant["samples"] >= q.min_samples else "none"
+        return _output_stats(scope, tenant, user)
+
     # --- followers --------------------------------------------------------------------------
 
     async def follow(
@@ -387,6 +430,24 @@ def _usage_row(row: dict[str, Any]) -> UsageRow:
         model=row.get("model", ""),
         period_start=row.get("period_start"),
         counters=UsageCounters(**{c: row[c] for c in COUNTER_NAMES}),
+    )
+
+
+async def _fetch_one(conn: Conn, sql: str, params: dict[str, Any]) -> dict[str, Any]:
+    cur = await conn.execute(sql, params)
+    row = await cur.fetchone()
+    assert row is not None, "an aggregate returns one row"
+    return row
+
+
+def _output_stats(scope: str, figures: dict[str, Any], user: dict[str, Any] | None) -> OutputStats:
+    return OutputStats(
+        scope=scope,
+        samples=figures["samples"],
+        p50=figures["p50"] or 0,
+        p95=figures["p95"] or 0,
+        max=figures["max"] or 0,
+        user_samples=user["samples"] if user is not None else 0,
     )
 
 

@@ -10,6 +10,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from services.context.fitting import AllocationPolicy
+from services.context.output_hold import (
+    OutputHoldConfig,
+    output_hold_margin_default,
+    output_stats_ttl_s_default,
+)
 from services.context.tokenizers import (
     COUNT_CACHE_ENTRIES_MAX_DEFAULT,
     POOL_MEMORY_BYTES_MAX_DEFAULT,
@@ -116,6 +121,7 @@ class ContextSettings:
     ledger_auth: ClientAuth = field(default_factory=ClientAuth)
     database_url: str = ""
     data_dir: Path = Path("var")
+    output_hold: OutputHoldConfig = field(default_factory=OutputHoldConfig)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ContextSettings:
@@ -153,4 +159,10 @@ class ContextSettings:
             ledger_auth=ClientAuth.from_env(env),
             database_url=env.get("DATABASE_URL", ""),
             data_dir=Path(env.get("TOKENLEDGER_DATA_DIR", "var")),
+            output_hold=OutputHoldConfig(
+                margin=number(env, "CONTEXT_OUTPUT_HOLD_MARGIN", output_hold_margin_default, 0, 10),
+                stats_ttl_s=number(
+                    env, "CONTEXT_OUTPUT_STATS_TTL_S", output_stats_ttl_s_default, 0, 300
+                ),
+            ),
         )

@@ -141,6 +141,11 @@ class LedgerClient:
     ) -> pb.RecordUsageResponse:
         return await self._call(self._stub.RecordUsage, "RecordUsage", request, timeout_s)
 
+    async def output_stats(
+        self, request: pb.GetOutputStatsRequest, timeout_s: float | None = None
+    ) -> pb.GetOutputStatsResponse:
+        return await self._call(self._stub.GetOutputStats, "GetOutputStats", request, timeout_s)
+
     async def serving(self, timeout_s: float) -> bool:
         """Whether the ledger answers its health check SERVING (it does not while its own
         database is away) within `timeout_s`."""

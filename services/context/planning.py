@@ -7,7 +7,8 @@ loop between them:
    find the mandatory part (system, pinned and input
    messages with their tool pairs); plan one Reserve: amount = the prompt capped by the window
    + max_output_tokens, floor = the mandatory part + min_output_tokens (WindowTooSmall when
-   even the floor exceeds the window: nothing is reserved);
+   even the floor exceeds the window: nothing is reserved); `Plan.with_hold` then holds a
+   predicted output instead, the prompt's room unchanged;
 2. the Reserve (loop); `Plan.split` turns the grant into a prompt budget and an output reserve;
 3. `fit_budget` (thread): fit the conversation to the budget with the strategy; with a
    summarizer that does I/O, a SUMMARIZE fit stops where its summary is needed;
@@ -127,7 +128,12 @@ def mandatory_tokens(
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """One Reserve: `amount` wanted, at least `floor`; and how a grant splits."""
+    """One Reserve: `amount` wanted, at least `floor`; and how a grant splits.
+
+    `send` is the most the reply may take (max_output, less where the window is short): the
+    prompt is fitted to the window less `send`. `hold` is what the Reserve holds for it:
+    `send`, or a predicted hold below it (`with_hold`). A grant of `amount` leaves the prompt
+    the same room either way; a prediction only holds less for the reply."""
 
     prompt_tokens: int
     mandatory_tokens: int
@@ -136,12 +142,25 @@ class Plan:
     min_output: int
     amount: int
     floor: int
+    send: int
+    hold: int
 
     def split(self, granted: int) -> tuple[int, int]:
-        """(prompt budget, output reserve) for a grant: the output keeps max_output while the
-        mandatory part allows, and gives way down to min_output only when it does not."""
-        output = min(self.max_output, max(granted - self.mandatory_tokens, self.min_output))
+        """(prompt budget, output reserve) for a grant: the output keeps its hold while the
+        mandatory part allows, and gives way down to min_output only when it does not. The
+        budget never exceeds the window less `send`: a full grant leaves exactly the prompt
+        planned (at most that), and a smaller one less."""
+        output = min(self.hold, max(granted - self.mandatory_tokens, self.min_output))
         return granted - output, output
+
+    def with_hold(self, hold: int) -> Plan:
+        """The plan holding `hold` output tokens (at most `send`) instead of `send`; the floor
+        asks no more output than that either."""
+        held = min(hold, self.send)
+        least = min(self.min_output, held)
+        amount = self.amount - self.hold + held
+        return replace(self, hold=held, min_output=least, amount=amount,
+                       floor=self.mandatory_tokens + least)  # fmt: skip
 
     def bound_by(self, granted: int) -> str:
         """What limits a fit of `granted`: "BUDGET" when the ledger granted less than the plan
@@ -150,7 +169,8 @@ class Plan:
 
     def limited_by(self, granted: int, budget: int, output: int) -> str:
         """NONE when the whole prompt and the full output fit, else what bound the fit."""
-        if budget >= self.prompt_tokens and output == self.max_output:
+        whole_output = output == self.hold and self.send == self.max_output
+        if budget >= self.prompt_tokens and whole_output:
             return "NONE"
         return self.bound_by(granted)
 
@@ -174,7 +194,7 @@ def plan(prompt: int, mandatory: int, window: int, max_output: int, min_output: 
     output = min(max_output, window - mandatory)
     amount = min(prompt, window - output) + output
     return Plan(prompt, mandatory, window, max_output, min_output, amount,
-                mandatory + min_output)  # fmt: skip
+                mandatory + min_output, output, output)  # fmt: skip
 
 
 # --- the phases ------------------------------------------------------------------------------

@@ -101,6 +101,11 @@ START_ON_USER: dict[cpb.HistoryStart.ValueType, bool] = {
     cpb.HISTORY_START_USER: True,
     cpb.HISTORY_START_ANY: False,
 }
+PREDICT_OUTPUT: dict[cpb.OutputHold.ValueType, bool] = {
+    cpb.OUTPUT_HOLD_UNSPECIFIED: False,
+    cpb.OUTPUT_HOLD_MAX_TOKENS: False,
+    cpb.OUTPUT_HOLD_PREDICTED: True,
+}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -433,6 +438,8 @@ class Prepare:
     markers: tuple[str, ...] = ()
     stated: tuple[Fact, ...] = ()
     """Facts the messages' key_information states, to set before fitting."""
+    predict_output: bool = False
+    """OUTPUT_HOLD_PREDICTED: hold the user's recent p95 of output, send max_output."""
 
 
 def parse_prepare(
@@ -460,6 +467,9 @@ def parse_prepare(
     start_on_user = START_ON_USER.get(r.history_start)
     if start_on_user is None:
         c.fail("history_start", f"is {r.history_start}; must be one of HISTORY_START_*")
+    predict_output = PREDICT_OUTPUT.get(r.output_hold)
+    if predict_output is None:
+        c.fail("output_hold", f"is {r.output_hold}; must be one of OUTPUT_HOLD_*")
     _raise_violations(c, unknown, ", ".join(registry.families()))
     assert target is not None and strategy is not None
     return Prepare(
@@ -478,6 +488,7 @@ def parse_prepare(
         memory_share=memory_share,
         markers=markers,
         stated=tuple(stated),
+        predict_output=bool(predict_output),
     )
 
 

@@ -129,6 +129,7 @@ def prepare_response(
         over_share=fitted.over_share,
         context_window_tokens=p.target.window_tokens,
         tokens_saved=fitted.tokens_saved,
+        max_tokens=output,
     )
     if reply.HasField("suggestion"):
         response.suggestion.CopyFrom(reply.suggestion)

@@ -28,6 +28,7 @@ from services.context.ledger_client import (
 )
 from services.context.memory_store import MemoryStore
 from services.context.metrics import ContextMetrics
+from services.context.output_hold import HOLD_DEFAULTS, OutputHoldConfig
 from services.context.remote_summarizer import RemoteSummarizerConfig
 from services.context.requests import request_bytes_max
 from services.context.service import ContextService
@@ -98,6 +99,7 @@ class ContextServer:
         ledger_credentials: grpc.ChannelCredentials | None = None,
         memory_pool: AsyncConnectionPool[Any] | None = None,
         ledger_check_s: float = LEDGER_CHECK_S_DEFAULT,
+        output_hold: OutputHoldConfig | None = None,
     ) -> None:
         """`auth` authenticates callers (None: anyone may call), `credentials` make the port
         TLS; `ledger_metadata` and `ledger_credentials` are this service's own for the ledger;
@@ -137,17 +139,21 @@ class ContextServer:
             policy=policy or AllocationPolicy(),
             remote_summarizer=remote_summarizer,
             memory_store=MemoryStore(memory_pool) if memory_pool is not None else None,
+            hold=output_hold or HOLD_DEFAULTS,
         )
-        cpb_grpc.add_ContextServiceServicer_to_server(self.service, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        self._register_services()
         self.auth = auth
         self.credentials = credentials
         self.ledger_check_s = ledger_check_s
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0
+
+    def _register_services(self) -> None:
+        cpb_grpc.add_ContextServiceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
 
     async def preload(self, encodings: Sequence[str]) -> None:
         """Load encodings before serving, so that no first request pays for it (~1 s each)."""
@@ -264,6 +270,7 @@ async def serve(
         ledger_metadata=settings.ledger_auth.metadata,
         ledger_credentials=settings.ledger_auth.credentials(),
         memory_pool=keys_pool,
+        output_hold=settings.output_hold,
     )
     await server.preload(preload)
     await serve_until_signalled(

@@ -8,7 +8,10 @@ PrepareContext in two kinds of phases, never a thread waiting on the loop:
 2. plan (thread): count, find the mandatory part, plan one Reserve. If even its floor exceeds
    the window, fail before reserving (FAILED_PRECONDITION, CONTEXT_DOES_NOT_FIT, the shortfall
    named);
-3. reserve (loop): the grant is the budget: output reserve = min(max_output, grant -
+   With OUTPUT_HOLD_PREDICTED, the ledger's output figures are read (loop, usually from
+   output_hold.py's cache) meanwhile, and the plan holds their p95 plus a margin for the reply
+   instead of max_output (the window still keeps max_output for it);
+3. reserve (loop): the grant is the budget: output reserve = min(the output hold, grant -
    mandatory), prompt budget = grant - output reserve;
 4. fit (thread) the conversation to the budget with the strategy. With a summarizer endpoint, a
    SUMMARIZE fit stops where its summary is needed; then (loop) the endpoint's tokens are
@@ -32,6 +35,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -40,7 +44,7 @@ from google.protobuf import message
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from services.context import document_holds, documents, memory, planning
+from services.context import document_holds, documents, memory, output_hold, planning
 from services.context.fitting import AllocationPolicy, DoesNotFit, FitResult, Strategy
 from services.context.ledger_client import LedgerCallError, LedgerClient
 from services.context.memory_store import MemoryStore
@@ -165,7 +169,10 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         policy: AllocationPolicy,
         remote_summarizer: RemoteSummarizerConfig | None = None,
         memory_store: MemoryStore | None = None,
+        hold: output_hold.OutputHoldConfig = output_hold.HOLD_DEFAULTS,
     ) -> None:
+        self._output_stats = output_hold.OutputStatsCache(ledger, hold.stats_ttl_s)
+        self._hold_margin = hold.margin
         self._counter = counter
         self._memory = memory_store
         self._ledger = ledger
@@ -219,12 +226,11 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         started = time.perf_counter()
         p = parse_prepare(request, self._registry, self._policy)
         inline = p.content_bytes <= inline_count_bytes_max
-        facts = await self._memory_facts(request, p) if p.use_memory else []
-        mp = await self._plan(p, inline, facts)
+        facts, mp, prediction = await self._plan_held(request, p, inline, context)
         p, counted, plan_ = mp.prepare, mp.counted, mp.plan
         ahead = self._fit_ahead(p, counted, plan_)
         try:
-            reply = await self._reserve(request, p, plan_, context)
+            reply = await self._reserve(request, p, plan_, context, prediction is not None)
         except BaseException:
             _discard(ahead)
             raise
@@ -249,10 +255,35 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         sent = _with_memory(request, mp)
         response = prepare_response(request, p, counted, plan_, reply, fitted, output, outcome,
                                     sent)  # fmt: skip
+        if prediction is not None:  # the hold is a prediction: the reply may take all it may
+            response.max_tokens = plan_.send
+            response.output_prediction.CopyFrom(prediction)
         await self._memory_report(request, p, mp, facts, response, outcome)
         self._record(p, counted, fitted, outcome, started)
         self._record_memory(p, response)
         return response
+
+    async def _plan_held(
+        self, request: cpb.PrepareContextRequest, p: Prepare, inline: bool, context: Context
+    ) -> tuple[list[memory.Fact], MemoryPlan, cpb.OutputPrediction | None]:
+        """The memory's facts, the count and the plan; with a predicted output hold, the
+        ledger's figures are read (or taken from the cache) while the conversation is
+        counted, and the plan holds less."""
+        predicting = None
+        if p.predict_output:
+            key = (request.tenant_id, request.user_id, request.model)
+            ask = output_hold.predict(self._output_stats, key, p.max_output, self._hold_margin,
+                                      _remaining(context))  # fmt: skip
+            predicting = asyncio.ensure_future(ask)
+        try:
+            facts = await self._memory_facts(request, p) if p.use_memory else []
+            mp = await self._plan(p, inline, facts)
+            prediction = await predicting if predicting is not None else None
+        finally:
+            _discard(predicting)
+        if prediction is None:
+            return facts, mp, None
+        return facts, replace(mp, plan=mp.plan.with_hold(prediction.hold_tokens)), prediction
 
     async def _memory_report(
         self,
@@ -371,6 +402,7 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         p: Prepare,
         plan_: Plan,
         context: Context,
+        predicted: bool = False,
     ) -> pb.ReserveResponse:
         ask = pb.ReserveRequest(
             idempotency_key=LEDGER_KEY_PREFIX + request.idempotency_key,
@@ -387,6 +419,8 @@ class ContextService(cpb_grpc.ContextServiceServicer):
                 "ctx.request": fingerprint(request),
             },
         )
+        if predicted:  # a reader of the log can tell predicted holds (and their overage) apart
+            ask.labels["ctx.output_hold"] = "predicted"
         try:
             return await self._ledger.reserve(ask, timeout_s=_remaining(context))
         except LedgerCallError as exc:
@@ -496,8 +530,9 @@ def _with_memory(
     return sent
 
 
-def _discard(ahead: asyncio.Future[FitResult] | None) -> None:
-    """Drop a fit made ahead that is not needed, without an unretrieved-exception warning."""
+def _discard(ahead: asyncio.Future[Any] | None) -> None:
+    """Drop work started ahead that is not needed (a fit, a prediction), without an
+    unretrieved-exception warning; done work is left as it is."""
     if ahead is not None:
         ahead.add_done_callback(lambda f: f.cancelled() or f.exception())
         ahead.cancel()

@@ -37,7 +37,15 @@ from ledger.model import (
     Usage,
 )
 from ledger.money import PricePoint, price_at
-from ledger.reads import LoggedEvent, Scope, UsageQuery, UsageRow, VerifyReport
+from ledger.reads import (
+    LoggedEvent,
+    OutputStats,
+    OutputStatsQuery,
+    Scope,
+    UsageQuery,
+    UsageRow,
+    VerifyReport,
+)
 from ledger.usage import COUNTER_NAMES
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 
@@ -64,6 +72,11 @@ _GRANT_ORDER_FROM_PB = {
     **{v: k for k, v in _GRANT_ORDER_TO_PB.items()},
 }
 _PERIOD_FROM_PB = {v: k for k, v in _PERIOD_TO_PB.items()}
+_OUTPUT_STATS_SCOPE_TO_PB = {
+    "user": pb.OUTPUT_STATS_SCOPE_USER,
+    "tenant": pb.OUTPUT_STATS_SCOPE_TENANT,
+    "none": pb.OUTPUT_STATS_SCOPE_NONE,
+}
 _STATE_TO_PB = {
     State.HELD: pb.RESERVATION_STATE_HELD,
     State.COMMITTED: pb.RESERVATION_STATE_COMMITTED,
@@ -436,6 +449,29 @@ def usage_query(q: pb.UsageQuery) -> UsageQuery:
         conversation_id=q.conversation_id,
         model=q.model,
         time_zone=q.time_zone,
+    )
+
+
+def output_stats_query(req: pb.GetOutputStatsRequest) -> OutputStatsQuery:
+    return validation.output_stats(
+        tenant_id=req.tenant_id,
+        user_id=req.user_id,
+        model=req.model,
+        window_hours=req.window_hours,
+        min_samples=req.min_samples,
+    )
+
+
+def output_stats_response(stats: OutputStats, q: OutputStatsQuery) -> pb.GetOutputStatsResponse:
+    return pb.GetOutputStatsResponse(
+        scope=_OUTPUT_STATS_SCOPE_TO_PB[stats.scope],
+        samples=stats.samples,
+        p50_output_tokens=stats.p50,
+        p95_output_tokens=stats.p95,
+        max_output_tokens=stats.max,
+        user_samples=stats.user_samples,
+        window_hours=q.window_hours,
+        min_samples=q.min_samples,
     )
 
 

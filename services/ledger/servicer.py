@@ -263,6 +263,13 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
             currency=await self._store.currency(query.tenant_id),
         )
 
+    async def GetOutputStats(
+        self, request: pb.GetOutputStatsRequest, context: Context
+    ) -> pb.GetOutputStatsResponse:
+        query = convert.output_stats_query(request)
+        stats = await self._audit.output_stats(query, self._clock())
+        return convert.output_stats_response(stats, query)
+
     async def ExportUsage(
         self, request: pb.ExportUsageRequest, context: Context
     ) -> AsyncIterator[pb.ExportUsageResponse]:

@@ -159,7 +159,11 @@ def replay_hit_rate(pool: TokenizerPool, turns: int) -> dict[str, Any]:
 
 
 @contextmanager
-def context_process(ledger_target: str, log_path: Path, database_url: str) -> Iterator[str]:
+def context_process(
+    ledger_target: str, log_path: Path, database_url: str, **settings: str
+) -> Iterator[str]:
+    """`tokenledger context-serve` in its own process, with `settings` added to its
+    environment; yields its target address."""
     target = f"127.0.0.1:{free_port()}"
     env = os.environ | {
         "DATABASE_URL": database_url,
@@ -167,6 +171,7 @@ def context_process(ledger_target: str, log_path: Path, database_url: str) -> It
         "TOKENLEDGER_LEDGER_TARGET": ledger_target,
         "TOKENLEDGER_LOG_LEVEL": "warning",
         "CONTEXT_PRELOAD_ENCODINGS": O200K,
+        **settings,
     }
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

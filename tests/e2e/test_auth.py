@@ -184,6 +184,21 @@ def test_a_reader_cannot_write(
     assert _actors(database_url, tenant) == before
 
 
+def test_a_writer_reads_its_tenants_output_stats_and_no_other_tenants(
+    auth_ledger: ServerThread, database_url: str, tenant: str
+) -> None:
+    """GetOutputStats admits writers (the context service sizes holds with its writer key),
+    scoped to their tenant like every call."""
+    writer = create_key(database_url, tenant, "writer")
+    ask = pb.GetOutputStatsRequest(tenant_id=tenant, user_id="u", model="gpt-4o")
+    channel, stub = _stub(auth_ledger.target, writer)
+    with channel:
+        assert stub.GetOutputStats(ask).scope == pb.OUTPUT_STATS_SCOPE_NONE
+        ask.tenant_id = new_id("other")
+        code, _, _ = _refused(stub.GetOutputStats, ask)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
 ADMIN_RPCS = {
     "SetQuota": lambda t: pb.SetQuotaRequest(
         idempotency_key=new_id("q"), tenant_id=t, limit=1_000, period=pb.PERIOD_DAY

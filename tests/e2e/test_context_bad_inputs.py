@@ -216,6 +216,8 @@ TOOL_CALL_CASES: list[tuple[str, Callable[[cpb.PrepareContextRequest], None], st
     ("date that does not exist", setter(date="2026-13-01"), "date"),
     ("date not as YYYY-MM-DD", setter(date="6 Dec 2026"), "date"),
     ("unknown history start", setter(history_start=7), "history_start"),
+    ("unknown output hold", setter(output_hold=3), "output_hold"),
+    ("negative output hold", setter(output_hold=-1), "output_hold"),
     ("two tool calls in one Llama 3.1 message (its template allows one)",
      for_model("llama-3.1-8b", msg(USER), call_msg(WEATHER, RAIN), answer("call_1"),
                answer("call_2"), msg(USER)), "messages"),
@@ -333,6 +335,12 @@ CONFIG_CASES = [
     ("TOKENIZER_POOL_BYTES_MAX", "12 parsecs"),
     ("COUNT_CACHE_ENTRIES_MAX", "1MiB"),
     ("TOKENLEDGER_LEDGER_TIMEOUT_S", "0"),
+    ("CONTEXT_OUTPUT_HOLD_MARGIN", "-0.1"),
+    ("CONTEXT_OUTPUT_HOLD_MARGIN", "11"),
+    ("CONTEXT_OUTPUT_HOLD_MARGIN", "nan"),
+    ("CONTEXT_OUTPUT_HOLD_MARGIN", "ten percent"),
+    ("CONTEXT_OUTPUT_STATS_TTL_S", "-1"),
+    ("CONTEXT_OUTPUT_STATS_TTL_S", "301"),
 ]
 
 
@@ -355,6 +363,11 @@ def test_settings_parse_policy_sizes_and_defaults() -> None:
     assert settings.pool_bytes_max == 256 * MiB
     assert settings.summarizer_url == "http://127.0.0.1:8000/v1"
     assert (settings.listen, settings.ledger_target) == ("127.0.0.1:50052", "127.0.0.1:50051")
+    assert (settings.output_hold.margin, settings.output_hold.stats_ttl_s) == (0.1, 5.0)
+    hold = ContextSettings.from_env(
+        {"CONTEXT_OUTPUT_HOLD_MARGIN": "0.25", "CONTEXT_OUTPUT_STATS_TTL_S": "0"}
+    ).output_hold
+    assert (hold.margin, hold.stats_ttl_s) == (0.25, 0.0)
 
 
 def test_context_serve_refuses_to_start_on_a_bad_setting() -> None:

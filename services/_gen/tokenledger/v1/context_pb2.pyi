@@ -172,6 +172,42 @@ LIMITED_BY_BUDGET: LimitedBy.ValueType  # 3
 """The ledger granted less than asked: the budget was the tighter limit."""
 Global___LimitedBy: _TypeAlias = LimitedBy  # noqa: Y015
 
+class _OutputHold:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputHoldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputHold.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_HOLD_UNSPECIFIED: _OutputHold.ValueType  # 0
+    """Not set: OUTPUT_HOLD_MAX_TOKENS."""
+    OUTPUT_HOLD_MAX_TOKENS: _OutputHold.ValueType  # 1
+    """Hold max_output_tokens (less where the window or the grant is short); the model is sent
+    what was held, so a reply never exceeds its hold.
+    """
+    OUTPUT_HOLD_PREDICTED: _OutputHold.ValueType  # 2
+    """Hold what this user (or, with too few calls, the tenant) recently used with this model:
+    the p95 of their output tokens plus a margin (LedgerService.GetOutputStats), never more
+    than max_output_tokens. The model is still sent max_output_tokens (the response's
+    max_tokens), so a longer reply is not cut: it is recorded in full at commit, as overage.
+    """
+
+class OutputHold(_OutputHold, metaclass=_OutputHoldEnumTypeWrapper):
+    """OutputHold is how many tokens PrepareContext holds in the ledger for the reply."""
+
+OUTPUT_HOLD_UNSPECIFIED: OutputHold.ValueType  # 0
+"""Not set: OUTPUT_HOLD_MAX_TOKENS."""
+OUTPUT_HOLD_MAX_TOKENS: OutputHold.ValueType  # 1
+"""Hold max_output_tokens (less where the window or the grant is short); the model is sent
+what was held, so a reply never exceeds its hold.
+"""
+OUTPUT_HOLD_PREDICTED: OutputHold.ValueType  # 2
+"""Hold what this user (or, with too few calls, the tenant) recently used with this model:
+the p95 of their output tokens plus a margin (LedgerService.GetOutputStats), never more
+than max_output_tokens. The model is still sent max_output_tokens (the response's
+max_tokens), so a longer reply is not cut: it is recorded in full at commit, as overage.
+"""
+Global___OutputHold: _TypeAlias = OutputHold  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     """ChatMessage is one message of a conversation."""
@@ -513,6 +549,7 @@ class PrepareContextRequest(_message.Message):
     HISTORY_START_FIELD_NUMBER: _builtins.int
     USE_MEMORY_FIELD_NUMBER: _builtins.int
     RETENTION_MARKERS_FIELD_NUMBER: _builtins.int
+    OUTPUT_HOLD_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe: the same key returns the same reservation. The ledger's idempotency
     key is derived from it ("ctx:" + key), so it is unique per tenant. At most 96 printable
@@ -556,6 +593,8 @@ class PrepareContextRequest(_message.Message):
     """Put the conversation's memory (SetMemory) into the prompt as one system message after
     the leading system messages; needs conversation_id.
     """
+    output_hold: Global___OutputHold.ValueType
+    """How many output tokens to hold in the ledger; unset: max_output_tokens."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The conversation, oldest first. The latest user message is the input."""
@@ -596,14 +635,67 @@ class PrepareContextRequest(_message.Message):
         history_start: Global___HistoryStart.ValueType = ...,
         use_memory: _builtins.bool = ...,
         retention_markers: _abc.Iterable[_builtins.str] | None = ...,
+        output_hold: Global___OutputHold.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "policy", b"policy", "retention_markers", b"retention_markers", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "use_memory", b"use_memory", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "output_hold", b"output_hold", "policy", b"policy", "retention_markers", b"retention_markers", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "use_memory", b"use_memory", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrepareContextRequest: _TypeAlias = PrepareContextRequest  # noqa: Y015
+
+@_typing.final
+class OutputPrediction(_message.Message):
+    """OutputPrediction says how a predicted output hold was sized."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    P95_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    HOLD_TOKENS_FIELD_NUMBER: _builtins.int
+    MARGIN_FIELD_NUMBER: _builtins.int
+    STATS_AGE_MS_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    scope: _ledger_pb2.OutputStatsScope.ValueType
+    """Whose calls the figures are of; NONE: too few calls anywhere, so max_output_tokens was
+    held.
+    """
+    samples: _builtins.int
+    """Calls the figures are of."""
+    p95_output_tokens: _builtins.int
+    """Their 95th percentile of output tokens."""
+    hold_tokens: _builtins.int
+    """The output hold it gave: min(max_output_tokens, ceil(p95 * (1 + margin))), at least 1;
+    breakdown.output_reserve is less only when the ledger granted less.
+    """
+    margin: _builtins.float
+    """The margin over the p95 (CONTEXT_OUTPUT_HOLD_MARGIN)."""
+    stats_age_ms: _builtins.int
+    """How old the figures were: the service keeps them for CONTEXT_OUTPUT_STATS_TTL_S."""
+    fallback_reason: _builtins.str
+    """Why the ledger's figures could not be used (they could not be read), in which case
+    max_output_tokens was held; empty otherwise.
+    """
+    def __init__(
+        self,
+        *,
+        scope: _ledger_pb2.OutputStatsScope.ValueType = ...,
+        samples: _builtins.int = ...,
+        p95_output_tokens: _builtins.int = ...,
+        hold_tokens: _builtins.int = ...,
+        margin: _builtins.float = ...,
+        stats_age_ms: _builtins.int = ...,
+        fallback_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_reason", b"fallback_reason", "hold_tokens", b"hold_tokens", "margin", b"margin", "p95_output_tokens", b"p95_output_tokens", "samples", b"samples", "scope", b"scope", "stats_age_ms", b"stats_age_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OutputPrediction: _TypeAlias = OutputPrediction  # noqa: Y015
 
 @_typing.final
 class TokenBreakdown(_message.Message):
@@ -639,7 +731,9 @@ class TokenBreakdown(_message.Message):
     reply_priming: _builtins.int
     """Template tokens that prime the reply, once per chat."""
     output_reserve: _builtins.int
-    """Tokens reserved for the reply: pass this as the model's max tokens."""
+    """Tokens held for the reply (under OUTPUT_HOLD_PREDICTED, possibly less than the reply may
+    take: send the response's max_tokens as the model's max tokens).
+    """
     prompt_total: _builtins.int
     """The prompt: every field above except output_reserve."""
     memory: _builtins.int
@@ -748,6 +842,8 @@ class PrepareContextResponse(_message.Message):
     MEMORY_LEFT_OUT_FIELD_NUMBER: _builtins.int
     RETENTION_FIELD_NUMBER: _builtins.int
     MEMORY_PROPOSED_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_PREDICTION_FIELD_NUMBER: _builtins.int
     reservation_id: _builtins.str
     """The ledger reservation for prompt plus output. The caller commits it with the actual usage
     after the model call; committing releases whatever the fitted prompt did not need.
@@ -755,7 +851,7 @@ class PrepareContextResponse(_message.Message):
     granted_tokens: _builtins.int
     """Tokens the ledger granted (the reservation's amount)."""
     requested_tokens: _builtins.int
-    """Tokens asked of the ledger: the prompt (capped by the window) plus max_output_tokens."""
+    """Tokens asked of the ledger: the prompt (capped by the window) plus the output hold."""
     partial: _builtins.bool
     """True when the ledger granted less than requested."""
     original_prompt_tokens: _builtins.int
@@ -776,6 +872,11 @@ class PrepareContextResponse(_message.Message):
     """The window the conversation was fitted to."""
     tokens_saved: _builtins.int
     """Tokens the fitting saved: original_prompt_tokens - breakdown.prompt_total."""
+    max_tokens: _builtins.int
+    """What to send as the model's max tokens: under OUTPUT_HOLD_MAX_TOKENS, the output reserve;
+    under OUTPUT_HOLD_PREDICTED, max_output_tokens, or less where the window is short. The
+    fitted prompt plus this always fits the window.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The messages to send, in order. Kept messages are returned as given (content cut
@@ -837,6 +938,10 @@ class PrepareContextResponse(_message.Message):
         (a key already set is left as it is: the caller's facts win).
         """
 
+    @_builtins.property
+    def output_prediction(self) -> Global___OutputPrediction:
+        """Under OUTPUT_HOLD_PREDICTED: how the output hold was sized."""
+
     def __init__(
         self,
         *,
@@ -867,10 +972,12 @@ class PrepareContextResponse(_message.Message):
         memory_left_out: _abc.Iterable[_builtins.str] | None = ...,
         retention: Global___Retention | None = ...,
         memory_proposed: _abc.Iterable[_builtins.str] | None = ...,
+        max_tokens: _builtins.int = ...,
+        output_prediction: Global___OutputPrediction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "retention", b"retention", "suggestion", b"suggestion", "summarizer", b"summarizer"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "output_prediction", b"output_prediction", "retention", b"retention", "suggestion", b"suggestion", "summarizer", b"summarizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "context_window_tokens", b"context_window_tokens", "dropped_indices", b"dropped_indices", "encoding", b"encoding", "exact", b"exact", "granted_tokens", b"granted_tokens", "limited_by", b"limited_by", "memory_keys", b"memory_keys", "memory_left_out", b"memory_left_out", "memory_proposed", b"memory_proposed", "messages", b"messages", "method", b"method", "original_prompt_tokens", b"original_prompt_tokens", "over_share", b"over_share", "partial", b"partial", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retention", b"retention", "source_indices", b"source_indices", "strategy", b"strategy", "suggestion", b"suggestion", "summarized_indices", b"summarized_indices", "summarizer", b"summarizer", "summary_tokens", b"summary_tokens", "tokens_saved", b"tokens_saved", "truncated_indices", b"truncated_indices", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "context_window_tokens", b"context_window_tokens", "dropped_indices", b"dropped_indices", "encoding", b"encoding", "exact", b"exact", "granted_tokens", b"granted_tokens", "limited_by", b"limited_by", "max_tokens", b"max_tokens", "memory_keys", b"memory_keys", "memory_left_out", b"memory_left_out", "memory_proposed", b"memory_proposed", "messages", b"messages", "method", b"method", "original_prompt_tokens", b"original_prompt_tokens", "output_prediction", b"output_prediction", "over_share", b"over_share", "partial", b"partial", "requested_tokens", b"requested_tokens", "reservation_id", b"reservation_id", "retention", b"retention", "source_indices", b"source_indices", "strategy", b"strategy", "suggestion", b"suggestion", "summarized_indices", b"summarized_indices", "summarizer", b"summarizer", "summary_tokens", b"summary_tokens", "tokens_saved", b"tokens_saved", "truncated_indices", b"truncated_indices", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

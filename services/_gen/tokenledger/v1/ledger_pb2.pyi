@@ -148,6 +148,34 @@ USAGE_DIMENSION_HOUR: UsageDimension.ValueType  # 5
 """Per UTC hour."""
 Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
+class _OutputStatsScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutputStatsScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutputStatsScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPUT_STATS_SCOPE_UNSPECIFIED: _OutputStatsScope.ValueType  # 0
+    """Never returned."""
+    OUTPUT_STATS_SCOPE_USER: _OutputStatsScope.ValueType  # 1
+    """The user's own calls: they were at least min_samples."""
+    OUTPUT_STATS_SCOPE_TENANT: _OutputStatsScope.ValueType  # 2
+    """The tenant's calls (every user's): the user had fewer than min_samples, the tenant not."""
+    OUTPUT_STATS_SCOPE_NONE: _OutputStatsScope.ValueType  # 3
+    """Neither had min_samples; the figures are the tenant's few (possibly none)."""
+
+class OutputStatsScope(_OutputStatsScope, metaclass=_OutputStatsScopeEnumTypeWrapper):
+    """OutputStatsScope says whose calls output statistics are of."""
+
+OUTPUT_STATS_SCOPE_UNSPECIFIED: OutputStatsScope.ValueType  # 0
+"""Never returned."""
+OUTPUT_STATS_SCOPE_USER: OutputStatsScope.ValueType  # 1
+"""The user's own calls: they were at least min_samples."""
+OUTPUT_STATS_SCOPE_TENANT: OutputStatsScope.ValueType  # 2
+"""The tenant's calls (every user's): the user had fewer than min_samples, the tenant not."""
+OUTPUT_STATS_SCOPE_NONE: OutputStatsScope.ValueType  # 3
+"""Neither had min_samples; the figures are the tenant's few (possibly none)."""
+Global___OutputStatsScope: _TypeAlias = OutputStatsScope  # noqa: Y015
+
 @_typing.final
 class Grant(_message.Message):
     """Grant is tokens added by GrantTokens and not yet used."""
@@ -2129,6 +2157,98 @@ class UsageRow(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class GetOutputStatsRequest(_message.Message):
+    """GetOutputStatsRequest names a tenant, optionally a user, and a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant."""
+    user_id: _builtins.str
+    """The user; empty: the tenant's figures directly."""
+    model: _builtins.str
+    """The model, as Reserve named it."""
+    window_hours: _builtins.int
+    """How far back to look, in hours (0: 168, a week; at most 2160). Calls are taken by when
+    they were reserved, the most recent 1000 at most.
+    """
+    min_samples: _builtins.int
+    """The fewest calls whose figures are used (0: 20; at most 1000): a user with fewer falls
+    back to the tenant.
+    """
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        window_hours: _builtins.int = ...,
+        min_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_samples", b"min_samples", "model", b"model", "tenant_id", b"tenant_id", "user_id", b"user_id", "window_hours", b"window_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOutputStatsRequest: _TypeAlias = GetOutputStatsRequest  # noqa: Y015
+
+@_typing.final
+class GetOutputStatsResponse(_message.Message):
+    """GetOutputStatsResponse is the output tokens of recent calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    P50_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    P95_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    USER_SAMPLES_FIELD_NUMBER: _builtins.int
+    WINDOW_HOURS_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    scope: Global___OutputStatsScope.ValueType
+    """Whose calls the figures are of."""
+    samples: _builtins.int
+    """Calls the figures are of (at most 1000)."""
+    p50_output_tokens: _builtins.int
+    """The median output tokens of those calls (an observed value; 0 with no calls)."""
+    p95_output_tokens: _builtins.int
+    """The 95th percentile (an observed value: the smallest that at least 95 % do not exceed)."""
+    max_output_tokens: _builtins.int
+    """The largest."""
+    user_samples: _builtins.int
+    """The user's own calls in the window, also when the tenant's figures were used."""
+    window_hours: _builtins.int
+    """The window used, in hours."""
+    min_samples: _builtins.int
+    """The minimum used."""
+    def __init__(
+        self,
+        *,
+        scope: Global___OutputStatsScope.ValueType = ...,
+        samples: _builtins.int = ...,
+        p50_output_tokens: _builtins.int = ...,
+        p95_output_tokens: _builtins.int = ...,
+        max_output_tokens: _builtins.int = ...,
+        user_samples: _builtins.int = ...,
+        window_hours: _builtins.int = ...,
+        min_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_output_tokens", b"max_output_tokens", "min_samples", b"min_samples", "p50_output_tokens", b"p50_output_tokens", "p95_output_tokens", b"p95_output_tokens", "samples", b"samples", "scope", b"scope", "user_samples", b"user_samples", "window_hours", b"window_hours"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOutputStatsResponse: _TypeAlias = GetOutputStatsResponse  # noqa: Y015
 
 @_typing.final
 class QueryUsageRequest(_message.Message):

@@ -136,6 +136,11 @@ class LedgerServiceStub:
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageRequest.SerializeToString,
                 response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageResponse.FromString,
                 _registered_method=True)
+        self.GetOutputStats = channel.unary_unary(
+                '/tokenledger.v1.LedgerService/GetOutputStats',
+                request_serializer=tokenledger_dot_v1_dot_ledger__pb2.GetOutputStatsRequest.SerializeToString,
+                response_deserializer=tokenledger_dot_v1_dot_ledger__pb2.GetOutputStatsResponse.FromString,
+                _registered_method=True)
         self.ExportUsage = channel.unary_stream(
                 '/tokenledger.v1.LedgerService/ExportUsage',
                 request_serializer=tokenledger_dot_v1_dot_ledger__pb2.ExportUsageRequest.SerializeToString,
@@ -309,6 +314,15 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOutputStats(self, request, context):
+        """GetOutputStats returns the p50, p95 and max of the output tokens of a user's recent calls
+        of a model (committed, or committed late), or the tenant's when the user has too few:
+        what a predictive output hold is sized from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExportUsage(self, request, context):
         """ExportUsage streams the rows QueryUsage would return, without paging.
         """
@@ -421,6 +435,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.QueryUsage,
                     request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageRequest.FromString,
                     response_serializer=tokenledger_dot_v1_dot_ledger__pb2.QueryUsageResponse.SerializeToString,
+            ),
+            'GetOutputStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOutputStats,
+                    request_deserializer=tokenledger_dot_v1_dot_ledger__pb2.GetOutputStatsRequest.FromString,
+                    response_serializer=tokenledger_dot_v1_dot_ledger__pb2.GetOutputStatsResponse.SerializeToString,
             ),
             'ExportUsage': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportUsage,
@@ -953,6 +972,33 @@ class LedgerService:
             '/tokenledger.v1.LedgerService/QueryUsage',
             tokenledger_dot_v1_dot_ledger__pb2.QueryUsageRequest.SerializeToString,
             tokenledger_dot_v1_dot_ledger__pb2.QueryUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOutputStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenledger.v1.LedgerService/GetOutputStats',
+            tokenledger_dot_v1_dot_ledger__pb2.GetOutputStatsRequest.SerializeToString,
+            tokenledger_dot_v1_dot_ledger__pb2.GetOutputStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

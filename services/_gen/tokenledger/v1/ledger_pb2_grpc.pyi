@@ -109,6 +109,11 @@ class LedgerServiceStub:
     """
     QueryUsage: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.QueryUsageRequest, _ledger_pb2.QueryUsageResponse]
     """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered."""
+    GetOutputStats: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetOutputStatsRequest, _ledger_pb2.GetOutputStatsResponse]
+    """GetOutputStats returns the p50, p95 and max of the output tokens of a user's recent calls
+    of a model (committed, or committed late), or the tenant's when the user has too few:
+    what a predictive output hold is sized from.
+    """
     ExportUsage: _grpc.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]
     """ExportUsage streams the rows QueryUsage would return, without paging."""
     SubscribeEvents: _grpc.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.SubscribeEventsResponse]
@@ -197,6 +202,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     QueryUsage: _aio.UnaryUnaryMultiCallable[_ledger_pb2.QueryUsageRequest, _ledger_pb2.QueryUsageResponse]  # type: ignore[assignment]
     """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered."""
+    GetOutputStats: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetOutputStatsRequest, _ledger_pb2.GetOutputStatsResponse]  # type: ignore[assignment]
+    """GetOutputStats returns the p50, p95 and max of the output tokens of a user's recent calls
+    of a model (committed, or committed late), or the tenant's when the user has too few:
+    what a predictive output hold is sized from.
+    """
     ExportUsage: _aio.UnaryStreamMultiCallable[_ledger_pb2.ExportUsageRequest, _ledger_pb2.ExportUsageResponse]  # type: ignore[assignment]
     """ExportUsage streams the rows QueryUsage would return, without paging."""
     SubscribeEvents: _aio.UnaryStreamMultiCallable[_ledger_pb2.SubscribeEventsRequest, _ledger_pb2.SubscribeEventsResponse]  # type: ignore[assignment]
@@ -396,6 +406,17 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.QueryUsageResponse, _abc.Awaitable[_ledger_pb2.QueryUsageResponse]]:
         """QueryUsage returns usage totals of a tenant over a time range, grouped and filtered."""
+
+    @_abc_1.abstractmethod
+    def GetOutputStats(
+        self,
+        request: _ledger_pb2.GetOutputStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.GetOutputStatsResponse, _abc.Awaitable[_ledger_pb2.GetOutputStatsResponse]]:
+        """GetOutputStats returns the p50, p95 and max of the output tokens of a user's recent calls
+        of a model (committed, or committed late), or the tenant's when the user has too few:
+        what a predictive output hold is sized from.
+        """
 
     @_abc_1.abstractmethod
     def ExportUsage(
