@@ -242,6 +242,12 @@ class LedgerClient(_Base):
         request = rq.build(pb.ListPricesRequest, fields)
         return self._unary(self._stub.ListPrices, request, timeout_s)
 
+    def get_output_stats(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.GetOutputStatsFields]
+    ) -> pb.GetOutputStatsResponse:
+        request = rq.build(pb.GetOutputStatsRequest, fields)
+        return self._unary(self._stub.GetOutputStats, request, timeout_s)
+
     def verify_audit(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.VerifyAuditFields]
     ) -> pb.VerifyAuditResponse:
@@ -468,6 +474,15 @@ class AsyncLedgerClient(_Base):
     ) -> pb.ListPricesResponse:
         request = rq.build(pb.ListPricesRequest, fields)
         reply: pb.ListPricesResponse = await self._unary(self._stub.ListPrices, request, timeout_s)
+        return reply
+
+    async def get_output_stats(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.GetOutputStatsFields]
+    ) -> pb.GetOutputStatsResponse:
+        request = rq.build(pb.GetOutputStatsRequest, fields)
+        reply: pb.GetOutputStatsResponse = await self._unary(
+            self._stub.GetOutputStats, request, timeout_s
+        )
         return reply
 
     async def verify_audit(

@@ -204,6 +204,16 @@ class ListPricesFields(TypedDict, total=False):
     model: str
 
 
+class GetOutputStatsFields(TypedDict, total=False):
+    """GetOutputStatsRequest's fields."""
+
+    tenant_id: str
+    user_id: str
+    model: str
+    window_hours: int
+    min_samples: int
+
+
 class ReplayHistoryFields(TypedDict, total=False):
     """ReplayHistoryRequest's fields."""
 

@@ -82,6 +82,11 @@ def test_reserve_commit_rollback_and_reads_through_the_blocking_client(
     rb = client.rollback(tenant_id=tenant, reservation_id=r2.reservation.reservation_id)
     assert rb.released == 50 and _held(client, tenant) == (0, 170)
     assert client.get_balance(tenant_id=tenant, user_id="ann").reservable == 830
+    stats = client.get_output_stats(tenant_id=tenant, user_id="ann", model="gpt-4o", min_samples=1)
+    assert (stats.samples, stats.p95_output_tokens) == (1, 50)
+    prices = [pb.Price(model="gpt-4o", currency="USD", input_micros_per_mtok=1)]
+    assert client.set_prices(tenant_id=tenant, prices=prices).prices[0].currency == "USD"
+    assert client.list_prices(tenant_id=tenant).currency == "USD"
 
 
 def test_a_write_without_a_key_gets_a_fresh_one_and_a_given_key_is_one_outcome(
