@@ -26,6 +26,7 @@ from ledger.postgres.store import PostgresStore
 from ledger.reads import RebuildReport, Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from services.ledger import cli_archive
 from services.ledger.config import Settings
 from services.platform import db
 from services.platform.auth import ClientAuth
@@ -96,6 +97,7 @@ def add_commands(sub: Any, target_default: str) -> None:
     rebuild.add_argument("--tenant", required=True)
     rebuild.add_argument("--json", action="store_true", help="JSON output")
     rebuild.set_defaults(run=cmd_rebuild)
+    cli_archive.add_commands(audit, _print_event)
 
     for name, help_text, run in (
         ("usage", "usage totals, grouped", cmd_usage),
