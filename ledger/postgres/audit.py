@@ -106,7 +106,15 @@ class LedgerAudit:
     async def balance_at(self, key: AccountKey, as_of: datetime) -> BalanceResult:
         """The balance of `key` and its ancestors as it stood at `as_of`, from the log (the
         primary's: on a replica, an instant within its lag would silently miss events).
-        Folded in a worker process, like a verification."""
+        Folded in a worker process, like a verification. Refused for a tenant with an
+        archive: the fold would miss the archived events once their months are dropped."""
+        async with self._snapshot(primary=True) as conn:
+            archived = await checkpoints.archived(conn, key.tenant_id)
+        if archived is not None:
+            raise CheckpointRefused(
+                f"tenant {key.tenant_id!r} is archived up to position {archived.position:,} "
+                f"(archive {archived.seq}): a past balance is not folded from the live log alone"
+            )
         return await self._in_worker(verify.balance_at, self._primary.conninfo, key, as_of)
 
     async def verify(self, scope: Scope, from_checkpoint: bool = False) -> VerifyReport:

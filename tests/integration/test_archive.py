@@ -11,7 +11,7 @@ import io
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,13 @@ import psycopg
 import pytest
 
 from ledger import archive
+from ledger.application import Ledger
 from ledger.archive import ArchiveUnreadable, Manifest
+from ledger.errors import CheckpointRefused
+from ledger.model import AccountKey
 from ledger.postgres.archive import Archiver, ArchiveRefused, PruneReport, month_start, prune
 from ledger.postgres.audit import LedgerAudit
+from ledger.postgres.store import PostgresStore
 from ledger.reads import Scope, VerifyReport
 from services.platform import db
 from tests.archive_support import (
@@ -211,6 +215,22 @@ def test_bad_archive_requests_change_nothing(world: World, tmp_path: Path) -> No
         assert caught.value.exit_code == 2
     assert archive_rows(world.url) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_what_would_fold_the_whole_log_is_refused_after_an_archive(world: World) -> None:
+    """A rebuild and a past balance fold the log from its start, which archiving may drop."""
+
+    async def go() -> None:
+        async with db.make_pool(world.url, 2) as pool:
+            with pytest.raises(CheckpointRefused, match="archived up to position"):
+                await Ledger(PostgresStore(pool)).rebuild(world.a)
+            with (
+                closing(LedgerAudit(pool)) as audit,
+                pytest.raises(CheckpointRefused, match="archived up to position"),
+            ):
+                await audit.balance_at(AccountKey(world.a, "u1"), datetime.now(UTC))
+
+    asyncio.run(go())
 
 
 def test_partitions_go_only_when_every_tenant_in_them_is_archived(
