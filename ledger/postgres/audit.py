@@ -151,14 +151,15 @@ class LedgerAudit:
         passing: list[Checkpoint],
         archived: checkpoints.Archived | None,
     ) -> list[Part]:
-        """The parts of a full verification; after an archive, they start from its end, in
-        one part (the state read from its checkpoint is not cut into the users' buckets)."""
+        """The parts of a full verification; after an archive, they start from its end."""
         passes = tuple((c.seq, c.position) for c in passing)
         own_rows = tuple(c.seq for c in found)
         if archived is None:
             return verify.plan(scope, self._workers, own_rows, passes=passes)
         base = (archived.seq, archived.checkpoint_seq)
-        return verify.plan(scope, 1, own_rows, passes=passes, since=archived.position, base=base)
+        return verify.plan(
+            scope, self._workers, own_rows, passes=passes, since=archived.position, base=base
+        )
 
     async def _verify_since(
         self,

@@ -362,21 +362,18 @@ class _Fold:
                 self._install(text[0], key, value)
 
     def seed_all(self, conn: SyncConn) -> None:
-        """Start from an archive's end: its stream heads, and the whole state of the scope at
-        its checkpoint."""
+        """Start from an archive's end: its stream heads, and the whole state of the part's
+        share of the scope at its checkpoint."""
         archive_seq, checkpoint_seq = self.part.base
-        tenant = self.part.scope.tenant_id
-        row = conn.execute(
-            "SELECT heads FROM audit_archives WHERE tenant_id = %s AND seq = %s",
-            (tenant, archive_seq),
-        ).fetchone()
-        for text, head in (row["heads"] if row else {}).items():
-            key = archive.stream_key(text)
-            if self.part.in_scope(key):
-                self.chains.heads[key] = cp.parse_stream(head)
-        for r in conn.execute(_STATE_ALL_SQL, (tenant, checkpoint_seq)):
+        part = self.part
+        params = {"tenant": part.scope.tenant_id, "buckets": part.buckets, "bucket": part.bucket}
+        for row in conn.execute(_ARCHIVE_HEADS_SQL, params | {"seq": archive_seq}):
+            key = archive.stream_key(row["key"])
+            if part.in_scope(key):
+                self.chains.heads[key] = cp.parse_stream(row["value"])
+        for r in conn.execute(_STATE_ALL_SQL, params | {"seq": checkpoint_seq}):
             key, owner = cp.parse_key(r["kind"], r["key"], r["value"])
-            if self.part.in_scope(owner):
+            if part.in_scope(owner):
                 self._install(r["kind"], key, r["value"])
 
     def _install(self, kind: str, key: Any, value: str) -> None:
@@ -455,14 +452,28 @@ ORDER BY r.kind, r.key, r.seq DESC
 """
 
 
+# Starting from an archive (Part.base), each part reads its share: with buckets, the keys
+# whose user falls in its bucket, as Part._users_only selects events and rows.
+_ARCHIVE_HEADS_SQL = """
+SELECT h.key, h.value FROM audit_archives a, jsonb_each_text(a.heads) h
+WHERE a.tenant_id = %(tenant)s AND a.seq = %(seq)s
+  AND (%(buckets)s <= 1 OR (hashtext((h.key::jsonb)->>1) & 2147483647) %% %(buckets)s
+                            = %(bucket)s)
+"""
 # The whole state at a checkpoint but the stream heads (the archive's are used): per key, its
-# row of the highest seq up to it, if that row is not a removal.
+# row of the highest seq up to it, if that row is not a removal. The user is the key's second
+# part (usage keys start with the hour), a reservation's is in its value.
 _STATE_ALL_SQL = """
 SELECT kind, key, value FROM (
     SELECT DISTINCT ON (kind, key) kind, key, value FROM audit_checkpoint_rows
-    WHERE tenant_id = %s AND seq <= %s AND kind <> 'stream'
+    WHERE tenant_id = %(tenant)s AND seq <= %(seq)s AND kind <> 'stream'
     ORDER BY kind, key, seq DESC
-) latest WHERE value IS NOT NULL
+) latest
+WHERE value IS NOT NULL
+  AND (%(buckets)s <= 1 OR (hashtext(CASE kind
+          WHEN 'reservation' THEN (value::jsonb)->'key'->>1
+          WHEN 'usage' THEN (key::jsonb)->>2
+          ELSE (key::jsonb)->>1 END) & 2147483647) %% %(buckets)s = %(bucket)s)
 """
 
 
