@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from ledger import archive
+from ledger.archive import Manifest
 from tests.archive_support import (
     Months,
     archive_rows,
@@ -114,6 +116,10 @@ def test_bad_inputs_are_refused_in_one_line_and_change_nothing(site: Site) -> No
     existing = site.tmp / "exists.tla.gz"
     existing.write_bytes(b"")
     future = f"{m.now.year + 1}-01"
+    others = site.tmp / "others.tla.gz"
+    with others.open("wb") as f:  # an archive of another tenant (empty: no database needed)
+        writer = archive.Writer(f, {})
+        writer.finish(Manifest("someone", 1, "2026-01", 0, 0, 0, 0, {}, {}, {}, ""))
     cases = [
         (("archive", "--tenant", site.a, "--before", "2026-13"), "no such month"),
         (("archive", "--tenant", site.a, "--before", "last-year"), "expected a month"),
@@ -130,6 +136,8 @@ def test_bad_inputs_are_refused_in_one_line_and_change_nothing(site: Site) -> No
         (("verify", "--tenant", site.a, "--archive", str(site.tmp / "missing")), "No such file"),
         (("verify", "--tenant", site.a, "--archive", str(not_gzip)), "Not a gzipped file"),
         (("replay", "--tenant", site.a, "--archive", str(not_gzip)), "Not a gzipped file"),
+        (("verify", "--tenant", site.a, "--archive", str(others)), "'someone''s archive"),
+        (("replay", "--tenant", site.a, "--archive", str(others)), "is not tenant"),
     ]  # fmt: skip
     before = (archive_rows(site.url), partitions(site.url), sorted(site.tmp.iterdir()))
     for args, message in cases:
