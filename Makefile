@@ -73,6 +73,7 @@ bench: $(BIN)/tokenledger
 	$(BIN)/python -m tests.bench.ledger_bench
 	$(BIN)/python -m tests.bench.audit_bench
 	$(BIN)/python -m tests.bench.checkpoint_bench
+	$(BIN)/python -m tests.bench.archive_bench
 	$(BIN)/python -m tests.bench.policy_bench
 	$(BIN)/python -m tests.bench.context_bench
 	$(BIN)/python -m tests.bench.predict_bench

@@ -140,6 +140,23 @@ def parse_rate_limit(key: RateLimitKey, value: str) -> RateLimit:
     return RateLimit(key, tpm, rpm, tokens_tat, requests_tat)
 
 
+def parse_key(kind: str, text: str, value: str) -> tuple[Any, AccountKey]:
+    """A state item's key as a verification keeps it, and the account it belongs to."""
+    if kind == "reservation":
+        return text, parse_reservation(value).key
+    parts = json.loads(text)
+    if kind in ("stream", "account"):
+        account = AccountKey(*parts)
+        return account, account
+    if kind == "usage":
+        tenant, hour, user, conversation, model = parts
+        account = AccountKey(tenant, user, conversation)
+        return UsageKey(tenant, codec.parse_ts(hour), user, conversation, model), account
+    tenant, user, conversation, model = parts
+    account = AccountKey(tenant, user, conversation)
+    return RateLimitKey(account, model), account
+
+
 def delta_digest(items: list[tuple[str, str, str | None]]) -> bytes:
     """sha256 of a checkpoint's own rows, in (kind, key) order by code point."""
     h = hashlib.sha256()

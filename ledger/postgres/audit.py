@@ -134,7 +134,15 @@ class LedgerAudit:
     async def balance_at(self, key: AccountKey, as_of: datetime) -> BalanceResult:
         """The balance of `key` and its ancestors as it stood at `as_of`, from the log (the
         primary's: on a replica, an instant within its lag would silently miss events).
-        Folded in a worker process, like a verification."""
+        Folded in a worker process, like a verification. Refused for a tenant with an
+        archive: the fold would miss the archived events once their months are dropped."""
+        async with self._snapshot(primary=True) as conn:
+            archived = await checkpoints.archived(conn, key.tenant_id)
+        if archived is not None:
+            raise CheckpointRefused(
+                f"tenant {key.tenant_id!r} is archived up to position {archived.position:,} "
+                f"(archive {archived.seq}): a past balance is not folded from the live log alone"
+            )
         return await self._in_worker(verify.balance_at, self._primary.conninfo, key, as_of)
 
     async def verify(self, scope: Scope, from_checkpoint: bool = False) -> VerifyReport:
@@ -147,20 +155,46 @@ class LedgerAudit:
         reads only the events after it (see README, Audit)."""
         async with self._snapshot() as conn:
             found = [] if scope.user_id else await checkpoints.read_all(conn, scope.tenant_id)
+            archived = await checkpoints.archived(conn, scope.tenant_id)
             if from_checkpoint:
-                return await self._verify_since(conn, scope, found)
-            passes = tuple((c.seq, c.position) for c in found)
-            own_rows = tuple(c.seq for c in found)
-            parts = verify.plan(scope, self._workers, own_rows, passes=passes)
+                return await self._verify_since(conn, scope, found, archived)
+            since = archived.position if archived else 0
+            passing = [c for c in found if c.position >= since]
+            parts = self._full_parts(scope, found, passing, archived)
             report = await self._run_parts(conn, parts)
-            report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows)
-        for c in found:
+            report.differences[:0] = await checkpoints.problems(
+                conn, found, report.own_rows, archived
+            )
+        for c in passing:
             report.differences[:0] = checkpoints.state_differences(c, report.sums.get(c.seq))
         report.checkpoints_checked = len(found)
+        if archived is not None:
+            report.from_position = archived.position
         return report
 
+    def _full_parts(
+        self,
+        scope: Scope,
+        found: list[Checkpoint],
+        passing: list[Checkpoint],
+        archived: checkpoints.Archived | None,
+    ) -> list[Part]:
+        """The parts of a full verification; after an archive, they start from its end."""
+        passes = tuple((c.seq, c.position) for c in passing)
+        own_rows = tuple(c.seq for c in found)
+        if archived is None:
+            return verify.plan(scope, self._workers, own_rows, passes=passes)
+        base = (archived.seq, archived.checkpoint_seq)
+        return verify.plan(
+            scope, self._workers, own_rows, passes=passes, since=archived.position, base=base
+        )
+
     async def _verify_since(
-        self, conn: Conn, scope: Scope, found: list[Checkpoint]
+        self,
+        conn: Conn,
+        scope: Scope,
+        found: list[Checkpoint],
+        archived: checkpoints.Archived | None,
     ) -> VerifyReport:
         if scope.user_id:
             raise CheckpointRefused("a verification from a checkpoint covers a whole tenant")
@@ -174,7 +208,7 @@ class LedgerAudit:
             scope, self._workers, since_seq=last.seq, since=last.position, own_rows=(last.seq,)
         )
         report = await self._run_parts(conn, parts)
-        report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows)
+        report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows, archived)
         report.from_checkpoint, report.from_position = last.seq, last.position
         report.checkpoints_checked = len(found)
         return report
@@ -221,8 +255,9 @@ class LedgerAudit:
                 own_rows = (last.seq,) if last else ()
                 parts = verify.plan(Scope(tenant_id), self._workers, own_rows, **options)
                 report = await self._run_parts(conn, parts, primary=True)
+                archived = await checkpoints.archived(conn, tenant_id)
                 own = report.own_rows
-                report.differences[:0] = await checkpoints.problems(conn, found, own)
+                report.differences[:0] = await checkpoints.problems(conn, found, own, archived)
                 if last is not None:
                     report.from_checkpoint, report.from_position = last.seq, last.position
                 if report.breaks or report.differences:

@@ -9,6 +9,7 @@ sum their rebuilt state at each checkpoint's position.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -62,11 +63,16 @@ async def events_up_to(conn: Conn, tenant_id: str, after: int, position: int) ->
 
 
 async def problems(
-    conn: Conn, checkpoints: list[Checkpoint], own_rows: dict[int, tuple[int, bytes]]
+    conn: Conn,
+    checkpoints: list[Checkpoint],
+    own_rows: dict[int, tuple[int, bytes]],
+    archived: Archived | None = None,
 ) -> list[Difference]:
     """What is wrong with the chain of `checkpoints`; for those in `own_rows` (seq -> their
     rows' count and digest as stored now, from a verification part), with their rows and
-    with the count of events up to each."""
+    with the count of events up to each. With the tenant `archived`, the events up to the
+    archive's end are counted by it (they may be gone from the log), and a checkpoint before
+    that end is not counted again (its archive was verified against it)."""
     out = [
         Difference("checkpoint", c.name, "chain", problem, "")
         for c, problem in cp.chain_problems(checkpoints)
@@ -82,12 +88,41 @@ async def problems(
                     f"recorded {c.delta_rows} rows {c.delta_digest.hex()[:16]}",
                 )
             )  # fmt: skip
-        events = await events_up_to(conn, c.tenant_id, 0, c.position)
+        after, before = (archived.position, archived.events) if archived else (0, 0)
+        if c.position < after:
+            continue
+        events = before + await events_up_to(conn, c.tenant_id, after, c.position)
         if events != c.events:
             out.append(
                 Difference("checkpoint", c.name, "events", str(events), f"recorded {c.events}")
             )
     return out
+
+
+@dataclass(frozen=True)
+class Archived:
+    """Where a tenant's last verified archive ends (ledger/postgres/archive.py): a
+    verification of the live log starts there."""
+
+    seq: int
+    checkpoint_seq: int
+    position: int
+    events: int
+    """The tenant's events up to `position` (its checkpoint's count)."""
+
+
+async def archived(conn: Conn, tenant_id: str) -> Archived | None:
+    """The tenant's last archive, if it has one."""
+    cur = await conn.execute(
+        "SELECT a.seq, a.checkpoint_seq, a.last_position, c.events FROM audit_archives a "
+        "JOIN audit_checkpoints c ON c.tenant_id = a.tenant_id AND c.seq = a.checkpoint_seq "
+        "WHERE a.tenant_id = %s ORDER BY a.seq DESC LIMIT 1",
+        (tenant_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return Archived(row["seq"], row["checkpoint_seq"], row["last_position"], row["events"])
 
 
 def state_differences(

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from ledger import codec
+from ledger.errors import CheckpointRefused
 from ledger.model import Account, AccountKey, RateLimit, Reservation
 from ledger.money import PricePoint
 from ledger.ports import (
@@ -431,7 +432,10 @@ class _Unit:
         await self.write(changes)
 
     async def events_after(self, position: int) -> AsyncIterator[FoldedEvent]:
-        """Through a named cursor: needs the transaction the unit of work runs in."""
+        """Through a named cursor: needs the transaction the unit of work runs in. From the
+        start, refused for a tenant with an archive (its archived months may be gone)."""
+        if position == 0:
+            await self._refuse_if_archived()
         async with self._conn.cursor(name="rebuild") as cur:
             await cur.execute(
                 "SELECT * FROM events WHERE tenant_id = %s AND position > %s ORDER BY position",
@@ -441,6 +445,18 @@ class _Unit:
                 yield FoldedEvent(
                     row["position"], codec.event_from_row(row), row["version"], bytes(row["hash"])
                 )
+
+    async def _refuse_if_archived(self) -> None:
+        cur = await self._conn.execute(
+            "SELECT max(last_position) AS p FROM audit_archives WHERE tenant_id = %s",
+            (self._tenant_id,),
+        )
+        row = await cur.fetchone()
+        if row is not None and row["p"] is not None:
+            raise CheckpointRefused(
+                f"tenant {self._tenant_id!r} is archived up to position {row['p']:,}: its "
+                "projections cannot be rebuilt from the live log alone; nothing was changed"
+            )
 
 
 def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[str, ...]]:

@@ -23,8 +23,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from ledger import archive, codec
 from ledger import checkpoints as cp
-from ledger import codec
 from ledger.checkpoints import KINDS, Digest
 from ledger.domain import rate_limit_keys
 from ledger.model import (
@@ -79,6 +79,15 @@ class Part:
     """Return the state items that changed since the checkpoint (for the next one)."""
     own_rows: tuple[int, ...] = ()
     """The checkpoints whose own rows this part counts and digests (one part does)."""
+    base: tuple[int, int] = (0, 0)
+    """(archive seq, its checkpoint's seq): the events up to `since` were archived; start
+    from the stream heads the archive recorded and the whole state at its checkpoint."""
+
+    def in_scope(self, key: AccountKey) -> bool:
+        """Whether `key` is the part's and its scope's (for state read from a checkpoint)."""
+        s = self.scope
+        return self.keep(key) and (not s.user_id or key.user_id == s.user_id) and (
+            not s.conversation_id or key.conversation_id == s.conversation_id)  # fmt: skip
 
     def keep(self, key: AccountKey) -> bool:
         """Whether this part checks the account (and streams, limiters) of `key`."""
@@ -179,6 +188,8 @@ def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS
         # on the same snapshot: one connection cannot run a query in the middle of a COPY.
         seeds = more.enter_context(_reading(conninfo, snapshot)) if part.since_seq else conn
         fold = _Fold(part)
+        if part.base[0]:
+            fold.seed_all(conn)
         rows: list[dict[str, Any]] = []
         for row in _event_rows(conn, *part.events_where()):
             rows.append(row)
@@ -350,6 +361,21 @@ class _Fold:
             if value is not None:
                 self._install(text[0], key, value)
 
+    def seed_all(self, conn: SyncConn) -> None:
+        """Start from an archive's end: its stream heads, and the whole state of the part's
+        share of the scope at its checkpoint."""
+        archive_seq, checkpoint_seq = self.part.base
+        part = self.part
+        params = {"tenant": part.scope.tenant_id, "buckets": part.buckets, "bucket": part.bucket}
+        for row in conn.execute(_ARCHIVE_HEADS_SQL, params | {"seq": archive_seq}):
+            key = archive.stream_key(row["key"])
+            if part.in_scope(key):
+                self.chains.heads[key] = cp.parse_stream(row["value"])
+        for r in conn.execute(_STATE_ALL_SQL, params | {"seq": checkpoint_seq}):
+            key, owner = cp.parse_key(r["kind"], r["key"], r["value"])
+            if part.in_scope(owner):
+                self._install(r["kind"], key, r["value"])
+
     def _install(self, kind: str, key: Any, value: str) -> None:
         if kind == "stream":
             self.chains.heads[key] = cp.parse_stream(value)
@@ -423,6 +449,31 @@ FROM audit_checkpoint_rows r
 JOIN unnest(%b::text[], %b::text[]) AS t(kind, key) ON r.kind = t.kind AND r.key = t.key
 WHERE r.tenant_id = %s AND r.seq <= %s
 ORDER BY r.kind, r.key, r.seq DESC
+"""
+
+
+# Starting from an archive (Part.base), each part reads its share: with buckets, the keys
+# whose user falls in its bucket, as Part._users_only selects events and rows.
+_ARCHIVE_HEADS_SQL = """
+SELECT h.key, h.value FROM audit_archives a, jsonb_each_text(a.heads) h
+WHERE a.tenant_id = %(tenant)s AND a.seq = %(seq)s
+  AND (%(buckets)s <= 1 OR (hashtext((h.key::jsonb)->>1) & 2147483647) %% %(buckets)s
+                            = %(bucket)s)
+"""
+# The whole state at a checkpoint but the stream heads (the archive's are used): per key, its
+# row of the highest seq up to it, if that row is not a removal. The user is the key's second
+# part (usage keys start with the hour), a reservation's is in its value.
+_STATE_ALL_SQL = """
+SELECT kind, key, value FROM (
+    SELECT DISTINCT ON (kind, key) kind, key, value FROM audit_checkpoint_rows
+    WHERE tenant_id = %(tenant)s AND seq <= %(seq)s AND kind <> 'stream'
+    ORDER BY kind, key, seq DESC
+) latest
+WHERE value IS NOT NULL
+  AND (%(buckets)s <= 1 OR (hashtext(CASE kind
+          WHEN 'reservation' THEN (value::jsonb)->'key'->>1
+          WHEN 'usage' THEN (key::jsonb)->>2
+          ELSE (key::jsonb)->>1 END) & 2147483647) %% %(buckets)s = %(bucket)s)
 """
 
 

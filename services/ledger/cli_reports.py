@@ -29,7 +29,7 @@ from ledger.postgres.store import PostgresStore
 from ledger.reads import RebuildReport, Scope, VerifyReport
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from services.ledger import reports
+from services.ledger import cli_archive, reports
 from services.ledger.config import Settings
 from services.ledger.reports import Record
 from services.platform import db
@@ -101,6 +101,7 @@ def add_commands(sub: Any, target_default: str) -> None:
     rebuild.add_argument("--tenant", required=True)
     rebuild.add_argument("--json", action="store_true", help="JSON output")
     rebuild.set_defaults(run=cmd_rebuild)
+    cli_archive.add_commands(audit, _print_event)
 
     _add_usage_commands(parser)
 

@@ -21,6 +21,7 @@ from ledger import limits
 from ledger.application import Ledger, utc_now
 from ledger.errors import CheckpointRefused, StoreUnavailable
 from ledger.model import Event
+from ledger.postgres import partitions
 from ledger.postgres.audit import LedgerAudit
 from ledger.postgres.store import PostgresStore
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -109,7 +110,7 @@ class LedgerServer:
             on_appended=self._appended,
             key_retention_s=key_retention_s,
         )
-        self.sweep_interval_s = sweep_interval_s
+        self.sweep_interval_s, self.clock = sweep_interval_s, clock
         self.checkpoints = checkpoints or CheckpointSchedule()
         self._checkpointer: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
@@ -238,8 +239,9 @@ class LedgerServer:
             )
 
     async def _sweep_forever(self) -> None:
-        """Expire overdue holds, and every KEY_PRUNE_INTERVAL_S prune expired idempotency keys;
-        the health status follows whether the database answers."""
+        """Expire overdue holds, and every KEY_PRUNE_INTERVAL_S prune expired idempotency keys
+        and make the event partitions of the coming months; the health status follows whether
+        the database answers."""
         next_prune = 0.0
         while True:
             try:
@@ -248,6 +250,8 @@ class LedgerServer:
                     next_prune = time.monotonic() + KEY_PRUNE_INTERVAL_S
                     if pruned := await self.store.prune_keys():
                         log.info("pruned expired idempotency keys", count=pruned)
+                    if made := await partitions.create_ahead(self.pool, self.clock().date()):
+                        log.info("made event partitions ahead", count=made)
             except (StoreUnavailable, OSError) as exc:
                 log.warning("database unavailable", error=str(exc))
                 await self._set_serving(False)

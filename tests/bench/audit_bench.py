@@ -110,7 +110,10 @@ def _copy_projections(
                             a.used_month, a.month_start, json.dumps([list(b) for b in a.recent]),
                             json.dumps(codec.grants_to_json(a.grants)),
                             json.dumps(list(a.alert_thresholds)), json.dumps(list(a.alerts_fired)),
-                            a.alerts_period, version, head])  # fmt: skip
+                            a.alerts_period,
+                            None if a.money is None else json.dumps(
+                                codec.account_to_json(a.money)),
+                            version, head])  # fmt: skip
     columns = ("tenant_id, reservation_id, user_id, conversation_id, model, amount, state, "
                "created_at, expires_at, labels, input_tokens, output_tokens, "
                "cached_input_tokens, late, ended_at")  # fmt: skip
