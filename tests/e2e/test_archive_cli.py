@@ -107,6 +107,9 @@ def test_archive_verify_replay_and_prune_on_the_command_line(site: Site) -> None
     assert replay(site, first, second) == whole  # the archives give back what was dropped
     online = cli(site.url, "verify", "--tenant", site.a, "--target", site.server.target)
     assert online.returncode == 0, online.stdout
+    rebuild = cli(site.url, "rebuild", "--tenant", site.a)  # its log no longer starts at 1
+    assert rebuild.returncode == 2 and rebuild.stderr.count("\n") == 1, rebuild.stderr
+    assert "is archived up to position" in rebuild.stderr
 
 
 def test_bad_inputs_are_refused_in_one_line_and_change_nothing(site: Site) -> None:
