@@ -100,7 +100,7 @@ class LoggedEvent:
 
 
 DIFFERENCE_KINDS = (
-    "checkpoint", "event", "account", "stream", "reservation", "usage", "rate_limit",
+    "checkpoint", "event", "account", "stream", "reservation", "usage", "rate_limit", "price",
 )  # fmt: skip
 
 

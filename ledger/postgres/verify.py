@@ -37,6 +37,7 @@ from ledger.model import (
     RateLimitSet,
     TokensReserved,
 )
+from ledger.money import PricePoint
 from ledger.postgres.errors import translate
 from ledger.postgres.rows import (
     ACCOUNT_COLUMNS,
@@ -44,6 +45,7 @@ from ledger.postgres.rows import (
     RESERVATION_COLUMNS,
     account_from_row,
     account_key,
+    price_from_row,
     rate_limit_from_row,
     reservation_from_row,
     scope_where,
@@ -203,9 +205,26 @@ def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS
             live = _Live.read(conn, fold.touched.where(part.scope.tenant_id))
         else:
             live = _Live.read(conn, _same(*part.rows_where()))
+        if _checks_prices(part):
+            live.prices = _live_prices(conn, part.scope.tenant_id)
     report = fold.report_against(live)
     report.own_rows = own_rows
     return report
+
+
+def _checks_prices(part: Part) -> bool:
+    """Whether the part compares the tenant's prices: the tenant's part of a whole-log
+    verification, which folds every PriceSet (checkpoints and archives keep no prices)."""
+    return part.tenant_level and not (part.since_seq or part.base[0] or part.scope.user_id)
+
+
+def _live_prices(conn: SyncConn, tenant_id: str) -> dict[tuple[str, datetime], PricePoint]:
+    rows = conn.execute(_PRICES_SQL, (tenant_id,)).fetchall()
+    return {(p.model, p.effective_from): p for p in map(price_from_row, rows)}
+
+
+_PRICES_SQL = """SELECT model, effective_from, currency, input_per_mtok, output_per_mtok,
+       cached_input_per_mtok FROM prices WHERE tenant_id = %s"""
 
 
 def _own_rows(conn: SyncConn, tenant_id: str, seq: int) -> tuple[int, bytes]:
@@ -436,6 +455,8 @@ class _Fold:
         diff += _compare("reservation", live.reservations, rebuilt.reservations, lambda r: r)
         diff += _compare("usage", live.usage, usage, _usage_key_text)
         diff += _compare("rate_limit", live.rate_limits, rebuilt.rate_limits, _rate_limit_key_text)
+        if _checks_prices(self.part):
+            diff += _compare("price", live.prices, rebuilt.prices, _price_key_text)
         report.sums = self.sums
         if self.part.collect:
             report.changes = self.changes()
@@ -531,6 +552,7 @@ class _Live:
     reservations: dict[str, Any] = field(default_factory=dict)
     usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
+    prices: dict[tuple[str, datetime], PricePoint] = field(default_factory=dict)
 
     @classmethod
     def read(cls, conn: SyncConn, where: Callable[[str], tuple[str, tuple[Any, ...]]]) -> _Live:
@@ -561,6 +583,10 @@ class _Live:
 
 def _usage_key_text(key: UsageKey) -> str:
     return f"{key.tenant_id}/{key.user_id}/{key.conversation_id}@{key.hour.isoformat()}:{key.model}"
+
+
+def _price_key_text(key: tuple[str, datetime]) -> str:
+    return f"{key[0]}@{key[1].isoformat()}"
 
 
 def _rate_limit_key_text(key: RateLimitKey) -> str:

@@ -14,6 +14,7 @@ from fractions import Fraction
 from math import ceil
 
 import grpc
+import psycopg
 import pytest
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -131,6 +132,12 @@ def test_costs_follow_the_price_in_force_and_reports_equal_tokens_times_price(
     assert sum(1 for e in events if '"cost":' in e.data_json) == 4
     report = verify_tenant(database_url, tenant)
     assert not report.breaks and not report.differences, report.differences[:5]
+    # A price edited in the table (around the ledger) is found: the log says otherwise.
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE prices SET output_per_mtok = 1 WHERE tenant_id = %s AND "
+                     "effective_from > %s", (tenant, t0))  # fmt: skip
+    found = verify_tenant(database_url, tenant).differences
+    assert [(d.kind, d.field) for d in found] == [("price", "price")]
 
 
 def test_a_money_budget_is_never_overspent_by_64_concurrent_clients(api: Stub) -> None:

@@ -1901,7 +1901,8 @@ class ProjectionDifference(_message.Message):
     LIVE_FIELD_NUMBER: _builtins.int
     REBUILT_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
-    """"account", "stream", "reservation", "usage", "rate_limit", "event" (unreadable), or
+    """"account", "stream", "reservation", "usage", "rate_limit", "price" (whole-log verification
+    only; the key is "model@effective_from"), "event" (unreadable), or
     "checkpoint" (its chain, its rows, its event count, or the state it recorded; the key is
     "tenant#seq" and the field what differs).
     """
