@@ -53,7 +53,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     with scratch_database(tmp) as url:
         a, b = new_id("a"), new_id("b")
         months = three_months(url, [a, b], checkpoints=[a], users=4)
-        server = ServerThread(url).start()
+        server = ServerThread(url, sweep_interval_s=3600).start()  # no expiry mid-archive
         try:
             yield Site(url, months, a, b, server, tmp)
         finally:
@@ -96,8 +96,9 @@ def test_archive_verify_replay_and_prune_on_the_command_line(site: Site) -> None
     assert refused.returncode == 1 and "nothing dropped" in refused.stdout
     assert site.b in refused.stdout
     b_file = site.tmp / "b.tla.gz"
-    assert cli(site.url, "archive", "--tenant", site.b, "--before", f"{m.now:%Y-%m}",
-               "--out", str(b_file)).returncode == 0  # fmt: skip
+    b_made = cli(site.url, "archive", "--tenant", site.b, "--before", f"{m.now:%Y-%m}",
+                 "--out", str(b_file))  # fmt: skip
+    assert b_made.returncode == 0, b_made.stdout + b_made.stderr
     dry = cli(site.url, "prune-partitions", "--before", f"{m.now:%Y-%m}", "--dry-run")
     assert dry.returncode == 0 and "would drop 2 partitions" in dry.stdout
     dropped = cli(site.url, "prune-partitions", "--before", f"{m.now:%Y-%m}")

@@ -98,6 +98,7 @@ LEDGER_CASES: dict[str, Case] = {
         idempotency_key=new_id("p"), tenant_id=t, prices=[pb.Price(model="m", currency="USD")]
     ),
     "ListPrices": lambda t, rid: pb.ListPricesRequest(tenant_id=t),
+    "GetOutputStats": lambda t, rid: pb.GetOutputStatsRequest(tenant_id=t, model="m"),
     "RecordUsage": lambda t, rid: pb.RecordUsageRequest(
         idempotency_key=new_id("u"),
         tenant_id=t,
