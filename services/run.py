@@ -16,7 +16,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from services.context.config import ContextSettings
 from services.ledger.config import Settings
 from services.platform.config import ConfigError
 from services.platform.serve import STARTUP_FAILED_EXIT_CODE, StartupFailure, check_listen
@@ -51,6 +50,9 @@ def cmd_run(_args: argparse.Namespace) -> int:
 
 def _preflight(env: Mapping[str, str]) -> str:
     """Both configurations parse and both ports are free; the ledger's address."""
+    # Here, not at the top: it loads the tokenizer registry, a second on every `tokenledger`.
+    from services.context.config import ContextSettings
+
     ledger, context = Settings.from_env(env), ContextSettings.from_env(env)
     if ledger.listen == context.listen:
         raise ConfigError(
