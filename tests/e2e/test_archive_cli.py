@@ -4,8 +4,6 @@ and `audit replay --archive` as an operator runs them, with their bad inputs (on
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -17,7 +15,6 @@ import pytest
 
 from ledger import archive
 from ledger.archive import Manifest
-from services.cli import main
 from tests.archive_support import (
     Months,
     archive_rows,
@@ -26,27 +23,12 @@ from tests.archive_support import (
     rewrite,
     three_months,
 )
-from tests.support import TOKENLEDGER, ServerThread, new_id, scratch_database
+from tests.support import TOKENLEDGER, ServerThread, new_id, run_cli, scratch_database
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """`tokenledger audit ARGS` in this process (a new interpreter costs 2 s of imports a
-    call), with DATABASE_URL set to `url` or unset."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = os.environ.pop("DATABASE_URL", None)
-    if url:
-        os.environ["DATABASE_URL"] = url
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(["audit", *args])
-            except SystemExit as exc:  # argparse refuses bad arguments by exiting
-                code = int(exc.code or 0)
-    finally:
-        os.environ.pop("DATABASE_URL", None)
-        if saved is not None:
-            os.environ["DATABASE_URL"] = saved
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+    """`tokenledger audit ARGS` in this process, DATABASE_URL set to `url` or unset."""
+    return run_cli(["audit", *args], {"DATABASE_URL": url or None})
 
 
 def cli_process(url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,18 +15,12 @@ import pytest
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger import reports
-from tests.support import TOKENLEDGER, ServerThread, new_id
+from tests.support import TOKENLEDGER, ServerThread, new_id, run_cli
 
 
 def run(ledger: ServerThread, *args: str, columns: int = 250) -> subprocess.CompletedProcess[str]:
     """`tokenledger …` in a terminal `columns` wide (COLUMNS, as a shell exports it)."""
-    return subprocess.run(
-        [str(TOKENLEDGER), *args, "--target", ledger.target],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ | {"COLUMNS": str(columns)},
-    )
+    return run_cli([*args, "--target", ledger.target], {"COLUMNS": str(columns)})
 
 
 def _header(lines: list[str]) -> int:
