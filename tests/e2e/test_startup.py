@@ -109,20 +109,26 @@ def unmigrated_url(database_url: str) -> Iterator[str]:
 def test_run_stops_the_context_service_when_the_ledger_cannot_start(unmigrated_url: str) -> None:
     """Both start; the ledger then refuses a database at another schema revision (exit 2,
     one line): `run` stops the context service gracefully and exits 2, adding nothing."""
+    context = f"127.0.0.1:{free_port()}"
     ran = tokenledger(
         "run",
         timeout_s=90,
         DATABASE_URL=unmigrated_url,
         TOKENLEDGER_MIGRATE_ON_START="false",
         TOKENLEDGER_LISTEN=f"127.0.0.1:{free_port()}",
-        TOKENLEDGER_CONTEXT_LISTEN=f"127.0.0.1:{free_port()}",
+        TOKENLEDGER_CONTEXT_LISTEN=context,
     )
     assert ran.returncode == 2
     failures = [line for line in ran.stderr.splitlines() if not line.startswith("{")]
     assert len(failures) == 1, ran.stderr
     assert failures[0].startswith("tokenledger serve: ledger: the database is at schema revision")
     assert failures[0].endswith("run `tokenledger migrate` as the schema owner first")
-    assert '"event":"stopped"' in ran.stderr  # the context service's graceful stop
+    # A context service that got to serve stops gracefully; one still loading its tokenizers
+    # when the ledger failed (a loaded machine) is ended by the same SIGTERM before it serves.
+    if '"event":"serving"' in ran.stderr:
+        assert '"event":"stopped"' in ran.stderr
+    with socket.socket() as probe:  # nothing is left listening either way
+        assert probe.connect_ex(("127.0.0.1", int(context.rsplit(":", 1)[1]))) != 0
 
 
 def _wait(target: str, service: str, status: int) -> None:
