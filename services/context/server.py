@@ -61,6 +61,7 @@ from services.platform.serve import (
     check_listen,
     serve_until_signalled,
     server_options,
+    set_ready,
 )
 
 log = structlog.get_logger("tokenledger.context.server")
@@ -211,13 +212,7 @@ class ContextServer:
             await self._check_ledger()
 
     async def _set_ready(self, ready: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if ready
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+        await set_ready(self.health, SERVICE_NAME, ready)
 
 
 def _preload_names(raw: str) -> list[str]:

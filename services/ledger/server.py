@@ -32,7 +32,7 @@ from services.ledger.servicer import LedgerService
 from services.platform.auth import Authenticator, warn_if_off
 from services.platform.guards import Guards
 from services.platform.interceptors import DrainInterceptor
-from services.platform.serve import LIVENESS, call_path, server_options
+from services.platform.serve import LIVENESS, call_path, server_options, set_ready
 
 log = structlog.get_logger("tokenledger.server")
 
@@ -192,13 +192,7 @@ class LedgerServer:
         log.info("stopped")
 
     async def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+        await set_ready(self.health, SERVICE_NAME, serving)
 
     def _appended(self, events: Sequence[Event]) -> None:
         """What a committed transaction appended: counted, and its alerts queued."""

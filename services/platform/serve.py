@@ -13,6 +13,7 @@ from typing import Protocol
 
 import structlog
 from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2
 from opentelemetry.metrics import MeterProvider
 
 from services.platform.auth import Authenticator, AuthInterceptor
@@ -143,3 +144,15 @@ def server_options(
         ("grpc.max_send_message_length", response_bytes_max or message_bytes_max),
         ("grpc.so_reuseport", 0),
     ]
+
+
+async def set_ready(checks: health.aio.HealthServicer, service_name: str, ready: bool) -> None:
+    """Readiness, as the server ("") and its service report it: SERVING or NOT_SERVING.
+    Liveness (LIVENESS) is set apart: a server not ready is still alive."""
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if ready
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", service_name):
+        await checks.set(name, status)
