@@ -17,40 +17,14 @@ import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services.ledger.money_text import money_short
 
 Record = dict[str, Any]
 Kind = Literal["text", "period", "count", "money"]
-
-MICROS_PER_UNIT = 1_000_000
-_SYMBOLS = {"USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥"}
-_MINOR_UNITS = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "BHD": 3, "KWD": 3,
-                "OMR": 3, "JOD": 3, "TND": 3}  # fmt: skip
-"""ISO 4217 digits after the point where they are not 2."""
-
-
-def money_exact(micros: int, currency: str = "") -> str:
-    """`12.345678 USD`: every micro-unit, for exports and tooltips."""
-    whole, fraction = divmod(abs(micros), MICROS_PER_UNIT)
-    text = f"{'-' if micros < 0 else ''}{whole}.{fraction:06d}"
-    return f"{text} {currency}" if currency else text
-
-
-def money_short(micros: int, currency: str = "") -> str:
-    """`$12.35`, `¥1,235`, `12.35 CHF`: rounded half up to the currency's minor unit, for
-    tables and pages (exports keep `money_exact`'s digits)."""
-    places = _MINOR_UNITS.get(currency, 2)
-    amount = Decimal(micros).scaleb(-6).quantize(Decimal(1).scaleb(-places), ROUND_HALF_UP)
-    text = f"{abs(amount):,.{places}f}"
-    sign = "-" if amount < 0 else ""
-    symbol = _SYMBOLS.get(currency)
-    if symbol:
-        return f"{sign}{symbol}{text}"
-    return f"{sign}{text} {currency}" if currency else f"{sign}{text}"
 
 
 @dataclass(frozen=True)

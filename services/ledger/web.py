@@ -43,7 +43,7 @@ from ledger.postgres.errors import translated
 from ledger.postgres.store import PostgresStore
 from ledger.reads import GROUP_NAMES, UsageQuery
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
-from services.ledger import convert, reports
+from services.ledger import convert, money_text, reports
 from services.ledger.config import Settings
 from services.ledger.reports import Column, Record
 from services.ledger.web_chart import Chart, bar_chart
@@ -206,7 +206,7 @@ def _cell(column: Column, rec: Record, zone: ZoneInfo) -> Cell:
     text = reports.cell(column, rec, zone, "day")
     full = text
     if column.kind == "money":
-        full = reports.money_exact(int(rec.get(column.name, 0)), str(rec.get("currency", "")))
+        full = money_text.money_exact(int(rec.get(column.name, 0)), str(rec.get("currency", "")))
     return Cell(reports.shorten(text, 48), full, column.kind in ("count", "money"))
 
 
@@ -402,7 +402,7 @@ class WebApp:
         days = [r async for r in self._records(span.query(["day"]))]
         by_day = {reports.cell(reports.CATALOG["period"], r, zone, "day"): r for r in days}
         currency = str(reports.totals(days).get("currency", ""))
-        money = functools.partial(reports.money_short, currency=currency)
+        money = functools.partial(money_text.money_short, currency=currency)
         charts = [
             ("Tokens by day", _day_chart(span, by_day, "total_tokens", "{:,}".format)),
             ("Cost by day", _day_chart(span, by_day, "cost_micros", money)),

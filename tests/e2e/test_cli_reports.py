@@ -15,6 +15,7 @@ import pytest
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.ledger import reports
+from services.ledger.money_text import money_short
 from tests.support import TOKENLEDGER, ServerThread, new_id, run_cli
 
 
@@ -163,11 +164,11 @@ def test_tables_fit_80_columns_and_total_what_json_says(
         body = lines[head + 2 : -2]
         assert len(body) == 6 and all("…" in line for line in body)  # ids, shortened
         for r in rows:
-            cost = reports.money_short(r["cost_micros"], "USD")
+            cost = money_short(r["cost_micros"], "USD")
             assert any(line.split()[-2:] == [f"{r['total_tokens']:,}", cost] for line in body)
         shown = [c for c in ("input", "output", "total") if c in header]
         sums = [sum(r[f"{c}_tokens"] for r in rows) for c in shown]
-        cost = reports.money_short(sum(r["cost_micros"] for r in rows), "USD")
+        cost = money_short(sum(r["cost_micros"] for r in rows), "USD")
         assert lines[-1].split() == ["total", *(f"{n:,}" for n in sums), cost]
 
 

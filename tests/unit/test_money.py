@@ -21,6 +21,7 @@ MONEY_MODULES = (
     "ledger/money.py",
     "services/ledger/cli_prices.py",
     "services/ledger/money_text.py",
+    "services/ledger/reports.py",
 )
 """Modules that are money through and through: no float in them at all."""
 MONEY_FUNCTIONS = {

@@ -10,7 +10,7 @@ import pytest
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.ledger import reports
-from services.ledger.reports import money_exact, money_short
+from services.ledger.money_text import money_exact, money_short
 
 UTC = ZoneInfo("UTC")
 LONG_USER = "user-0b7e3c1f9a2d4e6f8a0b1c2d3e4f5a6b@customer-support.example.com"
