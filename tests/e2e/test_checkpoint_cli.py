@@ -5,7 +5,6 @@ written)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -15,19 +14,15 @@ import psycopg
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import TOKENLEDGER, LedgerProcess, ServerThread, call_fails, cycle, new_id
+from tests.support import LedgerProcess, ServerThread, call_fails, cycle, new_id, run_cli
 
 Stub = pb_grpc.LedgerServiceStub
 
 
 def cli(url: str, *args: str, target: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(TOKENLEDGER), "audit", *args, *(["--target", target] if target else [])],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ | {"DATABASE_URL": url, "TOKENLEDGER_AUDIT_WORKERS": "2"},
-    )
+    """`tokenledger audit ARGS` in this process (the entry point: test_archive_cli)."""
+    argv = ["audit", *args, *(["--target", target] if target else [])]
+    return run_cli(argv, {"DATABASE_URL": url, "TOKENLEDGER_AUDIT_WORKERS": "2"})
 
 
 def written(url: str) -> tuple[int, int]:
