@@ -241,6 +241,7 @@ class WebApp:
         self._audit = audit
         self._keys = keys
         self._pool = pool
+        self._store = PostgresStore(pool)
         self._clock = clock
         self._env = Environment(
             loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined
@@ -361,8 +362,8 @@ class WebApp:
 
     # --- reading ---------------------------------------------------------------------------
 
-    async def _records(self, query: UsageQuery) -> AsyncIterator[Record]:
-        currency = await PostgresStore(self._pool).currency(query.tenant_id)
+    async def _records(self, query: UsageQuery, currency: str) -> AsyncIterator[Record]:
+        """The query's rows as records, with the tenant's `currency` (read once a page)."""
         rows = self._audit.export_usage(query)
         async with aclosing(rows):
             async for row in rows:
@@ -372,7 +373,8 @@ class WebApp:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=reports.csv_columns(groups))
         writer.writeheader()
-        async for rec in self._records(query):
+        currency = await self._store.currency(query.tenant_id)
+        async for rec in self._records(query, currency):
             writer.writerow(rec)
             if out.tell() > 32 << 10:
                 yield out.getvalue().encode()
@@ -380,10 +382,10 @@ class WebApp:
                 out.truncate()
         yield out.getvalue().encode()
 
-    async def _top(self, query: UsageQuery) -> list[Record]:
+    async def _top(self, query: UsageQuery, currency: str) -> list[Record]:
         """The `top_rows` records with the most tokens, holding no more than that many."""
         heap: list[tuple[int, int, Record]] = []
-        async for i, rec in _enumerate(self._records(query)):
+        async for i, rec in _enumerate(self._records(query, currency)):
             item = (int(rec["total_tokens"]), -i, rec)
             if len(heap) < top_rows:
                 heapq.heappush(heap, item)
@@ -399,21 +401,23 @@ class WebApp:
 
     async def _report(self, span: Span) -> Report:
         zone = ZoneInfo(span.tz)
-        days = [r async for r in self._records(span.query(["day"]))]
+        currency = await self._store.currency(span.tenant)
+        days = [r async for r in self._records(span.query(["day"]), currency)]
         by_day = {reports.cell(reports.CATALOG["period"], r, zone, "day"): r for r in days}
-        currency = str(reports.totals(days).get("currency", ""))
         money = functools.partial(money_text.money_short, currency=currency)
         charts = [
             ("Tokens by day", _day_chart(span, by_day, "total_tokens", "{:,}".format)),
             ("Cost by day", _day_chart(span, by_day, "cost_micros", money)),
         ]
-        models = [r async for r in self._records(span.query(["model"]))]
+        models = [r async for r in self._records(span.query(["model"]), currency)]
         models.sort(key=lambda r: int(r["total_tokens"]), reverse=True)
         tables = [
-            _table("Top users", await self._top(span.query(["user"])), reports.ACCOUNT, zone),
+            _table(
+                "Top users", await self._top(span.query(["user"]), currency), reports.ACCOUNT, zone
+            ),
             _table(
                 "Top conversations",
-                await self._top(span.query(["conversation"])),
+                await self._top(span.query(["conversation"]), currency),
                 reports.ACCOUNT,
                 zone,
             ),
