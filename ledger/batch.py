@@ -20,7 +20,6 @@ from ledger.domain import (
     evolve_reservation,
     rate_limit_keys,
     threshold_crossings,
-    with_point,
 )
 from ledger.model import (
     Account,
@@ -34,7 +33,7 @@ from ledger.model import (
     Reservation,
     State,
 )
-from ledger.money import PricePoint
+from ledger.money import PricePoint, point_of, with_point
 from ledger.ports import (
     Changes,
     Locked,
@@ -238,7 +237,7 @@ class Batch:
         return res
 
     def _set_price(self, event: PriceSet) -> None:
-        point = codec.price_point(event)
+        point = point_of(event)
         self.prices[event.model] = with_point(self.prices.get(event.model, ()), point)
         self.currency = event.currency
         self._changes.prices.append(point)

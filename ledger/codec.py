@@ -418,9 +418,3 @@ def price_from_json(obj: dict[str, Any]) -> PricePoint:
     return PricePoint(
         obj["model"], parse_ts(obj["effective_from"]), obj["currency"], Price(*obj["per_mtok"])
     )
-
-
-def price_point(event: PriceSet) -> PricePoint:
-    """The price point a PriceSet event sets."""
-    price = Price(event.input_per_mtok, event.output_per_mtok, event.cached_input_per_mtok)
-    return PricePoint(event.model, event.effective_from, event.currency, price)

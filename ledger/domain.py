@@ -56,7 +56,15 @@ from ledger.model import (
     hour_of,
     rolling_window_hours_max,
 )
-from ledger.money import HoldPricing, Price, PricePoint, price_at, prices_during
+from ledger.money import (
+    HoldPricing,
+    Price,
+    PricePoint,
+    point_of,
+    price_at,
+    prices_during,
+    with_point,
+)
 
 MINUTE_US = 60_000_000
 
@@ -165,23 +173,20 @@ def _decide_set_prices(snap: Snapshot, cmd: SetPrices, ctx: Context, meta: _Meta
     for i, entry in enumerate(cmd.prices):
         points = book.get(entry.model, ())
         at = _price_start(points, currency, snap.held_until.get(entry.model), entry, i, ctx.now)
-        events.append(
-            PriceSet(
-                key=AccountKey(cmd.tenant_id),
-                idempotency_key=cmd.idempotency_key,
-                model=entry.model,
-                currency=entry.currency,
-                effective_from=at,
-                input_per_mtok=entry.input_per_mtok,
-                output_per_mtok=entry.output_per_mtok,
-                cached_input_per_mtok=entry.cached_input_per_mtok,
-                **meta,
-            )
+        event = PriceSet(
+            key=AccountKey(cmd.tenant_id),
+            idempotency_key=cmd.idempotency_key,
+            model=entry.model,
+            currency=entry.currency,
+            effective_from=at,
+            input_per_mtok=entry.input_per_mtok,
+            output_per_mtok=entry.output_per_mtok,
+            cached_input_per_mtok=entry.cached_input_per_mtok,
+            **meta,
         )
+        events.append(event)
         currency = entry.currency
-        book[entry.model] = with_point(
-            points, PricePoint(entry.model, at, currency, _price_of(entry))
-        )
+        book[entry.model] = with_point(points, point_of(event))
     return events
 
 
@@ -221,12 +226,6 @@ def _price_start(
             earliest=held_until.isoformat(),
         )
     return at
-
-
-def with_point(points: tuple[PricePoint, ...], point: PricePoint) -> tuple[PricePoint, ...]:
-    """A model's points with `point` added (replacing one at the same time), oldest first."""
-    kept = [p for p in points if p.effective_from != point.effective_from]
-    return tuple(sorted((*kept, point), key=lambda p: p.effective_from))
 
 
 def _decide_grant(snap: Snapshot, cmd: GrantTokens, ctx: Context, meta: _Meta) -> list[Event]:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from ledger.model import Usage
+from ledger.model import PriceSet, Usage
 
 TOKENS_PER_PRICE_UNIT = 1_000_000
 """A price is per this many tokens."""
@@ -62,6 +62,18 @@ class PricePoint:
     effective_from: datetime
     currency: str
     price: Price
+
+
+def point_of(event: PriceSet) -> PricePoint:
+    """The price point a PriceSet event sets."""
+    price = Price(event.input_per_mtok, event.output_per_mtok, event.cached_input_per_mtok)
+    return PricePoint(event.model, event.effective_from, event.currency, price)
+
+
+def with_point(points: tuple[PricePoint, ...], point: PricePoint) -> tuple[PricePoint, ...]:
+    """A model's points with `point` added (replacing one at the same time), oldest first."""
+    kept = [p for p in points if p.effective_from != point.effective_from]
+    return tuple(sorted((*kept, point), key=lambda p: p.effective_from))
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -33,7 +33,7 @@ from ledger.model import (
     TokensReserved,
     UsageRecorded,
 )
-from ledger.money import PricePoint
+from ledger.money import PricePoint, point_of
 
 
 def _every(key: AccountKey) -> bool:
@@ -58,7 +58,7 @@ class Projection:
         rebuild shows the reservation as missing instead of failing."""
         keep = self.keep
         if isinstance(event, PriceSet):
-            self.prices[(event.model, event.effective_from)] = codec.price_point(event)
+            self.prices[(event.model, event.effective_from)] = point_of(event)
         for key in affected(event):
             if keep(key):
                 self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)
