@@ -95,7 +95,10 @@ def test_replay_scopes_positions_and_limits(stub: Stub, history: str) -> None:
 
 
 def test_balance_as_of_a_past_instant_is_computed_from_the_log(database_url: str) -> None:
-    clock = Clock(datetime(2026, 3, 1, 12, 0, tzinfo=UTC))
+    # The clock is ahead of the wall clock: the suite's shared server sweeps the same database
+    # by the wall clock, and would expire a hold placed at a past instant while it is held.
+    start = datetime(2099, 3, 1, 12, 0, tzinfo=UTC)
+    clock = Clock(start)
     server = ServerThread(database_url, clock=clock, sweep_interval_s=3600).start()
     tenant = new_id("t")
     try:
@@ -122,7 +125,7 @@ def test_balance_as_of_a_past_instant_is_computed_from_the_log(database_url: str
             clock.advance(86_400)
 
             def at(minutes: float) -> pb.Balance:
-                when = datetime(2026, 3, 1, 12, 0, tzinfo=UTC) + timedelta(minutes=minutes)
+                when = start + timedelta(minutes=minutes)
                 req = pb.GetBalanceRequest(tenant_id=tenant, user_id="cy", as_of=stamp(when))
                 return stub.GetBalance(req).balance
 
@@ -132,8 +135,11 @@ def test_balance_as_of_a_past_instant_is_computed_from_the_log(database_url: str
             assert at(24 * 60 + 1).used == 0  # the next day
             live = stub.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="cy"))
             assert live.balance == at(24 * 60 + 2)
-            # "the future" is the server's clock's: an hour past it is refused, though it is
-            # months before the wall clock of the machine running the test
+            # "the future" is the server's clock's: a day past the wall clock of the machine
+            # running the test is in its past, an hour past its own clock is refused
+            tomorrow = datetime.now(UTC) + timedelta(days=1)
+            req = pb.GetBalanceRequest(tenant_id=tenant, user_id="cy", as_of=stamp(tomorrow))
+            assert not stub.GetBalance(req).balance.HasField("limit")  # before the quota was set
             for later in (timedelta(hours=1), timedelta(days=400)):
                 f = call_fails(
                     stub.GetBalance,
