@@ -248,8 +248,11 @@ def retention(
     in the original. A memory fact is in the original by being in memory, and kept when its
     value is in the fitted prompt (the memory message or a kept turn); a marker counts when the
     request's messages contain it, and is kept when the fitted ones still do."""
-    before, after = _text(original), _text(fitted)
     report = cpb.Retention()
+    if not (facts or markers):  # nothing to look for: the texts are not built
+        report.ratio = 1.0
+        return report
+    before, after = _text(original) if markers else "", _text(fitted)
     total = kept = 0
     for f in facts:
         total += 1
