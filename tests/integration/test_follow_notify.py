@@ -79,7 +79,7 @@ def test_without_notifications_followers_poll_and_miss_nothing(
         with psycopg.connect(database_url, autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE query = 'LISTEN tokenledger_events'"
+                "WHERE query = 'LISTEN tokenledger_events' AND datname = current_database()"
             ).fetchall()
         assert killed, "no listening connection to cut"
         await asyncio.sleep(0.1)  # its loss is seen; the reconnect waits a second
