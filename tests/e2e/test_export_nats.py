@@ -144,12 +144,16 @@ def test_a_killed_exporter_restarts_where_it_stopped_and_sends_each_event_once(
     killed_at = _count(stream)
     exporter.start()
     writer.join(120)
-    _wait(lambda: _count(stream) >= len(_log_ids(database_url)), 60)
+    # The whole log as it stands; the suite's shared server may append more meanwhile (its
+    # sweeper expires other tests' holds), which the exporter may or may not reach.
+    logged = set(_log_ids(database_url))
+    _wait(lambda: logged <= {i for i, _ in asyncio.run(_messages(stream))}, 60)
     assert exporter.stop() == 0
     messages = asyncio.run(_messages(stream))
     ids = [i for i, _ in messages]
     assert len(ids) == len(set(ids)), "an event was published twice"
-    assert sorted(ids) == sorted(_log_ids(database_url)), "the stream and the log differ"
+    assert logged <= set(ids), "an event of the log was not published"
+    assert set(ids) <= set(_log_ids(database_url)), "a published event is not in the log"
     assert 0 < killed_at < len(ids)
     starts = re.findall(r"after=(\S+)", exporter.log.read_text())
     assert len(starts) == 2 and starts[1] != "0.0", starts  # resumed from the stream's cursor
