@@ -13,14 +13,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
-import psycopg
 import pytest
 from google.protobuf.message import Message
 
 from ledger import limits
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import RpcFailure, call_fails, new_id
+from tests.support import RpcFailure, call_fails, event_count, new_id
 
 M = TypeVar("M", bound=Message)
 
@@ -129,19 +128,6 @@ def request_for(rpc: str, changes: dict[str, Any]) -> Message:
 # --- observing the server ---------------------------------------------------------------------
 
 
-def events_appended_by_calls(url: str) -> int:
-    """Events in the log, not counting the background expiry sweeper's.
-
-    Like tests.support.event_count, but the shared server's sweeper may expire holds left by
-    other tests at any moment, and those events (actor "system:expiry") must not make a
-    before/after comparison flaky. A refused request must append no event of any other actor.
-    """
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM events WHERE actor <> 'system:expiry'").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def call(stub: pb_grpc.LedgerServiceStub, rpc: str) -> Callable[[Message], Any]:
     method: Callable[[Message], Any] = getattr(stub, rpc)
     return method
@@ -155,13 +141,13 @@ def assert_refused(
     fields: tuple[str, ...],
 ) -> RpcFailure:
     """`request` is INVALID_ARGUMENT with violations of exactly `fields`, and writes nothing."""
-    before = events_appended_by_calls(database_url)
+    before = event_count(database_url)
     failure = call_fails(call(stub, rpc), request)
     assert failure.code is grpc.StatusCode.INVALID_ARGUMENT, failure
     assert failure.reason == "INVALID_ARGUMENT", failure
     assert sorted(field for field, _ in failure.field_violations) == sorted(fields), failure
     assert all(description for _, description in failure.field_violations), failure
-    assert events_appended_by_calls(database_url) == before
+    assert event_count(database_url) == before
     return failure
 
 
@@ -475,12 +461,12 @@ def test_every_malformed_field_of_one_request_is_reported_together(
 def assert_not_found(
     stub: pb_grpc.LedgerServiceStub, database_url: str, rpc: str, request: Message
 ) -> None:
-    before = events_appended_by_calls(database_url)
+    before = event_count(database_url)
     failure = call_fails(call(stub, rpc), request)
     assert failure.code is grpc.StatusCode.NOT_FOUND, failure
     assert failure.reason == "RESERVATION_NOT_FOUND", failure
     assert failure.field_violations == [], failure
-    assert events_appended_by_calls(database_url) == before
+    assert event_count(database_url) == before
 
 
 @pytest.mark.parametrize("rpc", LOOKUP_RPCS)

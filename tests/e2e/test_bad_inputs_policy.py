@@ -35,10 +35,9 @@ from tests.e2e.test_bad_inputs import (
     bad_ids,
     bad_models,
     call,
-    events_appended_by_calls,
     varied,
 )
-from tests.support import RpcFailure, call_fails, new_id, stamp
+from tests.support import RpcFailure, call_fails, event_count, new_id, stamp
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -154,13 +153,13 @@ def assert_refused_naming(
     stub: Stub, database_url: str, rpc: str, request: Message, fields: set[str]
 ) -> RpcFailure:
     """Like assert_refused, but a field may carry more than one violation."""
-    before = events_appended_by_calls(database_url)
+    before = event_count(database_url)
     failure = call_fails(call(stub, rpc), request)
     assert failure.code is grpc.StatusCode.INVALID_ARGUMENT, failure
     assert failure.reason == "INVALID_ARGUMENT", failure
     assert {field for field, _ in failure.field_violations} == fields, failure
     assert all(description for _, description in failure.field_violations), failure
-    assert events_appended_by_calls(database_url) == before
+    assert event_count(database_url) == before
     return failure
 
 
@@ -658,13 +657,13 @@ NEW_WRITES = ("SetRateLimit", "GrantTokens", "AdjustBalance")
 def assert_key_reused(
     stub: Stub, database_url: str, rpc: str, request: Message, field: str
 ) -> RpcFailure:
-    before = events_appended_by_calls(database_url)
+    before = event_count(database_url)
     failure = call_fails(call(stub, rpc), request)
     assert failure.code is grpc.StatusCode.ALREADY_EXISTS, failure
     assert failure.reason == "IDEMPOTENCY_KEY_REUSED", failure
     assert failure.metadata == {"field": field}, failure
     assert field in failure.message, failure
-    assert events_appended_by_calls(database_url) == before
+    assert event_count(database_url) == before
     return failure
 
 
