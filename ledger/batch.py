@@ -230,7 +230,9 @@ class Batch:
             self.events.append(event)
             add_usage(self._changes.usage, event)
         crossed = [
-            e for k in touched for e in threshold_crossings(self.accounts[k], self.context())
+            e
+            for k in touched
+            for e in threshold_crossings(self.accounts[k], self.context(), self.currency)
         ]
         if crossed:
             self.apply(crossed)

@@ -283,24 +283,27 @@ def _decide_alerts(snap: Snapshot, cmd: SetBudgetAlerts, ctx: Context, meta: _Me
     ]
 
 
-def threshold_crossings(acc: Account, ctx: Context) -> list[Event]:
-    """The budget alerts `acc` has reached and not yet logged in its period, lowest first."""
+def threshold_crossings(acc: Account, ctx: Context, currency: str = "") -> list[Event]:
+    """The budget alerts `acc` has reached and not yet logged in its period, lowest first: of
+    its tokens, then of its money budget (in `currency`, the tenant's), each by the account's
+    thresholds."""
     if not acc.alert_thresholds:
         return []
-    spent = acc.percent_spent
-    if spent is None:
-        return []
     meta = _Meta(occurred_at=ctx.now, actor=ctx.actor, trace_id=ctx.trace_id)
+    budgets = [(acc, None)] if acc.money is None else [(acc, None), (acc.money, currency)]
     return [
         BudgetThresholdCrossed(
             key=acc.key,
             threshold_percent=t,
-            used=acc.used,
-            capacity=(acc.limit or 0) + acc.granted,
+            used=budget.used,
+            capacity=(budget.limit or 0) + budget.granted,
+            currency=unit,
             **meta,
         )
+        for budget, unit in budgets
+        if (spent := budget.percent_spent) is not None
         for t in acc.alert_thresholds
-        if t <= spent and t not in acc.alerts_fired
+        if t <= spent and t not in budget.alerts_fired
     ]
 
 
@@ -616,6 +619,11 @@ def _evolve_money(acc: Account, event: Event) -> Account | None:
         case BalanceAdjusted() if event.money:
             at = event.occurred_at
             return _charge(acc.money_side(), event.money, at, at, draw=False)
+        case BudgetAlertsSet() if acc.money is not None:
+            fired = tuple(t for t in acc.money.alerts_fired if t in acc.alert_thresholds)
+            return acc.money.with_(alerts_fired=fired)
+        case BudgetThresholdCrossed() if event.currency is not None:
+            return _fired(acc.money_side(), event.threshold_percent)
     return acc.money
 
 
@@ -660,10 +668,16 @@ def _evolve_tokens(acc: Account, event: Event) -> Account:
             thresholds = tuple(sorted(event.thresholds_percent))
             fired = tuple(t for t in acc.alerts_fired if t in thresholds)
             return acc.with_(alert_thresholds=thresholds, alerts_fired=fired)
+        case BudgetThresholdCrossed() if event.currency is not None:
+            return acc  # the money budget's (_evolve_money)
         case BudgetThresholdCrossed():
-            fired = tuple(sorted((*acc.alerts_fired, event.threshold_percent)))
-            return acc.with_(alerts_fired=fired, alerts_period=acc.alert_period())
+            return _fired(acc, event.threshold_percent)
     raise TypeError(f"unknown event {type(event).__name__}")
+
+
+def _fired(acc: Account, threshold: int) -> Account:
+    fired = tuple(sorted((*acc.alerts_fired, threshold)))
+    return acc.with_(alerts_fired=fired, alerts_period=acc.alert_period())
 
 
 def _charge(

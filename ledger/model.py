@@ -443,11 +443,14 @@ class BudgetAlertsSet(Event):
 class BudgetThresholdCrossed(Event):
     """The account's usage reached `threshold_percent` of its limit and grants in the current
     period: logged once per threshold and period (a day or month quota's period; for other
-    periods, once until the thresholds are set again)."""
+    periods, once until the thresholds are set again). With `currency`, of its money budget:
+    `used` and `capacity` in micro-units of that currency ("" while the tenant has no prices);
+    without, of its tokens. Each budget crosses each threshold once."""
 
     threshold_percent: int
     used: int
     capacity: int
+    currency: str | None = field(default=None, metadata=_MONEY)
 
 
 EVENT_TYPES: dict[str, type[Event]] = {

@@ -30,19 +30,26 @@ TIMEOUT_S = 5.0
 
 
 def alert_body(event: BudgetThresholdCrossed) -> dict[str, Any]:
+    """The webhook's JSON. A money budget's alert says so (`budget` "money", `used` and
+    `capacity` in micro-units of `currency`) and has its own alert_id."""
     k = event.key
     at = event.occurred_at.isoformat()
-    return {
-        "alert_id": f"{k.tenant_id}/{k.user_id}/{k.conversation_id}/{event.threshold_percent}/{at}",
+    alert_id = f"{k.tenant_id}/{k.user_id}/{k.conversation_id}/{event.threshold_percent}/{at}"
+    body = {
+        "alert_id": alert_id if event.currency is None else alert_id + "/money",
         "event_type": "BudgetThresholdCrossed",
         "tenant_id": k.tenant_id,
         "user_id": k.user_id,
         "conversation_id": k.conversation_id,
+        "budget": "tokens" if event.currency is None else "money",
         "threshold_percent": event.threshold_percent,
         "used": event.used,
         "capacity": event.capacity,
         "occurred_at": at,
     }
+    if event.currency is not None:
+        body["currency"] = event.currency
+    return body
 
 
 class AlertWebhook:

@@ -257,6 +257,7 @@ def balance(acc: Account) -> pb.Balance:
                 available_micros=m.available,
                 granted_micros=m.granted,
                 used_total_micros=m.used_total,
+                alerts_crossed_percent=m.alerts_fired,
             )
         )
     bounds = acc.period_bounds()

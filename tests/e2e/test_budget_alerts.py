@@ -15,7 +15,7 @@ import pytest
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import ServerThread, call_fails, event_count, new_id
+from tests.support import ServerThread, call_fails, event_count, new_id, verify_tenant
 
 
 class Receiver:
@@ -129,3 +129,60 @@ def test_set_budget_alerts_refuses_bad_input_and_writes_nothing(
         assert seen.code is grpc.StatusCode.INVALID_ARGUMENT, (request, seen)
         assert field in [f for f, _ in seen.field_violations], (request, seen)
     assert event_count(database_url) == before
+
+
+def test_a_money_budget_crosses_the_thresholds_on_its_own_and_says_its_currency(
+    database_url: str,
+) -> None:
+    """The thresholds watch the tokens and the money budget apart: each budget crosses each
+    threshold once, a money crossing carries the currency and its figures in micro-units."""
+    receiver = Receiver(fail_first=0)
+    server = ServerThread(database_url, alert_webhook_url=receiver.url).start()
+    tenant = new_id("t")
+    try:
+        with server.stub() as stub:
+            dollar_per_mtok = pb.Price(model="m", currency="USD", input_micros_per_mtok=1_000_000)
+            stub.SetPrices(
+                pb.SetPricesRequest(
+                    idempotency_key=new_id("p"), tenant_id=tenant, prices=[dollar_per_mtok]
+                )
+            )  # a token costs 1 µ
+            stub.SetQuota(pb.SetQuotaRequest(idempotency_key=new_id("q"), tenant_id=tenant,
+                                             user_id="u", limit=2_000, period=pb.PERIOD_DAY,
+                                             money_limit_micros=1_000))  # fmt: skip
+            stub.SetBudgetAlerts(_alerts(tenant, 50, 80))
+            _use(stub, tenant, 600)  # tokens 30 %, money 60 %: money crosses 50
+            _use(stub, tenant, 300)  # tokens 45 %, money 90 %: money crosses 80
+            _use(stub, tenant, 200)  # tokens 55 %: tokens cross 50; money 110 %, nothing new
+            balance = stub.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="u")).balance
+            replay = list(stub.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant)))
+        deadline = time.monotonic() + 15
+        while len(receiver.bodies) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.stop()
+        receiver.http.shutdown()
+    assert list(balance.alerts_crossed_percent) == [50]
+    assert list(balance.money.alerts_crossed_percent) == [50, 80]
+    crossed = [
+        json.loads(e.data_json)
+        for r in replay
+        for e in r.events
+        if e.event_type == "BudgetThresholdCrossed"
+    ]
+    assert [(c["threshold_percent"], c.get("currency")) for c in crossed] == [
+        (50, "USD"),
+        (80, "USD"),
+        (50, None),
+    ]
+    bodies = [
+        (b["budget"], b["threshold_percent"], b["used"], b["capacity"], b.get("currency"))
+        for b in receiver.bodies
+    ]
+    assert bodies == [
+        ("money", 50, 600, 1_000, "USD"),
+        ("money", 80, 900, 1_000, "USD"),
+        ("tokens", 50, 1_100, 2_000, None),
+    ]
+    assert len({b["alert_id"] for b in receiver.bodies}) == 3
+    assert verify_tenant(database_url, tenant).differences == []

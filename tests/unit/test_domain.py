@@ -960,6 +960,9 @@ EVENTS: list[Event] = [
     QuotaSet(**COMMON, limit=None, period=Period.MONTH, money_limit=50_000_000),
     TokensGranted(**COMMON, grant_id="g-3", amount=0, expires_at=None, reason="", money=7),
     BalanceAdjusted(**COMMON, tokens=0, reason="refund", money=-3_000),
+    BudgetThresholdCrossed(
+        **COMMON, threshold_percent=50, used=600, capacity=1_000, currency="USD"
+    ),
 ]
 
 
@@ -1209,3 +1212,21 @@ def test_folding_commands_never_exceeds_the_limit_or_goes_negative(
         assert accounts[USER].held == sum(r.amount for r in live)
         charged = sum(r.usage.total for r in reservations if r.usage is not None)
         assert accounts[TENANT].used_total == charged
+
+
+def test_money_and_tokens_keep_their_own_crossed_thresholds_and_a_new_set_prunes_both() -> None:
+    key = AccountKey("acme", "u")
+    acc = Account(key, limit=1_000, period=Period.DAY, day_start=DAY0, month_start=MONTH0)
+    acc = acc.with_(money=acc.money_side().with_(limit=1_000))
+    common = {"key": key, "occurred_at": T0}
+    for event in (
+        BudgetThresholdCrossed(**common, threshold_percent=50, used=6, capacity=10, currency="EUR"),
+        BudgetThresholdCrossed(**common, threshold_percent=80, used=9, capacity=10, currency="EUR"),
+        BudgetThresholdCrossed(**common, threshold_percent=50, used=500, capacity=1_000),
+    ):
+        acc = evolve_account(acc, event)
+    assert acc.alerts_fired == (50,)
+    assert acc.money is not None and acc.money.alerts_fired == (50, 80)
+    acc = evolve_account(acc, BudgetAlertsSet(**common, thresholds_percent=(80, 100)))
+    assert acc.alerts_fired == ()
+    assert acc.money is not None and acc.money.alerts_fired == (80,)

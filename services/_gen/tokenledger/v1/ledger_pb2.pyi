@@ -453,6 +453,7 @@ class MoneyBalance(_message.Message):
     AVAILABLE_MICROS_FIELD_NUMBER: _builtins.int
     GRANTED_MICROS_FIELD_NUMBER: _builtins.int
     USED_TOTAL_MICROS_FIELD_NUMBER: _builtins.int
+    ALERTS_CROSSED_PERCENT_FIELD_NUMBER: _builtins.int
     limit_micros: _builtins.int
     """The money quota per period; unset when the account has none."""
     held_micros: _builtins.int
@@ -465,6 +466,10 @@ class MoneyBalance(_message.Message):
     """Money granted and not yet spent (included in `available_micros`)."""
     used_total_micros: _builtins.int
     """Spent since the account began."""
+    @_builtins.property
+    def alerts_crossed_percent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Budget alert thresholds (the account's) its spending has crossed in the current period."""
+
     def __init__(
         self,
         *,
@@ -474,10 +479,11 @@ class MoneyBalance(_message.Message):
         available_micros: _builtins.int | None = ...,
         granted_micros: _builtins.int = ...,
         used_total_micros: _builtins.int = ...,
+        alerts_crossed_percent: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros", "_limit_micros", b"_limit_micros", "available_micros", b"available_micros", "limit_micros", b"limit_micros"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros", "_limit_micros", b"_limit_micros", "available_micros", b"available_micros", "granted_micros", b"granted_micros", "held_micros", b"held_micros", "limit_micros", b"limit_micros", "used_micros", b"used_micros", "used_total_micros", b"used_total_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros", "_limit_micros", b"_limit_micros", "alerts_crossed_percent", b"alerts_crossed_percent", "available_micros", b"available_micros", "granted_micros", b"granted_micros", "held_micros", b"held_micros", "limit_micros", b"limit_micros", "used_micros", b"used_micros", "used_total_micros", b"used_total_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__available_micros: _TypeAlias = _typing.Literal["available_micros"]  # noqa: Y015
     _WhichOneofArgType__available_micros: _TypeAlias = _typing.Literal["_available_micros", b"_available_micros"]  # noqa: Y015

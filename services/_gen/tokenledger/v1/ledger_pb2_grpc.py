@@ -246,7 +246,8 @@ class LedgerServiceServicer:
 
     def SetBudgetAlerts(self, request, context):
         """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
-        its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
+        its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook); the
+        same percentages watch its money budget, whose crossings are logged with the currency.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,7 +79,8 @@ class LedgerServiceStub:
     """
     SetBudgetAlerts: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetAlertsRequest, _ledger_pb2.SetBudgetAlertsResponse]
     """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
-    its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
+    its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook); the
+    same percentages watch its money budget, whose crossings are logged with the currency.
     """
     GrantTokens: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GrantTokensRequest, _ledger_pb2.GrantTokensResponse]
     """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
@@ -172,7 +173,8 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     """
     SetBudgetAlerts: _aio.UnaryUnaryMultiCallable[_ledger_pb2.SetBudgetAlertsRequest, _ledger_pb2.SetBudgetAlertsResponse]  # type: ignore[assignment]
     """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
-    its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
+    its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook); the
+    same percentages watch its money budget, whose crossings are logged with the currency.
     """
     GrantTokens: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GrantTokensRequest, _ledger_pb2.GrantTokensResponse]  # type: ignore[assignment]
     """GrantTokens adds tokens to an account, optionally until an expiry; usage draws on them
@@ -328,7 +330,8 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.SetBudgetAlertsResponse, _abc.Awaitable[_ledger_pb2.SetBudgetAlertsResponse]]:
         """SetBudgetAlerts sets the percentages of an account's limit (plus grants) whose crossing by
-        its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook).
+        its usage is logged as a BudgetThresholdCrossed event (and sent to the alert webhook); the
+        same percentages watch its money budget, whose crossings are logged with the currency.
         """
 
     @_abc_1.abstractmethod
