@@ -58,19 +58,43 @@ def _text(content: Any) -> str:
     return str(content)
 
 
+def _tool_call(call: Mapping[str, Any]) -> cpb.ToolCall | None:
+    """An OpenAI tool call (`{"id", "function": {"name", "arguments"}}`) as the service's
+    ToolCall; None when it lacks an id or a name, or its arguments are not a JSON object."""
+    spec = call.get("function", call)
+    arguments = spec.get("arguments") or "{}"
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, separators=(",", ":"))
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return None
+    if not (call.get("id") and spec.get("name") and isinstance(parsed, dict)):
+        return None
+    return cpb.ToolCall(id=str(call["id"]), name=str(spec["name"]), arguments_json=arguments)
+
+
 def chat_message(message: Mapping[str, Any]) -> cpb.ChatMessage:
-    """An OpenAI-style message as the context service counts it. Tool calls of an assistant
-    message count as their JSON (names and arguments), since the model reads them."""
+    """An OpenAI-style message as the context service counts it. An assistant message's tool
+    calls go as tool calls, which the service counts as the model's family formats them; if
+    any is malformed (no id or name, arguments not a JSON object), they all count as their
+    JSON text instead (estimated), since the model still reads them."""
     role = ROLES.get(str(message.get("role", "")), cpb.CHAT_ROLE_USER)
     calls = list(message.get("tool_calls") or ())
     content = _text(message.get("content"))
-    if calls and not content:
-        content = json.dumps([c.get("function", c) for c in calls], separators=(",", ":"))
-    out = cpb.ChatMessage(role=role, content=content, name=str(message.get("name") or ""))
+    out = cpb.ChatMessage(role=role, name=str(message.get("name") or ""))
     if role == cpb.CHAT_ROLE_TOOL:
         out.tool_call_id = str(message.get("tool_call_id") or "")
     elif calls:
-        out.tool_call_ids.extend(str(c.get("id", "")) for c in calls)
+        converted = [_tool_call(c) for c in calls]
+        if all(c is not None for c in converted):
+            out.tool_calls.extend(c for c in converted if c is not None)
+        else:
+            content = content or json.dumps(
+                [c.get("function", c) for c in calls], separators=(",", ":")
+            )
+            out.tool_call_ids.extend(str(c["id"]) for c in calls if c.get("id"))
+    out.content = content
     return out
 
 

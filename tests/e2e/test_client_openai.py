@@ -10,9 +10,12 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import openai
 import pytest
 
+from services._gen.tokenledger.v1 import context_pb2 as cpb
+from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.client import (
     AsyncLedgerClient,
@@ -308,3 +311,45 @@ def test_the_context_service_counter_counts_exactly_and_refuses_bad_inputs(
     by_encoding.close()
     with pytest.raises(BadTarget, match="not host:port"):
         ContextServiceCounter("context-service")
+
+
+AGENT = [
+    {"role": "system", "content": "You book trains."},
+    {"role": "user", "content": "A ticket from Lyon to Turin on Friday, please."},
+    {"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call1abcd", "type": "function",
+        "function": {"name": "find_trains", "arguments": '{"from": "Lyon", "to": "Turin"}'},
+    }]},
+    {"role": "tool", "tool_call_id": "call1abcd", "content": '{"trains": ["TGV 9241"]}'},
+    {"role": "user", "content": "Book the first."},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "qwen2.5-7b-instruct", "mistral-nemo"])
+def test_the_counter_sends_openai_tool_calls_as_tool_calls(
+    counter: ContextServiceCounter, context_service: ContextServerThread, model: str
+) -> None:
+    """An agent's OpenAI-format history counts as the service counts tool calls for the
+    model's family (exactly where it can), the same as a request that names them itself."""
+    by_hand = [
+        cpb.ChatMessage(role=cpb.CHAT_ROLE_SYSTEM, content="You book trains."),
+        cpb.ChatMessage(role=cpb.CHAT_ROLE_USER,
+                        content="A ticket from Lyon to Turin on Friday, please."),
+        cpb.ChatMessage(role=cpb.CHAT_ROLE_ASSISTANT, tool_calls=[cpb.ToolCall(
+            id="call1abcd", name="find_trains",
+            arguments_json='{"from": "Lyon", "to": "Turin"}')]),
+        cpb.ChatMessage(role=cpb.CHAT_ROLE_TOOL, tool_call_id="call1abcd",
+                        content='{"trains": ["TGV 9241"]}'),
+        cpb.ChatMessage(role=cpb.CHAT_ROLE_USER, content="Book the first."),
+    ]  # fmt: skip
+    with grpc.insecure_channel(context_service.target) as channel:
+        reference = cpb_grpc.ContextServiceStub(channel).CountTokens(
+            cpb.CountTokensRequest(model=model, messages=by_hand)
+        )
+    assert counter.count_chat(model, AGENT) == reference.total_tokens
+    assert reference.exact == (model != "gpt-4o")  # OpenAI's tool-call format is unpublished
+    # arguments that are not JSON (a model wrote them so) still count, as text
+    broken = [*AGENT[:2], {**AGENT[2], "tool_calls": [{
+        "id": "call1abcd", "function": {"name": "find_trains", "arguments": "{from: Lyon"}}]},
+        *AGENT[3:]]  # fmt: skip
+    assert counter.count_chat(model, broken) > counter.count_chat(model, AGENT[:2])
