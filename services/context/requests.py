@@ -106,6 +106,11 @@ PREDICT_OUTPUT: dict[cpb.OutputHold.ValueType, bool] = {
     cpb.OUTPUT_HOLD_MAX_TOKENS: False,
     cpb.OUTPUT_HOLD_PREDICTED: True,
 }
+WRITTEN_ONLY: dict[cpb.MessagesView.ValueType, bool] = {
+    cpb.MESSAGES_VIEW_UNSPECIFIED: False,
+    cpb.MESSAGES_VIEW_FULL: False,
+    cpb.MESSAGES_VIEW_WRITTEN: True,
+}
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
@@ -440,6 +445,8 @@ class Prepare:
     """Facts the messages' key_information states, to set before fitting."""
     predict_output: bool = False
     """OUTPUT_HOLD_PREDICTED: hold the user's recent p95 of output, send max_output."""
+    written_only: bool = False
+    """MESSAGES_VIEW_WRITTEN: the response carries only the messages the service wrote."""
 
 
 def parse_prepare(
@@ -470,6 +477,9 @@ def parse_prepare(
     predict_output = PREDICT_OUTPUT.get(r.output_hold)
     if predict_output is None:
         c.fail("output_hold", f"is {r.output_hold}; must be one of OUTPUT_HOLD_*")
+    written_only = WRITTEN_ONLY.get(r.messages_view)
+    if written_only is None:
+        c.fail("messages_view", f"is {r.messages_view}; must be one of MESSAGES_VIEW_*")
     _raise_violations(c, unknown, ", ".join(registry.families()))
     assert target is not None and strategy is not None
     return Prepare(
@@ -489,6 +499,7 @@ def parse_prepare(
         markers=markers,
         stated=tuple(stated),
         predict_output=bool(predict_output),
+        written_only=bool(written_only),
     )
 
 

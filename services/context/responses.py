@@ -49,6 +49,20 @@ def count_reply(
     return reply
 
 
+def messages_to_send(
+    request: cpb.PrepareContextRequest, response: cpb.PrepareContextResponse
+) -> list[cpb.ChatMessage]:
+    """The messages to send, from a MESSAGES_VIEW_WRITTEN response and its request: for each
+    source index, the request's message, or (a summary, the memory message, a cut message)
+    the next one the response carries."""
+    written = iter(response.messages)
+    rewritten = set(response.truncated_indices)
+    return [
+        next(written) if s < 0 or s in rewritten else request.messages[s]
+        for s in response.source_indices
+    ]
+
+
 def _pb_message(m: ChatMessage) -> cpb.ChatMessage:
     return cpb.ChatMessage(
         role=PB_ROLES[m.role],
@@ -104,9 +118,11 @@ def prepare_response(
     output: int,
     outcome: SummarizerOutcome | None,
     sent: Sequence[cpb.ChatMessage] | None = None,
+    memory_index: int = -1,
 ) -> cpb.PrepareContextResponse:
-    """PrepareContext's answer. Messages kept as they were come back as sent (no re-encoding);
-    `sent` is the request's messages as fitted (with the memory message), if not as sent."""
+    """PrepareContext's answer. Messages kept as they were come back as sent (no re-encoding),
+    or, under MESSAGES_VIEW_WRITTEN, not at all; `sent` is the request's messages as fitted
+    with the memory message at `memory_index`, if not as sent."""
     granted = reply.reservation.amount
     budget = granted - output
     response = cpb.PrepareContextResponse(
@@ -135,9 +151,11 @@ def prepare_response(
         response.suggestion.CopyFrom(reply.suggestion)
     truncated = set(fitted.truncated)
     sent = request.messages if sent is None else sent
+    every = not p.written_only
     response.messages.extend(  # one extend copies faster than an append per message
         _pb_message(m) if source is None or source in truncated else sent[source]
         for source, m in zip(fitted.sources, fitted.messages, strict=True)
+        if every or source is None or source in truncated or source == memory_index
     )
     response.source_indices.extend(-1 if s is None else s for s in fitted.sources)
     if fitted.summarized or outcome is not None:

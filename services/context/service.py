@@ -60,7 +60,7 @@ from services.context.remote_summarizer import (
     prepare_job,
 )
 from services.context.requests import Prepare, Target, parse_count, parse_prepare
-from services.context.responses import count_reply, prepare_response
+from services.context.responses import count_reply, messages_to_send, prepare_response
 from services.context.tokenizers import (
     ModelRegistry,
     TokenCounter,
@@ -254,7 +254,7 @@ class ContextService(cpb_grpc.ContextServiceServicer):
             raise
         sent = _with_memory(request, mp)
         response = prepare_response(request, p, counted, plan_, reply, fitted, output, outcome,
-                                    sent)  # fmt: skip
+                                    sent, mp.index)  # fmt: skip
         if prediction is not None:  # the hold is a prediction: the reply may take all it may
             response.max_tokens = plan_.send
             response.output_prediction.CopyFrom(prediction)
@@ -297,9 +297,10 @@ class ContextService(cpb_grpc.ContextServiceServicer):
         """The memory's part of the response and the retention ratio; facts the remote
         summarizer proposed are set for later calls (not over the caller's own)."""
         memory.apply_memory(response, mp.selection, mp.index, mp.tokens)
-        response.retention.CopyFrom(
-            memory.retention(facts, p.markers, request.messages, response.messages)
-        )
+        fitted: Sequence[cpb.ChatMessage] = response.messages
+        if p.written_only and (facts or p.markers):
+            fitted = messages_to_send(request, response)
+        response.retention.CopyFrom(memory.retention(facts, p.markers, request.messages, fitted))
         if outcome is None or not p.use_memory:
             return
         response.summarizer.facts_note = outcome.facts_note

@@ -25,6 +25,7 @@ from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.context import memory
 from services.context.memory_store import LOCK_SQL, UPSERT_SQL
 from services.context.remote_summarizer import RemoteSummarizerConfig
+from services.context.responses import messages_to_send
 from tests.support import ContextServerThread, ServerThread, call_fails, failure, new_id
 
 Stub = pb_grpc.LedgerServiceStub
@@ -568,3 +569,48 @@ def test_retention_and_left_out_facts_are_exported_as_metrics(
     assert sum(p.value for p in points["context.memory.left_out"]) >= 1
     outcomes = {p.attributes["outcome"] for p in points["context.retention.facts"]}
     assert outcomes == {"kept", "lost"}
+
+
+# --- the written-only view -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "strategy", [cpb.STRATEGY_WINDOW, cpb.STRATEGY_TRUNCATE, cpb.STRATEGY_SUMMARIZE]
+)
+def test_the_written_view_carries_only_what_the_service_wrote_and_rebuilds_the_full_one(
+    ctx: Any, strategy: int
+) -> None:
+    """MESSAGES_VIEW_WRITTEN leaves out the messages the caller already has; the rule the
+    proto states rebuilds the full view's messages exactly, and every other field is equal
+    (the retention report included: it is made from the whole fitted prompt)."""
+    tenant = new_id("t")
+    set_facts(ctx, tenant, fact("booking", CODE))
+    messages = conversation(60, plant={3: f"My booking code is {CODE}."})
+    big = msg(cpb.CHAT_ROLE_USER, "Here is my whole itinerary: " + "day " * 3_000)
+    messages.insert(len(messages) - 1, big)  # TRUNCATE cuts it
+    common = {"messages": messages, "strategy": strategy, "use_memory": True,
+              "retention_markers": [CODE, "Turn 59"]}  # fmt: skip
+    full = ctx.PrepareContext(request(tenant, **common))
+    ask = request(tenant, messages_view=cpb.MESSAGES_VIEW_WRITTEN, **common)
+    written = ctx.PrepareContext(ask)
+    rewritten = set(written.truncated_indices)
+    kinds = [s for s in written.source_indices if s < 0 or s in rewritten]
+    assert -2 in kinds  # the memory message, always written
+    assert len(written.messages) == len(kinds) < len(full.messages)
+    assert messages_to_send(ask, written) == list(full.messages)
+    if strategy == cpb.STRATEGY_TRUNCATE:
+        assert rewritten
+    if strategy == cpb.STRATEGY_SUMMARIZE:
+        assert -1 in kinds
+    same = ("source_indices", "dropped_indices", "summarized_indices", "truncated_indices",
+            "breakdown", "retention", "memory_keys", "limited_by", "granted_tokens")  # fmt: skip
+    for name in same:
+        assert getattr(written, name) == getattr(full, name), name
+
+
+def test_an_unknown_messages_view_is_refused_naming_the_field(ctx: Any) -> None:
+    tenant = new_id("t")
+    f = call_fails(ctx.PrepareContext, request(tenant, messages=conversation(2),
+                                               messages_view=7))  # fmt: skip
+    assert f.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert [v[0] for v in f.field_violations] == ["messages_view"]

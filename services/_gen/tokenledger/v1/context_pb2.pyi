@@ -172,6 +172,38 @@ LIMITED_BY_BUDGET: LimitedBy.ValueType  # 3
 """The ledger granted less than asked: the budget was the tighter limit."""
 Global___LimitedBy: _TypeAlias = LimitedBy  # noqa: Y015
 
+class _MessagesView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MessagesViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessagesView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MESSAGES_VIEW_UNSPECIFIED: _MessagesView.ValueType  # 0
+    """Not set: MESSAGES_VIEW_FULL."""
+    MESSAGES_VIEW_FULL: _MessagesView.ValueType  # 1
+    """Every message to send, the kept ones echoed as the request gave them."""
+    MESSAGES_VIEW_WRITTEN: _MessagesView.ValueType  # 2
+    """Only the messages the service wrote: the summary, the memory message and messages whose
+    content was cut (source index -1, -2, or in truncated_indices), in order. The caller has
+    the rest: the messages to send are, for each source index in order, the request's message
+    at that index, or the next of these. Saves echoing a long conversation back.
+    """
+
+class MessagesView(_MessagesView, metaclass=_MessagesViewEnumTypeWrapper):
+    """MessagesView is which of the messages to send a PrepareContext response carries."""
+
+MESSAGES_VIEW_UNSPECIFIED: MessagesView.ValueType  # 0
+"""Not set: MESSAGES_VIEW_FULL."""
+MESSAGES_VIEW_FULL: MessagesView.ValueType  # 1
+"""Every message to send, the kept ones echoed as the request gave them."""
+MESSAGES_VIEW_WRITTEN: MessagesView.ValueType  # 2
+"""Only the messages the service wrote: the summary, the memory message and messages whose
+content was cut (source index -1, -2, or in truncated_indices), in order. The caller has
+the rest: the messages to send are, for each source index in order, the request's message
+at that index, or the next of these. Saves echoing a long conversation back.
+"""
+Global___MessagesView: _TypeAlias = MessagesView  # noqa: Y015
+
 class _OutputHold:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -550,6 +582,7 @@ class PrepareContextRequest(_message.Message):
     USE_MEMORY_FIELD_NUMBER: _builtins.int
     RETENTION_MARKERS_FIELD_NUMBER: _builtins.int
     OUTPUT_HOLD_FIELD_NUMBER: _builtins.int
+    MESSAGES_VIEW_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Makes retries safe: the same key returns the same reservation. The ledger's idempotency
     key is derived from it ("ctx:" + key), so it is unique per tenant. At most 96 printable
@@ -595,6 +628,8 @@ class PrepareContextRequest(_message.Message):
     """
     output_hold: Global___OutputHold.ValueType
     """How many output tokens to hold in the ledger; unset: max_output_tokens."""
+    messages_view: Global___MessagesView.ValueType
+    """Which messages the response carries; unset: all of them."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The conversation, oldest first. The latest user message is the input."""
@@ -636,10 +671,11 @@ class PrepareContextRequest(_message.Message):
         use_memory: _builtins.bool = ...,
         retention_markers: _abc.Iterable[_builtins.str] | None = ...,
         output_hold: Global___OutputHold.ValueType = ...,
+        messages_view: Global___MessagesView.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "min_output_tokens", b"min_output_tokens", "model", b"model", "output_hold", b"output_hold", "policy", b"policy", "retention_markers", b"retention_markers", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "use_memory", b"use_memory", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_window_tokens", b"context_window_tokens", "conversation_id", b"conversation_id", "date", b"date", "encoding", b"encoding", "history_start", b"history_start", "idempotency_key", b"idempotency_key", "max_output_tokens", b"max_output_tokens", "messages", b"messages", "messages_view", b"messages_view", "min_output_tokens", b"min_output_tokens", "model", b"model", "output_hold", b"output_hold", "policy", b"policy", "retention_markers", b"retention_markers", "serving_stack", b"serving_stack", "strategy", b"strategy", "tenant_id", b"tenant_id", "tools", b"tools", "ttl_seconds", b"ttl_seconds", "use_memory", b"use_memory", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -881,6 +917,7 @@ class PrepareContextResponse(_message.Message):
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The messages to send, in order. Kept messages are returned as given (content cut
         middle-out under STRATEGY_TRUNCATE); a summary is an assistant message named "summary".
+        With MESSAGES_VIEW_WRITTEN, only those the service wrote (see MessagesView).
         """
 
     @_builtins.property
