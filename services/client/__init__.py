@@ -2,6 +2,8 @@
 servers' packages: it needs only grpcio, protobuf and googleapis-common-protos.
 
 - `LedgerClient` / `AsyncLedgerClient`: one typed method per RPC, `hold(...)`.
+- `services.client.context`: `ContextClient.prepare(...)`, an OpenAI-format conversation fitted
+  to the window and the budget by the context service, ready to send.
 - `errors`: typed exceptions from the ledger's ErrorInfo (`BudgetExhausted`, `RateLimited`, …).
 - `services.client.openai`: the OpenAI SDK wrapped so that every chat completion (and
   response) is reserved and settled (needs the `integrations` extra).

@@ -39,6 +39,8 @@ KEYED_METHODS = (
 IDEMPOTENT_METHODS = ("Commit", "Rollback", "CommitBatch", "RollbackBatch")
 """Idempotent on the reservation: a repeat returns the first response."""
 READ_METHODS = ("GetReservation", "GetBalance", "QueryUsage", "VerifyAudit")
+CONTEXT_METHODS = ("CountTokens", "PrepareContext")
+"""A count is a read; PrepareContext carries an idempotency key (one key, one hold)."""
 RETRYABLE_STATUS_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 TIMEOUT_S_DEFAULT = 10.0
@@ -66,7 +68,7 @@ def service_config(max_attempts: int = MAX_ATTEMPTS_DEFAULT) -> str:
         {"service": SERVICE, "method": m}
         for m in (*KEYED_METHODS, *IDEMPOTENT_METHODS, *READ_METHODS)
     ]
-    names.append({"service": CONTEXT_SERVICE, "method": "CountTokens"})
+    names += [{"service": CONTEXT_SERVICE, "method": m} for m in CONTEXT_METHODS]
     config: dict[str, Any] = {"methodConfig": [{"name": names}]}
     if max_attempts > 1:
         config["methodConfig"][0]["retryPolicy"] = {
@@ -152,6 +154,18 @@ class Settings:
             ("grpc.service_config", service_config(self.max_attempts)),
             ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
         ]
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel to the target as these settings say."""
+        if self.secure:
+            return grpc.secure_channel(self.target, self.credentials(), options=self.options())
+        return grpc.insecure_channel(self.target, options=self.options())
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """An asyncio channel to the target as these settings say."""
+        if self.secure:
+            return grpc.aio.secure_channel(self.target, self.credentials(), options=self.options())
+        return grpc.aio.insecure_channel(self.target, options=self.options())
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         out: list[tuple[str, str]] = []

@@ -89,12 +89,7 @@ class LedgerClient(_Base):
     channel: grpc.Channel
 
     def _open(self) -> None:
-        s = self.settings
-        self.channel = (
-            grpc.secure_channel(s.target, s.credentials(), options=s.options())
-            if s.secure
-            else grpc.insecure_channel(s.target, options=s.options())
-        )
+        self.channel = self.settings.channel()
         self._stub = pb_grpc.LedgerServiceStub(self.channel)
 
     def __enter__(self) -> LedgerClient:
@@ -287,12 +282,7 @@ class AsyncLedgerClient(_Base):
     channel: grpc.aio.Channel
 
     def _open(self) -> None:
-        s = self.settings
-        self.channel = (
-            grpc.aio.secure_channel(s.target, s.credentials(), options=s.options())
-            if s.secure
-            else grpc.aio.insecure_channel(s.target, options=s.options())
-        )
+        self.channel = self.settings.aio_channel()
         self._stub = pb_grpc.LedgerServiceStub(self.channel)
 
     async def __aenter__(self) -> AsyncLedgerClient:

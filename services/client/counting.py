@@ -136,22 +136,12 @@ class ContextServiceCounter:
 
     def _channel(self) -> grpc.Channel:
         if self._sync is None:
-            s = self.settings
-            self._sync = (
-                grpc.secure_channel(s.target, s.credentials(), options=s.options())
-                if s.secure
-                else grpc.insecure_channel(s.target, options=s.options())
-            )
+            self._sync = self.settings.channel()
         return self._sync
 
     def _achannel(self) -> grpc.aio.Channel:
         if self._async is None:
-            s = self.settings
-            self._async = (
-                grpc.aio.secure_channel(s.target, s.credentials(), options=s.options())
-                if s.secure
-                else grpc.aio.insecure_channel(s.target, options=s.options())
-            )
+            self._async = self.settings.aio_channel()
         return self._async
 
     def _request(
