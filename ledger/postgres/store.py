@@ -481,7 +481,9 @@ class _Unit:
                     _UPSERT_RATE_LIMITS, [_rate_limit_params(rl) for rl in changes.rate_limits]
                 )
             await _each_chunk(
-                cur, _INSERT_RESERVATIONS, [_reservation_record(r) for r in changes.new_reservations]
+                cur,
+                _INSERT_RESERVATIONS,
+                [_reservation_record(r) for r in changes.new_reservations],
             )
             await _each_chunk(
                 cur,
