@@ -557,18 +557,21 @@ class _Unit:
             )
 
 
-def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[str, ...]]:
+_LOCK_RATE_LIMITS = (
+    f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
+    "AND (user_id, conversation_id) IN "
+    "(SELECT u, c FROM unnest(%s::text[], %s::text[]) AS k(u, c)) "
+    "ORDER BY user_id, conversation_id, model FOR UPDATE"
+)
+
+
+def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[Any, ...]]:
     """The limiters of the accounts `keys` (one tenant's), locked; account rows are locked
-    before, so the order is fixed."""
-    placeholders = ", ".join(["(%s, %s)"] * len(keys))
-    params = [keys[0].tenant_id]
-    for k in keys:
-        params += [k.user_id, k.conversation_id]
-    return (
-        f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
-        f"AND (user_id, conversation_id) IN ({placeholders}) "
-        "ORDER BY user_id, conversation_id, model FOR UPDATE",
-        tuple(params),
+    before, so the order is fixed. One statement text, the keys as two arrays."""
+    return _LOCK_RATE_LIMITS, (
+        keys[0].tenant_id,
+        [k.user_id for k in keys],
+        [k.conversation_id for k in keys],
     )
 
 

@@ -33,7 +33,7 @@ _WHERE = "a WHERE clause from scope_where(): constant text, values as %s paramet
 
 REVIEWED_S608: dict[tuple[str, str], str] = {
     ("ledger/postgres/rows.py", 'f"SELECT {ACCOUNT_COLUMNS} FROM accounts "'): (
-        "constant column list; the IN list is '(%s, %s)' placeholders, one pair per key"
+        "constant column list; the keys are two array parameters"
     ),
     (
         "ledger/postgres/verify.py",
@@ -79,7 +79,7 @@ REVIEWED_S608: dict[tuple[str, str], str] = {
     (
         "ledger/postgres/store.py",
         'f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "',
-    ): "constant column list; the IN list is '(%s, %s)' placeholders, one pair per key",
+    ): "constant column list; the keys are two array parameters",
     # The hot tables' writes: one statement a table, the rows one jsonb parameter spread by
     # _recordset (constant names and types) into typed columns.
     ("ledger/postgres/store.py", "f\"INSERT INTO events ({', '.join(_EVENT_TYPES)}) \""): _RECORDS,
