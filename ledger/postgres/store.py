@@ -58,20 +58,22 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 _EVENT_TYPES = {**codec.EVENT_COLUMNS, **codec.CHAIN_COLUMNS}
 
 
-def _recordset(types: dict[str, str]) -> str:
-    """`jsonb_to_recordset(%(rows)s)` with its column definitions, keeping the array's order
-    (`n`)."""
-    columns = ", ".join(f"{name} {kind}" for name, kind in types.items())
+def _recordset(table: str, rows: str) -> str:
+    """The records of the jsonb array parameter `rows` (its placeholder) as rows of `table`
+    (its column types; keys absent are NULL), numbered in the array's order
+    (`r.ordinality`)."""
     return (
-        f"ROWS FROM (jsonb_to_recordset(%(rows)s::jsonb) AS ({columns})) "
-        f"WITH ORDINALITY AS r({', '.join(types)}, n)"
+        f"ROWS FROM (jsonb_populate_recordset(NULL::{table}, {rows}::jsonb)) WITH ORDINALITY AS r"
     )
 
 
-_INSERT_EVENTS = (  # in the order decided: versions and positions follow it
-    f"INSERT INTO events ({', '.join(_EVENT_TYPES)}) "  # noqa: S608 (constant names)
-    f"SELECT {', '.join(_EVENT_TYPES)} FROM {_recordset(_EVENT_TYPES)} ORDER BY n"
-)
+def _insert_events(rows: str = "%(rows)s") -> str:  # in the order decided: versions follow it
+    return (
+        f"INSERT INTO events ({', '.join(_EVENT_TYPES)}) "  # noqa: S608 (constant names)
+        f"SELECT {', '.join(_EVENT_TYPES)} FROM {_recordset('events', rows)} ORDER BY r.ordinality"
+    )
+
+
 _ACCOUNT_TYPES = {
     "tenant_id": "text", "user_id": "text", "conversation_id": "text", "quota_limit": "bigint",
     "period": "text", "window_hours": "integer", "time_zone": "text",
@@ -82,12 +84,17 @@ _ACCOUNT_TYPES = {
     "stream_version": "bigint", "head_hash": "bytea",
 }  # fmt: skip
 _ACCOUNT_KEY = ("tenant_id", "user_id", "conversation_id")
-_UPDATE_ACCOUNTS = (
-    "UPDATE accounts AS a SET "  # noqa: S608 (constant names)
-    + ", ".join(f"{c} = r.{c}" for c in _ACCOUNT_TYPES if c not in _ACCOUNT_KEY)
-    + f", updated_at = now() FROM {_recordset(_ACCOUNT_TYPES)} WHERE "
-    + " AND ".join(f"a.{c} = r.{c}" for c in _ACCOUNT_KEY)
-)
+
+
+def _update_accounts(rows: str = "%(rows)s") -> str:
+    return (
+        "UPDATE accounts AS a SET "  # noqa: S608 (constant names)
+        + ", ".join(f"{c} = r.{c}" for c in _ACCOUNT_TYPES if c not in _ACCOUNT_KEY)
+        + f", updated_at = now() FROM {_recordset('accounts', rows)} WHERE "
+        + " AND ".join(f"a.{c} = r.{c}" for c in _ACCOUNT_KEY)
+    )
+
+
 _UPSERT_RATE_LIMITS = (
     f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "  # noqa: S608 (constant)
     "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
@@ -104,40 +111,81 @@ _RESERVATION_TYPES = {
     "ended_at": "timestamptz", "ended_balance": "jsonb", "money": "bigint", "cost": "bigint",
 }  # fmt: skip
 assert list(_RESERVATION_TYPES) == [c.strip() for c in RESERVATION_COLUMNS.split(",")]
-_INSERT_RESERVATIONS = (
-    f"INSERT INTO reservations ({RESERVATION_COLUMNS}) "  # noqa: S608 (constant)
-    f"SELECT {RESERVATION_COLUMNS} FROM {_recordset(_RESERVATION_TYPES)}"
-)
+
+
+def _insert_reservations(rows: str = "%(rows)s") -> str:
+    return (
+        f"INSERT INTO reservations ({RESERVATION_COLUMNS}) "  # noqa: S608 (constant)
+        f"SELECT {RESERVATION_COLUMNS} FROM {_recordset('reservations', rows)}"
+    )
+
+
 _RESERVATION_CHANGES = ("state", "input_tokens", "output_tokens", "cached_input_tokens",
                         "late", "ended_at", "ended_balance", "cost")  # fmt: skip
-_UPDATE_RESERVATIONS = (
-    "UPDATE reservations AS t SET "  # noqa: S608 (constant names)
-    + ", ".join(f"{c} = r.{c}" for c in _RESERVATION_CHANGES)
-    + f" FROM {_recordset(_RESERVATION_TYPES)} "
-    "WHERE t.tenant_id = r.tenant_id AND t.reservation_id = r.reservation_id"
-)
+
+
+def _update_reservations(rows: str = "%(rows)s") -> str:
+    return (
+        "UPDATE reservations AS t SET "  # noqa: S608 (constant names)
+        + ", ".join(f"{c} = r.{c}" for c in _RESERVATION_CHANGES)
+        + f" FROM {_recordset('reservations', rows)} "
+        "WHERE t.tenant_id = r.tenant_id AND t.reservation_id = r.reservation_id"
+    )
+
+
 _USAGE_TYPES = {
     "tenant_id": "text", "hour": "timestamptz", "user_id": "text", "conversation_id": "text",
     "model": "text", **{c: "bigint" for c in COUNTER_NAMES},
 }  # fmt: skip
-_UPSERT_USAGE = (
-    f"INSERT INTO usage_hourly ({', '.join(_USAGE_TYPES)}) "  # noqa: S608 (constant names)
-    f"SELECT {', '.join(_USAGE_TYPES)} FROM {_recordset(_USAGE_TYPES)} "
-    "ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
-    + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
-)
+
+
+def _upsert_usage(rows: str = "%(rows)s") -> str:
+    return (
+        f"INSERT INTO usage_hourly ({', '.join(_USAGE_TYPES)}) "  # noqa: S608 (constant names)
+        f"SELECT {', '.join(_USAGE_TYPES)} FROM {_recordset('usage_hourly', rows)} "
+        "ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
+        + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
+    )
+
+
 # A key written again has expired (a live one is answered, not decided): the row is replaced.
 _OUTCOME_TYPES = {
     "tenant_id": "text", "idempotency_key": "text", "operation": "text", "request": "jsonb",
     "response": "jsonb", "created_at": "timestamptz",
 }  # fmt: skip
-_INSERT_OUTCOMES = (
-    f"INSERT INTO idempotency_keys ({', '.join(_OUTCOME_TYPES)}) "  # noqa: S608 (constant)
-    f"SELECT {', '.join(_OUTCOME_TYPES)} FROM {_recordset(_OUTCOME_TYPES)} "
-    """ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET operation = EXCLUDED.operation,
-       request = EXCLUDED.request, response = EXCLUDED.response,
-       created_at = EXCLUDED.created_at"""
+
+
+def _insert_outcomes(rows: str = "%(rows)s") -> str:
+    return (
+        f"INSERT INTO idempotency_keys ({', '.join(_OUTCOME_TYPES)}) "  # noqa: S608 (constant)
+        f"SELECT {', '.join(_OUTCOME_TYPES)} FROM {_recordset('idempotency_keys', rows)} "
+        "ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET "
+        "operation = EXCLUDED.operation, request = EXCLUDED.request, "
+        "response = EXCLUDED.response, created_at = EXCLUDED.created_at"
+    )
+
+
+_WRITES = {
+    "events": _insert_events,
+    "accounts": _update_accounts,
+    "new_reservations": _insert_reservations,
+    "changed_reservations": _update_reservations,
+    "usage": _upsert_usage,
+    "outcomes": _insert_outcomes,
+}
+"""The hot tables' writes, by the name of the records each takes."""
+_WRITE_ALL = (
+    "WITH "
+    + ", ".join(
+        f"{name}_written AS ({statement(f'${n}')})"
+        for n, (name, statement) in enumerate(_WRITES.items(), 1)
+    )
+    + " SELECT 1"
 )
+"""All of them as one statement (data-modifying CTEs: each runs once, to completion; they
+touch different rows, so none needs to see another's effect). PostgreSQL's own $n
+placeholders, through a raw cursor: the text is longer than psycopg caches its conversions
+for, and would be parsed again on every call."""
 _PRUNE_OUTCOMES = "SELECT prune_idempotency_keys(%s, %s) AS pruned"  # migration 0007
 _PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits", "prices")
 _UPSERT_PRICES = """INSERT INTO prices (tenant_id, model, effective_from, currency,
@@ -467,32 +515,38 @@ class _Unit:
         )
 
     async def write(self, changes: Changes) -> None:
-        """A statement a table, all in the transaction's pipeline (no round trip of their
-        own: their outcome comes with COMMIT's)."""
+        """The hot tables in one statement (a statement a table, in chunks, for more rows
+        than one may take), in the transaction's pipeline: no round trip of its own, its
+        outcome comes with COMMIT's."""
         if not (changes.events or changes.accounts or changes.outcomes):
             return
         self.appended = self.appended or bool(changes.events)
         tenant = self._tenant_id
+        records = {
+            "events": [_event_record(r) for r in changes.events],
+            "accounts": [_account_record(h) for h in changes.accounts],
+            "new_reservations": [_reservation_record(r) for r in changes.new_reservations],
+            "changed_reservations": [
+                _reservation_record(r) for r in changes.changed_reservations
+            ],
+            "usage": [vars(k) | vars(c) for k, c in changes.usage.items()],
+            "outcomes": [
+                {"tenant_id": tenant, "idempotency_key": key, "operation": o.operation,
+                 "request": o.request, "response": o.response, "created_at": o.created_at}
+                for key, o in changes.outcomes.items()
+            ],
+        }  # fmt: skip
         async with self._pipelined(), self._conn.cursor() as cur:
-            await _each_chunk(cur, _INSERT_EVENTS, [_event_record(r) for r in changes.events])
-            await _each_chunk(cur, _UPDATE_ACCOUNTS, [_account_record(h) for h in changes.accounts])
+            if max(map(len, records.values())) <= records_per_statement:
+                async with psycopg.AsyncRawCursor(self._conn) as raw:
+                    await raw.execute(_WRITE_ALL, [_jsonb(v) for v in records.values()])
+            else:
+                for name, statement in _WRITES.items():
+                    await _each_chunk(cur, statement(), records[name])
             if changes.rate_limits:
                 await cur.executemany(
                     _UPSERT_RATE_LIMITS, [_rate_limit_params(rl) for rl in changes.rate_limits]
                 )
-            await _each_chunk(
-                cur,
-                _INSERT_RESERVATIONS,
-                [_reservation_record(r) for r in changes.new_reservations],
-            )
-            await _each_chunk(
-                cur,
-                _UPDATE_RESERVATIONS,
-                [_reservation_record(r) for r in changes.changed_reservations],
-            )
-            await _each_chunk(
-                cur, _UPSERT_USAGE, [vars(k) | vars(c) for k, c in changes.usage.items()]
-            )
             if changes.prices:
                 await cur.executemany(
                     _UPSERT_PRICES,
@@ -502,15 +556,6 @@ class _Unit:
                         for p in changes.prices
                     ],
                 )  # fmt: skip
-            await _each_chunk(
-                cur,
-                _INSERT_OUTCOMES,
-                [
-                    {"tenant_id": tenant, "idempotency_key": key, "operation": o.operation,
-                     "request": o.request, "response": o.response, "created_at": o.created_at}
-                    for key, o in changes.outcomes.items()
-                ],
-            )  # fmt: skip
 
     async def replace_projections(self, changes: Changes) -> None:
         for table in _PROJECTION_TABLES:
