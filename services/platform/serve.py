@@ -39,10 +39,10 @@ ledger's database, the context service's ledger), which a restart cannot fix."""
 gc_young_threshold = 10_000
 """Container allocations (net of frees) between two collections of the youngest generation,
 once serving (Python's default: 700). A call's objects are mostly freed by reference counting
-when it ends; at 700 the collector ran about every seventh call, walking the objects of every
-call in flight: under the 64-client bench 0.47-0.62 s of collection in ~6,000 RPCs (start-up
-included; 50-80 µs an RPC), against 0.20 s with 23 collections at 10,000. Cyclic garbage
-waits that much longer to be freed: a few MB at most."""
+when it ends; at 700 the collector ran about every eighth call, walking the objects of every
+call in flight. Under the 64-client bench (gc.callbacks timing the collections, serving only)
+that was 31-32 µs of collection per RPC; at 10,000, 2-12 µs in 5-6 collections a run. Cyclic
+garbage waits that much longer to be freed: a few MB at most."""
 
 
 class StartupFailure(Exception):
