@@ -49,9 +49,23 @@ class Notifier:
             tenants, self._pending = sorted(self._pending), set()
             try:
                 async with self._pool.connection() as conn:
-                    await conn.execute(NOTIFY_SQL, (tenants,))
+                    await _autocommit(conn, NOTIFY_SQL, (tenants,))
             except (psycopg.Error, PoolTimeout) as exc:  # followers still poll: no event is lost
                 _log.warning("could not notify followers: %s", exc)
+
+
+async def _autocommit(conn: psycopg.AsyncConnection[Any], sql: str, params: Any) -> None:
+    """One statement in its own implicit transaction: one round trip, where a pooled
+    connection's transaction would add a BEGIN and a COMMIT. The connection goes back to the
+    pool as it came (autocommit off), or closed."""
+    await conn.set_autocommit(True)
+    try:
+        await conn.execute(sql, params)
+    finally:
+        try:
+            await conn.set_autocommit(False)
+        except psycopg.Error:
+            await conn.close()
 
 
 class Waiter:

@@ -32,18 +32,20 @@ RESERVATION_COLUMNS = """tenant_id, reservation_id, user_id, conversation_id, mo
     late, ended_at, ended_balance, money, cost"""
 
 
-def select_accounts_sql(keys: Sequence[AccountKey], *, lock: bool) -> tuple[str, tuple[str, ...]]:
-    """Accounts of one tenant by key; with `lock`, row-locked in key order (tenant first)."""
-    placeholders = ", ".join(["(%s, %s)"] * len(keys))
-    sql = (
-        f"SELECT {ACCOUNT_COLUMNS} FROM accounts "  # noqa: S608 (placeholders only)
-        f"WHERE tenant_id = %s AND (user_id, conversation_id) IN ({placeholders}) "
-        "ORDER BY user_id, conversation_id"
-    )
-    params = [keys[0].tenant_id]
-    for k in keys:
-        params += [k.user_id, k.conversation_id]
-    return (sql + " FOR UPDATE" if lock else sql), tuple(params)
+_SELECT_ACCOUNTS = (
+    f"SELECT {ACCOUNT_COLUMNS} FROM accounts "  # noqa: S608 (constant column list)
+    "WHERE tenant_id = %s AND (user_id, conversation_id) IN "
+    "(SELECT u, c FROM unnest(%s::text[], %s::text[]) AS k(u, c)) "
+    "ORDER BY user_id, conversation_id"
+)
+
+
+def select_accounts_sql(keys: Sequence[AccountKey], *, lock: bool) -> tuple[str, tuple[Any, ...]]:
+    """Accounts of one tenant by key; with `lock`, row-locked in key order (tenant first).
+    One statement text whatever the number of keys (they go as two arrays), so that it is
+    parsed and planned once per connection, not once per distinct count."""
+    params = (keys[0].tenant_id, [k.user_id for k in keys], [k.conversation_id for k in keys])
+    return (_SELECT_ACCOUNTS + " FOR UPDATE" if lock else _SELECT_ACCOUNTS), params
 
 
 def account_key(row: dict[str, Any]) -> AccountKey:

@@ -8,15 +8,17 @@ table is the backstop should two writers ever race on one stream.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import orjson
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -48,18 +50,51 @@ from ledger.usage import COUNTER_NAMES
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 
-_EVENT_NAMES = (*codec.EVENT_COLUMNS, *codec.CHAIN_COLUMNS)
-_INSERT_EVENTS = (
-    f"INSERT INTO events ({', '.join(_EVENT_NAMES)}) VALUES ("  # noqa: S608 (constant names)
-    + ", ".join(f"%({c})s" for c in _EVENT_NAMES)
-    + ")"
-)
-_UPDATE_ACCOUNTS = """UPDATE accounts SET quota_limit = %s, period = %s, window_hours = %s,
-       time_zone = %s, soft_limit_percent = %s, grant_order = %s, held = %s, used_total = %s,
-       used_day = %s, day_start = %s, used_month = %s, month_start = %s, recent = %s,
-       grants = %s, alert_thresholds = %s, alerts_fired = %s, alerts_period = %s, money = %s,
-       stream_version = %s, head_hash = %s, updated_at = now()
-   WHERE tenant_id = %s AND user_id = %s AND conversation_id = %s"""
+# The hot tables are written one statement each, whatever the number of rows: the rows go as
+# one jsonb array (serialized by orjson) that jsonb_to_recordset spreads into typed columns.
+# Row by row (executemany) each row was a statement of its own: its parameters adapted in
+# Python, a message to the server and a socket write, about as much CPU again as the call
+# that made the row. bytea travels as '\x' hex text, timestamps as ISO 8601 with offset.
+_EVENT_TYPES = {**codec.EVENT_COLUMNS, **codec.CHAIN_COLUMNS}
+
+
+def _recordset(table: str, rows: str) -> str:
+    """The records of the jsonb array parameter `rows` (its placeholder) as rows of `table`
+    (its column types; keys absent are NULL), numbered in the array's order
+    (`r.ordinality`)."""
+    return (
+        f"ROWS FROM (jsonb_populate_recordset(NULL::{table}, {rows}::jsonb)) WITH ORDINALITY AS r"
+    )
+
+
+def _insert_events(rows: str = "%(rows)s") -> str:  # in the order decided: versions follow it
+    return (
+        f"INSERT INTO events ({', '.join(_EVENT_TYPES)}) "  # noqa: S608 (constant names)
+        f"SELECT {', '.join(_EVENT_TYPES)} FROM {_recordset('events', rows)} ORDER BY r.ordinality"
+    )
+
+
+_ACCOUNT_TYPES = {
+    "tenant_id": "text", "user_id": "text", "conversation_id": "text", "quota_limit": "bigint",
+    "period": "text", "window_hours": "integer", "time_zone": "text",
+    "soft_limit_percent": "integer", "grant_order": "text", "held": "bigint",
+    "used_total": "bigint", "used_day": "bigint", "day_start": "date", "used_month": "bigint",
+    "month_start": "date", "recent": "jsonb", "grants": "jsonb", "alert_thresholds": "jsonb",
+    "alerts_fired": "jsonb", "alerts_period": "date", "money": "jsonb",
+    "stream_version": "bigint", "head_hash": "bytea",
+}  # fmt: skip
+_ACCOUNT_KEY = ("tenant_id", "user_id", "conversation_id")
+
+
+def _update_accounts(rows: str = "%(rows)s") -> str:
+    return (
+        "UPDATE accounts AS a SET "  # noqa: S608 (constant names)
+        + ", ".join(f"{c} = r.{c}" for c in _ACCOUNT_TYPES if c not in _ACCOUNT_KEY)
+        + f", updated_at = now() FROM {_recordset('accounts', rows)} WHERE "
+        + " AND ".join(f"a.{c} = r.{c}" for c in _ACCOUNT_KEY)
+    )
+
+
 _UPSERT_RATE_LIMITS = (
     f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "  # noqa: S608 (constant)
     "(%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT "
@@ -68,31 +103,89 @@ _UPSERT_RATE_LIMITS = (
     "requests_per_minute = EXCLUDED.requests_per_minute, "
     "tokens_tat = EXCLUDED.tokens_tat, requests_tat = EXCLUDED.requests_tat"
 )
-_INSERT_RESERVATIONS = (
-    f"INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ("  # noqa: S608 (constant)
-    + ", ".join(f"%({c.strip()})s" for c in RESERVATION_COLUMNS.split(","))
-    + ")"
-)
-_UPDATE_RESERVATIONS = """UPDATE reservations SET state = %(state)s,
-       input_tokens = %(input_tokens)s, output_tokens = %(output_tokens)s,
-       cached_input_tokens = %(cached_input_tokens)s, late = %(late)s,
-       ended_at = %(ended_at)s, ended_balance = %(ended_balance)s, cost = %(cost)s
-   WHERE tenant_id = %(tenant_id)s AND reservation_id = %(reservation_id)s"""
-_UPSERT_USAGE = (
-    "INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model, "  # noqa: S608
-    + ", ".join(COUNTER_NAMES)
-    + ") VALUES (%(tenant_id)s, %(hour)s, %(user_id)s, %(conversation_id)s, %(model)s, "
-    + ", ".join(f"%({c})s" for c in COUNTER_NAMES)
-    + ") ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
-    + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
-)
+_RESERVATION_TYPES = {
+    "tenant_id": "text", "reservation_id": "text", "user_id": "text", "conversation_id": "text",
+    "model": "text", "amount": "bigint", "state": "text", "created_at": "timestamptz",
+    "expires_at": "timestamptz", "labels": "jsonb", "input_tokens": "bigint",
+    "output_tokens": "bigint", "cached_input_tokens": "bigint", "late": "boolean",
+    "ended_at": "timestamptz", "ended_balance": "jsonb", "money": "bigint", "cost": "bigint",
+}  # fmt: skip
+assert list(_RESERVATION_TYPES) == [c.strip() for c in RESERVATION_COLUMNS.split(",")]
+
+
+def _insert_reservations(rows: str = "%(rows)s") -> str:
+    return (
+        f"INSERT INTO reservations ({RESERVATION_COLUMNS}) "  # noqa: S608 (constant)
+        f"SELECT {RESERVATION_COLUMNS} FROM {_recordset('reservations', rows)}"
+    )
+
+
+_RESERVATION_CHANGES = ("state", "input_tokens", "output_tokens", "cached_input_tokens",
+                        "late", "ended_at", "ended_balance", "cost")  # fmt: skip
+
+
+def _update_reservations(rows: str = "%(rows)s") -> str:
+    return (
+        "UPDATE reservations AS t SET "  # noqa: S608 (constant names)
+        + ", ".join(f"{c} = r.{c}" for c in _RESERVATION_CHANGES)
+        + f" FROM {_recordset('reservations', rows)} "
+        "WHERE t.tenant_id = r.tenant_id AND t.reservation_id = r.reservation_id"
+    )
+
+
+_USAGE_TYPES = {
+    "tenant_id": "text", "hour": "timestamptz", "user_id": "text", "conversation_id": "text",
+    "model": "text", **{c: "bigint" for c in COUNTER_NAMES},
+}  # fmt: skip
+
+
+def _upsert_usage(rows: str = "%(rows)s") -> str:
+    return (
+        f"INSERT INTO usage_hourly ({', '.join(_USAGE_TYPES)}) "  # noqa: S608 (constant names)
+        f"SELECT {', '.join(_USAGE_TYPES)} FROM {_recordset('usage_hourly', rows)} "
+        "ON CONFLICT (tenant_id, hour, user_id, conversation_id, model) DO UPDATE SET "
+        + ", ".join(f"{c} = usage_hourly.{c} + EXCLUDED.{c}" for c in COUNTER_NAMES)
+    )
+
+
 # A key written again has expired (a live one is answered, not decided): the row is replaced.
-_INSERT_OUTCOMES = """INSERT INTO idempotency_keys
-       (tenant_id, idempotency_key, operation, request, response, created_at)
-   VALUES (%s, %s, %s, %s, %s, %s)
-   ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET operation = EXCLUDED.operation,
-       request = EXCLUDED.request, response = EXCLUDED.response,
-       created_at = EXCLUDED.created_at"""
+_OUTCOME_TYPES = {
+    "tenant_id": "text", "idempotency_key": "text", "operation": "text", "request": "jsonb",
+    "response": "jsonb", "created_at": "timestamptz",
+}  # fmt: skip
+
+
+def _insert_outcomes(rows: str = "%(rows)s") -> str:
+    return (
+        f"INSERT INTO idempotency_keys ({', '.join(_OUTCOME_TYPES)}) "  # noqa: S608 (constant)
+        f"SELECT {', '.join(_OUTCOME_TYPES)} FROM {_recordset('idempotency_keys', rows)} "
+        "ON CONFLICT (tenant_id, idempotency_key) DO UPDATE SET "
+        "operation = EXCLUDED.operation, request = EXCLUDED.request, "
+        "response = EXCLUDED.response, created_at = EXCLUDED.created_at"
+    )
+
+
+_WRITES = {
+    "events": _insert_events,
+    "accounts": _update_accounts,
+    "new_reservations": _insert_reservations,
+    "changed_reservations": _update_reservations,
+    "usage": _upsert_usage,
+    "outcomes": _insert_outcomes,
+}
+"""The hot tables' writes, by the name of the records each takes."""
+_WRITE_ALL = (
+    "WITH "
+    + ", ".join(
+        f"{name}_written AS ({statement(f'${n}')})"
+        for n, (name, statement) in enumerate(_WRITES.items(), 1)
+    )
+    + " SELECT 1"
+)
+"""All of them as one statement (data-modifying CTEs: each runs once, to completion; they
+touch different rows, so none needs to see another's effect). PostgreSQL's own $n
+placeholders, through a raw cursor: the text is longer than psycopg caches its conversions
+for, and would be parsed again on every call."""
 _PRUNE_OUTCOMES = "SELECT prune_idempotency_keys(%s, %s) AS pruned"  # migration 0007
 _PROJECTION_TABLES = ("accounts", "reservations", "usage_hourly", "rate_limits", "prices")
 _UPSERT_PRICES = """INSERT INTO prices (tenant_id, model, effective_from, currency,
@@ -116,11 +209,18 @@ _TENANT_PRICES = """SELECT model, effective_from, currency, input_per_mtok, outp
 
 def _dumps(obj: Any) -> bytes | str:
     """JSON for jsonb parameters through orjson (a jsonb column keeps no text, so only the
-    value matters); what orjson refuses (integers past 64 bits) goes through json."""
+    value matters); what orjson refuses (integers past 64 bits) goes through json. Dates and
+    times (in records) as ISO 8601, with their offset, either way."""
     try:
         return orjson.dumps(obj)
     except TypeError:
-        return json.dumps(obj)
+        return json.dumps(obj, default=_iso)
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, date):  # datetime too
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def _jsonb(obj: Any) -> Jsonb:
@@ -152,9 +252,14 @@ class PostgresStore:
 
     @asynccontextmanager
     async def transaction(self, tenant_id: str) -> AsyncIterator[_Unit]:
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection() as conn:
             unit = _Unit(conn, tenant_id)
-            yield unit
+            try:
+                await unit.begin()
+                yield unit
+                await unit.commit()
+            finally:
+                await unit.end()
         if unit.appended:  # committed: wake the tenant's followers
             self._notifier.notify(tenant_id)
 
@@ -218,12 +323,58 @@ class PostgresStore:
 
 
 class _Unit:
-    """A unit of work in one PostgreSQL transaction."""
+    """A unit of work in one PostgreSQL transaction, sent as one pipeline: BEGIN travels with
+    the first statements and COMMIT with the last, so that a transaction costs as many round
+    trips as it has reads to wait for, plus one (psycopg's own transaction() waits for BEGIN
+    and for COMMIT apart: two more). BEGIN and COMMIT are explicit statements, which needs an
+    autocommit connection: it is switched for the transaction and back before it returns to
+    the pool. A server-side cursor (events_after) cannot run in a pipeline: the pipeline ends
+    there and the transaction goes on without it."""
 
     def __init__(self, conn: Conn, tenant_id: str) -> None:
         self._conn = conn
         self._tenant_id = tenant_id
         self.appended = False
+        self._pipeline: AsyncExitStack | None = None
+
+    async def begin(self) -> None:
+        await self._conn.set_autocommit(True)
+        self._pipeline = AsyncExitStack()
+        await self._pipeline.enter_async_context(self._conn.pipeline())
+        await self._conn.execute("BEGIN")
+
+    async def commit(self) -> None:
+        await self._conn.execute("COMMIT")
+        await self._leave_pipeline()  # its sync answers for COMMIT (and raises its error)
+
+    async def _leave_pipeline(self) -> None:
+        if self._pipeline is not None:
+            pipeline, self._pipeline = self._pipeline, None
+            await pipeline.aclose()
+
+    async def end(self) -> None:
+        """After commit, or after a failure anywhere: roll back what is still open and hand
+        the connection back as it came (autocommit off), or closed when it cannot be."""
+        conn = self._conn
+        try:
+            with contextlib.suppress(psycopg.Error):  # the failure is already on its way
+                await self._leave_pipeline()
+            if conn.pgconn.transaction_status in (TransactionStatus.INTRANS,
+                                                  TransactionStatus.INERROR):  # fmt: skip
+                await conn.execute("ROLLBACK")
+            await conn.set_autocommit(False)
+        except psycopg.Error:
+            await conn.close()  # the pool discards it
+
+    @asynccontextmanager
+    async def _pipelined(self) -> AsyncIterator[None]:
+        """Statements sent together: in the transaction's pipeline while it lasts, else in
+        one of their own."""
+        if self._pipeline is not None:
+            yield
+        else:
+            async with self._conn.pipeline():
+                yield
 
     async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
         if not reservation_ids:
@@ -267,7 +418,7 @@ class _Unit:
         server runs them in order, so the reads happen under the accounts' locks). Accounts
         that do not exist yet are created and locked after it; when the tenant's own row was
         one of them, nothing held the tenant's lock during the reads, which are made again."""
-        async with self._conn.pipeline():
+        async with self._pipelined():
             accounts = (
                 await self._conn.execute(*select_accounts_sql(lock, lock=True)) if lock else None
             )
@@ -364,56 +515,47 @@ class _Unit:
         )
 
     async def write(self, changes: Changes) -> None:
-        """Every statement in one pipeline (one round trip)."""
+        """The hot tables in one statement (a statement a table, in chunks, for more rows
+        than one may take), in the transaction's pipeline: no round trip of its own, its
+        outcome comes with COMMIT's."""
         if not (changes.events or changes.accounts or changes.outcomes):
             return
         self.appended = self.appended or bool(changes.events)
-        async with self._conn.pipeline(), self._conn.cursor() as cur:
-            await cur.executemany(
-                _INSERT_EVENTS, [{**row, "data": _jsonb(row["data"])} for row in changes.events]
-            )
-            await cur.executemany(_UPDATE_ACCOUNTS, [_account_params(h) for h in changes.accounts])
+        tenant = self._tenant_id
+        records = {
+            "events": [_event_record(r) for r in changes.events],
+            "accounts": [_account_record(h) for h in changes.accounts],
+            "new_reservations": [_reservation_record(r) for r in changes.new_reservations],
+            "changed_reservations": [
+                _reservation_record(r) for r in changes.changed_reservations
+            ],
+            "usage": [vars(k) | vars(c) for k, c in changes.usage.items()],
+            "outcomes": [
+                {"tenant_id": tenant, "idempotency_key": key, "operation": o.operation,
+                 "request": o.request, "response": o.response, "created_at": o.created_at}
+                for key, o in changes.outcomes.items()
+            ],
+        }  # fmt: skip
+        async with self._pipelined(), self._conn.cursor() as cur:
+            if max(map(len, records.values())) <= records_per_statement:
+                async with psycopg.AsyncRawCursor(self._conn) as raw:
+                    await raw.execute(_WRITE_ALL, [_jsonb(v) for v in records.values()])
+            else:
+                for name, statement in _WRITES.items():
+                    await _each_chunk(cur, statement(), records[name])
             if changes.rate_limits:
                 await cur.executemany(
                     _UPSERT_RATE_LIMITS, [_rate_limit_params(rl) for rl in changes.rate_limits]
                 )
-            if changes.new_reservations:
-                await cur.executemany(
-                    _INSERT_RESERVATIONS,
-                    [_reservation_params(r) for r in changes.new_reservations],
-                )
-            if changes.changed_reservations:
-                await cur.executemany(
-                    _UPDATE_RESERVATIONS,
-                    [_reservation_params(r) for r in changes.changed_reservations],
-                )
-            await cur.executemany(
-                _UPSERT_USAGE, [vars(k) | vars(c) for k, c in changes.usage.items()]
-            )
             if changes.prices:
                 await cur.executemany(
                     _UPSERT_PRICES,
                     [
-                        (self._tenant_id, p.model, p.effective_from, p.currency, p.price.input,
+                        (tenant, p.model, p.effective_from, p.currency, p.price.input,
                          p.price.output, p.price.cached_input)
                         for p in changes.prices
                     ],
                 )  # fmt: skip
-            if changes.outcomes:
-                await cur.executemany(
-                    _INSERT_OUTCOMES,
-                    [
-                        (
-                            self._tenant_id,
-                            key,
-                            o.operation,
-                            _jsonb(o.request),
-                            _jsonb(o.response),
-                            o.created_at,
-                        )
-                        for key, o in changes.outcomes.items()
-                    ],
-                )
 
     async def replace_projections(self, changes: Changes) -> None:
         for table in _PROJECTION_TABLES:
@@ -436,6 +578,7 @@ class _Unit:
         start, refused for a tenant with an archive (its archived months may be gone)."""
         if position == 0:
             await self._refuse_if_archived()
+        await self._leave_pipeline()
         async with self._conn.cursor(name="rebuild") as cur:
             await cur.execute(
                 "SELECT * FROM events WHERE tenant_id = %s AND position > %s ORDER BY position",
@@ -459,18 +602,21 @@ class _Unit:
             )
 
 
-def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[str, ...]]:
+_LOCK_RATE_LIMITS = (
+    f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
+    "AND (user_id, conversation_id) IN "
+    "(SELECT u, c FROM unnest(%s::text[], %s::text[]) AS k(u, c)) "
+    "ORDER BY user_id, conversation_id, model FOR UPDATE"
+)
+
+
+def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[Any, ...]]:
     """The limiters of the accounts `keys` (one tenant's), locked; account rows are locked
-    before, so the order is fixed."""
-    placeholders = ", ".join(["(%s, %s)"] * len(keys))
-    params = [keys[0].tenant_id]
-    for k in keys:
-        params += [k.user_id, k.conversation_id]
-    return (
-        f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
-        f"AND (user_id, conversation_id) IN ({placeholders}) "
-        "ORDER BY user_id, conversation_id, model FOR UPDATE",
-        tuple(params),
+    before, so the order is fixed. One statement text, the keys as two arrays."""
+    return _LOCK_RATE_LIMITS, (
+        keys[0].tenant_id,
+        [k.user_id for k in keys],
+        [k.conversation_id for k in keys],
     )
 
 
@@ -481,33 +627,55 @@ def _stored_reservation(row: dict[str, Any]) -> StoredReservation:
     )
 
 
-def _account_params(head: StreamHead) -> tuple[Any, ...]:
+records_per_statement = 5_000
+"""Rows a statement writes at most (a rebuild writes a whole tenant; a jsonb value is at most
+255 MB)."""
+
+
+async def _each_chunk(
+    cur: psycopg.AsyncCursor[dict[str, Any]], sql: str, records: list[dict[str, Any]]
+) -> None:
+    """`sql` (with a `%(rows)s` recordset) over `records`, a statement per chunk of them."""
+    for start in range(0, len(records), records_per_statement):
+        await cur.execute(sql, {"rows": _jsonb(records[start : start + records_per_statement])})
+
+
+def _hex(value: bytes) -> str:
+    """bytea's text form, for a jsonb record."""
+    return "\\x" + value.hex()
+
+
+def _event_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "prev_hash": _hex(row["prev_hash"]), "hash": _hex(row["hash"])}
+
+
+def _account_record(head: StreamHead) -> dict[str, Any]:
     acc, k = head.account, head.account.key
-    return (
-        acc.limit,
-        acc.period.value,
-        acc.window_hours,
-        acc.time_zone,
-        acc.soft_limit_percent,
-        acc.grant_order.value,
-        acc.held,
-        acc.used_total,
-        acc.used_day,
-        acc.day_start,
-        acc.used_month,
-        acc.month_start,
-        _jsonb([list(b) for b in acc.recent]),
-        _jsonb(codec.grants_to_json(acc.grants)),
-        _jsonb(list(acc.alert_thresholds)),
-        _jsonb(list(acc.alerts_fired)),
-        acc.alerts_period,
-        None if acc.money is None else _jsonb(codec.account_to_json(acc.money)),
-        head.version,
-        head.hash,
-        k.tenant_id,
-        k.user_id,
-        k.conversation_id,
-    )
+    return {
+        "tenant_id": k.tenant_id,
+        "user_id": k.user_id,
+        "conversation_id": k.conversation_id,
+        "quota_limit": acc.limit,
+        "period": acc.period.value,
+        "window_hours": acc.window_hours,
+        "time_zone": acc.time_zone,
+        "soft_limit_percent": acc.soft_limit_percent,
+        "grant_order": acc.grant_order.value,
+        "held": acc.held,
+        "used_total": acc.used_total,
+        "used_day": acc.used_day,
+        "day_start": acc.day_start,
+        "used_month": acc.used_month,
+        "month_start": acc.month_start,
+        "recent": acc.recent,
+        "grants": codec.grants_to_json(acc.grants),
+        "alert_thresholds": acc.alert_thresholds,
+        "alerts_fired": acc.alerts_fired,
+        "alerts_period": acc.alerts_period,
+        "money": None if acc.money is None else codec.account_to_json(acc.money),
+        "stream_version": head.version,
+        "head_hash": _hex(head.hash),
+    }
 
 
 def _rate_limit_params(rl: RateLimit) -> tuple[Any, ...]:
@@ -516,7 +684,7 @@ def _rate_limit_params(rl: RateLimit) -> tuple[Any, ...]:
             rl.requests_per_minute, rl.tokens_tat, rl.requests_tat)  # fmt: skip
 
 
-def _reservation_params(stored: StoredReservation) -> dict[str, Any]:
+def _reservation_record(stored: StoredReservation) -> dict[str, Any]:
     res, ended = stored.reservation, stored.ended_balance
     usage = res.usage
     return {
@@ -529,13 +697,13 @@ def _reservation_params(stored: StoredReservation) -> dict[str, Any]:
         "state": res.state.value,
         "created_at": res.created_at,
         "expires_at": res.expires_at,
-        "labels": _jsonb(dict(res.labels)),
+        "labels": dict(res.labels),
         "input_tokens": None if usage is None else usage.input_tokens,
         "output_tokens": None if usage is None else usage.output_tokens,
         "cached_input_tokens": None if usage is None else usage.cached_input_tokens,
         "late": res.late,
         "ended_at": res.ended_at,
-        "ended_balance": None if ended is None else _jsonb(codec.account_to_json(ended)),
+        "ended_balance": None if ended is None else codec.account_to_json(ended),
         "money": res.money,
         "cost": res.cost,
     }

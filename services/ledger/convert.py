@@ -215,10 +215,16 @@ def set_prices(req: pb.SetPricesRequest, now: datetime) -> SetPrices:
 # --- responses -------------------------------------------------------------------------------
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _timestamp(at: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
+    """As Timestamp.FromDatetime (a naive time is UTC), by one subtraction: a third of its
+    cost, and a response carries a few."""
+    since = (at if at.tzinfo is not None else at.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1_000
+    )
 
 
 def balance(acc: Account) -> pb.Balance:

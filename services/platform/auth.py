@@ -39,6 +39,7 @@ from services.platform.errors import CallRefused, PermissionDenied, Unauthentica
 from services.platform.guards import PRINCIPAL
 from services.platform.interceptors import UnaryBehavior, _Interceptor
 from services.platform.key_cache import KeyCache
+from services.platform.observability import add_to_call
 
 log = structlog.get_logger("tokenledger.auth")
 
@@ -368,7 +369,7 @@ class AuthInterceptor(_Interceptor):
 
         async def guarded(request: Any, context: Context) -> Any:
             principal = await self.authenticator.authenticate(context)
-            structlog.contextvars.bind_contextvars(actor=principal.actor)
+            add_to_call(actor=principal.actor)
             authorize(principal, policy, request, rpc)
             token = current_principal.set(principal)
             key_token = PRINCIPAL.set(principal.key_id)

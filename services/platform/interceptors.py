@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +23,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from services.platform.errors import InternalError, ShuttingDown, abort_arguments, refusal
+from services.platform.observability import bind_call, log_rpc, unbind_call
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Wrapper = Callable[[UnaryBehavior, str], UnaryBehavior]
@@ -177,12 +179,14 @@ class LoggingInterceptor(_Interceptor):
             metadata = dict(context.invocation_metadata() or ())
             request_id = str(metadata.get("x-request-id") or os.urandom(16).hex())
             span_ctx = trace.get_current_span().get_span_context()
-            structlog.contextvars.bind_contextvars(
-                request_id=request_id,
-                trace_id=format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "",
-                rpc=method,
-                tenant_id=getattr(request, "tenant_id", "")
-                or getattr(getattr(request, "query", None), "tenant_id", ""),
+            token = bind_call(
+                {
+                    "request_id": request_id,
+                    "trace_id": format(span_ctx.trace_id, "032x") if span_ctx.is_valid else "",
+                    "rpc": method,
+                    "tenant_id": getattr(request, "tenant_id", "")
+                    or getattr(getattr(request, "query", None), "tenant_id", ""),
+                }
             )
             started = time.perf_counter()
             try:
@@ -194,10 +198,10 @@ class LoggingInterceptor(_Interceptor):
                     "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                 }
                 if code is grpc.StatusCode.OK:
-                    log.info("rpc", **fields)
+                    log_rpc(log, logging.INFO, fields)
                 else:
-                    log.warning("rpc", **fields, error=context.details())
-                structlog.contextvars.clear_contextvars()
+                    log_rpc(log, logging.WARNING, {**fields, "error": context.details()})
+                unbind_call(token)
 
         return logged
 

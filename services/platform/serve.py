@@ -36,6 +36,15 @@ the service's own name (readiness) go NOT_SERVING while what it depends on is aw
 ledger's database, the context service's ledger), which a restart cannot fix."""
 
 
+gc_young_threshold = 10_000
+"""Container allocations (net of frees) between two collections of the youngest generation,
+once serving (Python's default: 700). A call's objects are mostly freed by reference counting
+when it ends; at 700 the collector ran about every eighth call, walking the objects of every
+call in flight. Under the 64-client bench (gc.callbacks timing the collections, serving only)
+that was 31-32 µs of collection per RPC; at 10,000, 2-12 µs in 5-6 collections a run. Cyclic
+garbage waits that much longer to be freed: a few MB at most."""
+
+
 class StartupFailure(Exception):
     """A server cannot start; the message is one line saying why and which setting to change.
     Its process prints it and exits with STARTUP_FAILED_EXIT_CODE, no traceback."""
@@ -96,6 +105,7 @@ async def serve_until_signalled(
     # What start-up built (modules, descriptors, pools) lives as long as the process: moved out
     # of the collector's generations, a full collection no longer walks it.
     gc.freeze()
+    gc.set_threshold(gc_young_threshold, *gc.get_threshold()[1:])
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

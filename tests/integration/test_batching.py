@@ -8,10 +8,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
+import pytest
 
 from ledger import errors, validation
 from ledger.application import Ledger
-from ledger.model import Period, Reserve
+from ledger.model import Period, Reserve, Usage
+from ledger.postgres import store as store_module
 from ledger.postgres.store import PostgresStore
 from services.platform import db
 from tests.support import new_id, verify_tenant
@@ -118,3 +120,42 @@ def test_the_same_key_twice_in_one_batch_is_applied_once(database_url: str) -> N
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT count(*) FROM events WHERE tenant_id = %s", (tenant,)).fetchone()
     assert row == (1,)
+
+
+@pytest.mark.parametrize("records_max", [1, 3])
+def test_a_batch_with_more_rows_than_one_statement_takes_writes_them_in_chunks(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, records_max: int
+) -> None:
+    """The hot tables are written by one statement while every table's rows fit one (a jsonb
+    array each), else a statement a table a chunk: both write the same log and projections."""
+    monkeypatch.setattr(store_module, "records_per_statement", records_max)
+    tenant = new_id("t")
+
+    async def body(store: Ledger) -> list[Any]:
+        await set_limit(store, tenant, 10_000)
+        held = await asyncio.gather(*(store.reserve(reserve(tenant, 100)) for _ in range(10)))
+        await asyncio.gather(
+            *(
+                store.commit(
+                    validation.commit(
+                        tenant_id=tenant,
+                        reservation_id=r.reservation.reservation_id,
+                        usage=Usage(input_tokens=30, output_tokens=20),
+                    )
+                )
+                for r in held
+            )
+        )
+        return held
+
+    held = with_store(database_url, body)
+    assert len({r.reservation.reservation_id for r in held}) == 10
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT held, used_total FROM accounts WHERE tenant_id = %s AND user_id = ''",
+            (tenant,),
+        ).fetchone()
+    assert row == (0, 500)
+    report = verify_tenant(database_url, tenant)
+    assert report.events_checked == 21
+    assert report.breaks == [] and report.differences == []

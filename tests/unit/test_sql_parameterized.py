@@ -25,11 +25,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ROOTS = ("ledger", "services", "migrations")
 RUFF = Path(sys.executable).parent / "ruff"
+_RECORDS = (
+    "column names and types from module constants (codec.EVENT_COLUMNS, the _*_TYPES dicts, "
+    "COUNTER_NAMES); every value is in the one %(rows)s jsonb parameter"
+)
 _WHERE = "a WHERE clause from scope_where(): constant text, values as %s parameters"
 
 REVIEWED_S608: dict[tuple[str, str], str] = {
     ("ledger/postgres/rows.py", 'f"SELECT {ACCOUNT_COLUMNS} FROM accounts "'): (
-        "constant column list; the IN list is '(%s, %s)' placeholders, one pair per key"
+        "constant column list; the keys are two array parameters"
     ),
     (
         "ledger/postgres/verify.py",
@@ -62,10 +66,6 @@ REVIEWED_S608: dict[tuple[str, str], str] = {
         "ledger/postgres/audit.py",
         'sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} AND position >= %s"',
     ): _WHERE,
-    (
-        "ledger/postgres/store.py",
-        '"INSERT INTO usage_hourly (tenant_id, hour, user_id, conversation_id, model, "',
-    ): "module constant joined from COUNTER_NAMES; values are %(name)s parameters",
     ("ledger/postgres/store.py", 'f"SELECT {RESERVATION_COLUMNS} FROM reservations "'): (
         "constant column list; get_reservation passes ids as parameters, _reservations_sql "
         "gets constant WHERE text from its two callers in _Unit.read_locked"
@@ -73,20 +73,26 @@ REVIEWED_S608: dict[tuple[str, str], str] = {
     ("ledger/postgres/store.py", 'f"DELETE FROM {table} WHERE tenant_id = %s",'): (
         "table from a fixed tuple of projection table names; the tenant is a parameter"
     ),
-    (
-        "ledger/postgres/store.py",
-        "f\"INSERT INTO events ({', '.join(_EVENT_NAMES)}) VALUES (\"",
-    ): "column names from codec.EVENT_COLUMNS (constants); values are %(column)s parameters",
     ("ledger/postgres/store.py", 'f"INSERT INTO rate_limits ({RATE_LIMIT_COLUMNS}) VALUES "'): (
         "constant column list; values are %s parameters"
-    ),
-    ("ledger/postgres/store.py", 'f"INSERT INTO reservations ({RESERVATION_COLUMNS}) VALUES ("'): (
-        "constant column list; values are %(column)s parameters named after it"
     ),
     (
         "ledger/postgres/store.py",
         'f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "',
-    ): "constant column list; the IN list is '(%s, %s)' placeholders, one pair per key",
+    ): "constant column list; the keys are two array parameters",
+    # The hot tables' writes: one statement a table, the rows one jsonb parameter spread by
+    # _recordset (constant names and types) into typed columns.
+    ("ledger/postgres/store.py", "f\"INSERT INTO events ({', '.join(_EVENT_TYPES)}) \""): _RECORDS,
+    ("ledger/postgres/store.py", '"UPDATE accounts AS a SET "'): _RECORDS,
+    ("ledger/postgres/store.py", 'f"INSERT INTO reservations ({RESERVATION_COLUMNS}) "'): _RECORDS,
+    ("ledger/postgres/store.py", '"UPDATE reservations AS t SET "'): _RECORDS,
+    ("ledger/postgres/store.py", "f\"INSERT INTO usage_hourly ({', '.join(_USAGE_TYPES)}) \""): (
+        _RECORDS
+    ),
+    (
+        "ledger/postgres/store.py",
+        "f\"INSERT INTO idempotency_keys ({', '.join(_OUTCOME_TYPES)}) \"",
+    ): _RECORDS,
 }
 """(file, the suppressed line without its comment) -> why it is safe."""
 
