@@ -6,9 +6,10 @@ live tables means the log or the tables were changed outside the ledger.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ledger import codec
@@ -20,8 +21,10 @@ from ledger.domain import (
     rate_limit_keys,
 )
 from ledger.model import (
+    EPOCH,
     Account,
     AccountKey,
+    BalanceAdjusted,
     Event,
     PriceSet,
     RateLimit,
@@ -29,9 +32,12 @@ from ledger.model import (
     RateLimitSet,
     Reservation,
     ReservationCommitted,
+    ReservationExpired,
     ReservationRolledBack,
     TokensReserved,
+    Usage,
     UsageRecorded,
+    day_of,
 )
 from ledger.money import PricePoint, point_of
 
@@ -118,3 +124,248 @@ class ChainVerifier:
         if problem:
             self.breaks.append(ChainBreak(key, row["version"], problem))
             self._broken.add(key)
+
+
+# --- the tenant's account from its users' events, without their rows -------------------------
+
+RESERVE, RELEASE, CHARGE, ADJUST = range(4)
+"""Kinds of effect: a hold; a hold given back (rolled back, expired); usage charged (a commit,
+or usage recorded); an operator's adjustment."""
+_HOUR_US = 3_600_000_000
+_EFFECT_FIELDS = ("position", "kind", "at", "tokens", "released", "reserved", "money", "cost")
+
+
+def _us(at: datetime) -> int:
+    delta = at - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _at(us: int) -> datetime:
+    return EPOCH + timedelta(microseconds=us)
+
+
+class Effects:
+    """What the tenant's own account and rate limiters take from its users' events, one
+    record an event, in log order: a user part collects them while it folds its users, and
+    the tenant part folds them (EffectFold) instead of reading and decoding every row again.
+    Columns of integers (times in microseconds since the epoch), so they cross a process
+    boundary as a few buffers."""
+
+    def __init__(self) -> None:
+        self.columns = {name: array("q") for name in _EFFECT_FIELDS}
+        self.model = array("l")
+        """A hold's model, as its index in `models` (-1 for other kinds)."""
+        self.models: list[str] = []
+        self.rows = 0
+        """Rows of users read (decodable or not): any of them touches the tenant's account."""
+
+    def __len__(self) -> int:
+        return len(self.columns["position"])
+
+    def add(self, position: int, event: Event) -> None:
+        """The tenant-level effect of a user's event (events of other kinds have none)."""
+        c = self.columns
+        match event:
+            case TokensReserved():
+                kind, tokens, released, reserved, money, cost = (
+                    RESERVE, event.amount, 0, 0, event.money or 0, 0)  # fmt: skip
+            case ReservationRolledBack() | ReservationExpired():
+                kind, tokens, released, reserved, money, cost = (
+                    RELEASE, event.amount, 0, 0, event.money or 0, 0)  # fmt: skip
+            case ReservationCommitted():
+                kind, tokens, released, reserved, money, cost = (
+                    CHARGE, event.usage.total, event.amount, _us(event.reserved_at),
+                    event.money or 0, event.cost or 0)  # fmt: skip
+            case UsageRecorded():
+                kind, tokens, released, reserved, money, cost = (
+                    CHARGE, event.usage.total, 0, _us(event.reserved_at or event.occurred_at),
+                    0, event.cost or 0)  # fmt: skip
+            case BalanceAdjusted():
+                kind, tokens, released, reserved, money, cost = (
+                    ADJUST, event.tokens, 0, 0, event.money or 0, 0)  # fmt: skip
+            case _:
+                assert AccountKey(event.key.tenant_id) not in affected(event), event
+                return
+        c["position"].append(position)
+        c["kind"].append(kind)
+        c["at"].append(_us(event.occurred_at))
+        c["tokens"].append(tokens)
+        c["released"].append(released)
+        c["reserved"].append(reserved)
+        c["money"].append(money)
+        c["cost"].append(cost)
+        self.model.append(self._model_index(event.model) if kind == RESERVE else -1)
+
+    def _model_index(self, model: str) -> int:
+        try:
+            return self.models.index(model)
+        except ValueError:
+            self.models.append(model)
+            return len(self.models) - 1
+
+
+class EffectFold:
+    """Feeds the effects of several parts, merged in log order, to the tenant's Projection as
+    events. A run of effects that evolve_account would apply as plain sums is fed as one
+    event of each kind (per hour charged to): same hour, so the same roll of the account
+    (its day and month, hourly buckets, window); no grants to draw, in tokens or money; no
+    tenant rate limiter (each hold advances one); no negative amounts. Anything else is fed
+    event by event, as the log has it. Either way the account comes out as folding every
+    event would make it."""
+
+    def __init__(self, projection: Projection, tenant_id: str, parts: list[Effects]) -> None:
+        self.projection = projection
+        self.tenant = AccountKey(tenant_id)
+        self.key = AccountKey(tenant_id, "*")
+        """A user's key: its lineage reaches the tenant's account and no other it keeps."""
+        self.columns = {
+            name: sum((p.columns[name] for p in parts), array("q")) for name in _EFFECT_FIELDS
+        }
+        models: list[str] = []
+        self.models: list[str] = []
+        for p in parts:
+            self.models += [p.models[i] if i >= 0 else "" for i in p.model]
+            models += p.models
+        self.hold_models = sorted(set(models))
+        """The models of the holds among the effects (the tenant limiters they touch)."""
+        positions = self.columns["position"]
+        self.order = sorted(range(len(positions)), key=positions.__getitem__)
+        self.next = 0
+        self._day_whole: dict[tuple[str, int], bool] = {}
+        self._run: dict[str, Any] | None = None
+
+    def peek(self) -> int | None:
+        """The position of the next effect not fed yet (None: all are)."""
+        if self.next == len(self.order):
+            return None
+        return self.columns["position"][self.order[self.next]]
+
+    def feed_until(self, position: int | None) -> None:
+        """Feed the effects before `position` (None: all of them)."""
+        c, order = self.columns, self.order
+        pos, kinds, ats = c["position"], c["kind"], c["at"]
+        n = len(order)
+        while self.next < n:
+            i = order[self.next]
+            if position is not None and pos[i] >= position:
+                break
+            self.next += 1
+            kind, at = kinds[i], ats[i]
+            run = self._run
+            if run is not None and at // _HOUR_US == run["hour"] and self._joins(i, kind):
+                self._add(run, i, kind)
+                continue
+            self._flush()
+            if self._starts_run(i, kind, at):
+                self._run = {"hour": at // _HOUR_US, "at": at, "held": {}, "charged": {}}
+                self._add(self._run, i, kind)
+            else:
+                self._feed_one(i, kind)
+        self._flush()
+
+    def _account(self) -> Account:
+        return self.projection.accounts.get(self.tenant) or Account(self.tenant)
+
+    def _starts_run(self, i: int, kind: int, at: int) -> bool:
+        """Whether effect `i` may begin a run: the account has nothing a sum would treat
+        differently, and its hour is one day in the account's zone."""
+        acc = self._account()
+        if acc.grants or (acc.money is not None and acc.money.grants) or at < 0:
+            return False
+        return self._joins(i, kind) and self._one_day(acc.time_zone, at // _HOUR_US)
+
+    def _joins(self, i: int, kind: int) -> bool:
+        c = self.columns
+        if kind == ADJUST or (kind == RESERVE and self.projection.rate_limits):
+            return False
+        if min(c["tokens"][i], c["released"][i], c["money"][i], c["cost"][i]) < 0:
+            return False
+        if kind != CHARGE:
+            return True
+        reserved = c["reserved"][i]
+        return reserved >= 0 and self._one_day(self._account().time_zone, reserved // _HOUR_US)
+
+    def _one_day(self, time_zone: str, hour: int) -> bool:
+        """Whether the whole of `hour` falls on one day in `time_zone`."""
+        if time_zone == "UTC":
+            return True
+        found = self._day_whole.get((time_zone, hour))
+        if found is None:
+            first = _at(hour * _HOUR_US)
+            last = _at((hour + 1) * _HOUR_US - 1)
+            found = self._day_whole[(time_zone, hour)] = day_of(first, time_zone) == day_of(
+                last, time_zone
+            )
+        return found
+
+    def _add(self, run: dict[str, Any], i: int, kind: int) -> None:
+        c = self.columns
+        tokens, money = c["tokens"][i], c["money"][i]
+        if kind == CHARGE:
+            hour = c["reserved"][i] // _HOUR_US
+            sums = run["charged"].setdefault(hour, [c["reserved"][i], 0, 0, 0, 0])
+            sums[1] += tokens
+            sums[2] += c["released"][i]
+            sums[3] += money
+            sums[4] += c["cost"][i]
+        else:
+            sums = run["held"].setdefault(kind, [0, 0])
+            sums[0] += tokens
+            sums[1] += money
+
+    def _flush(self) -> None:
+        """Feed the run so far as one event of each kind it holds."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        at, feed = _at(run["at"]), self.projection.feed
+        tokens, money = run["held"].get(RESERVE, (0, 0))
+        # Always one event: every effect rolls the account to its hour, even one of nothing.
+        feed(self._reserved(at, tokens, money, ""))
+        if RELEASE in run["held"]:
+            tokens, money = run["held"][RELEASE]
+            feed(ReservationRolledBack(
+                key=self.key, occurred_at=at, reservation_id="", amount=tokens,
+                money=money or None))  # fmt: skip
+        for reserved, tokens, released, money, cost in run["charged"].values():
+            feed(ReservationCommitted(
+                key=self.key, occurred_at=at, reservation_id="", amount=released,
+                usage=Usage(tokens), reserved_at=_at(reserved), money=money or None,
+                cost=cost or None))  # fmt: skip
+
+    def hold(self, model: str) -> TokensReserved:
+        """A hold of nothing on `model`: what touches the tenant's limiters of the model."""
+        return self._reserved(EPOCH, 0, 0, model)
+
+    def _reserved(self, at: datetime, tokens: int, money: int, model: str) -> TokensReserved:
+        return TokensReserved(
+            key=self.key, occurred_at=at, model=model, reservation_id="", amount=tokens,
+            expires_at=at, money=money or None)  # fmt: skip
+
+    def _feed_one(self, i: int, kind: int) -> None:
+        """Feed effect `i` as the event it came from, as far as the tenant's account and
+        limiters read it."""
+        c = self.columns
+        at, tokens, money = _at(c["at"][i]), c["tokens"][i], c["money"][i] or None
+        event: Event
+        if kind == RESERVE:
+            event = self._reserved(at, tokens, c["money"][i], self.models[i])
+        elif kind == RELEASE:
+            event = ReservationRolledBack(
+                key=self.key, occurred_at=at, reservation_id="", amount=tokens, money=money
+            )
+        elif kind == CHARGE:
+            event = ReservationCommitted(
+                key=self.key, occurred_at=at, reservation_id="", amount=c["released"][i],
+                usage=Usage(tokens), reserved_at=_at(c["reserved"][i]), money=money,
+                cost=c["cost"][i] or None)  # fmt: skip
+        else:
+            event = BalanceAdjusted(
+                key=self.key, occurred_at=at, tokens=tokens, reason="", money=money
+            )
+        self.projection.feed(event)
+
+    def touched_models(self) -> list[str]:
+        """The models of the holds among the effects: a verification from a checkpoint seeds
+        the tenant's limiters of each (a hold may advance them)."""
+        return self.hold_models
