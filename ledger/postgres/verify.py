@@ -18,6 +18,7 @@ measures both side by side, and tests prove that both report the same.
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,9 +26,11 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from ledger import archive, codec
 from ledger import checkpoints as cp
@@ -600,6 +603,7 @@ def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
     and psycopg's do not survive pickling."""
     try:
         with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+            set_json_loads(_json_loads, conn)
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             if snapshot:  # SET takes no parameters: the id is quoted as a literal
@@ -608,6 +612,16 @@ def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
             yield conn
     except psycopg.Error as exc:
         raise _portable(exc) from None
+
+
+def _json_loads(text: bytes) -> Any:
+    """json.loads, by orjson where it can (several times faster, the same values for the
+    JSON that PostgreSQL writes); what orjson refuses (integers past 64 bits, numbers past
+    a double's range, deep nesting) goes through json."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _portable(exc: psycopg.Error) -> Exception:
