@@ -102,9 +102,11 @@ class ChainBreak:
 class ChainVerifier:
     """Checks event rows one at a time, each stream's in version order (streams may
     interleave, as in log order): versions 1, 2, 3… without gaps, each prev_hash equal to the
-    previous hash, each hash recomputed from the row. Reports each stream's first break."""
+    previous hash, each hash recomputed from the row. Reports each stream's first break.
+    `reference`: hash by codec.event_hash alone, as before the handoff (for the bench)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reference: bool = False) -> None:
+        self.hash = codec.event_hash if reference else event_hash
         self.breaks: list[ChainBreak] = []
         self.heads: dict[AccountKey, tuple[int, bytes]] = {}
         self.checked = 0
@@ -122,7 +124,7 @@ class ChainVerifier:
             problem = f"version {row['version']} follows {version}"
         elif bytes(row["prev_hash"]) != head:
             problem = "prev_hash is not the previous event's hash"
-        elif event_hash(row, head) != bytes(row["hash"]):
+        elif self.hash(row, head) != bytes(row["hash"]):
             problem = "hash does not match the event's content"
         if problem:
             self.breaks.append(ChainBreak(key, row["version"], problem))

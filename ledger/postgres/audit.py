@@ -81,17 +81,17 @@ class LedgerAudit:
         pool: AsyncConnectionPool[Conn],
         primary: AsyncConnectionPool[Conn] | None = None,
         workers: int = 1,
-        tenant_handoff: bool = True,
+        before_handoff: bool = False,
     ) -> None:
         """Reads go to `pool`, which may be a read replica's; past balances and the follower
         feed read the `primary` (default: `pool`): a replica's lag would hide recent events,
         and the feed's cursor rule (transaction ids below the oldest running one) must not meet
-        a replica's cancelled queries or a failover's other history. `tenant_handoff=False`
-        verifies by the design before the handoff (verify.Part.handoff), for the bench."""
+        a replica's cancelled queries or a failover's other history. `before_handoff` verifies
+        by the design before the handoff (verify.Part.before_handoff), for the bench."""
         self._pool = pool
         self._primary = primary or pool
         self._workers = workers
-        self._handoff = tenant_handoff
+        self._before_handoff = before_handoff
         self._executor: ProcessPoolExecutor | None = None
         self._log_watcher: notify.LogWatcher | None = None
         self._closed = False
@@ -213,7 +213,8 @@ class LedgerAudit:
         return report
 
     def _plan(self, scope: Scope, own_rows: tuple[int, ...], **options: Any) -> list[Part]:
-        return verify.plan(scope, self._workers, own_rows, handoff=self._handoff, **options)
+        options["before_handoff"] = self._before_handoff
+        return verify.plan(scope, self._workers, own_rows, **options)
 
     async def _run_parts(
         self, conn: Conn, parts: list[Part], primary: bool = False

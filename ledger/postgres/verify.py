@@ -12,8 +12,9 @@ twice. Every part imports one exported snapshot, so together they see exactly th
 projections that a single transaction would.
 
 The design before the handoff, where the tenant part read and decoded every event of the
-tenant again, is kept as `Part.handoff=False` (LedgerAudit's `tenant_handoff`): the bench
-measures both side by side, and tests prove that both report the same.
+tenant again, and rows were hashed and their JSON read by the reference codec alone, is kept
+as `Part.before_handoff` (LedgerAudit's `before_handoff`): only the bench, which measures both
+side by side, and the tests that prove both report the same use it.
 """
 
 from __future__ import annotations
@@ -93,10 +94,17 @@ class Part:
     base: tuple[int, int] = (0, 0)
     """(archive seq, its checkpoint's seq): the events up to `since` were archived; start
     from the stream heads the archive recorded and the whole state at its checkpoint."""
-    handoff: bool = False
-    """A user part hands its events' effects on the tenant's account over (check_users); the
-    tenant part reads only the tenant's own events and folds the user parts' effects. False:
-    the tenant part reads every event itself (the design before; see the module's doc)."""
+    before_handoff: bool = False
+    """Verify by the design before the handoff (see the module's doc), for the bench: the
+    tenant part reads every event itself, by the reference codec."""
+
+    @property
+    def handoff(self) -> bool:
+        """Whether the part is in a handoff: a user part of a tenant's plan hands its
+        events' effects on the tenant's account over (check_users), and the tenant part
+        reads only the tenant's own events and folds those effects."""
+        split = self.tenant_level != self.users and not self.scope.user_id
+        return split and not self.before_handoff
 
     def in_scope(self, key: AccountKey) -> bool:
         """Whether `key` is the part's and its scope's (for state read from a checkpoint)."""
@@ -144,11 +152,11 @@ def plan(scope: Scope, workers: int, own_rows: tuple[int, ...] = (), **options: 
     return parts
 
 
-def plan_parts(scope: Scope, workers: int, handoff: bool = True, **options: Any) -> list[Part]:
+def plan_parts(scope: Scope, workers: int, **options: Any) -> list[Part]:
     """The parts of a verification for `workers` processes, the tenant's first. A user's scope
     is one part without the tenant's account (which needs the whole tenant's log). `options`
-    are Part's checkpoint fields, the same for every part. With `handoff`, the tenant part
-    folds the user parts' effects and runs after them (audit.LedgerAudit._run_parts)."""
+    are Part's checkpoint fields (and `before_handoff`), the same for every part. The tenant
+    part folds the user parts' effects, so it runs after them (LedgerAudit._run_parts)."""
     if scope.user_id:
         return [Part(scope, tenant_level=False, users=True, **options)]
     if workers <= 1:
@@ -159,7 +167,6 @@ def plan_parts(scope: Scope, workers: int, handoff: bool = True, **options: Any)
     # From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
     # its share of the few events: one bucket per worker.
     buckets = workers if options.get("since_seq") else 3 * workers
-    options["handoff"] = handoff
     return [
         Part(scope, tenant_level=True, users=False, **options),
         *(Part(scope, False, True, bucket, buckets, **options) for bucket in range(buckets)),
@@ -229,10 +236,11 @@ def _check(
     chunk_rows: int,
     effects: list[Effects] | None,
 ) -> tuple[VerifyReport, Effects | None]:
-    with _reading(conninfo, snapshot) as conn, ExitStack() as more:
+    fast = not part.before_handoff
+    with _reading(conninfo, snapshot, fast) as conn, ExitStack() as more:
         # The checkpoint's state is read while the COPY streams, so on a second connection
         # on the same snapshot: one connection cannot run a query in the middle of a COPY.
-        seeds = more.enter_context(_reading(conninfo, snapshot)) if part.since_seq else conn
+        seeds = more.enter_context(_reading(conninfo, snapshot, fast)) if part.since_seq else conn
         fold = _Fold(part)
         if part.base[0]:
             fold.seed_all(conn)
@@ -373,7 +381,8 @@ class _Fold:
 
     def __init__(self, part: Part) -> None:
         self.part = part
-        self.chains, self.rebuilt = ChainVerifier(), Projection(keep=part.keep)
+        self.chains = ChainVerifier(reference=part.before_handoff)
+        self.rebuilt = Projection(keep=part.keep)
         self.usage: dict[UsageKey, UsageCounters] = {}
         self.unreadable: list[Difference] = []
         self.touched = _Touched()
@@ -381,7 +390,7 @@ class _Fold:
         """From a checkpoint: each touched key's value there (None: no such row)."""
         self.passes = list(part.passes)
         self.sums: dict[int, dict[str, Digest]] = {}
-        self.effects = Effects() if part.handoff and not part.tenant_level else None
+        self.effects = Effects() if part.handoff and part.users else None
         """A user part's effects on the tenant's account, for the tenant part."""
         self.handed: EffectFold | None = None
         """The tenant part's: the user parts' effects, fed in log order with its own events."""
@@ -597,13 +606,15 @@ def balance_at(conninfo: str, key: AccountKey, as_of: datetime) -> BalanceResult
 
 
 @contextmanager
-def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
-    """A read-only repeatable-read transaction, on `snapshot` when given. Database errors
+def _reading(conninfo: str, snapshot: str | None, fast: bool = True) -> Iterator[SyncConn]:
+    """A read-only repeatable-read transaction, on `snapshot` when given; JSON is read by
+    orjson (`fast`) or by json alone, as before the handoff. Database errors
     leave as StoreUnavailable or RuntimeError: a worker's exceptions cross a process boundary,
     and psycopg's do not survive pickling."""
     try:
         with psycopg.connect(conninfo, row_factory=dict_row) as conn:
-            set_json_loads(_json_loads, conn)
+            if fast:
+                set_json_loads(_json_loads, conn)
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             if snapshot:  # SET takes no parameters: the id is quoted as a literal
@@ -614,7 +625,7 @@ def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
         raise _portable(exc) from None
 
 
-def _json_loads(text: bytes) -> Any:
+def _json_loads(text: str | bytes) -> Any:
     """json.loads, by orjson where it can (several times faster, the same values for the
     JSON that PostgreSQL writes); what orjson refuses (integers past 64 bits, numbers past
     a double's range, deep nesting) goes through json."""

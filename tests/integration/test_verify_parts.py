@@ -55,7 +55,7 @@ def test_the_parts_of_a_plan_cover_every_row_once(
     """Every projection row is compared by one part; every event is read by one part (with
     the handoff) or by one user part and the tenant part (the design before it)."""
     scope = Scope(crowded_tenant)
-    parts = verify.plan(scope, workers, handoff=handoff)
+    parts = verify.plan(scope, workers, before_handoff=not handoff)
     assert [p.tenant_level for p in parts].count(True) == 1 and len(parts) == 1 + 3 * workers
     for table in TABLES:
         everything = count(database_url, table, *scope_where(scope))
