@@ -11,6 +11,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -70,7 +71,7 @@ class Projection:
             self.prices[(event.model, event.effective_from)] = point_of(event)
         for key in affected(event):
             if keep(key):
-                self.accounts[key] = evolve_account(self.accounts.get(key, Account(key)), event)
+                self.accounts[key] = evolve_account(self.accounts.get(key) or Account(key), event)
         # Only a RateLimitSet makes a limiter; until one exists, no event changes any.
         for rk in (
             rate_limit_keys(event) if self.rate_limits or isinstance(event, RateLimitSet) else ()
@@ -174,6 +175,41 @@ _HOUR_US = 3_600_000_000
 _EFFECT_FIELDS = ("position", "kind", "at", "tokens", "released", "reserved", "money", "cost")
 
 
+_Effect = tuple[int, int, int, datetime | None, int, int]
+"""kind, tokens (held, released, charged or adjusted), tokens released by a charge, the time
+charged to (a charge's), money (held, released), cost."""
+
+
+def _effect(event: Event) -> _Effect | None:
+    """What an event does to the balance of each account of its lineage (None: nothing
+    coalescing knows of, or nothing)."""
+    match event:
+        case TokensReserved():
+            return RESERVE, event.amount, 0, None, event.money or 0, 0
+        case ReservationRolledBack() | ReservationExpired():
+            return RELEASE, event.amount, 0, None, event.money or 0, 0
+        case ReservationCommitted():
+            return (CHARGE, event.usage.total, event.amount, event.reserved_at,
+                    event.money or 0, event.cost or 0)  # fmt: skip
+        case UsageRecorded():
+            at = event.reserved_at or event.occurred_at
+            return CHARGE, event.usage.total, 0, at, 0, event.cost or 0
+        case BalanceAdjusted():
+            return ADJUST, event.tokens, 0, None, event.money or 0, 0
+    return None
+
+
+def _one_day(time_zone: str, hour: int) -> bool:
+    """Whether the whole of `hour` (hours since the epoch) falls on one day in `time_zone`."""
+    return time_zone == "UTC" or _one_day_in(time_zone, hour)
+
+
+@lru_cache(maxsize=4096)
+def _one_day_in(time_zone: str, hour: int) -> bool:
+    first = _at(hour * _HOUR_US)
+    return day_of(first, time_zone) == day_of(_at((hour + 1) * _HOUR_US - 1), time_zone)
+
+
 def _us(at: datetime) -> int:
     delta = at - EPOCH
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
@@ -204,27 +240,12 @@ class Effects:
     def add(self, position: int, event: Event) -> None:
         """The tenant-level effect of a user's event (events of other kinds have none)."""
         c = self.columns
-        match event:
-            case TokensReserved():
-                kind, tokens, released, reserved, money, cost = (
-                    RESERVE, event.amount, 0, 0, event.money or 0, 0)  # fmt: skip
-            case ReservationRolledBack() | ReservationExpired():
-                kind, tokens, released, reserved, money, cost = (
-                    RELEASE, event.amount, 0, 0, event.money or 0, 0)  # fmt: skip
-            case ReservationCommitted():
-                kind, tokens, released, reserved, money, cost = (
-                    CHARGE, event.usage.total, event.amount, _us(event.reserved_at),
-                    event.money or 0, event.cost or 0)  # fmt: skip
-            case UsageRecorded():
-                kind, tokens, released, reserved, money, cost = (
-                    CHARGE, event.usage.total, 0, _us(event.reserved_at or event.occurred_at),
-                    0, event.cost or 0)  # fmt: skip
-            case BalanceAdjusted():
-                kind, tokens, released, reserved, money, cost = (
-                    ADJUST, event.tokens, 0, 0, event.money or 0, 0)  # fmt: skip
-            case _:
-                assert AccountKey(event.key.tenant_id) not in affected(event), event
-                return
+        effect = _effect(event)
+        if effect is None:
+            assert AccountKey(event.key.tenant_id) not in affected(event), event
+            return
+        kind, tokens, released, reserved_at, money, cost = effect
+        reserved = 0 if reserved_at is None else _us(reserved_at)
         c["position"].append(position)
         c["kind"].append(kind)
         c["at"].append(_us(event.occurred_at))
@@ -270,7 +291,6 @@ class EffectFold:
         positions = self.columns["position"]
         self.order = sorted(range(len(positions)), key=positions.__getitem__)
         self.next = 0
-        self._day_whole: dict[tuple[str, int], bool] = {}
         self._run: dict[str, Any] | None = None
 
     def peek(self) -> int | None:
@@ -311,7 +331,7 @@ class EffectFold:
         acc = self._account()
         if acc.grants or (acc.money is not None and acc.money.grants) or at < 0:
             return False
-        return self._joins(i, kind) and self._one_day(acc.time_zone, at // _HOUR_US)
+        return self._joins(i, kind) and _one_day(acc.time_zone, at // _HOUR_US)
 
     def _joins(self, i: int, kind: int) -> bool:
         c = self.columns
@@ -322,20 +342,7 @@ class EffectFold:
         if kind != CHARGE:
             return True
         reserved = c["reserved"][i]
-        return reserved >= 0 and self._one_day(self._account().time_zone, reserved // _HOUR_US)
-
-    def _one_day(self, time_zone: str, hour: int) -> bool:
-        """Whether the whole of `hour` falls on one day in `time_zone`."""
-        if time_zone == "UTC":
-            return True
-        found = self._day_whole.get((time_zone, hour))
-        if found is None:
-            first = _at(hour * _HOUR_US)
-            last = _at((hour + 1) * _HOUR_US - 1)
-            found = self._day_whole[(time_zone, hour)] = day_of(first, time_zone) == day_of(
-                last, time_zone
-            )
-        return found
+        return reserved >= 0 and _one_day(self._account().time_zone, reserved // _HOUR_US)
 
     def _add(self, run: dict[str, Any], i: int, kind: int) -> None:
         c = self.columns
