@@ -360,24 +360,29 @@ class EffectFold:
             sums[1] += money
 
     def _flush(self) -> None:
-        """Feed the run so far as one event of each kind it holds."""
+        """Feed the run so far as one event of each kind it holds. Its holds are fed as a
+        rollback of minus their sum (the same change to what is held, in tokens and money),
+        so that no rate limiter takes them: a run has holds only while the tenant has no
+        limiter, and the event that rolls the account to the run's hour must not take one."""
         run, self._run = self._run, None
         if run is None:
             return
         at, feed = _at(run["at"]), self.projection.feed
         tokens, money = run["held"].get(RESERVE, (0, 0))
         # Always one event: every effect rolls the account to its hour, even one of nothing.
-        feed(self._reserved(at, tokens, money, ""))
+        feed(self._released(at, -tokens, -money))
         if RELEASE in run["held"]:
-            tokens, money = run["held"][RELEASE]
-            feed(ReservationRolledBack(
-                key=self.key, occurred_at=at, reservation_id="", amount=tokens,
-                money=money or None))  # fmt: skip
+            feed(self._released(at, *run["held"][RELEASE]))
         for reserved, tokens, released, money, cost in run["charged"].values():
             feed(ReservationCommitted(
                 key=self.key, occurred_at=at, reservation_id="", amount=released,
                 usage=Usage(tokens), reserved_at=_at(reserved), money=money or None,
                 cost=cost or None))  # fmt: skip
+
+    def _released(self, at: datetime, tokens: int, money: int) -> ReservationRolledBack:
+        return ReservationRolledBack(
+            key=self.key, occurred_at=at, reservation_id="", amount=tokens, money=money or None
+        )
 
     def hold(self, model: str) -> TokensReserved:
         """A hold of nothing on `model`: what touches the tenant's limiters of the model."""
@@ -397,9 +402,7 @@ class EffectFold:
         if kind == RESERVE:
             event = self._reserved(at, tokens, c["money"][i], self.models[i])
         elif kind == RELEASE:
-            event = ReservationRolledBack(
-                key=self.key, occurred_at=at, reservation_id="", amount=tokens, money=money
-            )
+            event = self._released(at, tokens, c["money"][i])
         elif kind == CHARGE:
             event = ReservationCommitted(
                 key=self.key, occurred_at=at, reservation_id="", amount=c["released"][i],
