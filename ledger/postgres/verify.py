@@ -430,14 +430,14 @@ class _Fold:
             for row, event in decoded:
                 self.touched.add(self.part, row, event)
             self._seed(conn)
-        keep, effects = self.part.keep, self.effects
+        users, tenant_level, effects = self.part.users, self.part.tenant_level, self.effects
         if effects is not None:
             effects.rows += len(decoded)
         for row, event in decoded:
             self._hand_until(row["position"])
             while self.passes and row["position"] > self.passes[0][1]:
                 self._pass()
-            mine = keep(AccountKey(row["tenant_id"], row["user_id"]))
+            mine = users if row["user_id"] else tenant_level  # keep(), without making a key
             if mine:
                 self.chains.feed(row)
             if event is not None:

@@ -153,7 +153,8 @@ async def side_by_side(url: str, events: int, workers: int, rounds: int) -> list
             for before in (True, False):
                 audit = LedgerAudit(pool, workers=workers, before_handoff=before)
                 try:
-                    await audit._in_worker(os.getpid)  # the workers are started outside the time
+                    # Every worker is started (spawned, imports done) outside the time.
+                    await asyncio.gather(*(audit._in_worker(time.sleep, 1) for _ in range(workers)))
                     load = load_average()
                     started = time.perf_counter()
                     report = await audit.verify(Scope(TENANT))
