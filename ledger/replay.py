@@ -172,6 +172,9 @@ RESERVE, RELEASE, CHARGE, ADJUST = range(4)
 """Kinds of effect: a hold; a hold given back (rolled back, expired); usage charged (a commit,
 or usage recorded); an operator's adjustment."""
 _HOUR_US = 3_600_000_000
+_WHOLE_HOURS_US = (0, 7_258_118_400_000_000)
+"""From the epoch to 2200: times whose hour here (microseconds // _HOUR_US) is hour_of's, the
+domain's (a float's whole seconds, exact to the microsecond until about 2240)."""
 _EFFECT_FIELDS = ("position", "kind", "at", "tokens", "released", "reserved", "money", "cost")
 
 
@@ -197,6 +200,10 @@ def _effect(event: Event) -> _Effect | None:
         case BalanceAdjusted():
             return ADJUST, event.tokens, 0, None, event.money or 0, 0
     return None
+
+
+def _whole(us: int) -> bool:
+    return _WHOLE_HOURS_US[0] <= us < _WHOLE_HOURS_US[1]
 
 
 def _one_day(time_zone: str, hour: int) -> bool:
@@ -329,7 +336,7 @@ class EffectFold:
         """Whether effect `i` may begin a run: the account has nothing a sum would treat
         differently, and its hour is one day in the account's zone."""
         acc = self._account()
-        if acc.grants or (acc.money is not None and acc.money.grants) or at < 0:
+        if acc.grants or (acc.money is not None and acc.money.grants) or not _whole(at):
             return False
         return self._joins(i, kind) and _one_day(acc.time_zone, at // _HOUR_US)
 
@@ -342,7 +349,7 @@ class EffectFold:
         if kind != CHARGE:
             return True
         reserved = c["reserved"][i]
-        return reserved >= 0 and _one_day(self._account().time_zone, reserved // _HOUR_US)
+        return _whole(reserved) and _one_day(self._account().time_zone, reserved // _HOUR_US)
 
     def _add(self, run: dict[str, Any], i: int, kind: int) -> None:
         c = self.columns

@@ -161,10 +161,10 @@ def plan_parts(scope: Scope, workers: int, **options: Any) -> list[Part]:
         return [Part(scope, tenant_level=False, users=True, **options)]
     if workers <= 1:
         return [Part(scope, tenant_level=True, users=True, **options)]
-    # The tenant part costs about a quarter of all the user parts together (one account per
-    # event instead of two, no chains, usage or reservations); three buckets per worker keep
-    # the workers evenly loaded behind it (bench: 5 equal parts on 2 workers took 3 rounds).
-    # From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
+    # Three buckets per worker keep the workers evenly loaded on a machine others share, and
+    # the last round short (the tenant part waits for it); before the handoff, the tenant part
+    # cost about a quarter of all the user parts together, and the buckets balanced behind it
+    # (bench: 5 equal parts on 2 workers took 3 rounds). From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
     # its share of the few events: one bucket per worker.
     buckets = workers if options.get("since_seq") else 3 * workers
     return [
