@@ -164,8 +164,9 @@ def plan_parts(scope: Scope, workers: int, **options: Any) -> list[Part]:
     # Three buckets per worker keep the workers evenly loaded on a machine others share, and
     # the last round short (the tenant part waits for it); before the handoff, the tenant part
     # cost about a quarter of all the user parts together, and the buckets balanced behind it
-    # (bench: 5 equal parts on 2 workers took 3 rounds). From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
-    # its share of the few events: one bucket per worker.
+    # (bench: 5 equal parts on 2 workers took 3 rounds). From a checkpoint, a part's fixed
+    # costs (its queries for the keys it touched) outweigh its share of the few events: one
+    # bucket per worker.
     buckets = workers if options.get("since_seq") else 3 * workers
     return [
         Part(scope, tenant_level=True, users=False, **options),
