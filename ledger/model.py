@@ -5,7 +5,7 @@ Everything here is a frozen dataclass; time is always an aware UTC datetime.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from functools import cache
@@ -213,8 +213,13 @@ class Account:
 
     def with_(self, **changes: Any) -> Account:
         """A copy with `changes`; dataclasses.replace does the same, several times slower,
-        and audits evolve accounts millions of times."""
-        return Account(**{**self.__dict__, **changes})
+        and audits evolve accounts millions of times. The copy's fields are set without
+        calling __init__ (Account validates nothing there), which is faster still."""
+        if not changes.keys() <= _ACCOUNT_FIELDS:
+            raise TypeError(f"Account has no field {sorted(changes.keys() - _ACCOUNT_FIELDS)}")
+        out = object.__new__(Account)
+        out.__dict__.update(self.__dict__, **changes)
+        return out
 
     @property
     def used(self) -> int:
@@ -677,3 +682,6 @@ class BalanceResult:
     def reservable(self) -> int | None:
         figures = [a.available for a in (*self.ancestors, self.balance) if a.limit is not None]
         return min((f for f in figures if f is not None), default=None)
+
+
+_ACCOUNT_FIELDS = frozenset(f.name for f in fields(Account))

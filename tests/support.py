@@ -256,13 +256,13 @@ def call_fails(fn: Any, request: Any) -> RpcFailure:
     raise AssertionError(f"{request.__class__.__name__} succeeded but should have failed")
 
 
-def verify_tenant(url: str, tenant: str, workers: int = 1) -> VerifyReport:
+def verify_tenant(url: str, tenant: str, workers: int = 1, handoff: bool = True) -> VerifyReport:
     """VerifyAudit of a tenant, without a server: chains, and projections rebuilt from the
-    log, on `workers` processes."""
+    log, on `workers` processes (by the design before the handoff with `handoff=False`)."""
 
     async def run() -> VerifyReport:
         async with db.make_pool(url, 2) as pool:
-            with closing(LedgerAudit(pool, workers=workers)) as audit:
+            with closing(LedgerAudit(pool, workers=workers, before_handoff=not handoff)) as audit:
                 return await audit.verify(Scope(tenant))
 
     return asyncio.run(run())

@@ -81,14 +81,17 @@ class LedgerAudit:
         pool: AsyncConnectionPool[Conn],
         primary: AsyncConnectionPool[Conn] | None = None,
         workers: int = 1,
+        before_handoff: bool = False,
     ) -> None:
         """Reads go to `pool`, which may be a read replica's; past balances and the follower
         feed read the `primary` (default: `pool`): a replica's lag would hide recent events,
         and the feed's cursor rule (transaction ids below the oldest running one) must not meet
-        a replica's cancelled queries or a failover's other history."""
+        a replica's cancelled queries or a failover's other history. `before_handoff` verifies
+        by the design before the handoff (verify.Part.before_handoff), for the bench."""
         self._pool = pool
         self._primary = primary or pool
         self._workers = workers
+        self._before_handoff = before_handoff
         self._executor: ProcessPoolExecutor | None = None
         self._log_watcher: notify.LogWatcher | None = None
         self._closed = False
@@ -183,11 +186,9 @@ class LedgerAudit:
         passes = tuple((c.seq, c.position) for c in passing)
         own_rows = tuple(c.seq for c in found)
         if archived is None:
-            return verify.plan(scope, self._workers, own_rows, passes=passes)
+            return self._plan(scope, own_rows, passes=passes)
         base = (archived.seq, archived.checkpoint_seq)
-        return verify.plan(
-            scope, self._workers, own_rows, passes=passes, since=archived.position, base=base
-        )
+        return self._plan(scope, own_rows, passes=passes, since=archived.position, base=base)
 
     async def _verify_since(
         self,
@@ -204,34 +205,49 @@ class LedgerAudit:
                 "`tokenledger audit checkpoint`, or verify the whole log"
             )
         last = found[-1]
-        parts = verify.plan(
-            scope, self._workers, since_seq=last.seq, since=last.position, own_rows=(last.seq,)
-        )
+        parts = self._plan(scope, (last.seq,), since_seq=last.seq, since=last.position)
         report = await self._run_parts(conn, parts)
         report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows, archived)
         report.from_checkpoint, report.from_position = last.seq, last.position
         report.checkpoints_checked = len(found)
         return report
 
+    def _plan(self, scope: Scope, own_rows: tuple[int, ...], **options: Any) -> list[Part]:
+        options["before_handoff"] = self._before_handoff
+        return verify.plan(scope, self._workers, own_rows, **options)
+
     async def _run_parts(
         self, conn: Conn, parts: list[Part], primary: bool = False
     ) -> VerifyReport:
         """The parts on the worker processes, each on a snapshot exported by `conn` (of the
-        primary's pool or of the reading one: a snapshot is imported on its own server)."""
+        primary's pool or of the reading one: a snapshot is imported on its own server). In
+        a handoff, the user parts run first and the tenant part folds their effects."""
         cur = await conn.execute("SELECT pg_export_snapshot() AS snapshot")
         snapshot = (await cur.fetchone() or {})["snapshot"]
         conninfo = (self._primary if primary else self._pool).conninfo
-        checks = [
-            asyncio.ensure_future(self._in_worker(verify.check, conninfo, snapshot, p))
-            for p in parts
-        ]
+        tenant = [p for p in parts if p.handoff and p.tenant_level and not p.users]
+        if not tenant:
+            reports = await self._gather(verify.check, conninfo, snapshot, parts)
+            return verify.merge(reports)
+        users = [p for p in parts if p not in tenant]
+        handed = await self._gather(verify.check_users, conninfo, snapshot, users)
+        effects = [e for _, e in handed]
+        last = await self._in_worker(
+            verify.check, conninfo, snapshot, tenant[0], verify.CHUNK_ROWS, effects
+        )
+        return verify.merge([*(r for r, _ in handed), last])
+
+    async def _gather(
+        self, fn: Callable[..., _T], conninfo: Any, snapshot: str, parts: list[Part]
+    ) -> list[_T]:
+        """fn(conninfo, snapshot, part) for each part, on the worker processes."""
+        checks = [asyncio.ensure_future(self._in_worker(fn, conninfo, snapshot, p)) for p in parts]
         try:
-            reports = await asyncio.gather(*checks)
+            return list(await asyncio.gather(*checks))
         except BaseException:  # one failed, or the call was cancelled: drop queued parts
             for check in checks:
                 check.cancel()
             raise
-        return verify.merge(list(reports))
 
     async def checkpoint(self, tenant_id: str) -> tuple[VerifyReport, Checkpoint | None]:
         """Verify the tenant from its last checkpoint (or its whole log, the first time) and,
@@ -253,7 +269,7 @@ class LedgerAudit:
                     "until": position, "collect": True,
                 }  # fmt: skip
                 own_rows = (last.seq,) if last else ()
-                parts = verify.plan(Scope(tenant_id), self._workers, own_rows, **options)
+                parts = self._plan(Scope(tenant_id), own_rows, **options)
                 report = await self._run_parts(conn, parts, primary=True)
                 archived = await checkpoints.archived(conn, tenant_id)
                 own = report.own_rows

@@ -4,14 +4,22 @@ Rebuilding projections is CPU work (every event is decoded, hashed and folded), 
 run on a server's event loop, where it would stall every Reserve for as long as a chunk takes.
 A tenant is cut into parts that share nothing: each of `buckets` user parts takes the users
 whose `hashtext(user_id)` falls in its bucket and checks everything of theirs (user and
-conversation accounts, streams, reservations, usage, limiters); the tenant part reads every
-event, because the tenant's own account and limiters add up all of them, and checks those and
-the tenant's own streams. Every part imports one exported snapshot, so together they see
-exactly the log and the projections that a single transaction would.
+conversation accounts, streams, reservations, usage, limiters), and hands over what its events
+did to the tenant's own account and limiters (replay.Effects: a few integers an event); the
+tenant part, run after them, reads only the tenant's own events, checks their streams, and
+folds them with the effects in log order (replay.EffectFold), so no row is read or decoded
+twice. Every part imports one exported snapshot, so together they see exactly the log and the
+projections that a single transaction would.
+
+The design before the handoff, where the tenant part read and decoded every event of the
+tenant again, and rows were hashed and their JSON read by the reference codec alone, is kept
+as `Part.before_handoff` (LedgerAudit's `before_handoff`): only the bench, which measures both
+side by side, and the tests that prove both report the same use it.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,9 +27,11 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from ledger import archive, codec
 from ledger import checkpoints as cp
@@ -51,7 +61,7 @@ from ledger.postgres.rows import (
     scope_where,
 )
 from ledger.reads import DIFFERENCE_KINDS, Difference, Scope, VerifyReport
-from ledger.replay import ChainVerifier, Projection
+from ledger.replay import ChainVerifier, EffectFold, Effects, Projection
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage, usage_delta, usage_key
 
 SyncConn = psycopg.Connection[dict[str, Any]]
@@ -84,6 +94,17 @@ class Part:
     base: tuple[int, int] = (0, 0)
     """(archive seq, its checkpoint's seq): the events up to `since` were archived; start
     from the stream heads the archive recorded and the whole state at its checkpoint."""
+    before_handoff: bool = False
+    """Verify by the design before the handoff (see the module's doc), for the bench: the
+    tenant part reads every event itself, by the reference codec."""
+
+    @property
+    def handoff(self) -> bool:
+        """Whether the part is in a handoff: a user part of a tenant's plan hands its
+        events' effects on the tenant's account over (check_users), and the tenant part
+        reads only the tenant's own events and folds those effects."""
+        split = self.tenant_level != self.users and not self.scope.user_id
+        return split and not self.before_handoff
 
     def in_scope(self, key: AccountKey) -> bool:
         """Whether `key` is the part's and its scope's (for state read from a checkpoint)."""
@@ -103,6 +124,8 @@ class Part:
             where, params = where + " AND position > %s", (*params, self.since)
         if self.until:
             where, params = where + " AND position <= %s", (*params, self.until)
+        if self.tenant_level and not self.users and self.handoff:
+            return where + " AND user_id = ''", params
         return self._users_only(where, params) if not self.tenant_level else (where, params)
 
     def rows_where(self) -> tuple[str, tuple[Any, ...]]:
@@ -130,18 +153,20 @@ def plan(scope: Scope, workers: int, own_rows: tuple[int, ...] = (), **options: 
 
 
 def plan_parts(scope: Scope, workers: int, **options: Any) -> list[Part]:
-    """The parts of a verification for `workers` processes, longest first. A user's scope is one
-    part without the tenant's account (which needs the whole tenant's log). `options` are
-    Part's checkpoint fields, the same for every part."""
+    """The parts of a verification for `workers` processes, the tenant's first. A user's scope
+    is one part without the tenant's account (which needs the whole tenant's log). `options`
+    are Part's checkpoint fields (and `before_handoff`), the same for every part. The tenant
+    part folds the user parts' effects, so it runs after them (LedgerAudit._run_parts)."""
     if scope.user_id:
         return [Part(scope, tenant_level=False, users=True, **options)]
     if workers <= 1:
         return [Part(scope, tenant_level=True, users=True, **options)]
-    # The tenant part costs about a quarter of all the user parts together (one account per
-    # event instead of two, no chains, usage or reservations); three buckets per worker keep
-    # the workers evenly loaded behind it (bench: 5 equal parts on 2 workers took 3 rounds).
-    # From a checkpoint, a part's fixed costs (its queries for the keys it touched) outweigh
-    # its share of the few events: one bucket per worker.
+    # Three buckets per worker keep the workers evenly loaded on a machine others share, and
+    # the last round short (the tenant part waits for it); before the handoff, the tenant part
+    # cost about a quarter of all the user parts together, and the buckets balanced behind it
+    # (bench: 5 equal parts on 2 workers took 3 rounds). From a checkpoint, a part's fixed
+    # costs (its queries for the keys it touched) outweigh its share of the few events: one
+    # bucket per worker.
     buckets = workers if options.get("since_seq") else 3 * workers
     return [
         Part(scope, tenant_level=True, users=False, **options),
@@ -180,18 +205,48 @@ def worker_started() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS) -> VerifyReport:
+def check(
+    conninfo: str,
+    snapshot: str,
+    part: Part,
+    chunk_rows: int = CHUNK_ROWS,
+    effects: list[Effects] | None = None,
+) -> VerifyReport:
     """Verify one part on the exported `snapshot`: recompute its chains, rebuild its
     projections from the log in one pass in log order, and compare them with the live rows.
     From a checkpoint (`part.since_seq`), only the events after it are read, each key they
-    touch starts from its state at the checkpoint, and only those keys are compared."""
-    with _reading(conninfo, snapshot) as conn, ExitStack() as more:
+    touch starts from its state at the checkpoint, and only those keys are compared. The
+    tenant part of a handoff folds the user parts' `effects` with its own events."""
+    return _check(conninfo, snapshot, part, chunk_rows, effects)[0]
+
+
+def check_users(
+    conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS
+) -> tuple[VerifyReport, Effects]:
+    """`check` of a user part of a handoff, with the effects of its events on the tenant's
+    account and limiters."""
+    report, effects = _check(conninfo, snapshot, part, chunk_rows, None)
+    assert effects is not None, "only a user part of a handoff has effects"
+    return report, effects
+
+
+def _check(
+    conninfo: str,
+    snapshot: str,
+    part: Part,
+    chunk_rows: int,
+    effects: list[Effects] | None,
+) -> tuple[VerifyReport, Effects | None]:
+    fast = not part.before_handoff
+    with _reading(conninfo, snapshot, fast) as conn, ExitStack() as more:
         # The checkpoint's state is read while the COPY streams, so on a second connection
         # on the same snapshot: one connection cannot run a query in the middle of a COPY.
-        seeds = more.enter_context(_reading(conninfo, snapshot)) if part.since_seq else conn
+        seeds = more.enter_context(_reading(conninfo, snapshot, fast)) if part.since_seq else conn
         fold = _Fold(part)
         if part.base[0]:
             fold.seed_all(conn)
+        if effects is not None:
+            fold.take(seeds, effects)
         rows: list[dict[str, Any]] = []
         for row in _event_rows(conn, *part.events_where()):
             rows.append(row)
@@ -209,7 +264,7 @@ def check(conninfo: str, snapshot: str, part: Part, chunk_rows: int = CHUNK_ROWS
             live.prices = _live_prices(conn, part.scope.tenant_id)
     report = fold.report_against(live)
     report.own_rows = own_rows
-    return report
+    return report, fold.effects
 
 
 def _checks_prices(part: Part) -> bool:
@@ -327,7 +382,8 @@ class _Fold:
 
     def __init__(self, part: Part) -> None:
         self.part = part
-        self.chains, self.rebuilt = ChainVerifier(), Projection(keep=part.keep)
+        self.chains = ChainVerifier(reference=part.before_handoff)
+        self.rebuilt = Projection(keep=part.keep)
         self.usage: dict[UsageKey, UsageCounters] = {}
         self.unreadable: list[Difference] = []
         self.touched = _Touched()
@@ -335,6 +391,39 @@ class _Fold:
         """From a checkpoint: each touched key's value there (None: no such row)."""
         self.passes = list(part.passes)
         self.sums: dict[int, dict[str, Digest]] = {}
+        self.effects = Effects() if part.handoff and part.users else None
+        """A user part's effects on the tenant's account, for the tenant part."""
+        self.handed: EffectFold | None = None
+        """The tenant part's: the user parts' effects, fed in log order with its own events."""
+
+    def take(self, conn: SyncConn, effects: list[Effects]) -> None:
+        """Fold the user parts' `effects` with this (tenant) part's events. From a
+        checkpoint, first seed what they touch, as reading their rows would: the tenant's
+        account (any user's row touches it) and its limiters of each model held."""
+        self.handed = EffectFold(self.rebuilt, self.part.scope.tenant_id, effects)
+        if not self.part.since_seq:
+            return
+        row = {"tenant_id": self.part.scope.tenant_id, "user_id": "*", "conversation_id": ""}
+        if any(e.rows for e in effects):
+            self.touched.add(self.part, row, None)
+        for model in self.handed.touched_models():
+            self.touched.add(self.part, row, self.handed.hold(model))
+        self._seed(conn)
+
+    def _hand_until(self, position: int | None) -> None:
+        """Feed the handed effects before `position` (None: all), taking each checkpoint's
+        digests on the way."""
+        handed = self.handed
+        if handed is None:
+            return
+        while (next_at := handed.peek()) is not None and (position is None or next_at < position):
+            if self.passes and next_at > self.passes[0][1]:
+                self._pass()
+                continue
+            limit = self.passes[0][1] + 1 if self.passes else None
+            if position is not None:
+                limit = position if limit is None else min(limit, position)
+            handed.feed_until(limit)
 
     def feed(self, conn: SyncConn, rows: list[dict[str, Any]]) -> None:
         decoded = [(row, self._decode(row)) for row in rows]
@@ -342,17 +431,22 @@ class _Fold:
             for row, event in decoded:
                 self.touched.add(self.part, row, event)
             self._seed(conn)
-        keep = self.part.keep
+        users, tenant_level, effects = self.part.users, self.part.tenant_level, self.effects
+        if effects is not None:
+            effects.rows += len(decoded)
         for row, event in decoded:
+            self._hand_until(row["position"])
             while self.passes and row["position"] > self.passes[0][1]:
                 self._pass()
-            mine = keep(AccountKey(row["tenant_id"], row["user_id"]))
+            mine = users if row["user_id"] else tenant_level  # keep(), without making a key
             if mine:
                 self.chains.feed(row)
             if event is not None:
                 self.rebuilt.feed(event)
                 if mine:
                     add_usage(self.usage, event)
+                if effects is not None:
+                    effects.add(row["position"], event)
 
     def _decode(self, row: dict[str, Any]) -> Event | None:
         try:  # a tampered row may not even decode; the chain check names it too
@@ -420,6 +514,7 @@ class _Fold:
         self.sums[seq] = cp.digests_of(self.items())
 
     def finish(self) -> None:
+        self._hand_until(None)
         while self.passes:
             self._pass()
 
@@ -512,12 +607,15 @@ def balance_at(conninfo: str, key: AccountKey, as_of: datetime) -> BalanceResult
 
 
 @contextmanager
-def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
-    """A read-only repeatable-read transaction, on `snapshot` when given. Database errors
+def _reading(conninfo: str, snapshot: str | None, fast: bool = True) -> Iterator[SyncConn]:
+    """A read-only repeatable-read transaction, on `snapshot` when given; JSON is read by
+    orjson (`fast`) or by json alone, as before the handoff. Database errors
     leave as StoreUnavailable or RuntimeError: a worker's exceptions cross a process boundary,
     and psycopg's do not survive pickling."""
     try:
         with psycopg.connect(conninfo, row_factory=dict_row) as conn:
+            if fast:
+                set_json_loads(_json_loads, conn)
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             if snapshot:  # SET takes no parameters: the id is quoted as a literal
@@ -526,6 +624,16 @@ def _reading(conninfo: str, snapshot: str | None) -> Iterator[SyncConn]:
             yield conn
     except psycopg.Error as exc:
         raise _portable(exc) from None
+
+
+def _json_loads(text: str | bytes) -> Any:
+    """json.loads, by orjson where it can (several times faster, the same values for the
+    JSON that PostgreSQL writes); what orjson refuses (integers past 64 bits, numbers past
+    a double's range, deep nesting) goes through json."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _portable(exc: psycopg.Error) -> Exception:

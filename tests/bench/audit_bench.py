@@ -1,6 +1,12 @@
 """`make bench` (audit part): replay and verify throughput on a log of 1M+ events, and
 QueryUsage latency over 30 days x 10k users.
 
+The full verification is also measured side by side in this process, by both designs on the
+same log and the same number of audit workers, alternating (the machine's load is printed
+with each run): the handoff (user parts hand the tenant part their events' effects on its
+account) and the design before it (the tenant part reads and decodes every event again;
+ledger/postgres/verify.py, Part.before_handoff).
+
 The history is written straight into the tables (COPY): real hash chains made by the ledger's
 own codec, and projections from the ledger's own replay, so VerifyAudit finds it consistent.
 Then a `tokenledger serve` process is measured over gRPC from this process.
@@ -11,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -32,14 +39,16 @@ from ledger.model import (
     TokensReserved,
     Usage,
 )
+from ledger.postgres.audit import LedgerAudit
 from ledger.postgres.rows import ACCOUNT_COLUMNS
 from ledger.postgres.store import PostgresStore
+from ledger.reads import Scope
 from ledger.replay import Projection
 from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
 from services.platform import db
-from tests.bench.harness import Latencies, bench_database, ledger_process
+from tests.bench.harness import Latencies, bench_database, cpu_seconds, ledger_process
 from tests.support import stamp
 
 TENANT = "bench-audit"
@@ -130,6 +139,38 @@ def _copy_projections(
             copy.write_row([k.tenant_id, k.hour, k.user_id, k.conversation_id, k.model,
                             *(getattr(c, n) for n in COUNTER_NAMES)])  # fmt: skip
     conn.execute("ANALYZE")
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+async def side_by_side(url: str, events: int, workers: int, rounds: int) -> list[dict[str, Any]]:
+    """Full verifications of the tenant by each design in turn, `rounds` times."""
+    runs = []
+    async with db.make_pool(url, 2) as pool:
+        for _ in range(rounds):
+            for before in (True, False):
+                audit = LedgerAudit(pool, workers=workers, before_handoff=before)
+                try:
+                    # Every worker is started (spawned, imports done) outside the time.
+                    await asyncio.gather(*(audit._in_worker(time.sleep, 1) for _ in range(workers)))
+                    pids = list(getattr(audit._executor, "_processes", {}))
+                    load, cpu = load_average(), sum(map(cpu_seconds, pids))
+                    started = time.perf_counter()
+                    report = await audit.verify(Scope(TENANT))
+                    seconds = time.perf_counter() - started
+                    cpu = sum(map(cpu_seconds, pids)) - cpu
+                finally:
+                    audit.close()
+                assert report.events_checked == events, report.events_checked
+                assert not (report.breaks or report.differences), report.differences[:5]
+                design = "before the handoff" if before else "handoff"
+                runs.append({"design": design, "s": round(seconds, 2),
+                             "events_s": round(events / seconds), "load": load,
+                             "worker_cpu_s": round(cpu, 1),
+                             "events_cpu_s": round(events / cpu)})  # fmt: skip
+    return runs
 
 
 async def rebuild_time(url: str) -> tuple[float, float]:
@@ -247,7 +288,11 @@ def main() -> None:
     parser.add_argument(
         "--audit-workers", type=int, default=0, help="TOKENLEDGER_AUDIT_WORKERS (0: its default)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="side-by-side verifications of each design"
+    )
     args = parser.parse_args()
+    workers = args.audit_workers or min(4, os.cpu_count() or 1)  # the server's default
     with bench_database() as url, tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         events = write_history(url, args.users, args.days, args.cycles_per_day)
@@ -255,12 +300,32 @@ def main() -> None:
         env = {"TOKENLEDGER_LOG_LEVEL": "warning"}
         if args.audit_workers:
             env["TOKENLEDGER_AUDIT_WORKERS"] = str(args.audit_workers)
+        runs = asyncio.run(side_by_side(url, events, workers, args.rounds))
         with ledger_process(url, Path(tmp) / "server.log", **env) as t:
             result = asyncio.run(measure(t, events, args.repeats))
+        result["side_by_side"] = runs
         result["rebuild_s"], result["rebuild_lock_held_s"] = asyncio.run(rebuild_time(url))
         result["rebuild_events_s"] = round(events / result["rebuild_s"])
     result["history_written_s"] = round(written_s, 1)
     result["users"], result["days"] = args.users, args.days
+    print(f"\nfull verification of {events:,} events, side by side ({workers} audit workers, "
+          f"{os.cpu_count()} cores; load average 1/5/15 min at each start):")  # fmt: skip
+    for run in runs:
+        print(f"  {run['design']:>18}: {run['s']} s = {run['events_s']:,} events/s; the "
+              f"workers' CPU {run['worker_cpu_s']} s = {run['events_cpu_s']:,} events per "
+              f"CPU-second (load {run['load']})")  # fmt: skip
+    by = {d: statistics.median(r["events_s"] for r in runs if r["design"] == d)
+          for d in ("before the handoff", "handoff")}  # fmt: skip
+    print(
+        f"  median: before the handoff {by['before the handoff']:,.0f} events/s, handoff "
+        f"{by['handoff']:,.0f} events/s: x{by['handoff'] / by['before the handoff']:.2f}"
+    )
+    cpu = {d: statistics.median(r["events_cpu_s"] for r in runs if r["design"] == d)
+           for d in ("before the handoff", "handoff")}  # fmt: skip
+    print(
+        f"  per CPU-second of the workers (less sensitive to others' load; PostgreSQL's "
+        f"own work not counted): x{cpu['handoff'] / cpu['before the handoff']:.2f}"
+    )
     print(
         f"\naudit: {events:,} events; verify (chains + rebuild of every projection) "
         f"{result['verify_s']} s = {result['verify_events_s']:,} events/s; "

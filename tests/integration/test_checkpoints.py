@@ -27,10 +27,13 @@ from tests.support import ServerThread, cycle, new_id, verify_tenant
 USERS = [f"u{n}" for n in range(12)]
 
 
-def audit_call(url: str, workers: int, method: str, *args: Any, **kwargs: Any) -> Any:
+def audit_call(
+    url: str, workers: int, method: str, *args: Any, before_handoff: bool = False, **kwargs: Any
+) -> Any:
     async def run() -> Any:
         async with db.make_pool(url, 2) as pool:
-            with closing(LedgerAudit(pool, workers=workers)) as audit:
+            audit = LedgerAudit(pool, workers=workers, before_handoff=before_handoff)
+            with closing(audit):
                 return await getattr(audit, method)(*args, **kwargs)
 
     return asyncio.run(run())
@@ -41,8 +44,10 @@ def take(url: str, tenant: str, workers: int = 1) -> tuple[VerifyReport, Checkpo
     return result
 
 
-def since(url: str, tenant: str, workers: int = 1) -> VerifyReport:
-    report: VerifyReport = audit_call(url, workers, "verify", Scope(tenant), from_checkpoint=True)
+def since(url: str, tenant: str, workers: int = 1, before_handoff: bool = False) -> VerifyReport:
+    report: VerifyReport = audit_call(
+        url, workers, "verify", Scope(tenant), from_checkpoint=True, before_handoff=before_handoff
+    )
     return report
 
 
@@ -187,6 +192,16 @@ TAMPERING = {
         "AND user_id = 'u7'",
         True, True,
     ),
+    "the tenant's own account row": (
+        "UPDATE accounts SET used_total = used_total + 1 WHERE tenant_id = %(t)s "
+        "AND user_id = ''",
+        True, True,  # the users' new events change the tenant's account
+    ),
+    "the tenant's own event before the checkpoint": (
+        "UPDATE events SET data = jsonb_set(data, '{limit}', '1') WHERE tenant_id = %(t)s "
+        "AND user_id = '' AND event_type = 'QuotaSet' AND position <= %(p)s",
+        True, False,
+    ),
     "a projection row no new event changed": (
         "UPDATE reservations SET amount = amount + 1 WHERE tenant_id = %(t)s AND user_id = 'bob'",
         True, False,  # README: what a verification from a checkpoint does not prove
@@ -210,6 +225,9 @@ def test_each_tampering_is_found_by_the_mode_that_should_find_it(
     assert (not clean(full)) == by_full, (full.breaks, full.differences)
     incremental = since(database_url, tenant, workers=3)
     assert (not clean(incremental)) == by_since, (incremental.breaks, incremental.differences)
+    # and the design before the handoff reports exactly the same, in both modes
+    assert verify_tenant(database_url, tenant, workers=3, handoff=False) == full
+    assert since(database_url, tenant, workers=3, before_handoff=True) == incremental
     if change in NAMED:  # the checkpoint is named in both reports, with what differs
         for report in (full, incremental):
             named = {(d.key, d.field) for d in report.differences if d.kind == "checkpoint"}
