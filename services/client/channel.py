@@ -81,6 +81,36 @@ def service_config(max_attempts: int = MAX_ATTEMPTS_DEFAULT) -> str:
     return json.dumps(config)
 
 
+class ContextChannels:
+    """The context service's clients: their settings, and a blocking and an asyncio channel,
+    each opened on first use."""
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        """`kwargs`: api_key, tls, root_certificates, client_certificate, client_key,
+        timeout_s, max_attempts — as LedgerClient takes them."""
+        self.settings = Settings(target, **kwargs)
+        self._sync: grpc.Channel | None = None
+        self._async: grpc.aio.Channel | None = None
+
+    def _channel(self) -> grpc.Channel:
+        if self._sync is None:
+            self._sync = self.settings.channel()
+        return self._sync
+
+    def _achannel(self) -> grpc.aio.Channel:
+        if self._async is None:
+            self._async = self.settings.aio_channel()
+        return self._async
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.close()
+
+
 def check_target(target: str) -> str:
     """`host:port`, `[v6]:port` or a gRPC URI (`dns:`, `unix:`, …); anything else is refused
     here rather than failing later as an unreachable server."""

@@ -28,7 +28,7 @@ import grpc
 
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
-from services.client.channel import Settings
+from services.client.channel import ContextChannels
 from services.client.counting import ROLES, chat_message, tool_definition
 from services.client.errors import ClientError, from_rpc_error
 
@@ -56,16 +56,9 @@ class Prepared:
     response: cpb.PrepareContextResponse
 
 
-class ContextClient:
+class ContextClient(ContextChannels):
     """A client of the context service's PrepareContext, blocking and asyncio alike; one
-    channel of each kind, opened on first use."""
-
-    def __init__(self, target: str, **kwargs: Any) -> None:
-        """`kwargs`: api_key, tls, root_certificates, client_certificate, client_key,
-        timeout_s, max_attempts — as LedgerClient takes them."""
-        self.settings = Settings(target, **kwargs)
-        self._sync: grpc.Channel | None = None
-        self._async: grpc.aio.Channel | None = None
+    channel of each kind, opened on first use (`target` and settings as ContextChannels)."""
 
     def __enter__(self) -> ContextClient:
         return self
@@ -83,9 +76,7 @@ class ContextClient:
         """Fit and hold (see `request` for the fields); raises the service's refusal as a
         LedgerError subclass (InvalidArgument, BudgetExhausted, ...)."""
         messages, request = self.request(**fields)
-        if self._sync is None:
-            self._sync = self.settings.channel()
-        stub = cpb_grpc.ContextServiceStub(self._sync)
+        stub = cpb_grpc.ContextServiceStub(self._channel())
         try:
             reply = stub.PrepareContext(
                 request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
@@ -97,9 +88,7 @@ class ContextClient:
     async def aprepare(self, **fields: Any) -> Prepared:
         """`prepare` on asyncio."""
         messages, request = self.request(**fields)
-        if self._async is None:
-            self._async = self.settings.aio_channel()
-        stub = cpb_grpc.ContextServiceStub(self._async)
+        stub = cpb_grpc.ContextServiceStub(self._achannel())
         try:
             reply = await stub.PrepareContext(
                 request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
@@ -147,14 +136,6 @@ class ContextClient:
         except (TypeError, ValueError) as exc:
             raise ClientError(f"bad PrepareContext field: {exc}") from None
         return listed, request
-
-    def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-
-    async def aclose(self) -> None:
-        if self._async is not None:
-            await self._async.close()
 
 
 def prepared(

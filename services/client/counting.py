@@ -17,7 +17,7 @@ import grpc
 
 from services._gen.tokenledger.v1 import context_pb2 as cpb
 from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
-from services.client.channel import Settings
+from services.client.channel import ContextChannels
 from services.client.errors import from_rpc_error
 
 ROLES = {
@@ -122,27 +122,14 @@ def responses_input(value: Any, instructions: str | None = None) -> list[dict[st
     return messages
 
 
-class ContextServiceCounter:
+class ContextServiceCounter(ContextChannels):
     """Counts with the context service's CountTokens (exact for the model's family). Give
     `encoding` to count a model the service does not know (e.g. "o200k_base")."""
 
     def __init__(self, target: str, *, encoding: str = "", **kwargs: Any) -> None:
-        """`kwargs`: api_key, tls, root_certificates, client_certificate, client_key,
-        timeout_s, max_attempts — as LedgerClient takes them."""
-        self.settings = Settings(target, **kwargs)
+        """`kwargs`: as ContextChannels takes them."""
+        super().__init__(target, **kwargs)
         self.encoding = encoding
-        self._sync: grpc.Channel | None = None
-        self._async: grpc.aio.Channel | None = None
-
-    def _channel(self) -> grpc.Channel:
-        if self._sync is None:
-            self._sync = self.settings.channel()
-        return self._sync
-
-    def _achannel(self) -> grpc.aio.Channel:
-        if self._async is None:
-            self._async = self.settings.aio_channel()
-        return self._async
 
     def _request(
         self, model: str, messages: Sequence[Mapping[str, Any]] = (), tools: Sequence[Any] = (),
@@ -191,11 +178,3 @@ class ContextServiceCounter:
 
     async def acount_text(self, model: str, text: str) -> int:
         return await self._acall(self._request(model, text=text)) if text else 0
-
-    def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-
-    async def aclose(self) -> None:
-        if self._async is not None:
-            await self._async.close()
