@@ -21,7 +21,8 @@ from typing import Any
 
 import grpc
 
-from services.client.errors import BadCredentials, BadTarget
+from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
+from services.client.errors import BadCredentials, BadTarget, from_rpc_error
 
 SERVICE = "tokenledger.v1.LedgerService"
 CONTEXT_SERVICE = "tokenledger.v1.ContextService"
@@ -101,6 +102,25 @@ class ContextChannels:
         if self._async is None:
             self._async = self.settings.aio_channel()
         return self._async
+
+    def _unary(self, method: str, request: Any) -> Any:
+        """ContextService.`method`(request) with the settings' deadline and credentials; its
+        failure as a LedgerError subclass."""
+        rpc = getattr(cpb_grpc.ContextServiceStub(self._channel()), method)
+        try:
+            return rpc(request, timeout=self.settings.timeout_s, metadata=self.settings.metadata())
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.settings.target) from None
+
+    async def _aunary(self, method: str, request: Any) -> Any:
+        """`_unary` on asyncio."""
+        rpc = getattr(cpb_grpc.ContextServiceStub(self._achannel()), method)
+        try:
+            return await rpc(
+                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, self.settings.target) from None
 
     def close(self) -> None:
         if self._sync is not None:

@@ -24,13 +24,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from services._gen.tokenledger.v1 import context_pb2 as cpb
-from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services.client.channel import ContextChannels
 from services.client.counting import ROLES, chat_message, tool_definition
-from services.client.errors import ClientError, from_rpc_error
+from services.client.errors import ClientError
 
 STRATEGIES = {
     "window": cpb.STRATEGY_WINDOW,
@@ -76,26 +73,12 @@ class ContextClient(ContextChannels):
         """Fit and hold (see `request` for the fields); raises the service's refusal as a
         LedgerError subclass (InvalidArgument, BudgetExhausted, ...)."""
         messages, request = self.request(**fields)
-        stub = cpb_grpc.ContextServiceStub(self._channel())
-        try:
-            reply = stub.PrepareContext(
-                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.settings.target) from None
-        return prepared(messages, request, reply)
+        return prepared(messages, request, self._unary("PrepareContext", request))
 
     async def aprepare(self, **fields: Any) -> Prepared:
         """`prepare` on asyncio."""
         messages, request = self.request(**fields)
-        stub = cpb_grpc.ContextServiceStub(self._achannel())
-        try:
-            reply = await stub.PrepareContext(
-                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.settings.target) from None
-        return prepared(messages, request, reply)
+        return prepared(messages, request, await self._aunary("PrepareContext", request))
 
     @staticmethod
     def request(

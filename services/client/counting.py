@@ -13,12 +13,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-import grpc
-
 from services._gen.tokenledger.v1 import context_pb2 as cpb
-from services._gen.tokenledger.v1 import context_pb2_grpc as cpb_grpc
 from services.client.channel import ContextChannels
-from services.client.errors import from_rpc_error
 
 ROLES = {
     "system": cpb.CHAT_ROLE_SYSTEM,
@@ -144,24 +140,10 @@ class ContextServiceCounter(ContextChannels):
         )
 
     def _call(self, request: cpb.CountTokensRequest) -> int:
-        stub = cpb_grpc.ContextServiceStub(self._channel())
-        try:
-            reply = stub.CountTokens(
-                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.settings.target) from None
-        return int(reply.total_tokens)
+        return int(self._unary("CountTokens", request).total_tokens)
 
     async def _acall(self, request: cpb.CountTokensRequest) -> int:
-        stub = cpb_grpc.ContextServiceStub(self._achannel())
-        try:
-            reply = await stub.CountTokens(
-                request, timeout=self.settings.timeout_s, metadata=self.settings.metadata()
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc, self.settings.target) from None
-        return int(reply.total_tokens)
+        return int((await self._aunary("CountTokens", request)).total_tokens)
 
     def count_chat(
         self, model: str, messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] = ()
