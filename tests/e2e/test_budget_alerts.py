@@ -44,6 +44,12 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.http.server_address[1]}/alerts"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
+    def wait_for(self, bodies: int, timeout_s: float = 15) -> None:
+        """Until `bodies` were received or the time is up (the assertions then say what came)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.bodies) < bodies and time.monotonic() < deadline:
+            time.sleep(0.1)
+
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
@@ -68,6 +74,16 @@ def _use(stub: pb_grpc.LedgerServiceStub, tenant: str, tokens: int) -> None:
     )  # fmt: skip
 
 
+def _crossings(replay: list[pb.ReplayHistoryResponse]) -> list[dict[str, Any]]:
+    """The data of the BudgetThresholdCrossed events of a replay, in log order."""
+    return [
+        json.loads(e.data_json)
+        for r in replay
+        for e in r.events
+        if e.event_type == "BudgetThresholdCrossed"
+    ]
+
+
 def test_crossing_a_threshold_is_logged_shown_and_posted(
     database_url: str, receiver: Receiver
 ) -> None:
@@ -89,19 +105,11 @@ def test_crossing_a_threshold_is_logged_shown_and_posted(
             _use(stub, tenant, 10)
             balance = stub.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="u"))
             replay = list(stub.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant)))
-        deadline = time.monotonic() + 15
-        while len(receiver.bodies) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        receiver.wait_for(2)
     finally:
         server.stop()
     assert list(balance.balance.alerts_crossed_percent) == [50, 80]
-    crossed = [
-        json.loads(e.data_json)["threshold_percent"]
-        for r in replay
-        for e in r.events
-        if e.event_type == "BudgetThresholdCrossed"
-    ]
-    assert crossed == [50, 80]
+    assert [c["threshold_percent"] for c in _crossings(replay)] == [50, 80]
     assert [(b["threshold_percent"], b["used"], b["capacity"]) for b in receiver.bodies] == [
         (50, 550, 1_000),
         (80, 850, 1_000),
@@ -156,21 +164,13 @@ def test_a_money_budget_crosses_the_thresholds_on_its_own_and_says_its_currency(
             _use(stub, tenant, 200)  # tokens 55 %: tokens cross 50; money 110 %, nothing new
             balance = stub.GetBalance(pb.GetBalanceRequest(tenant_id=tenant, user_id="u")).balance
             replay = list(stub.ReplayHistory(pb.ReplayHistoryRequest(tenant_id=tenant)))
-        deadline = time.monotonic() + 15
-        while len(receiver.bodies) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        receiver.wait_for(3)
     finally:
         server.stop()
         receiver.http.shutdown()
     assert list(balance.alerts_crossed_percent) == [50]
     assert list(balance.money.alerts_crossed_percent) == [50, 80]
-    crossed = [
-        json.loads(e.data_json)
-        for r in replay
-        for e in r.events
-        if e.event_type == "BudgetThresholdCrossed"
-    ]
-    assert [(c["threshold_percent"], c.get("currency")) for c in crossed] == [
+    assert [(c["threshold_percent"], c.get("currency")) for c in _crossings(replay)] == [
         (50, "USD"),
         (80, "USD"),
         (50, None),
