@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, Generic, TypeVar, Unpack
 
 import grpc
 
@@ -39,9 +39,10 @@ from services.client.errors import from_rpc_error
 from services.client.hold import AsyncHold, Hold
 
 Reply = TypeVar("Reply")
+H = TypeVar("H", Hold, AsyncHold)
 
 
-class _Base:
+class _Base(Generic[H]):
     def __init__(
         self,
         target: str,
@@ -79,11 +80,40 @@ class _Base:
         self._metadata = self.settings.metadata()
         self._open()
 
+    def hold(
+        self,
+        *,
+        tenant_id: str,
+        user_id: str,
+        model: str,
+        amount: int,
+        conversation_id: str = "",
+        min_amount: int = 0,
+        ttl_seconds: int = 0,
+        labels: dict[str, str] | None = None,
+        idempotency_key: str = "",
+        timeout_s: float | None = None,
+    ) -> H:
+        """A reservation as a context manager (`with`, or `async with` on the asyncio client):
+        reserved on enter (with one idempotency key, kept for every retry), committed on exit
+        with the usage the block `report`ed, rolled back if the block raised or reported
+        nothing."""
+        fields: rq.ReserveFields = {
+            "idempotency_key": idempotency_key or rq.new_idempotency_key(),
+            "tenant_id": tenant_id, "user_id": user_id, "conversation_id": conversation_id,
+            "model": model, "amount": amount, "min_amount": min_amount,
+            "ttl_seconds": ttl_seconds, "labels": labels or {},
+        }  # fmt: skip
+        return self._new_hold(fields, timeout_s)
+
     def _open(self) -> None:
         raise NotImplementedError
 
+    def _new_hold(self, fields: rq.ReserveFields, timeout_s: float | None) -> H:
+        raise NotImplementedError
 
-class LedgerClient(_Base):
+
+class LedgerClient(_Base[Hold]):
     """A blocking client of LedgerService; thread-safe, one channel for all calls."""
 
     channel: grpc.Channel
@@ -91,6 +121,9 @@ class LedgerClient(_Base):
     def _open(self) -> None:
         self.channel = self.settings.channel()
         self._stub = pb_grpc.LedgerServiceStub(self.channel)
+
+    def _new_hold(self, fields: rq.ReserveFields, timeout_s: float | None) -> Hold:
+        return Hold(self, fields, timeout_s)
 
     def __enter__(self) -> LedgerClient:
         return self
@@ -101,7 +134,12 @@ class LedgerClient(_Base):
     def close(self) -> None:
         self.channel.close()
 
-    def _unary(self, rpc: Callable[..., Reply], request: Any, timeout_s: float | None) -> Reply:
+    def _unary(
+        self,
+        rpc: grpc.UnaryUnaryMultiCallable[Any, Reply],
+        request: Any,
+        timeout_s: float | None,
+    ) -> Reply:
         timeout = self.settings.timeout(timeout_s)
         try:
             return rpc(request, timeout=timeout, metadata=self._metadata)
@@ -116,31 +154,6 @@ class LedgerClient(_Base):
             yield from rpc(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.target) from None
-
-    def hold(
-        self,
-        *,
-        tenant_id: str,
-        user_id: str,
-        model: str,
-        amount: int,
-        conversation_id: str = "",
-        min_amount: int = 0,
-        ttl_seconds: int = 0,
-        labels: dict[str, str] | None = None,
-        idempotency_key: str = "",
-        timeout_s: float | None = None,
-    ) -> Hold:
-        """A reservation as a context manager: reserved on enter (with one idempotency key,
-        kept for every retry), committed on exit with the usage the block `report`ed, rolled
-        back if the block raised or reported nothing."""
-        fields: rq.ReserveFields = {
-            "idempotency_key": idempotency_key or rq.new_idempotency_key(),
-            "tenant_id": tenant_id, "user_id": user_id, "conversation_id": conversation_id,
-            "model": model, "amount": amount, "min_amount": min_amount,
-            "ttl_seconds": ttl_seconds, "labels": labels or {},
-        }  # fmt: skip
-        return Hold(self, fields, timeout_s)
 
     # --- one method per RPC -------------------------------------------------------------------
 
@@ -276,7 +289,7 @@ class LedgerClient(_Base):
         return self._stream(self._stub.SubscribeEvents, request, timeout_s)
 
 
-class AsyncLedgerClient(_Base):
+class AsyncLedgerClient(_Base[AsyncHold]):
     """An asyncio client of LedgerService; create and use it on one event loop."""
 
     channel: grpc.aio.Channel
@@ -284,6 +297,9 @@ class AsyncLedgerClient(_Base):
     def _open(self) -> None:
         self.channel = self.settings.aio_channel()
         self._stub = pb_grpc.LedgerServiceStub(self.channel)
+
+    def _new_hold(self, fields: rq.ReserveFields, timeout_s: float | None) -> AsyncHold:
+        return AsyncHold(self, fields, timeout_s)
 
     async def __aenter__(self) -> AsyncLedgerClient:
         return self
@@ -294,7 +310,12 @@ class AsyncLedgerClient(_Base):
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _unary(self, rpc: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
+    async def _unary(
+        self,
+        rpc: grpc.aio.UnaryUnaryMultiCallable[Any, Reply],
+        request: Any,
+        timeout_s: float | None,
+    ) -> Reply:
         timeout = self.settings.timeout(timeout_s)
         try:
             return await rpc(request, timeout=timeout, metadata=self._metadata)
@@ -311,185 +332,121 @@ class AsyncLedgerClient(_Base):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc, self.target) from None
 
-    def hold(
-        self,
-        *,
-        tenant_id: str,
-        user_id: str,
-        model: str,
-        amount: int,
-        conversation_id: str = "",
-        min_amount: int = 0,
-        ttl_seconds: int = 0,
-        labels: dict[str, str] | None = None,
-        idempotency_key: str = "",
-        timeout_s: float | None = None,
-    ) -> AsyncHold:
-        """As LedgerClient.hold, with `async with`."""
-        fields: rq.ReserveFields = {
-            "idempotency_key": idempotency_key or rq.new_idempotency_key(),
-            "tenant_id": tenant_id, "user_id": user_id, "conversation_id": conversation_id,
-            "model": model, "amount": amount, "min_amount": min_amount,
-            "ttl_seconds": ttl_seconds, "labels": labels or {},
-        }  # fmt: skip
-        return AsyncHold(self, fields, timeout_s)
-
     # --- one method per RPC -------------------------------------------------------------------
 
     async def reserve(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.ReserveFields]
     ) -> pb.ReserveResponse:
         request = rq.build(pb.ReserveRequest, fields)
-        reply: pb.ReserveResponse = await self._unary(self._stub.Reserve, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.Reserve, request, timeout_s)
 
     async def commit(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.CommitFields]
     ) -> pb.CommitResponse:
         request = rq.build(pb.CommitRequest, fields)
-        reply: pb.CommitResponse = await self._unary(self._stub.Commit, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.Commit, request, timeout_s)
 
     async def rollback(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.RollbackFields]
     ) -> pb.RollbackResponse:
         request = rq.build(pb.RollbackRequest, fields)
-        reply: pb.RollbackResponse = await self._unary(self._stub.Rollback, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.Rollback, request, timeout_s)
 
     async def reserve_batch(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.ReserveBatchFields]
     ) -> pb.ReserveBatchResponse:
         request = rq.build(pb.ReserveBatchRequest, fields)
-        reply: pb.ReserveBatchResponse = await self._unary(
-            self._stub.ReserveBatch, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.ReserveBatch, request, timeout_s)
 
     async def commit_batch(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.CommitBatchFields]
     ) -> pb.CommitBatchResponse:
         request = rq.build(pb.CommitBatchRequest, fields)
-        reply: pb.CommitBatchResponse = await self._unary(
-            self._stub.CommitBatch, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.CommitBatch, request, timeout_s)
 
     async def rollback_batch(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.RollbackBatchFields]
     ) -> pb.RollbackBatchResponse:
         request = rq.build(pb.RollbackBatchRequest, fields)
-        reply: pb.RollbackBatchResponse = await self._unary(
-            self._stub.RollbackBatch, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.RollbackBatch, request, timeout_s)
 
     async def get_reservation(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.GetReservationFields]
     ) -> pb.GetReservationResponse:
         request = rq.build(pb.GetReservationRequest, fields)
-        reply: pb.GetReservationResponse = await self._unary(
-            self._stub.GetReservation, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.GetReservation, request, timeout_s)
 
     async def get_balance(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.GetBalanceFields]
     ) -> pb.GetBalanceResponse:
         request = rq.build(pb.GetBalanceRequest, fields)
-        reply: pb.GetBalanceResponse = await self._unary(self._stub.GetBalance, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.GetBalance, request, timeout_s)
 
     async def set_quota(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.SetQuotaFields]
     ) -> pb.SetQuotaResponse:
         request = rq.build(pb.SetQuotaRequest, fields)
-        reply: pb.SetQuotaResponse = await self._unary(self._stub.SetQuota, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.SetQuota, request, timeout_s)
 
     async def set_rate_limit(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.SetRateLimitFields]
     ) -> pb.SetRateLimitResponse:
         request = rq.build(pb.SetRateLimitRequest, fields)
-        reply: pb.SetRateLimitResponse = await self._unary(
-            self._stub.SetRateLimit, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.SetRateLimit, request, timeout_s)
 
     async def set_budget_alerts(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.SetBudgetAlertsFields]
     ) -> pb.SetBudgetAlertsResponse:
         request = rq.build(pb.SetBudgetAlertsRequest, fields)
-        reply: pb.SetBudgetAlertsResponse = await self._unary(
-            self._stub.SetBudgetAlerts, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.SetBudgetAlerts, request, timeout_s)
 
     async def grant_tokens(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.GrantTokensFields]
     ) -> pb.GrantTokensResponse:
         request = rq.build(pb.GrantTokensRequest, fields)
-        reply: pb.GrantTokensResponse = await self._unary(
-            self._stub.GrantTokens, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.GrantTokens, request, timeout_s)
 
     async def adjust_balance(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.AdjustBalanceFields]
     ) -> pb.AdjustBalanceResponse:
         request = rq.build(pb.AdjustBalanceRequest, fields)
-        reply: pb.AdjustBalanceResponse = await self._unary(
-            self._stub.AdjustBalance, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.AdjustBalance, request, timeout_s)
 
     async def record_usage(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.RecordUsageFields]
     ) -> pb.RecordUsageResponse:
         request = rq.build(pb.RecordUsageRequest, fields)
-        reply: pb.RecordUsageResponse = await self._unary(
-            self._stub.RecordUsage, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.RecordUsage, request, timeout_s)
 
     async def set_prices(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.SetPricesFields]
     ) -> pb.SetPricesResponse:
         request = rq.build(pb.SetPricesRequest, fields)
-        reply: pb.SetPricesResponse = await self._unary(self._stub.SetPrices, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.SetPrices, request, timeout_s)
 
     async def list_prices(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.ListPricesFields]
     ) -> pb.ListPricesResponse:
         request = rq.build(pb.ListPricesRequest, fields)
-        reply: pb.ListPricesResponse = await self._unary(self._stub.ListPrices, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.ListPrices, request, timeout_s)
 
     async def get_output_stats(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.GetOutputStatsFields]
     ) -> pb.GetOutputStatsResponse:
         request = rq.build(pb.GetOutputStatsRequest, fields)
-        reply: pb.GetOutputStatsResponse = await self._unary(
-            self._stub.GetOutputStats, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.GetOutputStats, request, timeout_s)
 
     async def verify_audit(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.VerifyAuditFields]
     ) -> pb.VerifyAuditResponse:
         request = rq.build(pb.VerifyAuditRequest, fields)
-        reply: pb.VerifyAuditResponse = await self._unary(
-            self._stub.VerifyAudit, request, timeout_s
-        )
-        return reply
+        return await self._unary(self._stub.VerifyAudit, request, timeout_s)
 
     async def query_usage(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.QueryUsageFields]
     ) -> pb.QueryUsageResponse:
         request = rq.build(pb.QueryUsageRequest, fields)
-        reply: pb.QueryUsageResponse = await self._unary(self._stub.QueryUsage, request, timeout_s)
-        return reply
+        return await self._unary(self._stub.QueryUsage, request, timeout_s)
 
     def replay_history(
         self, *, timeout_s: float | None = None, **fields: Unpack[rq.ReplayHistoryFields]

@@ -8,16 +8,46 @@ retry — gRPC's own on UNAVAILABLE, or the caller entering a fresh hold with th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import Any, Protocol, Unpack
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
+from services.client import requests as rq
 from services.client.errors import HoldError, LedgerError
 
-if TYPE_CHECKING:
-    from services.client import requests as rq
-    from services.client.client import AsyncLedgerClient, LedgerClient
-
 NEW, HELD, COMMITTED, ROLLED_BACK = "new", "held", "committed", "rolled back"
+
+
+class Calls(Protocol):
+    """The three calls a blocking hold makes (LedgerClient's)."""
+
+    def reserve(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.ReserveFields]
+    ) -> pb.ReserveResponse: ...
+
+    def commit(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.CommitFields]
+    ) -> pb.CommitResponse: ...
+
+    def rollback(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.RollbackFields]
+    ) -> pb.RollbackResponse: ...
+
+
+class AsyncCalls(Protocol):
+    """The three calls an asyncio hold makes (AsyncLedgerClient's)."""
+
+    def reserve(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.ReserveFields]
+    ) -> Awaitable[pb.ReserveResponse]: ...
+
+    def commit(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.CommitFields]
+    ) -> Awaitable[pb.CommitResponse]: ...
+
+    def rollback(
+        self, *, timeout_s: float | None = None, **fields: Unpack[rq.RollbackFields]
+    ) -> Awaitable[pb.RollbackResponse]: ...
 
 
 def _note(exc: BaseException | None, reservation_id: str, failed: LedgerError) -> None:
@@ -105,9 +135,7 @@ class _HoldState:
 class Hold(_HoldState):
     """A blocking hold (LedgerClient.hold)."""
 
-    def __init__(
-        self, client: LedgerClient, fields: rq.ReserveFields, timeout_s: float | None
-    ) -> None:
+    def __init__(self, client: Calls, fields: rq.ReserveFields, timeout_s: float | None) -> None:
         super().__init__(fields, timeout_s)
         self._client = client
 
@@ -161,7 +189,7 @@ class AsyncHold(_HoldState):
     """An asyncio hold (AsyncLedgerClient.hold), used with `async with`."""
 
     def __init__(
-        self, client: AsyncLedgerClient, fields: rq.ReserveFields, timeout_s: float | None
+        self, client: AsyncCalls, fields: rq.ReserveFields, timeout_s: float | None
     ) -> None:
         super().__init__(fields, timeout_s)
         self._client = client
