@@ -79,14 +79,19 @@ async def run_batches(
     }
 
 
-def backend_pids(url: str) -> list[int]:
-    """The PostgreSQL backends connected to the bench's database (the server's pool)."""
+def _backend_cpu(url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to the bench's database (the
+    server's pool), by process id."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid()"
         ).fetchall()
-    return [pid for (pid,) in rows]
+    spent = {}
+    for (pid,) in rows:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            spent[pid] = cpu_seconds(pid)
+    return spent
 
 
 def measured(
@@ -96,14 +101,11 @@ def measured(
     Backends that the pool opens during the run count from their start."""
     assert server.proc is not None
     pid = server.proc.pid
-    backends = {b: cpu_seconds(b) for b in backend_pids(url)}
+    backends = _backend_cpu(url)
     spent, client = cpu_seconds(pid), time.process_time()
     run = asyncio.run(run_batches(server.target, users, args.per_call, args.clients, args.seconds))
     spent, client = cpu_seconds(pid) - spent, time.process_time() - client
-    database = 0.0
-    for b in backend_pids(url):
-        with contextlib.suppress(OSError):  # ended meanwhile
-            database += cpu_seconds(b) - backends.get(b, 0.0)
+    database = sum(s - backends.get(b, 0.0) for b, s in _backend_cpu(url).items())
     per_item = 1e6 / max(1, run["reservations"])
     run["cpu_us_per_reservation"] = {
         "server": round(spent * per_item),
