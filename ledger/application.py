@@ -111,9 +111,13 @@ Write = Reserve | Commit | Rollback | AccountWrite | SetPrices | ExpireTenant
 
 @dataclass
 class _Pending:
-    command: Write
+    """A call waiting for its tenant's next transaction: one write, or the writes of a batch
+    call (`many`), which share the call's meta and get a list of outcomes, one a write."""
+
+    commands: Sequence[Write]
     meta: CallMeta
     future: asyncio.Future[Any]
+    many: bool = False
 
 
 class Ledger:
@@ -182,6 +186,21 @@ class Ledger:
         result: list[PricePoint] = await self._submit(cmd, meta)
         return result
 
+    async def reserve_batch(
+        self, cmds: Sequence[Reserve], meta: CallMeta = CallMeta()
+    ) -> list[ReserveResult | errors.LedgerError]:
+        return await self._submit_many(cmds, meta)
+
+    async def commit_batch(
+        self, cmds: Sequence[Commit], meta: CallMeta = CallMeta()
+    ) -> list[CommitResult | errors.LedgerError]:
+        return await self._submit_many(cmds, meta)
+
+    async def rollback_batch(
+        self, cmds: Sequence[Rollback], meta: CallMeta = CallMeta()
+    ) -> list[RollbackResult | errors.LedgerError]:
+        return await self._submit_many(cmds, meta)
+
     async def expire_overdue(self) -> int:
         """End overdue holds of every tenant (the sweeper's pass); returns how many expired."""
         tenants = await self._store.overdue_tenants(self._clock(), limits.expire_batch_max)
@@ -194,19 +213,36 @@ class Ledger:
     async def _submit(self, cmd: Write, meta: CallMeta) -> Any:
         """Queue a write for its tenant's next transaction and wait for its outcome. A caller
         that gives up before its transaction starts leaves no effect; after, the whole one."""
-        tenant_id = _tenant_of(cmd)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(tenant_id, deque()).append(_Pending(cmd, meta, future))
+        return await self._enqueue(_tenant_of(cmd), _Pending((cmd,), meta, self._future()))
+
+    async def _submit_many(self, cmds: Sequence[Write], meta: CallMeta) -> list[Any]:
+        """Queue the writes of a batch call (one tenant's) as one entry: they are applied one
+        after another in one transaction, each exactly as if it were a call of its own (a
+        refusal is its outcome, not the batch's), with no task or future of their own."""
+        if not cmds:
+            return []
+        tenant_id = _tenant_of(cmds[0])
+        if any(_tenant_of(c) != tenant_id for c in cmds):
+            raise ValueError("the writes of a batch call are one tenant's")
+        pending = _Pending(tuple(cmds), meta, self._future(), many=True)
+        outcomes: list[Any] = await self._enqueue(tenant_id, pending)
+        return outcomes
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, tenant_id: str, pending: _Pending) -> Any:
+        self._queues.setdefault(tenant_id, deque()).append(pending)
         if tenant_id not in self._workers:
             self._workers[tenant_id] = asyncio.create_task(self._drain(tenant_id))
-        return await future
+        return await pending.future
 
     async def _drain(self, tenant_id: str) -> None:
         queue = self._queues[tenant_id]
         try:
             while queue:
-                batch = [queue.popleft() for _ in range(min(len(queue), self._batch_max))]
-                batch = [p for p in batch if not p.future.cancelled()]
+                batch = self._next_batch(queue)
                 if batch:
                     await self._run_batch(tenant_id, batch)
         finally:
@@ -218,7 +254,7 @@ class Ledger:
     async def _run_batch(self, tenant_id: str, batch: list[_Pending]) -> None:
         """Apply a batch in one transaction, retrying lost races; settle each write's future
         with its outcome once the transaction has committed."""
-        outcomes: list[Any] = []
+        outcomes: list[list[Any]] = []
         failure: BaseException | None = None
         for attempt in range(_ATTEMPTS_MAX):
             try:
@@ -235,24 +271,36 @@ class Ledger:
         for i, pending in enumerate(batch):
             if pending.future.done():
                 continue
-            outcome = failure if failure is not None else outcomes[i]
-            if isinstance(outcome, BaseException):
-                pending.future.set_exception(outcome)
+            if failure is not None:
+                pending.future.set_exception(failure)
+            elif pending.many:
+                pending.future.set_result(outcomes[i])
+            elif isinstance(outcomes[i][0], BaseException):
+                pending.future.set_exception(outcomes[i][0])
             else:
-                pending.future.set_result(outcome)
+                pending.future.set_result(outcomes[i][0])
 
-    async def _apply_batch(self, tenant_id: str, batch: list[_Pending]) -> list[Any]:
+    def _next_batch(self, queue: deque[_Pending]) -> list[_Pending]:
+        """The calls of the next transaction: the first waiting, and those after it while
+        their writes together stay within `batch_max` (a batch call is never split)."""
+        batch: list[_Pending] = []
+        writes = 0
+        while queue and (not batch or writes + len(queue[0].commands) <= self._batch_max):
+            pending = queue.popleft()
+            if not pending.future.cancelled():
+                batch.append(pending)
+                writes += len(pending.commands)
+        return batch
+
+    async def _apply_batch(self, tenant_id: str, batch: list[_Pending]) -> list[list[Any]]:
+        """Each call's outcomes, one a write: its result or the LedgerError refusing it."""
         async with self._store.transaction(tenant_id) as uow:
             work = Batch(uow, tenant_id, self._clock(), self._new_id, self._key_retention)
-            await _load(work, [p.command for p in batch])
-            outcomes: list[Any] = []
+            await _load(work, [c for p in batch for c in p.commands])
+            outcomes: list[list[Any]] = []
             for pending in batch:
                 work.actor, work.trace_id = pending.meta.actor, pending.meta.trace_id
-                handler = _HANDLERS[type(pending.command)]
-                try:
-                    outcomes.append(await handler(work, pending.command))
-                except errors.LedgerError as exc:
-                    outcomes.append(exc)
+                outcomes.append([await _apply(work, cmd) for cmd in pending.commands])
             await uow.write(work.changes())
         self._observe(work.events)
         return outcomes
@@ -366,6 +414,14 @@ async def _load(work: Batch, commands: Sequence[Write]) -> None:
             | {e.model for c in priced for e in c.prices}
         ),
     )
+
+
+async def _apply(work: Batch, cmd: Write) -> Any:
+    """A write's result, or the LedgerError that refuses it (its neighbours go on)."""
+    try:
+        return await _HANDLERS[type(cmd)](work, cmd)
+    except errors.LedgerError as exc:
+        return exc
 
 
 async def _reserve(work: Batch, cmd: Reserve) -> ReserveResult:

@@ -30,6 +30,7 @@ from ledger.model import (
     PriceSet,
     RateLimit,
     RateLimitKey,
+    RateLimitSet,
     Reservation,
     State,
 )
@@ -154,7 +155,11 @@ class Batch:
         return Snapshot(
             accounts={k: self.accounts[k] for k in key.lineage()},
             reservation=res,
-            rate_limits={rl.key: rl for rl in applicable_limits(self.rate_limits, key, model)},
+            rate_limits=(
+                {rl.key: rl for rl in applicable_limits(self.rate_limits, key, model)}
+                if self.rate_limits
+                else {}
+            ),
             prices={model: self.prices.get(model, ())},
             currency=self.currency,
         )
@@ -217,11 +222,12 @@ class Batch:
                 self._dirty_reservations.add(rid)
             if isinstance(event, PriceSet):
                 self._set_price(event)
-            for rk in rate_limit_keys(event):
-                rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
-                if rl is not None:
-                    self.rate_limits[rk] = rl
-                    self._dirty_limits.add(rk)
+            if self.rate_limits or isinstance(event, RateLimitSet):  # a hold moves only those set
+                for rk in rate_limit_keys(event):
+                    rl = evolve_rate_limit(self.rate_limits.get(rk), rk, event)
+                    if rl is not None:
+                        self.rate_limits[rk] = rl
+                        self._dirty_limits.add(rk)
             version, head = self.streams[event.key]
             row = codec.event_row(event, version + 1, head)
             self.streams[event.key] = (version + 1, row["hash"])
@@ -229,10 +235,9 @@ class Batch:
             self._changes.events.append(row)
             self.events.append(event)
             add_usage(self._changes.usage, event)
+        ctx = self.context()
         crossed = [
-            e
-            for k in touched
-            for e in threshold_crossings(self.accounts[k], self.context(), self.currency)
+            e for k in touched for e in threshold_crossings(self.accounts[k], ctx, self.currency)
         ]
         if crossed:
             self.apply(crossed)

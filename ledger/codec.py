@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, get_args, get_type_hints
 
+import orjson
+
 from ledger import errors
 from ledger.model import (
     EVENT_TYPES,
@@ -58,17 +60,46 @@ CHAIN_COLUMNS = {"prev_hash": "bytea", "hash": "bytea"}
 
 
 def ts(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat(timespec="microseconds")
+    if at.tzinfo is not UTC:
+        at = at.astimezone(UTC)
+    return at.isoformat(timespec="microseconds")
 
 
 def parse_ts(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
+_ORJSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
 def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no spaces, text as is (UTF-8), times as `ts` writes them: json.dumps's
+    bytes, written by orjson (several times faster: every event appended is hashed) when
+    the value holds only what both write alike — strings, integers within 64 bits, booleans,
+    null, lists, tuples, objects with string keys, times and dates; json.dumps itself for
+    anything else (a float, which they write differently; a larger integer, a non-string
+    key, which orjson refuses)."""
+    if _plain(value):
+        try:
+            return orjson.dumps(value, default=_encode, option=_ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:
+            pass
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_encode
     ).encode()
+
+
+def _plain(value: Any) -> bool:
+    """Whether `value` holds nothing that orjson and json.dumps would write differently."""
+    kind = type(value)
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if kind is list or kind is tuple:
+        return all(_plain(v) for v in value)
+    return kind is str or kind is int or kind is bool or value is None or kind in _TIMES
+
+
+_TIMES = (datetime, date)
 
 
 def _encode(value: object) -> object:

@@ -4,14 +4,16 @@ tracing and error mapping are interceptors."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from ledger import errors, validation
+from ledger import model as lm
 from ledger.application import CallMeta, Ledger
 from ledger.model import AccountKey
 from ledger.postgres.audit import LedgerAudit
@@ -28,28 +30,59 @@ REPLAY_EVENTS_PER_MESSAGE = 200
 REPLAY_HEADS_PER_MESSAGE = 1_000
 
 
-async def _each(request: Any, call: Callable[[Any], Awaitable[Any]]) -> list[Any]:
-    """Every item of a batch through the single call's own path, all at once: they queue for
-    the tenant together and share its transactions (group commit). Each item's refusal becomes
-    its serialized status instead of failing the call; a bad batch (no items, too many, a bad
-    tenant) fails it whole, before anything is done."""
-    tenant = validation.batch(tenant_id=request.tenant_id, items=len(request.items))
+Item = TypeVar("Item")
+Cmd = TypeVar("Cmd")
+Result = TypeVar("Result", bound=Message)
 
-    async def one(index: int, item: Any) -> Any:
+
+async def _each(
+    request: Any,
+    parse: Callable[[Item], Cmd],
+    run: Callable[[list[Cmd]], Awaitable[Sequence[Message | errors.LedgerError]]],
+) -> list[Message | errors.LedgerError]:
+    """Every item of a batch parsed as its single call parses it, and the valid ones run
+    together as one entry of the tenant's queue (`run`): they share its transactions (group
+    commit) and each gets the outcome its own call would have had. An item refused, here or
+    by the ledger, is refused alone; a bad batch (no items, too many, a bad tenant) fails the
+    call whole, before anything is done."""
+    tenant = validation.batch(tenant_id=request.tenant_id, items=len(request.items))
+    outcomes: list[Message | errors.LedgerError | None] = []
+    valid: list[int] = []
+    cmds: list[Cmd] = []
+    for index, item in enumerate(request.items):
         try:
             item.tenant_id = validation.batch_item_tenant(index, tenant, item.tenant_id)
-            return await call(item)
+            cmds.append(parse(item))
         except errors.LedgerError as exc:
-            if refusal(exc) is None:
-                raise
-            return to_status(exc)[1].SerializeToString()
+            outcomes.append(exc)
+        else:
+            outcomes.append(None)
+            valid.append(index)
+    for index, outcome in zip(valid, await run(cmds) if cmds else [], strict=True):
+        outcomes[index] = outcome
+    return [o for o in outcomes if o is not None]
 
-    return await asyncio.gather(*(one(i, item) for i, item in enumerate(request.items)))
+
+def _results(
+    result: Callable[..., Result], field: str, outcomes: list[Message | errors.LedgerError]
+) -> list[Result]:
+    """A batch's results: each item's response in `field`, or its refusal as a serialized
+    google.rpc.Status. An error that is no refusal (the store unavailable) fails the call."""
+    results = []
+    for outcome in outcomes:
+        if isinstance(outcome, errors.LedgerError):
+            if refusal(outcome) is None:
+                raise outcome
+            results.append(result(refused=to_status(outcome)[1].SerializeToString()))
+        else:
+            results.append(result(**{field: outcome}))
+    return results
 
 
-def _outcome(outcome: Any, success_field: str) -> str:
-    """Which field of a batch result holds `outcome`."""
-    return "refused" if isinstance(outcome, bytes) else success_field
+def _mapped(
+    outcome: Any | errors.LedgerError, response: Callable[[Any], Result]
+) -> Result | errors.LedgerError:
+    return outcome if isinstance(outcome, errors.LedgerError) else response(outcome)
 
 
 def _meta() -> CallMeta:
@@ -80,8 +113,29 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
         try:
             result = await self._store.reserve(cmd, _meta())
         except errors.Refusal as exc:
-            exc.advise((await self._advice(cmd.key.tenant_id, cmd.model)).metadata())
+            await self._advise(cmd, exc)
             raise
+        return await self._reserve_response(cmd, result)
+
+    async def _reserve_batch(
+        self, cmds: list[lm.Reserve]
+    ) -> list[pb.ReserveResponse | errors.LedgerError]:
+        outcomes: list[pb.ReserveResponse | errors.LedgerError] = []
+        for cmd, outcome in zip(cmds, await self._store.reserve_batch(cmds, _meta()), strict=True):
+            if isinstance(outcome, errors.LedgerError):
+                if isinstance(outcome, errors.Refusal):
+                    await self._advise(cmd, outcome)
+                outcomes.append(outcome)
+            else:
+                outcomes.append(await self._reserve_response(cmd, outcome))
+        return outcomes
+
+    async def _advise(self, cmd: lm.Reserve, refused: errors.Refusal) -> None:
+        refused.advise((await self._advice(cmd.key.tenant_id, cmd.model)).metadata())
+
+    async def _reserve_response(
+        self, cmd: lm.Reserve, result: lm.ReserveResult
+    ) -> pb.ReserveResponse:
         if result.partial or result.warnings:
             advice = await self._advice(cmd.key.tenant_id, cmd.model)
         else:  # no suggestion is sent: no price to read
@@ -111,25 +165,31 @@ class LedgerService(pb_grpc.LedgerServiceServicer):
     async def ReserveBatch(
         self, request: pb.ReserveBatchRequest, context: Context
     ) -> pb.ReserveBatchResponse:
-        outcomes = await _each(request, self._reserve)
+        outcomes = await _each(request, convert.reserve, self._reserve_batch)
         return pb.ReserveBatchResponse(
-            results=[pb.ReserveBatchResult(**{_outcome(o, "reserved"): o}) for o in outcomes]
+            results=_results(pb.ReserveBatchResult, "reserved", outcomes)
         )
 
     async def CommitBatch(
         self, request: pb.CommitBatchRequest, context: Context
     ) -> pb.CommitBatchResponse:
-        outcomes = await _each(request, self._commit)
-        return pb.CommitBatchResponse(
-            results=[pb.CommitBatchResult(**{_outcome(o, "committed"): o}) for o in outcomes]
-        )
+        async def run(cmds: list[lm.Commit]) -> list[pb.CommitResponse | errors.LedgerError]:
+            outcomes = await self._store.commit_batch(cmds, _meta())
+            return [_mapped(o, convert.commit_response) for o in outcomes]
+
+        outcomes = await _each(request, convert.commit, run)
+        return pb.CommitBatchResponse(results=_results(pb.CommitBatchResult, "committed", outcomes))
 
     async def RollbackBatch(
         self, request: pb.RollbackBatchRequest, context: Context
     ) -> pb.RollbackBatchResponse:
-        outcomes = await _each(request, self._rollback)
+        async def run(cmds: list[lm.Rollback]) -> list[pb.RollbackResponse | errors.LedgerError]:
+            outcomes = await self._store.rollback_batch(cmds, _meta())
+            return [_mapped(o, convert.rollback_response) for o in outcomes]
+
+        outcomes = await _each(request, convert.rollback, run)
         return pb.RollbackBatchResponse(
-            results=[pb.RollbackBatchResult(**{_outcome(o, "rolled_back"): o}) for o in outcomes]
+            results=_results(pb.RollbackBatchResult, "rolled_back", outcomes)
         )
 
     async def GetReservation(

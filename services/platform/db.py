@@ -3,18 +3,22 @@ alembic migrations; and the connection pool."""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import warnings
 import weakref
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 import migrations
@@ -101,8 +105,25 @@ class _Freshness:
             await AsyncConnectionPool.check_connection(conn)
 
 
+# A run of 19 digits may be an integer past 64 bits, which orjson would read as a float.
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def json_loads(data: str | bytes) -> Any:
+    """What json.loads reads, through orjson (several times faster: the ledger reads an
+    account's, a reservation's and a key's JSON columns for every write) unless the text may
+    hold an integer past 64 bits."""
+    text = data.encode() if isinstance(data, str) else data
+    return json.loads(text) if _LONG_NUMBER.search(text) else orjson.loads(text)
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    set_json_loads(json_loads, conn)
+
+
 def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:
-    """A pool of autocommit-off connections returning rows as dicts; opened by the caller."""
+    """A pool of autocommit-off connections returning rows as dicts, reading json and jsonb
+    through `json_loads`; opened by the caller."""
     freshness = _Freshness()
     return AsyncConnectionPool(
         url,
@@ -111,6 +132,7 @@ def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:
         kwargs={"row_factory": dict_row},
         timeout=5.0,
         open=False,
+        configure=_configure,
         check=freshness.check,
         reset=freshness.returned,
     )

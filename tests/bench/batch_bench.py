@@ -1,14 +1,18 @@
 """`make bench` (batches): holds placed and committed in batches of `--per-call` items through
 ReserveBatch and CommitBatch, against `tokenledger serve` in its own process, over 1,000 users
 of one tenant and then all on one user. Prints reservations per second (each reserved and
-committed) and the p50/p99 of one batch call.
+committed), the p50/p99 of one batch call, and the CPU time per reservation of the server
+process, of this (the client's) process and of the PostgreSQL backends serving the bench's
+database, with the load average: CPU per item depends far less on what else the machine runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import tempfile
 import time
 import uuid
@@ -16,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.bench.harness import Latencies, bench_database, ledger_process
+from tests.bench.harness import Latencies, bench_database, cpu_seconds, ledger_server
+from tests.support import LedgerProcess
 
 
 async def run_batches(
@@ -66,10 +72,48 @@ async def run_batches(
         "users": users,
         "per_call": per_call,
         "clients": clients,
+        "reservations": done[0],
         "reservations_s": round(done[0] / elapsed, 1),
         "reserve_batch": reserve_lat.summary(),
         "commit_batch": commit_lat.summary(),
     }
+
+
+def _backend_cpu(url: str) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend connected to the bench's database (the
+    server's pool), by process id."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        ).fetchall()
+    spent = {}
+    for (pid,) in rows:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            spent[pid] = cpu_seconds(pid)
+    return spent
+
+
+def measured(
+    url: str, server: LedgerProcess, users: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One run, with the CPU each party spent on it, per reservation (reserved and committed).
+    Backends that the pool opens during the run count from their start."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    backends = _backend_cpu(url)
+    spent, client = cpu_seconds(pid), time.process_time()
+    run = asyncio.run(run_batches(server.target, users, args.per_call, args.clients, args.seconds))
+    spent, client = cpu_seconds(pid) - spent, time.process_time() - client
+    database = sum(s - backends.get(b, 0.0) for b, s in _backend_cpu(url).items())
+    per_item = 1e6 / max(1, run["reservations"])
+    run["cpu_us_per_reservation"] = {
+        "server": round(spent * per_item),
+        "client": round(client * per_item),
+        "database": round(database * per_item),
+    }
+    run["load"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return run
 
 
 def main() -> None:
@@ -77,23 +121,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--per-call", type=int, default=100)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--users", type=int, nargs="+", default=[1_000, 1], help="one run for each count"
+    )
     args = parser.parse_args()
     with (
         bench_database() as url,
         tempfile.TemporaryDirectory() as tmp,
-        ledger_process(url, Path(tmp) / "ledger.log") as target,
+        ledger_server(url, Path(tmp) / "ledger.log") as server,
     ):
-        runs = [
-            asyncio.run(run_batches(target, users, args.per_call, args.clients, args.seconds))
-            for users in (1_000, 1)
-        ]
+        runs = [measured(url, server, users, args) for users in args.users]
     for r in runs:
+        cpu = r["cpu_us_per_reservation"]
         print(
             f"batches of {r['per_call']} over {r['users']:,} user(s), {r['clients']} clients: "
             f"{r['reservations_s']:,} reservations/s (each reserved and committed); "
             f"ReserveBatch p50/p99 {r['reserve_batch']['p50_ms']}/{r['reserve_batch']['p99_ms']} "
             f"ms, CommitBatch p50/p99 {r['commit_batch']['p50_ms']}/"
-            f"{r['commit_batch']['p99_ms']} ms"
+            f"{r['commit_batch']['p99_ms']} ms; CPU per reservation: server {cpu['server']} µs, "
+            f"client {cpu['client']} µs, PostgreSQL {cpu['database']} µs; load {r['load']}"
         )
     print(json.dumps({"batches": runs}, separators=(",", ":")))
 

@@ -4,6 +4,7 @@ would have had alone, in arrival order."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -12,11 +13,11 @@ import pytest
 
 from ledger import errors, validation
 from ledger.application import Ledger
-from ledger.model import Period, Reserve, Usage
+from ledger.model import Commit, Period, Reserve, Rollback, Usage
 from ledger.postgres import store as store_module
 from ledger.postgres.store import PostgresStore
 from services.platform import db
-from tests.support import new_id, verify_tenant
+from tests.support import Clock, new_id, verify_tenant
 
 
 def reserve(tenant: str, amount: int, key: str = "") -> Reserve:
@@ -159,3 +160,99 @@ def test_a_batch_with_more_rows_than_one_statement_takes_writes_them_in_chunks(
     report = verify_tenant(database_url, tenant)
     assert report.events_checked == 21
     assert report.breaks == [] and report.differences == []
+
+
+def _calls(tenant: str) -> tuple[list[Reserve], list[Commit], list[Rollback]]:
+    """Holds (one too big, one key sent twice and once more with another amount), commits
+    (one unknown, one repeated, one over its hold) and a rollback, all of `tenant`. Every
+    hold decided takes an id (rsv_1, ...), the refused one too."""
+    holds = [reserve(tenant, n, f"k{i}") for i, n in enumerate((60, 30, 20, 5))]
+    holds += [reserve(tenant, 5, "k3"), reserve(tenant, 6, "k3")]
+    usage = Usage(input_tokens=40, output_tokens=10)
+    commits = [
+        validation.commit(tenant_id=tenant, reservation_id=rid, usage=usage)
+        for rid in ("rsv_1", "rsv_unknown", "rsv_1", "rsv_2")
+    ]
+    rollbacks = [validation.rollback(tenant_id=tenant, reservation_id="rsv_4", reason="")]
+    return holds, commits, rollbacks
+
+
+def _facts(url: str, tenant: str) -> list[str]:
+    """The tenant's log and projection rows, without what differs between two tenants fed
+    the same calls (the tenant's name, the hashes that cover it, positions, transactions)."""
+    queries = {
+        "events": "SELECT * FROM events WHERE tenant_id = %s ORDER BY position",
+        "accounts": "SELECT * FROM accounts WHERE tenant_id = %s ORDER BY user_id",
+        "reservations": "SELECT * FROM reservations WHERE tenant_id = %s ORDER BY 2",
+        "usage_hourly": "SELECT * FROM usage_hourly WHERE tenant_id = %s ORDER BY user_id",
+        "idempotency_keys": "SELECT * FROM idempotency_keys WHERE tenant_id = %s ORDER BY 2",
+    }
+    varying = {"position", "xid", "recorded_at", "hash", "prev_hash", "head_hash", "updated_at"}
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        return [
+            f"{table}: " + repr({k: v for k, v in row.items() if k not in varying})
+            for table, sql in queries.items()
+            for row in conn.execute(sql, (tenant,)).fetchall()
+        ]
+
+
+def _seen(outcome: Any) -> str:
+    """A result as its repr; a refusal as its type, message and figures."""
+    if isinstance(outcome, Exception):
+        return f"{type(outcome).__name__} {outcome} {vars(outcome)}"
+    return repr(outcome)
+
+
+def test_a_batch_call_gets_the_outcomes_log_and_projections_of_its_calls_one_by_one(
+    database_url: str,
+) -> None:
+    """reserve_batch, commit_batch and rollback_batch apply their items as one entry of the
+    queue, in one transaction: each item's result or refusal (reason and figures), the events
+    and every projection row are what the same calls made one at a time give."""
+    batched, single = new_id("b"), new_id("s")
+    clock = Clock()
+
+    def ids() -> Callable[[], str]:
+        return (f"rsv_{n}" for n in itertools.count(1)).__next__
+
+    async def body(tenant: str, one_by_one: bool) -> list[str]:
+        async with db.make_pool(database_url, 2) as pool:
+            store = Ledger(PostgresStore(pool), clock=clock, new_id=ids())
+            await store.set_quota(
+                validation.set_quota(
+                    idempotency_key="q", tenant_id=tenant, user_id="u", conversation_id="",
+                    limit=100, period=Period.NONE,
+                )
+            )  # fmt: skip
+            holds, commits, rollbacks = _calls(tenant)
+            if one_by_one:
+                outcomes = [
+                    *[await _outcome(store.reserve, c) for c in holds],
+                    *[await _outcome(store.commit, c) for c in commits],
+                    *[await _outcome(store.rollback, c) for c in rollbacks],
+                ]
+            else:
+                outcomes = [
+                    *await store.reserve_batch(holds),
+                    *await store.commit_batch(commits),
+                    *await store.rollback_batch(rollbacks),
+                ]
+            return [_seen(o).replace(tenant, "T") for o in outcomes]
+
+    got = asyncio.run(body(batched, one_by_one=False))
+    expected = asyncio.run(body(single, one_by_one=True))
+    assert got == expected
+    assert sum("BudgetExhausted" in o for o in got) == 1
+    assert sum("IdempotencyKeyReused" in o for o in got) == 1
+    assert sum("ReservationNotFound" in o for o in got) == 1
+    assert [f.replace(batched, "T") for f in _facts(database_url, batched)] == [
+        f.replace(single, "T") for f in _facts(database_url, single)
+    ]
+    assert transactions_of(database_url, batched) == 4  # the quota, then one a batch call
+
+
+async def _outcome(call: Callable[[Any], Awaitable[Any]], cmd: Any) -> Any:
+    try:
+        return await call(cmd)
+    except errors.LedgerError as exc:
+        return exc

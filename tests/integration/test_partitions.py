@@ -1,7 +1,8 @@
 """Monthly partitions of the log (migration 0014): a populated log converts to partitions and
 back unchanged; every partition is append-only; two writers cannot both append one version
-although (stream, version) is no longer a unique key of the table; partitions are made ahead
-and an insert past them lands in the default partition."""
+although (stream, version) is no longer a unique key of the table, nor one statement a
+repeated or missing one (migration 0016); partitions are made ahead and an insert past them
+lands in the default partition."""
 
 from __future__ import annotations
 
@@ -206,6 +207,69 @@ def test_a_second_first_version_is_refused(database_url: str, busy_tenant: str) 
         pytest.raises(pg_errors.UniqueViolation, match="event_stream_heads_pkey"),
     ):
         conn.execute(_INSERT, row)
+
+
+def _run(url: str, tenant: str, versions: list[int]) -> list[dict[str, Any]]:
+    """Rows of the ann/c1 stream at `versions` after its last, each chained to the one before."""
+    rows = [_next_row(url, tenant, versions[0])]
+    for step in versions[1:]:
+        prev = rows[-1] | {"data": rows[-1]["data"].obj}
+        new = prev | {"version": rows[0]["version"] - versions[0] + step}
+        new |= {"prev_hash": prev["hash"], "hash": codec.event_hash(new, prev["hash"])}
+        rows.append(new | {"data": Jsonb(new["data"])})
+    return rows
+
+
+def _insert_all(url: str, rows: list[dict[str, Any]]) -> None:
+    """The rows in one INSERT statement, as the store appends a transaction's events."""
+    values = sql.SQL(", ").join(
+        sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder(f"{c}{i}") for c in _COLUMNS))
+        for i in range(len(rows))
+    )
+    params = {f"{c}{i}": row[c] for i, row in enumerate(rows) for c in _COLUMNS}
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO events ({}) VALUES {}").format(
+                sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)), values
+            ),
+            params,
+        )
+
+
+def _head(url: str, tenant: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT version FROM event_stream_heads WHERE tenant_id = %s AND user_id = 'ann' "
+            "AND conversation_id = 'c1'",
+            (tenant,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_one_statement_appends_a_run_of_versions_and_the_head_moves_to_its_last(
+    database_url: str, busy_tenant: str
+) -> None:
+    """The heads move once per stream and statement (migration 0016): a run of versions in
+    one INSERT is taken whole, and the next single append follows its last."""
+    rows = _run(database_url, busy_tenant, [1, 2, 3])
+    _insert_all(database_url, rows)
+    assert _head(database_url, busy_tenant) == rows[-1]["version"]
+    _insert_all(database_url, [_next_row(database_url, busy_tenant)])
+    assert _head(database_url, busy_tenant) == rows[-1]["version"] + 1
+    assert verify_tenant(database_url, busy_tenant).breaks == []
+
+
+@pytest.mark.parametrize("versions", [[1, 1], [1, 3], [2, 3]])
+def test_a_statement_that_repeats_skips_or_starts_past_a_version_is_refused_whole(
+    database_url: str, busy_tenant: str, versions: list[int]
+) -> None:
+    head = _head(database_url, busy_tenant)
+    with pytest.raises(
+        pg_errors.UniqueViolation, match=r"repeated or missing|is not at version|_pkey"
+    ):
+        _insert_all(database_url, _run(database_url, busy_tenant, versions))
+    assert _head(database_url, busy_tenant) == head
 
 
 def test_partitions_are_made_ahead_and_the_default_takes_the_rest(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """jsonb parameters (ledger/postgres/store.py): orjson's output, and json's for what orjson
-refuses, both read back as the same value."""
+refuses, both read back as the same value; json and jsonb read back (services/platform/db.py)
+as json reads them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from datetime import UTC, date, datetime
 
 from ledger.postgres.store import _dumps
+from services.platform.db import json_loads
 
 
 def test_values_orjson_takes_and_integers_past_64_bits_both_serialize_to_the_same_value() -> None:
@@ -21,3 +23,26 @@ def test_records_with_dates_and_times_serialize_alike_through_both_paths() -> No
     assert json.loads(_dumps(small))["at"] == json.loads(_dumps(big))["at"]
     assert json.loads(_dumps(big)) == {"at": at.isoformat(), "day": "2026-12-06", "n": 2**70}
     assert datetime.fromisoformat(json.loads(_dumps(small))["at"]) == at
+
+
+def test_json_read_from_the_database_is_what_json_reads_integers_past_64_bits_included() -> None:
+    """services/platform/db.json_loads reads json and jsonb columns through orjson, which would
+    read an integer past 64 bits as a float: such a text goes through json."""
+    texts = [
+        b'{"a": [1, "\\u00e9", null, 2.5, true], "b": {"c": -9223372036854775808}}',
+        b'{"limit": 18446744073709551615, "spent": 123456789012345678901234567890}',
+        b'[-123456789012345678901, 0.1, 1e300, "9999999999999999999"]',
+        b'{"a": 1, "a": 2}',
+    ]
+    for text in texts:
+        read = json_loads(text)
+        assert read == json.loads(text)
+        assert [type(v) for v in _leaves(read)] == [type(v) for v in _leaves(json.loads(text))]
+
+
+def _leaves(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
