@@ -37,6 +37,7 @@ from ledger.ports import (
 from ledger.postgres import notify
 from ledger.postgres.errors import translated
 from ledger.postgres.rows import (
+    ACCOUNT_COLUMNS,
     RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
     account_from_row,
@@ -376,16 +377,6 @@ class _Unit:
             async with self._conn.pipeline():
                 yield
 
-    async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
-        if not reservation_ids:
-            return []
-        cur = await self._conn.execute(
-            "SELECT tenant_id, user_id, conversation_id FROM reservations "
-            "WHERE tenant_id = %s AND reservation_id = ANY(%s)",
-            (self._tenant_id, list(reservation_ids)),
-        )
-        return [account_key(row) for row in await cur.fetchall()]
-
     async def lock_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
         found = await self._select_accounts(keys)
         missing = [k for k in keys if k not in found]
@@ -413,18 +404,22 @@ class _Unit:
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
         price_models: Sequence[str] = (),
+        owners_of: Sequence[str] = (),
     ) -> Locked:
-        """One round trip: the accounts locked, then the four queries, in a pipeline (the
-        server runs them in order, so the reads happen under the accounts' locks). Accounts
-        that do not exist yet are created and locked after it; when the tenant's own row was
-        one of them, nothing held the tenant's lock during the reads, which are made again."""
+        """One round trip: the accounts locked (with the owners of `owners_of`, found by the
+        locking statement itself), then the queries, in a pipeline (the server runs them in
+        order, so the reads happen under the accounts' locks). Accounts that do not exist
+        yet are created and locked after it; when the tenant's own row was one of them,
+        nothing held the tenant's lock during the reads, which are made again."""
         async with self._pipelined():
             accounts = (
-                await self._conn.execute(*select_accounts_sql(lock, lock=True)) if lock else None
+                await self._conn.execute(_LOCK_ACCOUNTS, self._keys_and_owners(lock, owners_of))
+                if lock or owners_of
+                else None
             )
             known, limiters, named, overdue, prices = await self._read(
                 idempotency_keys, limiter_accounts, reservation_ids, overdue_at, overdue_max,
-                outcomes_since, price_models,
+                outcomes_since, price_models, owners_of,
             )  # fmt: skip
         heads = _heads(await accounts.fetchall()) if accounts is not None else {}
         if missing := [k for k in lock if k not in heads]:
@@ -474,6 +469,7 @@ class _Unit:
         overdue_max: int,
         outcomes_since: datetime,
         price_models: Sequence[str],
+        owners_of: Sequence[str] = (),
     ) -> list[psycopg.AsyncCursor[dict[str, Any]]]:
         """read_locked's queries, sent in its pipeline (their results are fetched after)."""
         tenant = self._tenant_id
@@ -484,7 +480,9 @@ class _Unit:
                 "WHERE tenant_id = %s AND idempotency_key = ANY(%s) AND created_at >= %s",
                 (tenant, list(idempotency_keys), outcomes_since),
             ),
-            await self._conn.execute(*_rate_limits_sql(limiter_accounts)),
+            await self._conn.execute(
+                _LOCK_RATE_LIMITS, self._keys_and_owners(limiter_accounts, owners_of)
+            ),
             await self._conn.execute(
                 *self._reservations_sql(
                     "reservation_id = ANY(%s) ORDER BY reservation_id", list(reservation_ids)
@@ -506,6 +504,17 @@ class _Unit:
                 },
             ),
         ]
+
+    def _keys_and_owners(
+        self, keys: Sequence[AccountKey], owners_of: Sequence[str]
+    ) -> dict[str, Any]:
+        """The parameters of _KEYS_AND_OWNERS: `keys` (this tenant's) as two arrays."""
+        return {
+            "tenant": self._tenant_id,
+            "users": [k.user_id for k in keys],
+            "conversations": [k.conversation_id for k in keys],
+            "owners_of": list(owners_of),
+        }
 
     def _reservations_sql(self, where: str, *params: Any) -> tuple[str, tuple[Any, ...]]:
         return (
@@ -602,22 +611,34 @@ class _Unit:
             )
 
 
-_LOCK_RATE_LIMITS = (
-    f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
-    "AND (user_id, conversation_id) IN "
-    "(SELECT u, c FROM unnest(%s::text[], %s::text[]) AS k(u, c)) "
-    "ORDER BY user_id, conversation_id, model FOR UPDATE"
+_OWNERS = (
+    "FROM reservations AS r, LATERAL (VALUES ('', ''), (r.user_id, ''), "
+    "(r.user_id, r.conversation_id)) AS o(u, c) "
+    "WHERE r.tenant_id = %(tenant)s AND r.reservation_id = ANY(%(owners_of)s::text[]) "
+    "ORDER BY r.reservation_id, o.u, o.c"
 )
-
-
-def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[Any, ...]]:
-    """The limiters of the accounts `keys` (one tenant's), locked; account rows are locked
-    before, so the order is fixed. One statement text, the keys as two arrays."""
-    return _LOCK_RATE_LIMITS, (
-        keys[0].tenant_id,
-        [k.user_id for k in keys],
-        [k.conversation_id for k in keys],
-    )
+_USERS = f"%(users)s::text[] || ARRAY(SELECT o.u {_OWNERS})"
+_KEYS_AND_OWNERS = (
+    f"user_id = ANY({_USERS}) AND (user_id, conversation_id) IN (SELECT u, c FROM unnest("  # noqa: S608
+    f"{_USERS}, %(conversations)s::text[] || ARRAY(SELECT o.c {_OWNERS})) AS k(u, c))"
+)
+"""Rows of the tenant's accounts (or their limiters) named by two arrays, (user_id,
+conversation_id), and of the accounts holding the reservations `owners_of` with their
+ancestors (their lineage; an owner never changes). A Commit names only its reservation: its
+accounts are found by the statement that locks them, not by a round trip before it. The
+owners are appended to the arrays (in one order, so that the pairs line up), and the users
+are also matched with = ANY: so the accounts are read through their primary key (joined to
+the key list, they were scanned whole: 1,000 rows and their dead versions per transaction)."""
+_LOCK_ACCOUNTS = (
+    f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %(tenant)s "  # noqa: S608
+    f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id FOR UPDATE"
+)
+"""Those accounts, locked in key order (tenant first)."""
+_LOCK_RATE_LIMITS = (
+    f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %(tenant)s "  # noqa: S608
+    f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id, model FOR UPDATE"
+)
+"""Their limiters, locked; the account rows are locked before, so the order is fixed."""
 
 
 def _stored_reservation(row: dict[str, Any]) -> StoredReservation:
