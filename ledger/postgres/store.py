@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -50,6 +51,8 @@ from ledger.postgres.rows import (
 from ledger.usage import COUNTER_NAMES
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+_log = logging.getLogger("tokenledger.follow")
 
 # The hot tables are written one statement each, whatever the number of rows: the rows go as
 # one jsonb array (serialized by orjson) that jsonb_to_recordset spreads into typed columns.
@@ -242,7 +245,6 @@ class PostgresStore:
 
     def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
         self._pool = pool
-        self._notifier = notify.Notifier(pool)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -261,8 +263,6 @@ class PostgresStore:
                 await unit.commit()
             finally:
                 await unit.end()
-        if unit.appended:  # committed: wake the tenant's followers
-            self._notifier.notify(tenant_id)
 
     async def overdue_tenants(self, at: datetime, limit: int) -> list[str]:
         async with self._connection() as conn:
@@ -345,8 +345,20 @@ class _Unit:
         await self._conn.execute("BEGIN")
 
     async def commit(self) -> None:
-        await self._conn.execute("COMMIT")
-        await self._leave_pipeline()  # its sync answers for COMMIT (and raises its error)
+        """COMMIT; then, when events were appended, the NOTIFY that wakes the tenant's
+        followers, as a statement of its own after COMMIT in the same pipeline (notify.py):
+        no round trip, no connection of its own. Its failure is not the transaction's,
+        which has committed by then: it is logged, and followers poll."""
+        committed = await self._conn.execute("COMMIT")
+        try:
+            if self.appended:
+                await self._conn.execute(notify.NOTIFY_SQL, ([self._tenant_id],))
+            await self._leave_pipeline()  # its sync answers for COMMIT (and raises its error)
+        except psycopg.Error as exc:
+            result = committed.pgresult
+            if result is None or result.status != ExecStatus.COMMAND_OK:
+                raise
+            _log.warning("could not notify followers: %s", exc)
 
     async def _leave_pipeline(self) -> None:
         if self._pipeline is not None:

@@ -1,0 +1,116 @@
+"""What a single call costs in round trips to PostgreSQL, measured through a proxy that holds
+back everything the server sends by `DELAY_S`: a call of n round trips takes n delays.
+A Reserve is two (BEGIN and the locking read with its reads; the writes with COMMIT), and so
+is a Commit: its reservation's accounts are found by the statement that locks them, and the
+followers' NOTIFY travels with the COMMIT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+import pytest
+
+from ledger import validation
+from ledger.application import Ledger
+from ledger.model import Usage
+from ledger.postgres import notify
+from ledger.postgres.store import PostgresStore
+from services.platform import db
+from tests.support import new_id
+
+DELAY_S = 0.25
+
+
+@asynccontextmanager
+async def _slow_replies(url: str) -> AsyncIterator[str]:
+    """A TCP proxy to `url`'s server delaying each reply by DELAY_S; yields its URL."""
+    info = psycopg.conninfo.conninfo_to_dict(url)
+    host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
+
+    async def relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float) -> None:
+        pending: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await pending.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                dst.write(data)
+                await dst.drain()
+
+        sender = asyncio.create_task(deliver())
+        try:
+            while data := await src.read(65536):
+                pending.put_nowait((time.monotonic() + delay_s, data))
+            await asyncio.sleep(delay_s)
+        finally:
+            sender.cancel()
+            dst.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(
+            relay(reader, up_writer, 0.0), relay(up_reader, writer, DELAY_S),
+            return_exceptions=True,
+        )  # fmt: skip
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    proxy_port = server.sockets[0].getsockname()[1]
+    try:
+        yield psycopg.conninfo.make_conninfo(url, host="127.0.0.1", port=proxy_port)
+    finally:
+        server.close()
+
+
+def _reserve(tenant: str) -> validation.Reserve:
+    return validation.reserve(
+        idempotency_key=new_id("k"), tenant_id=tenant, user_id="u", conversation_id="c",
+        model="m", amount=1, ttl_seconds=60, labels={},
+    )  # fmt: skip
+
+
+async def _round_trips(url: str) -> tuple[int, int]:
+    """Round trips of a Reserve and of a Commit of it, on accounts that exist."""
+    async with _slow_replies(url) as slow, db.make_pool(slow, 1) as pool:
+        ledger = Ledger(PostgresStore(pool))
+        tenant = new_id("t")
+        first = await ledger.reserve(_reserve(tenant))  # creates the accounts
+        await ledger.commit(validation.commit(
+            tenant_id=tenant, reservation_id=first.reservation.reservation_id, usage=Usage(),
+        ))  # fmt: skip
+        started = time.monotonic()
+        held = await ledger.reserve(_reserve(tenant))
+        reserved = time.monotonic()
+        await ledger.commit(validation.commit(
+            tenant_id=tenant, reservation_id=held.reservation.reservation_id, usage=Usage(),
+        ))  # fmt: skip
+        committed = time.monotonic()
+    return int((reserved - started) / DELAY_S), int((committed - reserved) / DELAY_S)
+
+
+def test_a_reserve_and_a_commit_each_cost_two_round_trips(database_url: str) -> None:
+    assert asyncio.run(_round_trips(database_url)) == (2, 2)
+
+
+def test_a_failed_notify_after_the_commit_fails_no_write(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NOTIFY runs after COMMIT: when it fails, the write has committed, and its caller
+    is told so (followers fall back to polling)."""
+    monkeypatch.setattr(notify, "NOTIFY_SQL", "SELECT 1 / 0 FROM unnest(%s::text[]) AS t")
+
+    async def main() -> None:
+        async with db.make_pool(database_url, 2) as pool:
+            ledger = Ledger(PostgresStore(pool))
+            tenant = new_id("t")
+            held = await ledger.reserve(_reserve(tenant))
+            stored = await ledger.get_reservation(tenant, held.reservation.reservation_id)
+            assert stored == held.reservation
+            async with pool.connection() as conn:  # handed back in good order
+                cur = await conn.execute("SELECT 1 AS one")
+                assert await cur.fetchone() == {"one": 1}
+
+    asyncio.run(main())
