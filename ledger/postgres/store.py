@@ -447,16 +447,16 @@ class _Unit:
                 row["idempotency_key"]: Outcome(
                     row["operation"], row["request"], row["response"], row["created_at"]
                 )
-                for row in await known.fetchall()
+                for row in await _rows(known)
             },
-            rate_limits=[rate_limit_from_row(row) for row in await limiters.fetchall()],
+            rate_limits=[rate_limit_from_row(row) for row in await _rows(limiters)],
             reservations=[
                 _stored_reservation(row)
-                for rows in (await named.fetchall(), await overdue.fetchall())
+                for rows in (await _rows(named), await _rows(overdue))
                 for row in rows
             ],
             heads=heads,
-            prices=[price_from_row(row) for row in await prices.fetchall()],
+            prices=[price_from_row(row) for row in await _rows(prices)],
         )
 
     async def price_facts(self, model: str) -> tuple[str, datetime | None]:
@@ -482,8 +482,10 @@ class _Unit:
         outcomes_since: datetime,
         price_models: Sequence[str],
         owners_of: Sequence[str] = (),
-    ) -> list[psycopg.AsyncCursor[dict[str, Any]]]:
-        """read_locked's queries, sent in its pipeline (their results are fetched after)."""
+    ) -> list[psycopg.AsyncCursor[dict[str, Any]] | None]:
+        """read_locked's queries, sent in its pipeline (their results are fetched after); a
+        read whose answer is known to be empty (no keys, no reservations named, no models)
+        is not sent (None)."""
         tenant = self._tenant_id
         return [
             await self._conn.execute(
@@ -491,7 +493,9 @@ class _Unit:
                 "FROM idempotency_keys "
                 "WHERE tenant_id = %s AND idempotency_key = ANY(%s) AND created_at >= %s",
                 (tenant, list(idempotency_keys), outcomes_since),
-            ),
+            )
+            if idempotency_keys
+            else None,
             await self._conn.execute(
                 _LOCK_RATE_LIMITS, self._keys_and_owners(limiter_accounts, owners_of)
             ),
@@ -499,7 +503,9 @@ class _Unit:
                 *self._reservations_sql(
                     "reservation_id = ANY(%s) ORDER BY reservation_id", list(reservation_ids)
                 )
-            ),
+            )
+            if reservation_ids
+            else None,
             await self._conn.execute(
                 *self._reservations_sql(
                     "state = 'held' AND expires_at <= %s ORDER BY expires_at LIMIT %s",
@@ -514,7 +520,9 @@ class _Unit:
                     "models": list(price_models),
                     "reservations": list(reservation_ids),
                 },
-            ),
+            )
+            if price_models or reservation_ids
+            else None,
         ]
 
     def _keys_and_owners(
@@ -651,6 +659,11 @@ _LOCK_RATE_LIMITS = (
     f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id, model FOR UPDATE"
 )
 """Their limiters, locked; the account rows are locked before, so the order is fixed."""
+
+
+async def _rows(cur: psycopg.AsyncCursor[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A read's rows; none for a read not sent."""
+    return [] if cur is None else await cur.fetchall()
 
 
 def _stored_reservation(row: dict[str, Any]) -> StoredReservation:
