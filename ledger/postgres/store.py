@@ -245,6 +245,7 @@ class PostgresStore:
 
     def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
         self._pool = pool
+        self._known_accounts: set[AccountKey] = set()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -256,7 +257,7 @@ class PostgresStore:
     @asynccontextmanager
     async def transaction(self, tenant_id: str) -> AsyncIterator[_Unit]:
         async with self._connection() as conn:
-            unit = _Unit(conn, tenant_id)
+            unit = _Unit(conn, tenant_id, self._known_accounts)
             try:
                 await unit.begin()
                 yield unit
@@ -332,9 +333,10 @@ class _Unit:
     the pool. A server-side cursor (events_after) cannot run in a pipeline: the pipeline ends
     there and the transaction goes on without it."""
 
-    def __init__(self, conn: Conn, tenant_id: str) -> None:
+    def __init__(self, conn: Conn, tenant_id: str, known_accounts: set[AccountKey]) -> None:
         self._conn = conn
         self._tenant_id = tenant_id
+        self._known_accounts = known_accounts
         self.appended = False
         self._pipeline: AsyncExitStack | None = None
 
@@ -419,21 +421,31 @@ class _Unit:
         owners_of: Sequence[str] = (),
     ) -> Locked:
         """One round trip: the accounts locked (with the owners of `owners_of`, found by the
-        locking statement itself), then the queries, in a pipeline (the server runs them in
-        order, so the reads happen under the accounts' locks). Accounts that do not exist
-        yet are created and locked after it; when the tenant's own row was one of them,
-        nothing held the tenant's lock during the reads, which are made again."""
+        locking statement itself), those of `lock` this process has not seen yet created
+        (an INSERT that skips the ones that exist), then the queries, in a pipeline (the
+        server runs them in order, so the reads happen under the accounts' locks, or after
+        creating them, which makes any other writer of those rows wait). Accounts neither
+        found nor created (another transaction created them meanwhile) are locked after
+        it; when the tenant's own row was one of them, nothing held the tenant's lock
+        during the reads, which are made again."""
+        new = [k for k in lock if k not in self._known_accounts]
         async with self._pipelined():
             accounts = (
                 await self._conn.execute(_LOCK_ACCOUNTS, self._keys_and_owners(lock, owners_of))
                 if lock or owners_of
                 else None
             )
+            created = (
+                await self._conn.execute(_CREATE_ACCOUNTS, self._keys_and_owners(new, ()))
+                if new
+                else None
+            )
             known, limiters, named, overdue, prices = await self._read(
                 idempotency_keys, limiter_accounts, reservation_ids, overdue_at, overdue_max,
                 outcomes_since, price_models, owners_of,
             )  # fmt: skip
-        heads = _heads(await accounts.fetchall()) if accounts is not None else {}
+        heads = _heads(await _rows(accounts)) | _heads(await _rows(created))
+        _remember(self._known_accounts, heads)
         if missing := [k for k in lock if k not in heads]:
             heads |= await self.lock_accounts(missing)
             if AccountKey(self._tenant_id) in missing:
@@ -654,11 +666,30 @@ _LOCK_ACCOUNTS = (
     f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id FOR UPDATE"
 )
 """Those accounts, locked in key order (tenant first)."""
+_CREATE_ACCOUNTS = (
+    "INSERT INTO accounts (tenant_id, user_id, conversation_id) "  # noqa: S608
+    "SELECT %(tenant)s, u, c FROM unnest(%(users)s::text[], %(conversations)s::text[]) "
+    f"AS k(u, c) ON CONFLICT DO NOTHING RETURNING {ACCOUNT_COLUMNS}"
+)
+"""Accounts of the tenant named by two arrays (in key order: tenant first) that do not exist
+yet, created; those that exist are skipped (no row, no lock, nothing written)."""
 _LOCK_RATE_LIMITS = (
     f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %(tenant)s "  # noqa: S608
     f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id, model FOR UPDATE"
 )
 """Their limiters, locked; the account rows are locked before, so the order is fixed."""
+
+
+known_accounts_max = 100_000
+"""Account keys a process remembers as existing, to skip creating them: past it, it forgets
+them all and learns again. A key remembered wrongly (its creating transaction rolled back)
+costs a round trip (read_locked finds it neither locked nor created), not a result."""
+
+
+def _remember(known: set[AccountKey], heads: dict[AccountKey, StreamHead]) -> None:
+    if len(known) + len(heads) > known_accounts_max:
+        known.clear()
+    known.update(heads)
 
 
 async def _rows(cur: psycopg.AsyncCursor[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -84,6 +84,9 @@ REVIEWED_S608: dict[tuple[str, str], str] = {
         "ledger/postgres/store.py",
         'f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %(tenant)s "',
     ): "constant column list; the keys are two array parameters, the reservations one",
+    ("ledger/postgres/store.py", '"INSERT INTO accounts (tenant_id, user_id, conversation_id) "'): (
+        "constant column list (RETURNING); the keys are two array parameters"
+    ),
     (
         "ledger/postgres/store.py",
         'f"user_id = ANY({_USERS}) AND (user_id, conversation_id) IN (SELECT u, c FROM unnest("',
