@@ -451,7 +451,7 @@ class _Unit:
             if AccountKey(self._tenant_id) in missing:
                 reread = await self.read_locked(
                     idempotency_keys, limiter_accounts, reservation_ids, overdue_at,
-                    overdue_max, outcomes_since, price_models=price_models,
+                    overdue_max, outcomes_since, price_models=price_models, owners_of=owners_of,
                 )  # fmt: skip
                 return replace(reread, heads=heads)
         return Locked(
