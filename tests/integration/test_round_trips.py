@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,7 +20,7 @@ from ledger import validation
 from ledger.application import Ledger
 from ledger.model import AccountKey, Usage
 from ledger.postgres import notify
-from ledger.postgres.store import PostgresStore
+from ledger.postgres.store import _LOCK_ACCOUNTS, PostgresStore
 from services.platform import db
 from tests.support import new_id
 
@@ -141,3 +142,41 @@ def test_a_failed_notify_after_the_commit_fails_no_write(
                 assert await cur.fetchone() == {"one": 1}
 
     asyncio.run(main())
+
+
+def _scans(node: dict[str, Any]) -> set[tuple[str, str]]:
+    """(node type, relation) of every node of an EXPLAIN (FORMAT JSON) plan."""
+    own = {(node["Node Type"], node.get("Relation Name", ""))}
+    return own.union(*(_scans(child) for child in node.get("Plans", ())))
+
+
+def test_the_account_lock_reads_accounts_by_key_not_by_scanning_the_tenant(
+    database_url: str,
+) -> None:
+    """Joined to its key list, the locking read scanned every account of the tenant (and their
+    dead row versions) in every transaction: 3x fewer cycles at 64 clients over 1,000 users."""
+    tenant = new_id("t")
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO accounts (tenant_id, user_id, conversation_id) "
+            "SELECT %s, '', '' UNION ALL SELECT %s, 'u' || n, '' FROM generate_series(0, 999) n",
+            (tenant, tenant),
+        )
+        conn.execute(
+            "INSERT INTO reservations (tenant_id, reservation_id, user_id, conversation_id, "
+            "model, amount, state, created_at, expires_at, labels) "
+            "SELECT %s, 'rsv_' || n, 'u' || (n %% 1000), '', 'm', 1, 'committed', now(), "
+            "now(), '{}' FROM generate_series(1, 20000) n",
+            (tenant,),
+        )
+        conn.execute("ANALYZE accounts")
+        conn.execute("ANALYZE reservations")
+        params = {"tenant": tenant, "users": ["", "u7"], "conversations": ["", ""],
+                  "owners_of": ["rsv_10", "rsv_20"]}  # fmt: skip
+        row = conn.execute("EXPLAIN (FORMAT JSON) " + _LOCK_ACCOUNTS, params).fetchone()
+        for table in ("reservations", "accounts"):  # rows without a log: not for other tests
+            conn.execute(f"DELETE FROM {table} WHERE tenant_id = %s", (tenant,))  # noqa: S608
+        assert row is not None
+        scans = _scans(row[0][0]["Plan"])
+        assert ("Index Scan", "accounts") in scans
+        assert ("Seq Scan", "accounts") not in scans
