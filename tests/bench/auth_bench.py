@@ -93,7 +93,7 @@ def main() -> None:
                 report.append(row)
                 print(
                     f"clients {clients:>3}: API keys on = {row['on_over_off_median']} of auth-off "
-                    f"throughput, +{row['added_cpu_ms_per_rpc_median']} ms server CPU per RPC "
+                    f"throughput, {row['added_cpu_ms_per_rpc_median']:+.3f} ms server CPU per RPC "
                     f"(medians of {args.rounds})",
                     flush=True,
                 )
