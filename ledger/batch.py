@@ -99,10 +99,7 @@ class Batch:
         overdue holds. Idempotency keys are read after the tenant's row is locked: a twin of a
         call in flight elsewhere (another process, a client's retry) has then committed or not
         started, so its key is seen and the call is answered, not decided afresh."""
-        keys = {AccountKey(self.tenant_id), *account_keys}
-        for owner in await self.uow.reservation_owners(reservation_ids):
-            keys.update(owner.lineage())
-        ordered = sorted(keys)
+        ordered = sorted({AccountKey(self.tenant_id), *account_keys})
         locked = await self.uow.read_locked(
             idempotency_keys,
             ordered,
@@ -112,8 +109,14 @@ class Batch:
             outcomes_since=self.now - self.key_retention,
             lock=[k for k in ordered if k not in self.accounts],
             price_models=price_models,
+            owners_of=reservation_ids,
         )
         self._take(locked)
+        named = (self.reservations.get(r) for r in reservation_ids)
+        if any(k not in self.accounts for r in named if r for k in r.key.lineage()):
+            # An owner the locking statement did not see: only a reservation committed after
+            # that statement began could be one. A lost race: the batch runs again.
+            raise errors.Conflict("a reservation's accounts were not locked; retrying")
 
     def _take(self, locked: Locked) -> None:
         for k, head in locked.heads.items():

@@ -104,9 +104,10 @@ class _Unit:
         self._staged: list[tuple[Changes, bool]] = []  # (changes, replacing)
         self._created: dict[AccountKey, StreamHead] = {}
 
-    async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
+    def _owners(self, reservation_ids: Sequence[str]) -> set[AccountKey]:
+        """The lineages of the accounts holding these reservations (those that exist)."""
         found = (self._tables.reservations.get((self._tenant_id, r)) for r in reservation_ids)
-        return [s.reservation.key for s in found if s is not None]
+        return {k for s in found if s is not None for k in s.reservation.key.lineage()}
 
     async def lock_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
         accounts = self._tables.accounts
@@ -125,10 +126,12 @@ class _Unit:
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
         price_models: Sequence[str] = (),
+        owners_of: Sequence[str] = (),
     ) -> Locked:
-        heads = await self.lock_accounts(lock)
+        owners = self._owners(owners_of)
+        heads = await self.lock_accounts(sorted({*lock, *owners}))
         t, tenant = self._tables, self._tenant_id
-        accounts = set(limiter_accounts)
+        accounts = {*limiter_accounts, *owners}
         named = [
             t.reservations[(tenant, r)]
             for r in sorted(set(reservation_ids))

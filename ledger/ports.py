@@ -98,9 +98,6 @@ class FoldedEvent:
 
 
 class UnitOfWork(Protocol):
-    async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
-        """The accounts that hold these reservations (those that exist), unlocked."""
-
     async def lock_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
         """Lock the account rows `keys` (sorted; creating missing ones) and read them."""
 
@@ -114,10 +111,13 @@ class UnitOfWork(Protocol):
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
         price_models: Sequence[str] = (),
+        owners_of: Sequence[str] = (),
     ) -> Locked:
-        """Lock the account rows `lock` (sorted; creating missing ones), then read and lock:
-        stored outcomes of the keys (those created at or after `outcomes_since`; older ones
-        have expired), the rate limits of the accounts, the named reservations and up to
+        """Lock the account rows `lock` (sorted; creating missing ones) together with those
+        of the lineages holding the reservations `owners_of` (in one key order), then read
+        and lock: stored outcomes of the keys (those created at or after `outcomes_since`;
+        older ones have expired), the rate limits of the accounts (`limiter_accounts` and
+        those lineages), the named reservations and up to
         `overdue_max` holds overdue at `overdue_at`; and read the prices of `price_models`
         and of the named reservations' models. Whatever it returns was read while the
         tenant's row was locked, when `lock` names it or it was locked before."""

@@ -1,11 +1,11 @@
 """Followers wake when events commit: after a transaction that appended events commits, its
-process sends NOTIFY on `CHANNEL` with the tenant (`Notifier`), and one LISTEN connection per
-process wakes the followers waiting on that tenant.
+connection sends NOTIFY on `CHANNEL` with the tenant (`NOTIFY_SQL`; PostgresStore's unit of
+work), and one LISTEN connection per process wakes the followers waiting on that tenant.
 
-The NOTIFY is sent after the commit, from its own short statement, not inside the writing
-transaction: PostgreSQL serializes the commits of all transactions that NOTIFY (a cluster-wide
-lock held through the commit), which would make every tenant's writes wait on each other's
-WAL flush. Notifications that pile up meanwhile are sent together, one per tenant.
+The NOTIFY is a statement of its own after the COMMIT (in the same pipeline, so it costs no
+round trip), not inside the writing transaction: PostgreSQL serializes the commits of all
+transactions that NOTIFY (a cluster-wide lock held through the commit), which would make
+every tenant's writes wait on each other's WAL flush.
 
 A notification is only a wake-up: what a follower reads is still decided by the transaction-id
 rule of LedgerAudit.follow. So a lost or late notification costs latency, never an event:
@@ -18,54 +18,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 CHANNEL = "tokenledger_events"
-NOTIFY_SQL = "SELECT pg_notify('tokenledger_events', t) FROM unnest(%s::text[]) AS t"
+NOTIFY_SQL = (
+    "SELECT set_config('synchronous_commit', 'off', true), pg_notify('tokenledger_events', t) "
+    "FROM unnest(%s::text[]) AS t"
+)
+"""The notifications of `tenants` (%s), sent in a transaction of their own. It commits without
+waiting for its WAL flush (a NOTIFY gives the transaction an id, hence a commit record): a
+wake-up need not survive a crash, and the writes it announces were flushed by their own
+COMMIT before it ran; waiting would put a second flush in every write's path."""
 _RECONNECT_S = 1.0
 
 _log = logging.getLogger("tokenledger.follow")
-
-
-class Notifier:
-    """Sends the notifications of committed writes, off their path: `notify` only marks the
-    tenant; one task sends what is marked, coalescing a burst into one statement."""
-
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
-        self._pool = pool
-        self._pending: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
-
-    def notify(self, tenant_id: str) -> None:
-        self._pending.add(tenant_id)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._send(), name="log-notifier")
-
-    async def _send(self) -> None:
-        while self._pending:
-            tenants, self._pending = sorted(self._pending), set()
-            try:
-                async with self._pool.connection() as conn:
-                    await _autocommit(conn, NOTIFY_SQL, (tenants,))
-            except (psycopg.Error, PoolTimeout) as exc:  # followers still poll: no event is lost
-                _log.warning("could not notify followers: %s", exc)
-
-
-async def _autocommit(conn: psycopg.AsyncConnection[Any], sql: str, params: Any) -> None:
-    """One statement in its own implicit transaction: one round trip, where a pooled
-    connection's transaction would add a BEGIN and a COMMIT. The connection goes back to the
-    pool as it came (autocommit off), or closed."""
-    await conn.set_autocommit(True)
-    try:
-        await conn.execute(sql, params)
-    finally:
-        try:
-            await conn.set_autocommit(False)
-        except psycopg.Error:
-            await conn.close()
 
 
 class Waiter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
@@ -18,7 +19,7 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg.pq import TransactionStatus
+from psycopg.pq import ExecStatus, TransactionStatus
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
@@ -37,6 +38,7 @@ from ledger.ports import (
 from ledger.postgres import notify
 from ledger.postgres.errors import translated
 from ledger.postgres.rows import (
+    ACCOUNT_COLUMNS,
     RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
     account_from_row,
@@ -49,6 +51,8 @@ from ledger.postgres.rows import (
 from ledger.usage import COUNTER_NAMES
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
+
+_log = logging.getLogger("tokenledger.follow")
 
 # The hot tables are written one statement each, whatever the number of rows: the rows go as
 # one jsonb array (serialized by orjson) that jsonb_to_recordset spreads into typed columns.
@@ -241,7 +245,7 @@ class PostgresStore:
 
     def __init__(self, pool: AsyncConnectionPool[Conn]) -> None:
         self._pool = pool
-        self._notifier = notify.Notifier(pool)
+        self._known_accounts: set[AccountKey] = set()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -253,15 +257,13 @@ class PostgresStore:
     @asynccontextmanager
     async def transaction(self, tenant_id: str) -> AsyncIterator[_Unit]:
         async with self._connection() as conn:
-            unit = _Unit(conn, tenant_id)
+            unit = _Unit(conn, tenant_id, self._known_accounts)
             try:
                 await unit.begin()
                 yield unit
                 await unit.commit()
             finally:
                 await unit.end()
-        if unit.appended:  # committed: wake the tenant's followers
-            self._notifier.notify(tenant_id)
 
     async def overdue_tenants(self, at: datetime, limit: int) -> list[str]:
         async with self._connection() as conn:
@@ -331,9 +333,10 @@ class _Unit:
     the pool. A server-side cursor (events_after) cannot run in a pipeline: the pipeline ends
     there and the transaction goes on without it."""
 
-    def __init__(self, conn: Conn, tenant_id: str) -> None:
+    def __init__(self, conn: Conn, tenant_id: str, known_accounts: set[AccountKey]) -> None:
         self._conn = conn
         self._tenant_id = tenant_id
+        self._known_accounts = known_accounts
         self.appended = False
         self._pipeline: AsyncExitStack | None = None
 
@@ -344,8 +347,20 @@ class _Unit:
         await self._conn.execute("BEGIN")
 
     async def commit(self) -> None:
-        await self._conn.execute("COMMIT")
-        await self._leave_pipeline()  # its sync answers for COMMIT (and raises its error)
+        """COMMIT; then, when events were appended, the NOTIFY that wakes the tenant's
+        followers, as a statement of its own after COMMIT in the same pipeline (notify.py):
+        no round trip, no connection of its own. Its failure is not the transaction's,
+        which has committed by then: it is logged, and followers poll."""
+        committed = await self._conn.execute("COMMIT")
+        try:
+            if self.appended:
+                await self._conn.execute(notify.NOTIFY_SQL, ([self._tenant_id],))
+            await self._leave_pipeline()  # its sync answers for COMMIT (and raises its error)
+        except psycopg.Error as exc:
+            result = committed.pgresult
+            if result is None or result.status != ExecStatus.COMMAND_OK:
+                raise
+            _log.warning("could not notify followers: %s", exc)
 
     async def _leave_pipeline(self) -> None:
         if self._pipeline is not None:
@@ -376,16 +391,6 @@ class _Unit:
             async with self._conn.pipeline():
                 yield
 
-    async def reservation_owners(self, reservation_ids: Sequence[str]) -> list[AccountKey]:
-        if not reservation_ids:
-            return []
-        cur = await self._conn.execute(
-            "SELECT tenant_id, user_id, conversation_id FROM reservations "
-            "WHERE tenant_id = %s AND reservation_id = ANY(%s)",
-            (self._tenant_id, list(reservation_ids)),
-        )
-        return [account_key(row) for row in await cur.fetchall()]
-
     async def lock_accounts(self, keys: Sequence[AccountKey]) -> dict[AccountKey, StreamHead]:
         found = await self._select_accounts(keys)
         missing = [k for k in keys if k not in found]
@@ -413,26 +418,40 @@ class _Unit:
         outcomes_since: datetime,
         lock: Sequence[AccountKey] = (),
         price_models: Sequence[str] = (),
+        owners_of: Sequence[str] = (),
     ) -> Locked:
-        """One round trip: the accounts locked, then the four queries, in a pipeline (the
-        server runs them in order, so the reads happen under the accounts' locks). Accounts
-        that do not exist yet are created and locked after it; when the tenant's own row was
-        one of them, nothing held the tenant's lock during the reads, which are made again."""
+        """One round trip: the accounts locked (with the owners of `owners_of`, found by the
+        locking statement itself), those of `lock` this process has not seen yet created
+        (an INSERT that skips the ones that exist), then the queries, in a pipeline (the
+        server runs them in order, so the reads happen under the accounts' locks, or after
+        creating them, which makes any other writer of those rows wait). Accounts neither
+        found nor created (another transaction created them meanwhile) are locked after
+        it; when the tenant's own row was one of them, nothing held the tenant's lock
+        during the reads, which are made again."""
+        new = [k for k in lock if k not in self._known_accounts]
         async with self._pipelined():
             accounts = (
-                await self._conn.execute(*select_accounts_sql(lock, lock=True)) if lock else None
+                await self._conn.execute(_LOCK_ACCOUNTS, self._keys_and_owners(lock, owners_of))
+                if lock or owners_of
+                else None
+            )
+            created = (
+                await self._conn.execute(_CREATE_ACCOUNTS, self._keys_and_owners(new, ()))
+                if new
+                else None
             )
             known, limiters, named, overdue, prices = await self._read(
                 idempotency_keys, limiter_accounts, reservation_ids, overdue_at, overdue_max,
-                outcomes_since, price_models,
+                outcomes_since, price_models, owners_of,
             )  # fmt: skip
-        heads = _heads(await accounts.fetchall()) if accounts is not None else {}
+        heads = _heads(await _rows(accounts)) | _heads(await _rows(created))
+        _remember(self._known_accounts, heads)
         if missing := [k for k in lock if k not in heads]:
             heads |= await self.lock_accounts(missing)
             if AccountKey(self._tenant_id) in missing:
                 reread = await self.read_locked(
                     idempotency_keys, limiter_accounts, reservation_ids, overdue_at,
-                    overdue_max, outcomes_since, price_models=price_models,
+                    overdue_max, outcomes_since, price_models=price_models, owners_of=owners_of,
                 )  # fmt: skip
                 return replace(reread, heads=heads)
         return Locked(
@@ -440,16 +459,16 @@ class _Unit:
                 row["idempotency_key"]: Outcome(
                     row["operation"], row["request"], row["response"], row["created_at"]
                 )
-                for row in await known.fetchall()
+                for row in await _rows(known)
             },
-            rate_limits=[rate_limit_from_row(row) for row in await limiters.fetchall()],
+            rate_limits=[rate_limit_from_row(row) for row in await _rows(limiters)],
             reservations=[
                 _stored_reservation(row)
-                for rows in (await named.fetchall(), await overdue.fetchall())
+                for rows in (await _rows(named), await _rows(overdue))
                 for row in rows
             ],
             heads=heads,
-            prices=[price_from_row(row) for row in await prices.fetchall()],
+            prices=[price_from_row(row) for row in await _rows(prices)],
         )
 
     async def price_facts(self, model: str) -> tuple[str, datetime | None]:
@@ -474,8 +493,11 @@ class _Unit:
         overdue_max: int,
         outcomes_since: datetime,
         price_models: Sequence[str],
-    ) -> list[psycopg.AsyncCursor[dict[str, Any]]]:
-        """read_locked's queries, sent in its pipeline (their results are fetched after)."""
+        owners_of: Sequence[str] = (),
+    ) -> list[psycopg.AsyncCursor[dict[str, Any]] | None]:
+        """read_locked's queries, sent in its pipeline (their results are fetched after); a
+        read whose answer is known to be empty (no keys, no reservations named, no models)
+        is not sent (None)."""
         tenant = self._tenant_id
         return [
             await self._conn.execute(
@@ -483,13 +505,19 @@ class _Unit:
                 "FROM idempotency_keys "
                 "WHERE tenant_id = %s AND idempotency_key = ANY(%s) AND created_at >= %s",
                 (tenant, list(idempotency_keys), outcomes_since),
+            )
+            if idempotency_keys
+            else None,
+            await self._conn.execute(
+                _LOCK_RATE_LIMITS, self._keys_and_owners(limiter_accounts, owners_of)
             ),
-            await self._conn.execute(*_rate_limits_sql(limiter_accounts)),
             await self._conn.execute(
                 *self._reservations_sql(
                     "reservation_id = ANY(%s) ORDER BY reservation_id", list(reservation_ids)
                 )
-            ),
+            )
+            if reservation_ids
+            else None,
             await self._conn.execute(
                 *self._reservations_sql(
                     "state = 'held' AND expires_at <= %s ORDER BY expires_at LIMIT %s",
@@ -504,8 +532,21 @@ class _Unit:
                     "models": list(price_models),
                     "reservations": list(reservation_ids),
                 },
-            ),
+            )
+            if price_models or reservation_ids
+            else None,
         ]
+
+    def _keys_and_owners(
+        self, keys: Sequence[AccountKey], owners_of: Sequence[str]
+    ) -> dict[str, Any]:
+        """The parameters of _KEYS_AND_OWNERS: `keys` (this tenant's) as two arrays."""
+        return {
+            "tenant": self._tenant_id,
+            "users": [k.user_id for k in keys],
+            "conversations": [k.conversation_id for k in keys],
+            "owners_of": list(owners_of),
+        }
 
     def _reservations_sql(self, where: str, *params: Any) -> tuple[str, tuple[Any, ...]]:
         return (
@@ -602,22 +643,58 @@ class _Unit:
             )
 
 
-_LOCK_RATE_LIMITS = (
-    f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "  # noqa: S608
-    "AND (user_id, conversation_id) IN "
-    "(SELECT u, c FROM unnest(%s::text[], %s::text[]) AS k(u, c)) "
-    "ORDER BY user_id, conversation_id, model FOR UPDATE"
+_OWNERS = (
+    "FROM reservations AS r, LATERAL (VALUES ('', ''), (r.user_id, ''), "
+    "(r.user_id, r.conversation_id)) AS o(u, c) "
+    "WHERE r.tenant_id = %(tenant)s AND r.reservation_id = ANY(%(owners_of)s::text[]) "
+    "ORDER BY r.reservation_id, o.u, o.c"
 )
+_USERS = f"%(users)s::text[] || ARRAY(SELECT o.u {_OWNERS})"
+_KEYS_AND_OWNERS = (
+    f"user_id = ANY({_USERS}) AND (user_id, conversation_id) IN (SELECT u, c FROM unnest("  # noqa: S608
+    f"{_USERS}, %(conversations)s::text[] || ARRAY(SELECT o.c {_OWNERS})) AS k(u, c))"
+)
+"""Rows of the tenant's accounts (or their limiters) named by two arrays, (user_id,
+conversation_id), and of the accounts holding the reservations `owners_of` with their
+ancestors (their lineage; an owner never changes). A Commit names only its reservation: its
+accounts are found by the statement that locks them, not by a round trip before it. The
+owners are appended to the arrays (in one order, so that the pairs line up), and the users
+are also matched with = ANY: so the accounts are read through their primary key (joined to
+the key list, they were scanned whole: 1,000 rows and their dead versions per transaction)."""
+_LOCK_ACCOUNTS = (
+    f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %(tenant)s "  # noqa: S608
+    f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id FOR UPDATE"
+)
+"""Those accounts, locked in key order (tenant first)."""
+_CREATE_ACCOUNTS = (
+    "INSERT INTO accounts (tenant_id, user_id, conversation_id) "  # noqa: S608
+    "SELECT %(tenant)s, u, c FROM unnest(%(users)s::text[], %(conversations)s::text[]) "
+    f"AS k(u, c) ON CONFLICT DO NOTHING RETURNING {ACCOUNT_COLUMNS}"
+)
+"""Accounts of the tenant named by two arrays (in key order: tenant first) that do not exist
+yet, created; those that exist are skipped (no row, no lock, nothing written)."""
+_LOCK_RATE_LIMITS = (
+    f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %(tenant)s "  # noqa: S608
+    f"AND {_KEYS_AND_OWNERS} ORDER BY user_id, conversation_id, model FOR UPDATE"
+)
+"""Their limiters, locked; the account rows are locked before, so the order is fixed."""
 
 
-def _rate_limits_sql(keys: Sequence[AccountKey]) -> tuple[str, tuple[Any, ...]]:
-    """The limiters of the accounts `keys` (one tenant's), locked; account rows are locked
-    before, so the order is fixed. One statement text, the keys as two arrays."""
-    return _LOCK_RATE_LIMITS, (
-        keys[0].tenant_id,
-        [k.user_id for k in keys],
-        [k.conversation_id for k in keys],
-    )
+known_accounts_max = 100_000
+"""Account keys a process remembers as existing, to skip creating them: past it, it forgets
+them all and learns again. A key remembered wrongly (its creating transaction rolled back)
+costs a round trip (read_locked finds it neither locked nor created), not a result."""
+
+
+def _remember(known: set[AccountKey], heads: dict[AccountKey, StreamHead]) -> None:
+    if len(known) + len(heads) > known_accounts_max:
+        known.clear()
+    known.update(heads)
+
+
+async def _rows(cur: psycopg.AsyncCursor[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A read's rows; none for a read not sent."""
+    return [] if cur is None else await cur.fetchall()
 
 
 def _stored_reservation(row: dict[str, Any]) -> StoredReservation:

@@ -330,17 +330,21 @@ def with_cpu(pid: int, cycles: Coroutine[Any, Any, dict[str, Any]]) -> dict[str,
     return result
 
 
+def api_key(url: str) -> str:
+    """A new API key for every tenant, with the roles the bench's calls need."""
+    return subprocess.run(
+        [str(TOKENLEDGER), "keys", "create", "--tenant", "*", "--role", "writer",
+         "--role", "admin", "--name", "bench"],
+        env=os.environ | {"DATABASE_URL": url}, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
 def measure_api_key(
     url: str, tmp: Path, runs: list[dict[str, Any]], seconds: float
 ) -> list[dict[str, Any]]:
     """The spread figures again on a server with TOKENLEDGER_AUTH=api_key, every call carrying
     a key, beside the same figures with auth off."""
-    key = subprocess.run(
-        [str(TOKENLEDGER), "keys", "create", "--tenant", "*", "--role", "writer",
-         "--role", "admin", "--name", "bench"],
-        env=os.environ | {"DATABASE_URL": url}, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    metadata = (("authorization", f"Bearer {key}"),)
+    metadata = (("authorization", f"Bearer {api_key(url)}"),)
     rows = []
     with ledger_server(url, tmp / "auth.log", TOKENLEDGER_AUTH="api_key") as server:
         assert server.proc is not None

@@ -78,8 +78,19 @@ REVIEWED_S608: dict[tuple[str, str], str] = {
     ),
     (
         "ledger/postgres/store.py",
-        'f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %s "',
-    ): "constant column list; the keys are two array parameters",
+        'f"SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE tenant_id = %(tenant)s "',
+    ): "constant column list; the keys are two array parameters, the reservations one",
+    (
+        "ledger/postgres/store.py",
+        'f"SELECT {RATE_LIMIT_COLUMNS} FROM rate_limits WHERE tenant_id = %(tenant)s "',
+    ): "constant column list; the keys are two array parameters, the reservations one",
+    ("ledger/postgres/store.py", '"INSERT INTO accounts (tenant_id, user_id, conversation_id) "'): (
+        "constant column list (RETURNING); the keys are two array parameters"
+    ),
+    (
+        "ledger/postgres/store.py",
+        'f"user_id = ANY({_USERS}) AND (user_id, conversation_id) IN (SELECT u, c FROM unnest("',
+    ): "constant fragments (_USERS, _OWNERS); the keys and the reservations are parameters",
     # The hot tables' writes: one statement a table, the rows one jsonb parameter spread by
     # _recordset (constant names and types) into typed columns.
     ("ledger/postgres/store.py", "f\"INSERT INTO events ({', '.join(_EVENT_TYPES)}) \""): _RECORDS,
