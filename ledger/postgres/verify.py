@@ -19,7 +19,6 @@ side by side, and the tests that prove both report the same use it.
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -615,7 +613,7 @@ def _reading(conninfo: str, snapshot: str | None, fast: bool = True) -> Iterator
     try:
         with psycopg.connect(conninfo, row_factory=dict_row) as conn:
             if fast:
-                set_json_loads(_json_loads, conn)
+                set_json_loads(codec.json_loads, conn)
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             if snapshot:  # SET takes no parameters: the id is quoted as a literal
@@ -624,16 +622,6 @@ def _reading(conninfo: str, snapshot: str | None, fast: bool = True) -> Iterator
             yield conn
     except psycopg.Error as exc:
         raise _portable(exc) from None
-
-
-def _json_loads(text: str | bytes) -> Any:
-    """json.loads, by orjson where it can (several times faster, the same values for the
-    JSON that PostgreSQL writes); what orjson refuses (integers past 64 bits, numbers past
-    a double's range, deep nesting) goes through json."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
 
 
 def _portable(exc: psycopg.Error) -> Exception:

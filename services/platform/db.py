@@ -3,15 +3,12 @@ alembic migrations; and the connection pool."""
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import warnings
 import weakref
 from pathlib import Path
 from typing import Any
 
-import orjson
 import psycopg
 import structlog
 from alembic import command
@@ -22,6 +19,7 @@ from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 import migrations
+from ledger import codec
 
 log = structlog.get_logger("tokenledger.db")
 
@@ -105,25 +103,13 @@ class _Freshness:
             await AsyncConnectionPool.check_connection(conn)
 
 
-# A run of 19 digits may be an integer past 64 bits, which orjson would read as a float.
-_LONG_NUMBER = re.compile(rb"\d{19}")
-
-
-def json_loads(data: str | bytes) -> Any:
-    """What json.loads reads, through orjson (several times faster: the ledger reads an
-    account's, a reservation's and a key's JSON columns for every write) unless the text may
-    hold an integer past 64 bits."""
-    text = data.encode() if isinstance(data, str) else data
-    return json.loads(text) if _LONG_NUMBER.search(text) else orjson.loads(text)
-
-
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    set_json_loads(json_loads, conn)
+    set_json_loads(codec.json_loads, conn)
 
 
 def make_pool(url: str, size_max: int) -> AsyncConnectionPool[Any]:
     """A pool of autocommit-off connections returning rows as dicts, reading json and jsonb
-    through `json_loads`; opened by the caller."""
+    through `codec.json_loads`; opened by the caller."""
     freshness = _Freshness()
     return AsyncConnectionPool(
         url,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, date, datetime
 
+from ledger.codec import json_loads
 from ledger.postgres.store import _dumps
-from services.platform.db import json_loads
 
 
 def test_values_orjson_takes_and_integers_past_64_bits_both_serialize_to_the_same_value() -> None:
@@ -26,13 +26,16 @@ def test_records_with_dates_and_times_serialize_alike_through_both_paths() -> No
 
 
 def test_json_read_from_the_database_is_what_json_reads_integers_past_64_bits_included() -> None:
-    """services/platform/db.json_loads reads json and jsonb columns through orjson, which would
-    read an integer past 64 bits as a float: such a text goes through json."""
+    """codec.json_loads (the pools' and the verifier's reader of json and jsonb columns) reads
+    through orjson, which would read an integer past 64 bits as a float and refuses a number
+    past a double's range: such texts go through json."""
     texts = [
         b'{"a": [1, "\\u00e9", null, 2.5, true], "b": {"c": -9223372036854775808}}',
         b'{"limit": 18446744073709551615, "spent": 123456789012345678901234567890}',
         b'[-123456789012345678901, 0.1, 1e300, "9999999999999999999"]',
         b'{"a": 1, "a": 2}',
+        b"[1e400, -1e400, 12]",
+        '{"text": "\u00e9t\u00e9", "n": 18446744073709551616}',
     ]
     for text in texts:
         read = json_loads(text)
