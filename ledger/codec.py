@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any, get_args, get_type_hints
 
+import orjson
+
 from ledger import errors
 from ledger.model import (
     EVENT_TYPES,
@@ -69,6 +71,16 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_encode
     ).encode()
+
+
+def json_loads(text: str | bytes) -> Any:
+    """json.loads, by orjson where it can (several times faster, the same values for
+    standard JSON such as PostgreSQL and canonical_json write); what orjson refuses
+    (integers past 64 bits, numbers past a double's range, deep nesting) goes through json."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _encode(value: object) -> object:

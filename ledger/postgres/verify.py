@@ -19,7 +19,6 @@ side by side, and the tests that prove both report the same use it.
 
 from __future__ import annotations
 
-import json
 import signal
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,7 +27,6 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
@@ -83,6 +81,9 @@ class Part:
     buckets: int = 1
     since_seq: int = 0
     """Start from this checkpoint's state: read only the events after `since`."""
+    seeded: tuple[str, ...] = KINDS
+    """The kinds of state that checkpoint has rows of: a key of another kind is not looked
+    up there (it starts absent, as it would if looked up)."""
     since: int = 0
     until: int = 0
     """Read events up to this position only (0: all of them)."""
@@ -285,11 +286,14 @@ _PRICES_SQL = """SELECT model, effective_from, currency, input_per_mtok, output_
 
 def _own_rows(conn: SyncConn, tenant_id: str, seq: int) -> tuple[int, bytes]:
     """How many rows a checkpoint has now, and their digest (checkpoints.delta_digest)."""
-    found = conn.execute(
-        "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
-        (tenant_id, seq),
-    ).fetchall()
-    items = [(r["kind"], r["key"], r["value"]) for r in found]
+    items = (
+        conn.cursor(row_factory=tuple_row)
+        .execute(
+            "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
+            (tenant_id, seq),
+        )
+        .fetchall()
+    )
     return len(items), cp.delta_digest(items)
 
 
@@ -306,30 +310,37 @@ class _Touched:
     reservations: set[str] = field(default_factory=set)
     usage: set[UsageKey] = field(default_factory=set)
     rate_limits: set[RateLimitKey] = field(default_factory=set)
-    seen: set[AccountKey] = field(default_factory=set)
+    seen: set[tuple[Any, ...]] = field(default_factory=set)
+    """Streams, and (stream, type, model) of events with limiters, already added."""
     pending: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def add(self, part: Part, row: dict[str, Any], event: Event | None) -> None:
-        stream = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+        stream = (row["tenant_id"], row["user_id"], row["conversation_id"])
         if stream not in self.seen:  # an event changes at most its stream's lineage
             self.seen.add(stream)
-            if part.keep(stream):
-                self._new("stream", self.streams, stream, cp.account_key_text)
-            for k in stream.lineage():
+            key = AccountKey(*stream)
+            if part.keep(key):
+                self._new("stream", self.streams, key, cp.account_key_text)
+            for k in key.lineage():
                 if part.keep(k):
                     self._new("account", self.accounts, k, cp.account_key_text)
         if event is None:
             return
-        if isinstance(event, TokensReserved | RateLimitSet):  # the only ones with limiters
-            for rk in rate_limit_keys(event):
-                if part.keep(rk.account):
-                    self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
-        if part.keep(event.key):
+        # Only these have limiters, the same for every event of a stream, type and model.
+        if isinstance(event, TokensReserved | RateLimitSet):
+            limiters = (stream, type(event), event.model)
+            if limiters not in self.seen:
+                self.seen.add(limiters)
+                for rk in rate_limit_keys(event):
+                    if part.keep(rk.account):
+                        self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
+        if part.users if stream[1] else part.tenant_level:  # keep(event.key)
             rid = getattr(event, "reservation_id", "")
             if rid:
                 self._new("reservation", self.reservations, rid, str)
-            if usage_delta(event) is not None:
-                self._new("usage", self.usage, usage_key(event), cp.usage_key_text)
+            usage = usage_key(event)
+            if usage not in self.usage and usage_delta(event) is not None:
+                self._new("usage", self.usage, usage, cp.usage_key_text)
 
     def _new(self, kind: str, keys: set[Any], key: Any, text: Callable[[Any], str]) -> None:
         if key not in keys:
@@ -462,14 +473,13 @@ class _Fold:
     def _seed(self, conn: SyncConn) -> None:
         """Start each newly touched key from its value at the checkpoint."""
         new = self.touched.take_pending()
-        if not new:
-            return
-        kinds, keys = [t[0] for t in new], [t[1] for t in new]
-        found = {
-            (row["kind"], row["key"]): row["value"]
-            for row in conn.execute(_STATE_AT_SQL, (kinds, keys, self.part.scope.tenant_id,
-                                                    self.part.since_seq))
-        }  # fmt: skip
+        asked = [text for text in new if text[0] in self.part.seeded]
+        found = {}
+        if asked:
+            kinds, keys = [t[0] for t in asked], [t[1] for t in asked]
+            params = (kinds, keys, self.part.scope.tenant_id, self.part.since_seq)
+            for row in conn.execute(_STATE_AT_SQL, params):
+                found[(row["kind"], row["key"])] = row["value"]
         for text, key in new.items():
             value = self.old[text] = found.get(text)
             if value is not None:
@@ -560,13 +570,18 @@ class _Fold:
         return report
 
 
-# The state at a checkpoint of the given keys: per key, its row of the highest seq up to it.
+# The state at a checkpoint of the given keys: per key, its row of the highest seq up to it,
+# found by one probe of the primary key each. (A join of the keys with the table let the
+# planner hash the table's every row: a cost in proportion to the whole state, not to the
+# keys asked for.)
 _STATE_AT_SQL = """
-SELECT DISTINCT ON (r.kind, r.key) r.kind, r.key, r.value
-FROM audit_checkpoint_rows r
-JOIN unnest(%b::text[], %b::text[]) AS t(kind, key) ON r.kind = t.kind AND r.key = t.key
-WHERE r.tenant_id = %s AND r.seq <= %s
-ORDER BY r.kind, r.key, r.seq DESC
+SELECT t.kind, t.key, r.value
+FROM unnest(%b::text[], %b::text[]) AS t(kind, key)
+CROSS JOIN LATERAL (
+    SELECT value FROM audit_checkpoint_rows
+    WHERE tenant_id = %s AND kind = t.kind AND key = t.key AND seq <= %s
+    ORDER BY seq DESC LIMIT 1
+) r
 """
 
 
@@ -617,7 +632,7 @@ def _reading(conninfo: str, snapshot: str | None, fast: bool = True) -> Iterator
     try:
         with psycopg.connect(conninfo, row_factory=dict_row) as conn:
             if fast:
-                set_json_loads(_json_loads, conn)
+                set_json_loads(codec.json_loads, conn)
             conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
             conn.read_only = True
             if snapshot:  # SET takes no parameters: the id is quoted as a literal
@@ -626,16 +641,6 @@ def _reading(conninfo: str, snapshot: str | None, fast: bool = True) -> Iterator
             yield conn
     except psycopg.Error as exc:
         raise _portable(exc) from None
-
-
-def _json_loads(text: str | bytes) -> Any:
-    """json.loads, by orjson where it can (several times faster, the same values for the
-    JSON that PostgreSQL writes); what orjson refuses (integers past 64 bits, numbers past
-    a double's range, deep nesting) goes through json."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
 
 
 def _portable(exc: psycopg.Error) -> Exception:
@@ -792,7 +797,10 @@ _RESERVATIONS = _Rows(
     "reservation", _reservation_row, lambda k: k, _decode_reservation, lambda r: r
 )
 _USAGE = _Rows(
-    "usage", attrgetter(*COUNTER_NAMES), attrgetter(*_USAGE_ROW[:_USAGE_KEY]), _decode_usage,
+    "usage",
+    attrgetter(*COUNTER_NAMES),
+    attrgetter(*_USAGE_ROW[:_USAGE_KEY]),
+    _decode_usage,
     _usage_key_text,
 )
 
