@@ -33,7 +33,7 @@ def more_events(rng: random.Random) -> list[Event]:
         out.append(BudgetAlertsSet(key=key, occurred_at=at, thresholds_percent=(50, 80)))
         out.append(TokensReserved(
             key=key, occurred_at=at, model="m1", reservation_id=f"l{u}", amount=10,
-            expires_at=at + timedelta(minutes=5), labels=(("app", "x"), ("team", f"t{u}"))))  # fmt: skip
+            expires_at=at + timedelta(minutes=5), labels=(("a", "x"), ("t", f"{u}"))))  # fmt: skip
     return out
 
 
