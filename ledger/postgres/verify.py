@@ -20,7 +20,7 @@ side by side, and the tests that prove both report the same use it.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
@@ -663,6 +663,10 @@ def _event_rows(conn: SyncConn, where: str, params: tuple[Any, ...]) -> Iterator
 # The live rows' columns, in the order they are read (the key's first); the accounts' last two
 # are the stream's head. A reservation's ended_balance is not state a fold compares.
 _ACCOUNT_ROW = tuple(c.strip() for c in ACCOUNT_COLUMNS.split(","))
+_ACCOUNT_JSON = frozenset({"recent", "grants", "alert_thresholds", "alerts_fired", "money"})
+"""Read as PostgreSQL's text of the jsonb, which _account_row writes for lists of integers
+(the common case): loading every one of them cost more than comparing texts."""
+_ACCOUNT_SELECT = ", ".join(f"{c}::text" if c in _ACCOUNT_JSON else c for c in _ACCOUNT_ROW)
 _RESERVATION_ROW = tuple(
     c for c in (c.strip() for c in RESERVATION_COLUMNS.split(",")) if c != "ended_balance"
 )
@@ -695,7 +699,7 @@ class _Live:
             query = f"SELECT {columns} FROM {table} WHERE {clause}"  # noqa: S608
             return conn.cursor(row_factory=factory).execute(query, params)
 
-        for row in rows(", ".join(_ACCOUNT_ROW), "accounts"):
+        for row in rows(_ACCOUNT_SELECT, "accounts"):
             key = AccountKey(*row[:3])
             out.accounts[key] = row[:-2]
             out.streams[key] = (row[-2], bytes(row[-1]))
@@ -722,15 +726,25 @@ class _Rows:
     default: Callable[[Any], Any] | None = None
 
 
+_UNLIKE = object()
+"""A column value no live row holds: its row is always decoded and compared field by field."""
+
+
+def _ints_text(values: Iterable[Any]) -> str:
+    """PostgreSQL's text of a jsonb list of integers, or of lists of them."""
+    return "[" + ", ".join(_ints_text(v) if type(v) is tuple else str(v) for v in values) + "]"
+
+
 def _account_row(a: Account) -> Row:
-    """The accounts row (ACCOUNT_COLUMNS but the head) that account_from_row reads as `a`."""
+    """The accounts row (_ACCOUNT_SELECT but the head) that _decode_account reads as `a`;
+    grants and the money side (rare) as _UNLIKE."""
     k = a.key
     return (
         k.tenant_id, k.user_id, k.conversation_id, a.limit, a.period.value, a.window_hours,
         a.time_zone, a.soft_limit_percent, a.grant_order.value, a.held, a.used_total,
-        a.used_day, a.day_start, a.used_month, a.month_start, [list(b) for b in a.recent],
-        codec.grants_to_json(a.grants), list(a.alert_thresholds), list(a.alerts_fired),
-        a.alerts_period, None if a.money is None else codec.account_to_json(a.money),
+        a.used_day, a.day_start, a.used_month, a.month_start, _ints_text(a.recent),
+        _UNLIKE if a.grants else "[]", _ints_text(a.alert_thresholds),
+        _ints_text(a.alerts_fired), a.alerts_period, None if a.money is None else _UNLIKE,
     )  # fmt: skip
 
 
@@ -747,7 +761,11 @@ def _reservation_row(r: Reservation) -> Row:
 
 
 def _decode_account(key: AccountKey, row: Row) -> tuple[AccountKey, Account]:
-    return key, account_from_row(dict(zip(_ACCOUNT_ROW, row, strict=False)))
+    fields = dict(zip(_ACCOUNT_ROW, row, strict=False))
+    for name in _ACCOUNT_JSON:
+        if isinstance(text := fields[name], str):
+            fields[name] = codec.json_loads(text)
+    return key, account_from_row(fields)
 
 
 def _decode_reservation(key: str, row: Row) -> tuple[str, Reservation]:
