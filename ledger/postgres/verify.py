@@ -355,8 +355,8 @@ class _Touched:
     def where(self, tenant_id: str) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
         """The live rows of the touched keys, table by table."""
         accounts = self.accounts | self.streams
-        limits = sorted(self.rate_limits, key=str)
-        usage = sorted(self.usage)
+        limits = list(self.rate_limits)
+        usage = list(self.usage)
         by_table: dict[str, tuple[str, tuple[Any, ...]]] = {
             "accounts": (
                 "(user_id, conversation_id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
