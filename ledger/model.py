@@ -168,7 +168,9 @@ class Account:
         oldest = hour - rolling_window_hours_max + 1
         if self.recent and self.recent[0][0] < oldest:
             changes["recent"] = tuple(b for b in self.recent if b[0] >= oldest)
-        if any(g.expires_at is not None and g.expires_at <= at for g in self.grants):
+        if self.grants and any(
+            g.expires_at is not None and g.expires_at <= at for g in self.grants
+        ):
             changes["grants"] = tuple(
                 g for g in self.grants if g.expires_at is None or g.expires_at > at
             )

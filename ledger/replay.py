@@ -6,15 +6,12 @@ live tables means the log or the tables were changed outside the ledger.
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
-
-import orjson
 
 from ledger import codec
 from ledger.domain import (
@@ -103,11 +100,9 @@ class ChainBreak:
 class ChainVerifier:
     """Checks event rows one at a time, each stream's in version order (streams may
     interleave, as in log order): versions 1, 2, 3… without gaps, each prev_hash equal to the
-    previous hash, each hash recomputed from the row. Reports each stream's first break.
-    `reference`: hash by codec.event_hash alone, as before the handoff (for the bench)."""
+    previous hash, each hash recomputed from the row. Reports each stream's first break."""
 
-    def __init__(self, reference: bool = False) -> None:
-        self.hash = codec.event_hash if reference else event_hash
+    def __init__(self) -> None:
         self.breaks: list[ChainBreak] = []
         self.heads: dict[AccountKey, tuple[int, bytes]] = {}
         self.checked = 0
@@ -125,45 +120,11 @@ class ChainVerifier:
             problem = f"version {row['version']} follows {version}"
         elif bytes(row["prev_hash"]) != head:
             problem = "prev_hash is not the previous event's hash"
-        elif self.hash(row, head) != bytes(row["hash"]):
+        elif codec.event_hash(row, head) != bytes(row["hash"]):
             problem = "hash does not match the event's content"
         if problem:
             self.breaks.append(ChainBreak(key, row["version"], problem))
             self._broken.add(key)
-
-
-_ORJSON_OPTIONS = (
-    orjson.OPT_SORT_KEYS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-
-
-def event_hash(row: dict[str, Any], prev_hash: bytes) -> bytes:
-    """codec.event_hash, several times faster: the canonical JSON by orjson, which writes the
-    same bytes as codec.canonical_json for what a row read from the table holds (strings,
-    integers within 64 bits, null, lists and objects, and the time of `occurred_at`, written
-    here as codec.ts writes it). Anything else (a float, a larger integer: a row as tampered
-    could hold) goes through codec.event_hash itself."""
-    data = row["data"]
-    if not _beyond_plain(data):
-        body = {name: row[name] for name in codec.HASHED_COLUMNS}
-        if isinstance(at := body["occurred_at"], datetime):
-            body["occurred_at"] = codec.ts(at)
-        try:
-            return hashlib.sha256(prev_hash + orjson.dumps(body, option=_ORJSON_OPTIONS)).digest()
-        except (TypeError, orjson.JSONEncodeError):
-            pass
-    return codec.event_hash(row, prev_hash)
-
-
-def _beyond_plain(value: Any) -> bool:
-    """Whether a JSON value holds anything but strings, integers, booleans, null, lists
-    and objects (a float, say, which orjson and json write differently)."""
-    kind = type(value)
-    if kind is dict:
-        return any(_beyond_plain(v) for v in value.values())
-    if kind is list:
-        return any(_beyond_plain(v) for v in value)
-    return kind is not str and kind is not int and value is not None and not isinstance(value, bool)
 
 
 # --- the tenant's account from its users' events, without their rows -------------------------

@@ -164,10 +164,7 @@ class LedgerAudit:
             since = archived.position if archived else 0
             passing = [c for c in found if c.position >= since]
             parts = self._full_parts(scope, found, passing, archived)
-            report = await self._run_parts(conn, parts)
-            report.differences[:0] = await checkpoints.problems(
-                conn, found, report.own_rows, archived
-            )
+            report = await self._run_checked(conn, parts, found, archived)
         for c in passing:
             report.differences[:0] = checkpoints.state_differences(c, report.sums.get(c.seq))
         report.checkpoints_checked = len(found)
@@ -205,9 +202,9 @@ class LedgerAudit:
                 "`tokenledger audit checkpoint`, or verify the whole log"
             )
         last = found[-1]
-        parts = self._plan(scope, (last.seq,), since_seq=last.seq, since=last.position)
-        report = await self._run_parts(conn, parts)
-        report.differences[:0] = await checkpoints.problems(conn, found, report.own_rows, archived)
+        since = {"since_seq": last.seq, "since": last.position, "seeded": last.seeded()}
+        parts = self._plan(scope, (last.seq,), **since)
+        report = await self._run_checked(conn, parts, found, archived)
         report.from_checkpoint, report.from_position = last.seq, last.position
         report.checkpoints_checked = len(found)
         return report
@@ -215,6 +212,31 @@ class LedgerAudit:
     def _plan(self, scope: Scope, own_rows: tuple[int, ...], **options: Any) -> list[Part]:
         options["before_handoff"] = self._before_handoff
         return verify.plan(scope, self._workers, own_rows, **options)
+
+    async def _run_checked(
+        self,
+        conn: Conn,
+        parts: list[Part],
+        found: list[Checkpoint],
+        archived: checkpoints.Archived | None,
+        primary: bool = False,
+    ) -> VerifyReport:
+        """_run_parts, with the checkpoints `found` checked (checkpoints.problems). The events
+        up to each checkpoint whose rows a part digests are counted on `conn` while the parts
+        run: an index scan that grows with the log, so it should not wait for them."""
+        run = asyncio.ensure_future(self._run_parts(conn, parts, primary))  # exports first
+        counting = asyncio.ensure_future(
+            checkpoints.event_counts(conn, found, parts[-1].own_rows, archived)
+        )
+        try:
+            report = await run
+        except BaseException:
+            run.cancel()
+            counting.cancel()
+            raise
+        events = await counting
+        report.differences[:0] = checkpoints.problems(found, report.own_rows, events)
+        return report
 
     async def _run_parts(
         self, conn: Conn, parts: list[Part], primary: bool = False
@@ -266,14 +288,13 @@ class LedgerAudit:
                 position, events = await self._checkpoint_target(conn, tenant_id, last)
                 options = {
                     "since_seq": last.seq if last else 0, "since": last.position if last else 0,
+                    "seeded": last.seeded() if last else (),
                     "until": position, "collect": True,
                 }  # fmt: skip
                 own_rows = (last.seq,) if last else ()
                 parts = self._plan(Scope(tenant_id), own_rows, **options)
-                report = await self._run_parts(conn, parts, primary=True)
                 archived = await checkpoints.archived(conn, tenant_id)
-                own = report.own_rows
-                report.differences[:0] = await checkpoints.problems(conn, found, own, archived)
+                report = await self._run_checked(conn, parts, found, archived, primary=True)
                 if last is not None:
                     report.from_checkpoint, report.from_position = last.seq, last.position
                 if report.breaks or report.differences:

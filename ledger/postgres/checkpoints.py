@@ -62,39 +62,45 @@ async def events_up_to(conn: Conn, tenant_id: str, after: int, position: int) ->
     return int((await cur.fetchone() or {"n": 0})["n"])
 
 
-async def problems(
-    conn: Conn,
-    checkpoints: list[Checkpoint],
-    own_rows: dict[int, tuple[int, bytes]],
-    archived: Archived | None = None,
+async def event_counts(
+    conn: Conn, checkpoints: list[Checkpoint], seqs: tuple[int, ...], archived: Archived | None
+) -> dict[int, int]:
+    """For the checkpoints in `seqs`, the tenant's events up to each one's position now. With
+    the tenant `archived`, the events up to the archive's end are counted by it (they may be
+    gone from the log), and a checkpoint before that end is not counted (its archive was
+    verified against it)."""
+    after, before = (archived.position, archived.events) if archived else (0, 0)
+    return {
+        c.seq: before + await events_up_to(conn, c.tenant_id, after, c.position)
+        for c in checkpoints
+        if c.seq in seqs and c.position >= after
+    }
+
+
+def problems(
+    checkpoints: list[Checkpoint], own_rows: dict[int, tuple[int, bytes]], events: dict[int, int]
 ) -> list[Difference]:
     """What is wrong with the chain of `checkpoints`; for those in `own_rows` (seq -> their
-    rows' count and digest as stored now, from a verification part), with their rows and
-    with the count of events up to each. With the tenant `archived`, the events up to the
-    archive's end are counted by it (they may be gone from the log), and a checkpoint before
-    that end is not counted again (its archive was verified against it)."""
+    rows' count and digest as stored now, from a verification part), with their rows; for
+    those in `events` (seq -> the events up to it now, event_counts), with that count."""
     out = [
         Difference("checkpoint", c.name, "chain", problem, "")
         for c, problem in cp.chain_problems(checkpoints)
     ]
     for c in checkpoints:
-        if c.seq not in own_rows:
-            continue
-        rows, digest = own_rows[c.seq]
-        if (rows, digest) != (c.delta_rows, c.delta_digest):
+        if c.seq in own_rows and own_rows[c.seq] != (c.delta_rows, c.delta_digest):
+            rows, digest = own_rows[c.seq]
             out.append(
                 Difference(
                     "checkpoint", c.name, "rows", f"{rows} rows {digest.hex()[:16]}",
                     f"recorded {c.delta_rows} rows {c.delta_digest.hex()[:16]}",
                 )
             )  # fmt: skip
-        after, before = (archived.position, archived.events) if archived else (0, 0)
-        if c.position < after:
-            continue
-        events = before + await events_up_to(conn, c.tenant_id, after, c.position)
-        if events != c.events:
+        if c.seq in events and events[c.seq] != c.events:
             out.append(
-                Difference("checkpoint", c.name, "events", str(events), f"recorded {c.events}")
+                Difference(
+                    "checkpoint", c.name, "events", str(events[c.seq]), f"recorded {c.events}"
+                )
             )
     return out
 

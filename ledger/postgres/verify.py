@@ -20,15 +20,16 @@ side by side, and the tests that prove both report the same use it.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import set_json_loads
 
 from ledger import archive, codec
@@ -43,6 +44,7 @@ from ledger.model import (
     RateLimit,
     RateLimitKey,
     RateLimitSet,
+    Reservation,
     TokensReserved,
 )
 from ledger.money import PricePoint
@@ -52,7 +54,6 @@ from ledger.postgres.rows import (
     RATE_LIMIT_COLUMNS,
     RESERVATION_COLUMNS,
     account_from_row,
-    account_key,
     price_from_row,
     rate_limit_from_row,
     reservation_from_row,
@@ -80,6 +81,9 @@ class Part:
     buckets: int = 1
     since_seq: int = 0
     """Start from this checkpoint's state: read only the events after `since`."""
+    seeded: tuple[str, ...] = KINDS
+    """The kinds of state that checkpoint has rows of: a key of another kind is not looked
+    up there (it starts absent, as it would if looked up)."""
     since: int = 0
     until: int = 0
     """Read events up to this position only (0: all of them)."""
@@ -282,11 +286,14 @@ _PRICES_SQL = """SELECT model, effective_from, currency, input_per_mtok, output_
 
 def _own_rows(conn: SyncConn, tenant_id: str, seq: int) -> tuple[int, bytes]:
     """How many rows a checkpoint has now, and their digest (checkpoints.delta_digest)."""
-    found = conn.execute(
-        "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
-        (tenant_id, seq),
-    ).fetchall()
-    items = [(r["kind"], r["key"], r["value"]) for r in found]
+    items = (
+        conn.cursor(row_factory=tuple_row)
+        .execute(
+            "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
+            (tenant_id, seq),
+        )
+        .fetchall()
+    )
     return len(items), cp.delta_digest(items)
 
 
@@ -303,30 +310,37 @@ class _Touched:
     reservations: set[str] = field(default_factory=set)
     usage: set[UsageKey] = field(default_factory=set)
     rate_limits: set[RateLimitKey] = field(default_factory=set)
-    seen: set[AccountKey] = field(default_factory=set)
+    seen: set[tuple[Any, ...]] = field(default_factory=set)
+    """Streams, and (stream, type, model) of events with limiters, already added."""
     pending: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def add(self, part: Part, row: dict[str, Any], event: Event | None) -> None:
-        stream = AccountKey(row["tenant_id"], row["user_id"], row["conversation_id"])
+        stream = (row["tenant_id"], row["user_id"], row["conversation_id"])
         if stream not in self.seen:  # an event changes at most its stream's lineage
             self.seen.add(stream)
-            if part.keep(stream):
-                self._new("stream", self.streams, stream, cp.account_key_text)
-            for k in stream.lineage():
+            key = AccountKey(*stream)
+            if part.keep(key):
+                self._new("stream", self.streams, key, cp.account_key_text)
+            for k in key.lineage():
                 if part.keep(k):
                     self._new("account", self.accounts, k, cp.account_key_text)
         if event is None:
             return
-        if isinstance(event, TokensReserved | RateLimitSet):  # the only ones with limiters
-            for rk in rate_limit_keys(event):
-                if part.keep(rk.account):
-                    self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
-        if part.keep(event.key):
+        # Only these have limiters, the same for every event of a stream, type and model.
+        if isinstance(event, TokensReserved | RateLimitSet):
+            limiters = (stream, type(event), event.model)
+            if limiters not in self.seen:
+                self.seen.add(limiters)
+                for rk in rate_limit_keys(event):
+                    if part.keep(rk.account):
+                        self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
+        if part.users if stream[1] else part.tenant_level:  # keep(event.key)
             rid = getattr(event, "reservation_id", "")
             if rid:
                 self._new("reservation", self.reservations, rid, str)
-            if usage_delta(event) is not None:
-                self._new("usage", self.usage, usage_key(event), cp.usage_key_text)
+            usage = usage_key(event)
+            if usage not in self.usage and usage_delta(event) is not None:
+                self._new("usage", self.usage, usage, cp.usage_key_text)
 
     def _new(self, kind: str, keys: set[Any], key: Any, text: Callable[[Any], str]) -> None:
         if key not in keys:
@@ -341,8 +355,8 @@ class _Touched:
     def where(self, tenant_id: str) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
         """The live rows of the touched keys, table by table."""
         accounts = self.accounts | self.streams
-        limits = sorted(self.rate_limits, key=str)
-        usage = sorted(self.usage)
+        limits = list(self.rate_limits)
+        usage = list(self.usage)
         by_table: dict[str, tuple[str, tuple[Any, ...]]] = {
             "accounts": (
                 "(user_id, conversation_id) IN (SELECT * FROM unnest(%b::text[], %b::text[]))",
@@ -380,7 +394,7 @@ class _Fold:
 
     def __init__(self, part: Part) -> None:
         self.part = part
-        self.chains = ChainVerifier(reference=part.before_handoff)
+        self.chains = ChainVerifier()
         self.rebuilt = Projection(keep=part.keep)
         self.usage: dict[UsageKey, UsageCounters] = {}
         self.unreadable: list[Difference] = []
@@ -459,14 +473,13 @@ class _Fold:
     def _seed(self, conn: SyncConn) -> None:
         """Start each newly touched key from its value at the checkpoint."""
         new = self.touched.take_pending()
-        if not new:
-            return
-        kinds, keys = [t[0] for t in new], [t[1] for t in new]
-        found = {
-            (row["kind"], row["key"]): row["value"]
-            for row in conn.execute(_STATE_AT_SQL, (kinds, keys, self.part.scope.tenant_id,
-                                                    self.part.since_seq))
-        }  # fmt: skip
+        asked = [text for text in new if text[0] in self.part.seeded]
+        found = {}
+        if asked:
+            kinds, keys = [t[0] for t in asked], [t[1] for t in asked]
+            params = (kinds, keys, self.part.scope.tenant_id, self.part.since_seq)
+            for row in conn.execute(_STATE_AT_SQL, params):
+                found[(row["kind"], row["key"])] = row["value"]
         for text, key in new.items():
             value = self.old[text] = found.get(text)
             if value is not None:
@@ -543,10 +556,11 @@ class _Fold:
             live.streams = {k: v for k, v in live.streams.items() if k in t.streams}
             live.accounts = {k: v for k, v in live.accounts.items() if k in t.accounts}
         diff = report.differences
-        diff += _compare("account", live.accounts, rebuilt.accounts, str, Account)
+        old = self.part.before_handoff
+        diff += _compare_rows(_ACCOUNTS, live.accounts, rebuilt.accounts, old)
         diff += _compare_streams(live.streams, heads)
-        diff += _compare("reservation", live.reservations, rebuilt.reservations, lambda r: r)
-        diff += _compare("usage", live.usage, usage, _usage_key_text)
+        diff += _compare_rows(_RESERVATIONS, live.reservations, rebuilt.reservations, old)
+        diff += _compare_rows(_USAGE, live.usage, usage, old)
         diff += _compare("rate_limit", live.rate_limits, rebuilt.rate_limits, _rate_limit_key_text)
         if _checks_prices(self.part):
             diff += _compare("price", live.prices, rebuilt.prices, _price_key_text)
@@ -556,13 +570,18 @@ class _Fold:
         return report
 
 
-# The state at a checkpoint of the given keys: per key, its row of the highest seq up to it.
+# The state at a checkpoint of the given keys: per key, its row of the highest seq up to it,
+# found by one probe of the primary key each. (A join of the keys with the table let the
+# planner hash the table's every row: a cost in proportion to the whole state, not to the
+# keys asked for.)
 _STATE_AT_SQL = """
-SELECT DISTINCT ON (r.kind, r.key) r.kind, r.key, r.value
-FROM audit_checkpoint_rows r
-JOIN unnest(%b::text[], %b::text[]) AS t(kind, key) ON r.kind = t.kind AND r.key = t.key
-WHERE r.tenant_id = %s AND r.seq <= %s
-ORDER BY r.kind, r.key, r.seq DESC
+SELECT t.kind, t.key, r.value
+FROM unnest(%b::text[], %b::text[]) AS t(kind, key)
+CROSS JOIN LATERAL (
+    SELECT value FROM audit_checkpoint_rows
+    WHERE tenant_id = %s AND kind = t.kind AND key = t.key AND seq <= %s
+    ORDER BY seq DESC LIMIT 1
+) r
 """
 
 
@@ -641,12 +660,32 @@ def _event_rows(conn: SyncConn, where: str, params: tuple[Any, ...]) -> Iterator
             yield dict(zip(names, values, strict=True))
 
 
+# The live rows' columns, in the order they are read (the key's first); the accounts' last two
+# are the stream's head. A reservation's ended_balance is not state a fold compares.
+_ACCOUNT_ROW = tuple(c.strip() for c in ACCOUNT_COLUMNS.split(","))
+_ACCOUNT_JSON = frozenset({"recent", "grants", "alert_thresholds", "alerts_fired", "money"})
+"""Read as PostgreSQL's text of the jsonb, which _account_row writes for lists of integers
+(the common case): loading every one of them cost more than comparing texts."""
+_ACCOUNT_SELECT = ", ".join(f"{c}::text" if c in _ACCOUNT_JSON else c for c in _ACCOUNT_ROW)
+_RESERVATION_ROW = tuple(
+    c for c in (c.strip() for c in RESERVATION_COLUMNS.split(",")) if c != "ended_balance"
+)
+_USAGE_ROW = ("tenant_id", "hour", "user_id", "conversation_id", "model", *COUNTER_NAMES)
+_USAGE_KEY = len(_USAGE_ROW) - len(COUNTER_NAMES)
+
+Row = tuple[Any, ...]
+
+
 @dataclass
 class _Live:
-    accounts: dict[AccountKey, Account] = field(default_factory=dict)
+    """The live projection rows as read (tuples of the columns above): accounts by key (without
+    the head), reservations by id, usage by its key's columns; limiters and prices, which are
+    few, as values."""
+
+    accounts: dict[AccountKey, Row] = field(default_factory=dict)
     streams: dict[AccountKey, tuple[int, bytes]] = field(default_factory=dict)
-    reservations: dict[str, Any] = field(default_factory=dict)
-    usage: dict[UsageKey, UsageCounters] = field(default_factory=dict)
+    reservations: dict[str, Row] = field(default_factory=dict)
+    usage: dict[Row, Row] = field(default_factory=dict)
     rate_limits: dict[RateLimitKey, RateLimit] = field(default_factory=dict)
     prices: dict[tuple[str, datetime], PricePoint] = field(default_factory=dict)
 
@@ -655,26 +694,108 @@ class _Live:
         """The live projection rows selected by where(table)."""
         out = cls()
 
-        def rows(columns: str, table: str) -> Iterator[dict[str, Any]]:
+        def rows(columns: str, table: str, factory: Any = tuple_row) -> Iterator[Any]:
             clause, params = where(table)
             query = f"SELECT {columns} FROM {table} WHERE {clause}"  # noqa: S608
-            return conn.execute(query, params)
+            return conn.cursor(row_factory=factory).execute(query, params)
 
-        for row in rows(ACCOUNT_COLUMNS, "accounts"):
-            out.accounts[account_key(row)] = account_from_row(row)
-            out.streams[account_key(row)] = (row["stream_version"], bytes(row["head_hash"]))
-        for row in rows(RESERVATION_COLUMNS, "reservations"):
-            out.reservations[row["reservation_id"]] = reservation_from_row(row)
-        for row in rows(RATE_LIMIT_COLUMNS, "rate_limits"):
-            rl = rate_limit_from_row(row)
+        for row in rows(_ACCOUNT_SELECT, "accounts"):
+            key = AccountKey(*row[:3])
+            out.accounts[key] = row[:-2]
+            out.streams[key] = (row[-2], bytes(row[-1]))
+        for row in rows(", ".join(_RESERVATION_ROW), "reservations"):
+            out.reservations[row[1]] = row
+        for row in rows(", ".join(_USAGE_ROW), "usage_hourly"):
+            out.usage[row[:_USAGE_KEY]] = row[_USAGE_KEY:]
+        for rl in map(rate_limit_from_row, rows(RATE_LIMIT_COLUMNS, "rate_limits", dict_row)):
             out.rate_limits[rl.key] = rl
-        for row in rows("*", "usage_hourly"):
-            key = UsageKey(
-                row["tenant_id"], row["hour"], row["user_id"], row["conversation_id"],
-                row["model"],
-            )  # fmt: skip
-            out.usage[key] = UsageCounters(**{c: row[c] for c in COUNTER_NAMES})
         return out
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One kind of projection row, as _compare_rows compares the rebuilt values with the live
+    rows: a value as its row would read (`row_of`), a rebuilt key as the live rows are keyed
+    (`live_key`), and a live row as the rebuilt key and value it records (`decode`)."""
+
+    kind: str
+    row_of: Callable[[Any], Row]
+    live_key: Callable[[Any], Any]
+    decode: Callable[[Any, Row], tuple[Any, Any]]
+    name: Callable[[Any], str]
+    default: Callable[[Any], Any] | None = None
+
+
+_UNLIKE = object()
+"""A column value no live row holds: its row is always decoded and compared field by field."""
+
+
+def _ints_text(values: Iterable[Any]) -> str:
+    """PostgreSQL's text of a jsonb list of integers, or of lists of them."""
+    return "[" + ", ".join(_ints_text(v) if type(v) is tuple else str(v) for v in values) + "]"
+
+
+def _account_row(a: Account) -> Row:
+    """The accounts row (_ACCOUNT_SELECT but the head) that _decode_account reads as `a`;
+    grants and the money side (rare) as _UNLIKE."""
+    k = a.key
+    return (
+        k.tenant_id, k.user_id, k.conversation_id, a.limit, a.period.value, a.window_hours,
+        a.time_zone, a.soft_limit_percent, a.grant_order.value, a.held, a.used_total,
+        a.used_day, a.day_start, a.used_month, a.month_start, _ints_text(a.recent),
+        _UNLIKE if a.grants else "[]", _ints_text(a.alert_thresholds),
+        _ints_text(a.alerts_fired), a.alerts_period, None if a.money is None else _UNLIKE,
+    )  # fmt: skip
+
+
+def _reservation_row(r: Reservation) -> Row:
+    """The reservations row (_RESERVATION_ROW) that reservation_from_row reads as `r`."""
+    k, u = r.key, r.usage
+    usage = (None, None, None) if u is None else (
+        u.input_tokens, u.output_tokens, u.cached_input_tokens)  # fmt: skip
+    return (
+        k.tenant_id, r.reservation_id, k.user_id, k.conversation_id, r.model, r.amount,
+        r.state.value, r.created_at, r.expires_at, dict(r.labels), *usage, r.late, r.ended_at,
+        r.money, r.cost,
+    )  # fmt: skip
+
+
+def _decode_account(key: AccountKey, row: Row) -> tuple[AccountKey, Account]:
+    fields = dict(zip(_ACCOUNT_ROW, row, strict=False))
+    for name in _ACCOUNT_JSON:
+        if isinstance(text := fields[name], str):
+            fields[name] = codec.json_loads(text)
+    return key, account_from_row(fields)
+
+
+def _decode_reservation(key: str, row: Row) -> tuple[str, Reservation]:
+    return key, reservation_from_row(dict(zip(_RESERVATION_ROW, row, strict=True)))
+
+
+def _decode_usage(key: Row, row: Row) -> tuple[UsageKey, UsageCounters]:
+    return UsageKey(*key), UsageCounters(*row)
+
+
+def _compare_rows(
+    rows: _Rows, live: dict[Any, Row], rebuilt: dict[Any, Any], decode_all: bool = False
+) -> list[Difference]:
+    """_compare of the `rebuilt` values with the `live` rows as read. A value whose row
+    (row_of) equals its live row equals that row decoded (decode reads row_of's row as the
+    value: tests/unit/test_live_rows.py), so only the rows that differ, or have no
+    counterpart, are decoded and compared field by field. `decode_all`: decode every live
+    row first, as the design before the handoff did (for the bench)."""
+    live = dict(live)
+    mine: dict[Any, Any] = {}
+    theirs: dict[Any, Any] = {}
+    for key, value in rebuilt.items():
+        raw = live.pop(live_key := rows.live_key(key), None)
+        if raw is not None and not decode_all and raw == rows.row_of(value):
+            continue
+        mine[key] = value
+        if raw is not None:
+            theirs[key] = rows.decode(live_key, raw)[1]
+    theirs.update(rows.decode(key, raw) for key, raw in live.items())
+    return _compare(rows.kind, theirs, mine, rows.name, rows.default)
 
 
 def _usage_key_text(key: UsageKey) -> str:
@@ -687,6 +808,19 @@ def _price_key_text(key: tuple[str, datetime]) -> str:
 
 def _rate_limit_key_text(key: RateLimitKey) -> str:
     return f"{key.account}:{key.model or '*'}"
+
+
+_ACCOUNTS = _Rows("account", _account_row, lambda k: k, _decode_account, str, Account)
+_RESERVATIONS = _Rows(
+    "reservation", _reservation_row, lambda k: k, _decode_reservation, lambda r: r
+)
+_USAGE = _Rows(
+    "usage",
+    attrgetter(*COUNTER_NAMES),
+    attrgetter(*_USAGE_ROW[:_USAGE_KEY]),
+    _decode_usage,
+    _usage_key_text,
+)
 
 
 def _compare_streams(

@@ -1,0 +1,64 @@
+"""A verification from a checkpoint starts each touched key from its state there
+(ledger/postgres/verify.py, _Fold._seed): it looks up the keys of the kinds the checkpoint
+has rows of, and a key of a kind it counts none of starts absent without a look-up."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ledger import checkpoints as cp
+from ledger.model import Account, AccountKey, TokensReserved
+from ledger.postgres import verify
+from ledger.reads import Scope
+
+AT = datetime(2026, 10, 1, 8, tzinfo=UTC)
+USER = AccountKey("t", "ann")
+
+
+class StateAt:
+    """A connection that answers _STATE_AT_SQL from `state` and records what was asked."""
+
+    def __init__(self, state: dict[tuple[str, str], str]) -> None:
+        self.state = state
+        self.asked: list[tuple[str, str]] = []
+
+    def execute(self, query: str, params: tuple[Any, ...]) -> list[dict[str, Any]]:
+        assert query == verify._STATE_AT_SQL
+        kinds, keys, tenant, seq = params
+        assert (tenant, seq) == ("t", 2)
+        self.asked += zip(kinds, keys, strict=True)
+        return [
+            {"kind": k, "key": key, "value": self.state[(k, key)]}
+            for k, key in zip(kinds, keys, strict=True)
+            if (k, key) in self.state
+        ]
+
+
+def seeded_fold(seeded: tuple[str, ...], state: dict[tuple[str, str], str]) -> Any:
+    part = verify.Part(Scope("t"), False, True, since_seq=2, since=10, seeded=seeded)
+    fold = verify._Fold(part)
+    hold = TokensReserved(key=USER, occurred_at=AT, model="m", reservation_id="r1", amount=5,
+                          expires_at=AT)  # fmt: skip
+    row = {"tenant_id": "t", "user_id": "ann", "conversation_id": ""}
+    fold.touched.add(part, row, hold)
+    conn = StateAt(state)
+    fold._seed(conn)
+    return fold, conn
+
+
+def test_the_kinds_a_checkpoint_has_rows_of_are_looked_up_and_the_others_start_absent() -> None:
+    account = Account(USER, limit=900, held=40)
+    state = {cp.account_item(account)[:2]: cp.account_item(account)[2]}
+    fold, conn = seeded_fold(cp.KINDS, state)
+    asked_kinds = {kind for kind, _ in conn.asked}
+    assert asked_kinds == {"stream", "account", "reservation", "usage", "rate_limit"}
+    assert fold.rebuilt.accounts[USER] == account
+
+    without = tuple(k for k in cp.KINDS if k not in ("rate_limit", "reservation"))
+    fold, conn = seeded_fold(without, state)
+    assert {kind for kind, _ in conn.asked} == {"stream", "account", "usage"}
+    assert fold.rebuilt.accounts[USER] == account
+    not_asked = [text for text in fold.old if text[0] in ("rate_limit", "reservation")]
+    assert not_asked and all(fold.old[text] is None for text in not_asked)
+    assert fold.touched.rate_limits and not fold.rebuilt.rate_limits
