@@ -10,16 +10,20 @@ The cursor is durable where the messages are: on start, the exporter reads the s
 message and follows on after its cursor. A publish is awaited before the next one is sent, so
 the stream holds a prefix of the log in log order, and a restart, even after SIGKILL, resumes
 exactly after the last event stored: none is lost, none sent twice. Should a publish whose
-acknowledgement was lost be sent again, JetStream drops it by its Nats-Msg-Id.
+acknowledgement was lost be sent again, JetStream drops it by its Nats-Msg-Id. A publish that
+JetStream does not answer (its stream gone or leaderless for a while, a timeout) is sent again,
+backing off to every 5 s, until it is answered or the exporter is stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import signal
 import sys
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,6 +50,8 @@ URL_DEFAULT = "nats://127.0.0.1:4222"
 CURSOR_HEADER = "Tokenledger-Cursor"
 DUPLICATE_WINDOW_S = 120
 CONNECT_TIMEOUT_S = 5
+PUBLISH_RETRY_S = (0.1, 5.0)
+"""A publish JetStream did not answer is sent again after the first, doubling up to the second."""
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){0,7}")
@@ -124,18 +130,45 @@ async def export(audit: LedgerAudit, target: Target, stop: asyncio.Event) -> int
         await _ensure_stream(js, target)
         after = await last_cursor(js, target.stream)
         log.info("export", stream=target.stream, after=validation.cursor(*after))
-        async for event in audit.follow("", after, 0, stop):
-            headers = {
-                "Nats-Msg-Id": message_id(event),
-                CURSOR_HEADER: validation.cursor(event.transaction_id, event.position),
-                "Content-Type": "application/json",
-            }
-            body = json_format.MessageToJson(convert.ledger_event(event), indent=None)
-            await js.publish(subject(target.prefix, event), body.encode(), headers=headers)
-            published += 1
+        async with aclosing(audit.follow("", after, 0, stop)) as events:
+            async for event in events:
+                headers = {
+                    "Nats-Msg-Id": message_id(event),
+                    CURSOR_HEADER: validation.cursor(event.transaction_id, event.position),
+                    "Content-Type": "application/json",
+                }
+                body = json_format.MessageToJson(convert.ledger_event(event), indent=None)
+                if not await _publish(js, subject(target.prefix, event), body, headers, stop):
+                    break
+                published += 1
     finally:
         await nc.close()
     return published
+
+
+async def _publish(
+    js: JetStreamContext, to: str, body: str, headers: dict[str, str], stop: asyncio.Event
+) -> bool:
+    """One event, sent again while JetStream does not answer (no responders: its stream gone
+    or leaderless for a while; a timeout), with the same Nats-Msg-Id: within the stream's
+    duplicate window it keeps one copy of a message whose answer was lost. False when `stop`
+    comes first: the event is left to the next run, which resumes after the stream's last
+    message."""
+    from nats.errors import TimeoutError as NatsTimeout
+    from nats.js.errors import NoStreamResponseError
+
+    delay, most = PUBLISH_RETRY_S
+    while True:
+        try:
+            await js.publish(to, body.encode(), headers=headers)
+            return True
+        except (NoStreamResponseError, NatsTimeout) as exc:
+            log.warning("nats publish not answered", error=str(exc), subject=to, retry_in_s=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return False
+        delay = min(delay * 2, most)
 
 
 async def _run(url: str, target: Target) -> int:

@@ -166,6 +166,44 @@ def test_a_killed_exporter_restarts_where_it_stopped_and_sends_each_event_once(
     assert len(mine) == 2 * CYCLES  # each cycle: a hold and its commit
 
 
+def test_a_publish_not_answered_is_sent_again_until_the_stream_is_back(
+    ledger: ServerThread, database_url: str, stream: str, tmp_path: Path
+) -> None:
+    """The stream deleted under a running exporter: its publishes find no responder. It keeps
+    the event it holds, sends it again until the stream is made again, and goes on: every
+    event logged after the deletion reaches the new stream, once, and the exporter lives."""
+    prefix = f"tltest{uuid.uuid4().hex[:6]}.events"
+    exporter = Exporter(database_url, stream, prefix, tmp_path / "exporter.log")
+    tenant = new_id("t")
+    with ledger.stub() as stub:
+        exporter.start()
+        cycle(stub, tenant, "u", "c", 10, 5)
+        _wait(lambda: _count(stream) >= 4, 60)  # the stream exists and has been written
+        asyncio.run(_delete_stream(stream))
+        before = set(_log_ids(database_url))
+        for i in range(3):
+            cycle(stub, tenant, "u", "c", 10 + i, 5)
+        _wait(lambda: b"nats publish not answered" in exporter.log.read_bytes(), 30)
+        asyncio.run(_add_stream(stream, prefix))
+        for i in range(3):
+            cycle(stub, tenant, "u", "c", 20 + i, 5)
+    after = set(_log_ids(database_url)) - before
+    assert len(after) >= 12  # six cycles of a reserve and a commit
+    _wait(lambda: after <= {i for i, _ in asyncio.run(_messages(stream))}, 60)
+    assert exporter.proc is not None and exporter.proc.poll() is None, "the exporter died"
+    assert exporter.stop() == 0
+    ids = [i for i, _ in asyncio.run(_messages(stream))]
+    assert len(ids) == len(set(ids)), "an event was published twice"
+
+
+async def _add_stream(stream: str, prefix: str) -> None:
+    nc = await nats.connect(NATS_URL)
+    try:
+        await nc.jetstream().add_stream(name=stream, subjects=[f"{prefix}.>"])
+    finally:
+        await nc.close()
+
+
 def test_export_nats_refuses_bad_options_before_touching_anything(stream: str) -> None:
     for args, said in (
         (["--url", "http://127.0.0.1:4222"], "must start with nats://"),
