@@ -33,6 +33,11 @@ async def _slow_replies(url: str) -> AsyncIterator[str]:
     info = psycopg.conninfo.conninfo_to_dict(url)
     host, port = str(info.get("host") or "127.0.0.1"), int(info.get("port") or 5432)
 
+    async def upstream() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if host.startswith("/"):  # a socket directory: `make test`'s embedded PostgreSQL
+            return await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        return await asyncio.open_connection(host, port)
+
     async def relay(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float) -> None:
         pending: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
 
@@ -53,7 +58,7 @@ async def _slow_replies(url: str) -> AsyncIterator[str]:
             dst.close()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(host, port)
+        up_reader, up_writer = await upstream()
         await asyncio.gather(
             relay(reader, up_writer, 0.0), relay(up_reader, writer, DELAY_S),
             return_exceptions=True,
@@ -62,7 +67,9 @@ async def _slow_replies(url: str) -> AsyncIterator[str]:
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     proxy_port = server.sockets[0].getsockname()[1]
     try:
-        yield psycopg.conninfo.make_conninfo(url, host="127.0.0.1", port=proxy_port)
+        yield psycopg.conninfo.make_conninfo(
+            url, host="127.0.0.1", port=proxy_port, sslmode="disable"
+        )
     finally:
         server.close()
 
