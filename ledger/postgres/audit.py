@@ -441,7 +441,7 @@ class LedgerAudit:
             f"SELECT {_EVENT_COLUMNS} FROM events "  # noqa: S608 (constant parts only)
             "WHERE (xid, position) > (%s::text::xid8, %s) "
             "AND xid < pg_snapshot_xmin(pg_current_snapshot()) AND position >= %s "
-            f"{tenant_sql}ORDER BY xid, position LIMIT %s"
+            f"{tenant_sql}ORDER BY events.xid, position LIMIT %s"  # the column, not the text
         )
         waiter = self._watcher().waiter(tenant_id)
         held_back_s = 0.0  # how long the last notification's events have not shown
