@@ -1,7 +1,7 @@
 """Monthly partitions of the log (migration 0014): a populated log converts to partitions and
 back unchanged; every partition is append-only; two writers cannot both append one version
 although (stream, version) is no longer a unique key of the table, nor one statement a
-repeated or missing one (migration 0016); partitions are made ahead and an insert past them
+repeated or missing one (migration 0015); partitions are made ahead and an insert past them
 lands in the default partition."""
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def _head(url: str, tenant: str) -> int:
 def test_one_statement_appends_a_run_of_versions_and_the_head_moves_to_its_last(
     database_url: str, busy_tenant: str
 ) -> None:
-    """The heads move once per stream and statement (migration 0016): a run of versions in
+    """The heads move once per stream and statement (migration 0015): a run of versions in
     one INSERT is taken whole, and the next single append follows its last."""
     rows = _run(database_url, busy_tenant, [1, 2, 3])
     _insert_all(database_url, rows)

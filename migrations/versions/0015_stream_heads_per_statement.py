@@ -14,14 +14,14 @@ The versions of one statement no longer need to come in ascending order.
 The trigger is the parent's: a statement naming a partition does not fire it, as it does
 not fire the append-only statement trigger. The service role cannot name a partition.
 
-Revision ID: 0016
-Revises: 0014 (0015 once that is merged: only the order matters)
+Revision ID: 0015
+Revises: 0014
 Create Date: 2026-12-06
 """
 
 from alembic import op
 
-revision = "0016"
+revision = "0015"
 down_revision = "0014"
 branch_labels = None
 depends_on = None
