@@ -13,13 +13,11 @@ At 4096 bits, Wagner's generalized-birthday attack on such sums costs about 2^12
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
-
-import orjson
 
 from ledger import codec
 from ledger.model import Account, AccountKey, RateLimit, RateLimitKey, Reservation
@@ -76,17 +74,7 @@ def _text(value: Any) -> str:
 
 def _key_text(parts: list[str]) -> str:
     """A key as a JSON list of strings: canonical_json's text."""
-    return _plain_json(parts).decode()
-
-
-def _plain_json(items: Sequence[str | None]) -> bytes:
-    """codec.canonical_json of a list of strings and nulls, by orjson where it can (several
-    times faster; the same bytes for every code point, tests/unit/test_checkpoint_digests.py);
-    a lone surrogate, which orjson refuses, goes through canonical_json."""
-    try:
-        return orjson.dumps(items)
-    except orjson.JSONEncodeError:
-        return codec.canonical_json(items)
+    return _text(parts)
 
 
 def account_key_text(key: AccountKey) -> str:
@@ -174,7 +162,7 @@ def delta_digest(items: list[tuple[str, str, str | None]]) -> bytes:
     canonical JSON and a newline."""
     h = hashlib.sha256()
     for item in sorted(items, key=itemgetter(0, 1)):
-        h.update(_plain_json(list(item)) + b"\n")
+        h.update(codec.canonical_json(list(item)) + b"\n")
     return h.digest()
 
 
