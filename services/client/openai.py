@@ -28,9 +28,9 @@ unless `Policy(fail_open=True)`. Every other attribute is the wrapped client's, 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services.client.client import AsyncLedgerClient, LedgerClient
@@ -122,6 +122,91 @@ def _fallback_usage(the_plan: Plan, sent: int) -> pb.Usage:
     return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=sent)
 
 
+class _Endpoint:
+    def __init__(self, metered: Any, api: _Api, create: Any) -> None:
+        self._metered, self._api, self._create = metered, api, create
+
+    def create(self, **kwargs: Any) -> Any:
+        """The SDK's `create`, metered (same arguments, same result)."""
+        return self._metered.call(self._api, self._create, dict(kwargs))
+
+
+class _Namespace:
+    """`client.chat` with a metered `completions` (or any namespace whose one child is)."""
+
+    def __init__(self, inner: Any, **children: Any) -> None:
+        self._inner = inner
+        self.__dict__.update(children)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+L = TypeVar("L", LedgerClient, AsyncLedgerClient)
+C = TypeVar("C", Counter, AsyncCounter)
+
+
+class _Ledgered(Generic[L, C]):
+    """What LedgeredOpenAI and LedgeredAsyncOpenAI share: the wrapped client with its
+    metered endpoints; `_metered` (blocking or asyncio) makes the calls."""
+
+    _metered: Callable[[L, C, _Meter], Any]
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        ledger: L,
+        counter: C,
+        tenant_id: str,
+        user_id: str,
+        conversation_id: str = "",
+        policy: Policy | None = None,
+        on_settled: OnSettled | None = None,
+    ) -> None:
+        self._client = client
+        self._ledger: L = ledger
+        self._counter: C = counter
+        self._meter = _Meter(
+            Payer(tenant_id, user_id, conversation_id), policy or Policy(), on_settled
+        )
+        metered = type(self)._metered(ledger, counter, self._meter)
+        completions = _Endpoint(metered, CHAT, client.chat.completions.create)
+        self.chat = _Namespace(client.chat, completions=completions)
+        self.responses = _Endpoint(metered, RESPONSES, client.responses.create)
+
+    def for_user(self, user_id: str, conversation_id: str = "") -> Self:
+        """The same client, charging another user (or conversation) of the same tenant."""
+        m = self._meter
+        return type(self)(
+            self._client, ledger=self._ledger, counter=self._counter,
+            tenant_id=m.payer.tenant_id, user_id=user_id, conversation_id=conversation_id,
+            policy=m.policy, on_settled=m.on_settled,
+        )  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class _Stream:
+    """What both streams keep while they are read: the usage chunk, if one came, and the text
+    delivered (counted when no usage came); `_settled` makes settling happen once."""
+
+    def __init__(self, inner: Any, api: _Api, the_plan: Plan, sent: int) -> None:
+        self._inner, self._api, self._plan, self._sent = inner, api, the_plan, sent
+        self._usage: pb.Usage | None = None
+        self._text: list[str] = []
+        self._settled = False
+
+    def _observe(self, chunk: Any) -> None:
+        self._usage = self._api.chunk_usage(chunk) or self._usage
+        if text := self._api.chunk_text(chunk):
+            self._text.append(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 # --- blocking ---------------------------------------------------------------------------------
 
 
@@ -202,19 +287,14 @@ class _SyncMetered:
         return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
 
 
-class MeteredStream:
+class MeteredStream(_Stream):
     """A stream that settles its hold once: at its end, on close, or when reading it fails."""
 
     def __init__(
         self, inner: Any, metered: _SyncMetered, api: _Api, hold: Hold, the_plan: Plan, sent: int
     ) -> None:
-        self._inner, self._iter = inner, iter(inner)
-        self._metered, self._api, self._hold, self._plan, self._sent = (
-            metered, api, hold, the_plan, sent
-        )  # fmt: skip
-        self._usage: pb.Usage | None = None
-        self._text: list[str] = []
-        self._settled = False
+        super().__init__(inner, api, the_plan, sent)
+        self._iter, self._metered, self._hold = iter(inner), metered, hold
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -225,9 +305,7 @@ class MeteredStream:
         except BaseException:
             self._settle()
             raise
-        self._usage = self._api.chunk_usage(chunk) or self._usage
-        if text := self._api.chunk_text(chunk):
-            self._text.append(text)
+        self._observe(chunk)
         return chunk
 
     def __enter__(self) -> MeteredStream:
@@ -242,9 +320,6 @@ class MeteredStream:
         finally:
             self._settle()
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
     def _settle(self) -> None:
         if self._settled:
             return
@@ -257,61 +332,11 @@ class MeteredStream:
         self._metered.commit(self._hold, self._plan, self._sent, usage, estimated)
 
 
-class _Endpoint:
-    def __init__(self, metered: Any, api: _Api, create: Any) -> None:
-        self._metered, self._api, self._create = metered, api, create
-
-    def create(self, **kwargs: Any) -> Any:
-        """The SDK's `create`, metered (same arguments, same result)."""
-        return self._metered.call(self._api, self._create, dict(kwargs))
-
-
-class _Namespace:
-    """`client.chat` with a metered `completions` (or any namespace whose one child is)."""
-
-    def __init__(self, inner: Any, **children: Any) -> None:
-        self._inner = inner
-        self.__dict__.update(children)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class LedgeredOpenAI:
+class LedgeredOpenAI(_Ledgered[LedgerClient, Counter]):
     """`openai.OpenAI`, metered: `chat.completions.create` and `responses.create` reserve and
     settle in the ledger; `for_user` charges another user or conversation."""
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        ledger: LedgerClient,
-        counter: Counter,
-        tenant_id: str,
-        user_id: str,
-        conversation_id: str = "",
-        policy: Policy | None = None,
-        on_settled: OnSettled | None = None,
-    ) -> None:
-        self._client, self._ledger, self._counter = client, ledger, counter
-        self._meter = _Meter(
-            Payer(tenant_id, user_id, conversation_id), policy or Policy(), on_settled
-        )
-        metered = _SyncMetered(ledger, counter, self._meter)
-        completions = _Endpoint(metered, CHAT, client.chat.completions.create)
-        self.chat = _Namespace(client.chat, completions=completions)
-        self.responses = _Endpoint(metered, RESPONSES, client.responses.create)
-
-    def for_user(self, user_id: str, conversation_id: str = "") -> LedgeredOpenAI:
-        m = self._meter
-        return LedgeredOpenAI(
-            self._client, ledger=self._ledger, counter=self._counter,
-            tenant_id=m.payer.tenant_id, user_id=user_id, conversation_id=conversation_id,
-            policy=m.policy, on_settled=m.on_settled,
-        )  # fmt: skip
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
+    _metered = _SyncMetered
 
 
 # --- asyncio ----------------------------------------------------------------------------------
@@ -395,20 +420,15 @@ class _AsyncMetered:
         return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
 
 
-class AsyncMeteredStream:
+class AsyncMeteredStream(_Stream):
     """An async stream that settles its hold once: at its end, on `aclose`, or on failure."""
 
     def __init__(
         self, inner: Any, metered: _AsyncMetered, api: _Api, hold: AsyncHold, the_plan: Plan,
         sent: int,
     ) -> None:  # fmt: skip
-        self._inner, self._iter = inner, inner.__aiter__()
-        self._metered, self._api, self._hold, self._plan, self._sent = (
-            metered, api, hold, the_plan, sent
-        )  # fmt: skip
-        self._usage: pb.Usage | None = None
-        self._text: list[str] = []
-        self._settled = False
+        super().__init__(inner, api, the_plan, sent)
+        self._iter, self._metered, self._hold = inner.__aiter__(), metered, hold
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -419,9 +439,7 @@ class AsyncMeteredStream:
         except BaseException:
             await self._settle()
             raise
-        self._usage = self._api.chunk_usage(chunk) or self._usage
-        if text := self._api.chunk_text(chunk):
-            self._text.append(text)
+        self._observe(chunk)
         return chunk
 
     async def __aenter__(self) -> AsyncMeteredStream:
@@ -438,9 +456,6 @@ class AsyncMeteredStream:
 
     close = aclose
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
     async def _settle(self) -> None:
         if self._settled:
             return
@@ -454,37 +469,7 @@ class AsyncMeteredStream:
         await self._metered.commit(self._hold, self._plan, self._sent, usage, estimated)
 
 
-class LedgeredAsyncOpenAI:
+class LedgeredAsyncOpenAI(_Ledgered[AsyncLedgerClient, AsyncCounter]):
     """`openai.AsyncOpenAI`, metered as LedgeredOpenAI is."""
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        ledger: AsyncLedgerClient,
-        counter: AsyncCounter,
-        tenant_id: str,
-        user_id: str,
-        conversation_id: str = "",
-        policy: Policy | None = None,
-        on_settled: OnSettled | None = None,
-    ) -> None:
-        self._client, self._ledger, self._counter = client, ledger, counter
-        self._meter = _Meter(
-            Payer(tenant_id, user_id, conversation_id), policy or Policy(), on_settled
-        )
-        metered = _AsyncMetered(ledger, counter, self._meter)
-        completions = _Endpoint(metered, CHAT, client.chat.completions.create)
-        self.chat = _Namespace(client.chat, completions=completions)
-        self.responses = _Endpoint(metered, RESPONSES, client.responses.create)
-
-    def for_user(self, user_id: str, conversation_id: str = "") -> LedgeredAsyncOpenAI:
-        m = self._meter
-        return LedgeredAsyncOpenAI(
-            self._client, ledger=self._ledger, counter=self._counter,
-            tenant_id=m.payer.tenant_id, user_id=user_id, conversation_id=conversation_id,
-            policy=m.policy, on_settled=m.on_settled,
-        )  # fmt: skip
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
+    _metered = _AsyncMetered
