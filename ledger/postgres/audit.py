@@ -42,6 +42,12 @@ _EVENT_COLUMNS = ", ".join(
 FETCH_ROWS = 2_000
 _T = TypeVar("_T")
 
+_WORKERS = get_context("forkserver")
+"""Worker processes are forked from a server process that has imported the verification
+code once (spawning each afresh imported it again: about half a second a worker). The fork
+server is started clean, so forking from it is safe though this process runs threads."""
+_WORKERS.set_forkserver_preload(["ledger.postgres.verify"])
+
 
 # group name (reads.GROUP_NAMES) -> the columns it selects and groups by
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -341,7 +347,7 @@ class LedgerAudit:
             raise StoreUnavailable("the server is stopping; retry on another")
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                self._workers, mp_context=get_context("spawn"), initializer=verify.worker_started
+                self._workers, mp_context=_WORKERS, initializer=verify.worker_started
             )
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
