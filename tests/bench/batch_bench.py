@@ -4,6 +4,9 @@ of one tenant and then all on one user. Prints reservations per second (each res
 committed), the p50/p99 of one batch call, and the CPU time per reservation of the server
 process, of this (the client's) process and of the PostgreSQL backends serving the bench's
 database, with the load average: CPU per item depends far less on what else the machine runs.
+Beside each run, the ceiling: the same workload's SQL, captured from the store and replayed
+pre-built straight to PostgreSQL (tests/bench/batch_ceiling.py), on one connection (one
+tenant: its writes are serialized by its row lock) and on `--ceiling-tenants` at once.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import psycopg
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
+from tests.bench.batch_ceiling import ceiling
 from tests.bench.harness import Latencies, bench_database, cpu_seconds, ledger_server
 from tests.support import LedgerProcess
 
@@ -124,6 +128,14 @@ def main() -> None:
     parser.add_argument(
         "--users", type=int, nargs="+", default=[1_000, 1], help="one run for each count"
     )
+    parser.add_argument(
+        "--ceiling-reservations", type=int, default=10_000,
+        help="reservations captured for the replay to PostgreSQL alone (0: no ceiling)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ceiling-tenants", type=int, nargs="+", default=[1, 2],
+        help="one replay for each count of tenants (connections) at once",
+    )  # fmt: skip
     args = parser.parse_args()
     with (
         bench_database() as url,
@@ -131,6 +143,11 @@ def main() -> None:
         ledger_server(url, Path(tmp) / "ledger.log") as server,
     ):
         runs = [measured(url, server, users, args) for users in args.users]
+    ceilings = [
+        c
+        for users in (args.users if args.ceiling_reservations else ())
+        for c in _ceiling(users, args)
+    ]
     for r in runs:
         cpu = r["cpu_us_per_reservation"]
         print(
@@ -141,7 +158,24 @@ def main() -> None:
             f"{r['commit_batch']['p99_ms']} ms; CPU per reservation: server {cpu['server']} µs, "
             f"client {cpu['client']} µs, PostgreSQL {cpu['database']} µs; load {r['load']}"
         )
-    print(json.dumps({"batches": runs}, separators=(",", ":")))
+    for c in ceilings:
+        print(
+            f"ceiling (PostgreSQL alone, the captured SQL replayed), {c['users']:,} user(s), "
+            f"{c['tenants']} tenant(s) on as many connections: {c['reservations_s']:,} "
+            f"reservations/s; PostgreSQL CPU per reservation "
+            f"{c['database_cpu_us_per_reservation']} µs; {c['transactions']} transactions of "
+            f"{c['statements_per_transaction']} "
+            f"statements; load {c['load']}"
+        )
+    print(json.dumps({"batches": runs, "ceilings": ceilings}, separators=(",", ":")))
+
+
+def _ceiling(users: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    with bench_database() as capture_url, bench_database() as replay_url:
+        return ceiling(
+            capture_url, replay_url, users, args.per_call, args.clients,
+            args.ceiling_reservations, args.ceiling_tenants,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
