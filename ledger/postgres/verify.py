@@ -60,8 +60,16 @@ from ledger.postgres.rows import (
     scope_where,
 )
 from ledger.reads import DIFFERENCE_KINDS, Difference, Scope, VerifyReport
-from ledger.replay import ChainVerifier, EffectFold, Effects, Projection
-from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage, usage_delta, usage_key
+from ledger.replay import ChainVerifier, EffectFold, Effects, Projection, QuickProjection
+from ledger.usage import (
+    COUNTER_NAMES,
+    UsageCounters,
+    UsageKey,
+    add_usage,
+    quick_add_usage,
+    usage_delta,
+    usage_key,
+)
 
 SyncConn = psycopg.Connection[dict[str, Any]]
 
@@ -395,7 +403,10 @@ class _Fold:
     def __init__(self, part: Part) -> None:
         self.part = part
         self.chains = ChainVerifier()
-        self.rebuilt = Projection(keep=part.keep)
+        # The design before the handoff folds by the reference functions alone.
+        quick = not part.before_handoff
+        self.rebuilt = (QuickProjection if quick else Projection)(keep=part.keep)
+        self.add_usage = quick_add_usage if quick else add_usage
         self.usage: dict[UsageKey, UsageCounters] = {}
         self.unreadable: list[Difference] = []
         self.touched = _Touched()
@@ -456,7 +467,7 @@ class _Fold:
             if event is not None:
                 self.rebuilt.feed(event)
                 if mine:
-                    add_usage(self.usage, event)
+                    self.add_usage(self.usage, event)
                 if effects is not None:
                     effects.add(row["position"], event)
 
@@ -504,7 +515,7 @@ class _Fold:
         if kind == "stream":
             self.chains.heads[key] = cp.parse_stream(value)
         elif kind == "account":
-            self.rebuilt.accounts[key] = cp.parse_account(value)
+            self.rebuilt.seed(cp.parse_account(value))
         elif kind == "reservation":
             self.rebuilt.reservations[key] = cp.parse_reservation(value)
         elif kind == "usage":
