@@ -21,6 +21,7 @@ from ledger.domain import (
     evolve_rate_limit,
     evolve_reservation,
     quick_evolve_account,
+    quick_evolve_reservation,
     rate_limit_keys,
     step_of,
 )
@@ -62,6 +63,8 @@ class Projection:
     prices: dict[tuple[str, datetime], PricePoint] = field(default_factory=dict)
     """(model, effective_from) -> the price set last for it."""
 
+    evolve_reservation = staticmethod(evolve_reservation)
+
     def feed(self, event: Event) -> None:
         """Apply one event (in log order). An event about a reservation the log never placed
         (its TokensReserved was removed) changes the balances but no reservation, so the
@@ -93,7 +96,7 @@ class Projection:
         if not (rid and keep(event.key)):
             return
         if rid in self.reservations or isinstance(event, TokensReserved):
-            res = evolve_reservation(self.reservations.get(rid), event)
+            res = self.evolve_reservation(self.reservations.get(rid), event)
             assert res is not None
             self.reservations[rid] = res
             if isinstance(event, ReservationCommitted | ReservationRolledBack | UsageRecorded):
@@ -118,6 +121,7 @@ class QuickProjection(Projection):
 
     lineages: dict[AccountKey, tuple[AccountKey, ...]] = field(default_factory=dict)
     reference_only: set[AccountKey] = field(default_factory=set)
+    evolve_reservation = staticmethod(quick_evolve_reservation)
 
     def seed(self, acc: Account) -> None:
         """Start `acc`'s key from `acc`."""
@@ -161,7 +165,9 @@ class ChainVerifier:
     interleave, as in log order): versions 1, 2, 3… without gaps, each prev_hash equal to the
     previous hash, each hash recomputed from the row. Reports each stream's first break."""
 
-    def __init__(self) -> None:
+    def __init__(self, quick: bool = False) -> None:
+        """`quick`: the rows are as a binary COPY gives them (codec.copied_event_hash)."""
+        self.hash = codec.copied_event_hash if quick else codec.event_hash
         self.breaks: list[ChainBreak] = []
         self.heads: dict[AccountKey, tuple[int, bytes]] = {}
         self.checked = 0
@@ -179,7 +185,7 @@ class ChainVerifier:
             problem = f"version {row['version']} follows {version}"
         elif bytes(row["prev_hash"]) != head:
             problem = "prev_hash is not the previous event's hash"
-        elif codec.event_hash(row, head) != bytes(row["hash"]):
+        elif self.hash(row, head) != bytes(row["hash"]):
             problem = "hash does not match the event's content"
         if problem:
             self.breaks.append(ChainBreak(key, row["version"], problem))

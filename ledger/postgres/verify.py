@@ -416,9 +416,9 @@ class _Fold:
 
     def __init__(self, part: Part) -> None:
         self.part = part
-        self.chains = ChainVerifier()
         # The design before the handoff folds by the reference functions alone.
         quick = not part.before_handoff
+        self.chains = ChainVerifier(quick)
         self.rebuilt = (QuickProjection if quick else Projection)(keep=part.keep)
         self.add_usage = quick_add_usage if quick else add_usage
         self.usage: dict[UsageKey, UsageCounters] = {}

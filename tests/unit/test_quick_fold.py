@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from ledger.domain import (
     _add_to_bucket,
     evolve_account,
+    evolve_reservation,
     quick_add_to_bucket,
     quick_evolve_account,
+    quick_evolve_reservation,
     step_of,
 )
 from ledger.model import (
@@ -127,7 +129,7 @@ def fields_of(acc: Account) -> dict[str, Any]:
     return out
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(accounts(), events())
 def test_an_account_evolves_by_the_quick_path_as_by_evolve_account(
     acc: Account, event: Event
@@ -137,6 +139,7 @@ def test_an_account_evolves_by_the_quick_path_as_by_evolve_account(
     )
 
 
+@settings(deadline=None)
 @given(_recent, st.integers(START_HOUR - 400, START_HOUR + 400), st.integers(-500, 500))
 def test_a_bucket_is_added_by_the_quick_path_as_by_the_reference(
     recent: tuple[tuple[int, int], ...], hour: int, tokens: int
@@ -144,6 +147,7 @@ def test_a_bucket_is_added_by_the_quick_path_as_by_the_reference(
     assert quick_add_to_bucket(recent, hour, tokens) == _add_to_bucket(recent, hour, tokens)
 
 
+@settings(deadline=None)
 @given(st.lists(events(), max_size=12))
 def test_usage_adds_up_by_the_quick_path_as_by_add_usage(log: list[Event]) -> None:
     quick: dict[UsageKey, UsageCounters] = {}
@@ -159,7 +163,7 @@ def logs(draw: st.DrawFn) -> list[Event]:
     return [draw(events(draw(st.sampled_from(KEYS)))) for _ in range(draw(st.integers(0, 25)))]
 
 
-@settings(max_examples=80)
+@settings(max_examples=80, deadline=None)
 @given(
     st.lists(st.sampled_from(KEYS[1:]), unique=True, max_size=3).flatmap(
         lambda keys: st.tuples(*[accounts(k) for k in keys])
@@ -187,3 +191,26 @@ def test_a_quick_projection_folds_a_log_as_a_projection(
     }
     assert quick.reservations == reference.reservations
     assert quick.rate_limits == reference.rate_limits
+
+
+_holds = st.builds(
+    TokensReserved,
+    key=st.just(KEYS[2]),
+    occurred_at=_times,
+    model=st.just("m"),
+    reservation_id=st.sampled_from(["r1", "r2"]),
+    amount=st.integers(0, 2_000),
+    expires_at=_times,
+    labels=st.just((("k", "v"),)) | st.just(()),
+    money=_money,
+)
+
+
+@settings(deadline=None)
+@given(_holds, events())
+def test_a_reservation_evolves_by_the_quick_path_as_by_evolve_reservation(
+    hold: TokensReserved, event: Event
+) -> None:
+    assert quick_evolve_reservation(None, hold) == evolve_reservation(None, hold)
+    res = evolve_reservation(None, hold)
+    assert quick_evolve_reservation(res, event) == evolve_reservation(res, event)
