@@ -358,7 +358,11 @@ class _Touched:
                         self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
         if part.users if stream[1] else part.tenant_level:  # keep(event.key)
             rid = getattr(event, "reservation_id", "")
-            if rid:
+            if rid and type(event) is TokensReserved and not part.collect:
+                # A hold makes its reservation anew, whatever it was at the checkpoint; only
+                # a fold collecting changes needs to know (the change's old value).
+                self.reservations.add(rid)
+            elif rid:
                 self._new("reservation", self.reservations, rid, str)
             usage = usage_key(event)
             if usage not in self.usage and usage_delta(event) is not None:

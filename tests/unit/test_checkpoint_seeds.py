@@ -54,10 +54,14 @@ def seeded_fold(
 def test_the_kinds_a_checkpoint_has_rows_of_are_looked_up_and_the_others_start_absent() -> None:
     account = Account(USER, limit=900, held=40)
     state = {cp.account_item(account)[:2]: cp.account_item(account)[2]}
-    fold, conn = seeded_fold(cp.KINDS, state)
+    fold, conn = seeded_fold(cp.KINDS, state, collect=True)
     asked_kinds = {kind for kind, _ in conn.asked}
     assert asked_kinds == {"stream", "account", "reservation", "usage", "rate_limit"}
     assert fold.rebuilt.accounts[USER] == account
+    # A hold makes its reservation anew: unless collecting changes, it is not looked up.
+    fold, conn = seeded_fold(cp.KINDS, state)
+    assert {kind for kind, _ in conn.asked} == {"stream", "account", "usage", "rate_limit"}
+    assert fold.touched.reservations == {"r1"}
 
     without = tuple(k for k in cp.KINDS if k not in ("rate_limit", "reservation"))
     fold, conn = seeded_fold(without, state)
