@@ -12,9 +12,11 @@ twice. Every part imports one exported snapshot, so together they see exactly th
 projections that a single transaction would.
 
 The design before the handoff, where the tenant part read and decoded every event of the
-tenant again, and rows were hashed and their JSON read by the reference codec alone, is kept
-as `Part.before_handoff` (LedgerAudit's `before_handoff`): only the bench, which measures both
-side by side, and the tests that prove both report the same use it.
+tenant again, rows were hashed and their JSON read by the reference codec alone, and events
+folded by the domain's reference functions (not its quick path, which the parts of a handoff
+use: replay.QuickProjection), is kept as `Part.before_handoff` (LedgerAudit's
+`before_handoff`): only the bench, which measures both side by side, and the tests that
+prove both report the same use it.
 """
 
 from __future__ import annotations
@@ -429,7 +431,7 @@ class _Fold:
         self.unreadable: list[Difference] = []
         self.touched = _Touched()
         self.old: dict[tuple[str, str], str | None] = {}
-        """From a checkpoint: each touched key's value there (None: no such row)."""
+        """From a checkpoint, collecting changes: each touched key's value there (None: none)."""
         self.passes = list(part.passes)
         self.sums: dict[int, dict[str, Digest]] = {}
         self.effects = Effects() if part.handoff and part.users else None
