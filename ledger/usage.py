@@ -123,6 +123,42 @@ def add_usage(rows: dict[UsageKey, UsageCounters], event: Event) -> None:
         rows.setdefault(usage_key(event), UsageCounters()).add(delta)
 
 
+def quick_add_usage(rows: dict[UsageKey, UsageCounters], event: Event) -> None:
+    """add_usage(rows, event), adding in place the counters of the events a verification
+    folds most (holds and their ends) instead of making them for each event first;
+    tests/unit/test_quick_fold.py holds both equal."""
+    kind = type(event)
+    if kind is ReservationCommitted:
+        assert isinstance(event, ReservationCommitted)
+        c, u = _counters(rows, event), event.usage
+        total = u.input_tokens + u.output_tokens + u.cached_input_tokens
+        c.input_tokens += u.input_tokens
+        c.output_tokens += u.output_tokens
+        c.cached_input_tokens += u.cached_input_tokens
+        c.commits += 1
+        c.overage_tokens += max(0, total - event.amount)
+        if event.cost is None:
+            c.unpriced_tokens += total
+        else:
+            c.cost_micros += event.cost
+    elif kind is TokensReserved:
+        _counters(rows, event).reservations += 1
+    elif kind is ReservationRolledBack:
+        _counters(rows, event).rollbacks += 1
+    elif kind is ReservationExpired:
+        _counters(rows, event).expiries += 1
+    else:
+        add_usage(rows, event)
+
+
+def _counters(rows: dict[UsageKey, UsageCounters], event: Event) -> UsageCounters:
+    key = usage_key(event)
+    counters = rows.get(key)
+    if counters is None:
+        counters = rows[key] = UsageCounters()
+    return counters
+
+
 def fold_usage(events: Iterable[Event]) -> dict[UsageKey, UsageCounters]:
     """The usage rows that `events` add up to."""
     rows: dict[UsageKey, UsageCounters] = {}

@@ -12,13 +12,16 @@ twice. Every part imports one exported snapshot, so together they see exactly th
 projections that a single transaction would.
 
 The design before the handoff, where the tenant part read and decoded every event of the
-tenant again, and rows were hashed and their JSON read by the reference codec alone, is kept
-as `Part.before_handoff` (LedgerAudit's `before_handoff`): only the bench, which measures both
-side by side, and the tests that prove both report the same use it.
+tenant again, rows were hashed and their JSON read by the reference codec alone, and events
+folded by the domain's reference functions (not its quick path, which the parts of a handoff
+use: replay.QuickProjection), is kept as `Part.before_handoff` (LedgerAudit's
+`before_handoff`): only the bench, which measures both side by side, and the tests that
+prove both report the same use it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -60,8 +63,16 @@ from ledger.postgres.rows import (
     scope_where,
 )
 from ledger.reads import DIFFERENCE_KINDS, Difference, Scope, VerifyReport
-from ledger.replay import ChainVerifier, EffectFold, Effects, Projection
-from ledger.usage import COUNTER_NAMES, UsageCounters, UsageKey, add_usage, usage_delta, usage_key
+from ledger.replay import ChainVerifier, EffectFold, Effects, Projection, QuickProjection
+from ledger.usage import (
+    COUNTER_NAMES,
+    UsageCounters,
+    UsageKey,
+    add_usage,
+    quick_add_usage,
+    usage_delta,
+    usage_key,
+)
 
 SyncConn = psycopg.Connection[dict[str, Any]]
 
@@ -285,16 +296,28 @@ _PRICES_SQL = """SELECT model, effective_from, currency, input_per_mtok, output_
 
 
 def _own_rows(conn: SyncConn, tenant_id: str, seq: int) -> tuple[int, bytes]:
-    """How many rows a checkpoint has now, and their digest (checkpoints.delta_digest)."""
-    items = (
-        conn.cursor(row_factory=tuple_row)
-        .execute(
-            "SELECT kind, key, value FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s",
-            (tenant_id, seq),
-        )
-        .fetchall()
-    )
-    return len(items), cp.delta_digest(items)
+    """How many rows a checkpoint has now, and their digest (checkpoints.delta_digest): the
+    database writes and orders the lines (_OWN_LINES_SQL), streamed here to be hashed."""
+    h, rows = hashlib.sha256(), 0
+    with conn.cursor() as cur, cur.copy(_OWN_LINES_SQL, (tenant_id, seq)) as copy:
+        copy.set_types(["bytea"])
+        for (line,) in copy.rows():
+            h.update(line)
+            rows += 1
+    return rows, h.digest()
+
+
+# checkpoints.delta_digest's lines, written by PostgreSQL: to_json of a text escapes exactly
+# what json.dumps does with ensure_ascii=False (", \, and the control characters, those
+# without a short escape as \u00xx in lower case), and the "C" collation orders by byte,
+# which in UTF-8 is the order of code points. tests/integration/test_own_rows_digest.py holds
+# the digest equal to delta_digest's on random texts.
+_OWN_LINES_SQL = """COPY (
+    SELECT convert_to('[' || to_json(kind)::text || ',' || to_json(key)::text || ','
+                      || coalesce(to_json(value)::text, 'null') || E']\n', 'UTF8')
+    FROM audit_checkpoint_rows WHERE tenant_id = %s AND seq = %s
+    ORDER BY kind COLLATE "C", key COLLATE "C"
+) TO STDOUT (FORMAT BINARY)"""
 
 
 def _same(where: str, params: tuple[Any, ...]) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
@@ -312,7 +335,8 @@ class _Touched:
     rate_limits: set[RateLimitKey] = field(default_factory=set)
     seen: set[tuple[Any, ...]] = field(default_factory=set)
     """Streams, and (stream, type, model) of events with limiters, already added."""
-    pending: dict[tuple[str, str], Any] = field(default_factory=dict)
+    pending: list[tuple[str, Any, Callable[[Any], str]]] = field(default_factory=list)
+    """(kind, key, its text's function) of each key touched since take_pending."""
 
     def add(self, part: Part, row: dict[str, Any], event: Event | None) -> None:
         stream = (row["tenant_id"], row["user_id"], row["conversation_id"])
@@ -336,7 +360,11 @@ class _Touched:
                         self._new("rate_limit", self.rate_limits, rk, cp.rate_limit_key_text)
         if part.users if stream[1] else part.tenant_level:  # keep(event.key)
             rid = getattr(event, "reservation_id", "")
-            if rid:
+            if rid and type(event) is TokensReserved and not part.collect:
+                # A hold makes its reservation anew, whatever it was at the checkpoint; only
+                # a fold collecting changes needs to know (the change's old value).
+                self.reservations.add(rid)
+            elif rid:
                 self._new("reservation", self.reservations, rid, str)
             usage = usage_key(event)
             if usage not in self.usage and usage_delta(event) is not None:
@@ -345,11 +373,11 @@ class _Touched:
     def _new(self, kind: str, keys: set[Any], key: Any, text: Callable[[Any], str]) -> None:
         if key not in keys:
             keys.add(key)
-            self.pending[(kind, text(key))] = key
+            self.pending.append((kind, key, text))
 
-    def take_pending(self) -> dict[tuple[str, str], Any]:
-        """(kind, key text) -> key, for every key touched since the last call."""
-        out, self.pending = self.pending, {}
+    def take_pending(self) -> list[tuple[str, Any, Callable[[Any], str]]]:
+        """(kind, key, its text's function) for every key touched since the last call."""
+        out, self.pending = self.pending, []
         return out
 
     def where(self, tenant_id: str) -> Callable[[str], tuple[str, tuple[Any, ...]]]:
@@ -394,13 +422,16 @@ class _Fold:
 
     def __init__(self, part: Part) -> None:
         self.part = part
-        self.chains = ChainVerifier()
-        self.rebuilt = Projection(keep=part.keep)
+        # The design before the handoff folds by the reference functions alone.
+        quick = not part.before_handoff
+        self.chains = ChainVerifier(quick)
+        self.rebuilt = (QuickProjection if quick else Projection)(keep=part.keep)
+        self.add_usage = quick_add_usage if quick else add_usage
         self.usage: dict[UsageKey, UsageCounters] = {}
         self.unreadable: list[Difference] = []
         self.touched = _Touched()
         self.old: dict[tuple[str, str], str | None] = {}
-        """From a checkpoint: each touched key's value there (None: no such row)."""
+        """From a checkpoint, collecting changes: each touched key's value there (None: none)."""
         self.passes = list(part.passes)
         self.sums: dict[int, dict[str, Digest]] = {}
         self.effects = Effects() if part.handoff and part.users else None
@@ -456,7 +487,7 @@ class _Fold:
             if event is not None:
                 self.rebuilt.feed(event)
                 if mine:
-                    add_usage(self.usage, event)
+                    self.add_usage(self.usage, event)
                 if effects is not None:
                     effects.add(row["position"], event)
 
@@ -471,17 +502,26 @@ class _Fold:
             return None
 
     def _seed(self, conn: SyncConn) -> None:
-        """Start each newly touched key from its value at the checkpoint."""
-        new = self.touched.take_pending()
-        asked = [text for text in new if text[0] in self.part.seeded]
+        """Start each newly touched key from its value at the checkpoint. A key's text is
+        made only to look it up (a kind the checkpoint has rows of) or to record its old
+        value (collecting the changes for the next checkpoint)."""
+        seeded, collect = self.part.seeded, self.part.collect
+        new = [
+            ((kind, text(key)), key)
+            for kind, key, text in self.touched.take_pending()
+            if collect or kind in seeded
+        ]
+        asked = [text for text, _ in new if text[0] in seeded]
         found = {}
         if asked:
             kinds, keys = [t[0] for t in asked], [t[1] for t in asked]
             params = (kinds, keys, self.part.scope.tenant_id, self.part.since_seq)
             for row in conn.execute(_STATE_AT_SQL, params):
                 found[(row["kind"], row["key"])] = row["value"]
-        for text, key in new.items():
-            value = self.old[text] = found.get(text)
+        for text, key in new:
+            value = found.get(text)
+            if collect:
+                self.old[text] = value
             if value is not None:
                 self._install(text[0], key, value)
 
@@ -504,7 +544,7 @@ class _Fold:
         if kind == "stream":
             self.chains.heads[key] = cp.parse_stream(value)
         elif kind == "account":
-            self.rebuilt.accounts[key] = cp.parse_account(value)
+            self.rebuilt.seed(cp.parse_account(value))
         elif kind == "reservation":
             self.rebuilt.reservations[key] = cp.parse_reservation(value)
         elif kind == "usage":

@@ -35,8 +35,12 @@ class StateAt:
         ]
 
 
-def seeded_fold(seeded: tuple[str, ...], state: dict[tuple[str, str], str]) -> Any:
-    part = verify.Part(Scope("t"), False, True, since_seq=2, since=10, seeded=seeded)
+def seeded_fold(
+    seeded: tuple[str, ...], state: dict[tuple[str, str], str], collect: bool = False
+) -> Any:
+    part = verify.Part(
+        Scope("t"), False, True, since_seq=2, since=10, seeded=seeded, collect=collect
+    )
     fold = verify._Fold(part)
     hold = TokensReserved(key=USER, occurred_at=AT, model="m", reservation_id="r1", amount=5,
                           expires_at=AT)  # fmt: skip
@@ -50,15 +54,24 @@ def seeded_fold(seeded: tuple[str, ...], state: dict[tuple[str, str], str]) -> A
 def test_the_kinds_a_checkpoint_has_rows_of_are_looked_up_and_the_others_start_absent() -> None:
     account = Account(USER, limit=900, held=40)
     state = {cp.account_item(account)[:2]: cp.account_item(account)[2]}
-    fold, conn = seeded_fold(cp.KINDS, state)
+    fold, conn = seeded_fold(cp.KINDS, state, collect=True)
     asked_kinds = {kind for kind, _ in conn.asked}
     assert asked_kinds == {"stream", "account", "reservation", "usage", "rate_limit"}
     assert fold.rebuilt.accounts[USER] == account
+    # A hold makes its reservation anew: unless collecting changes, it is not looked up.
+    fold, conn = seeded_fold(cp.KINDS, state)
+    assert {kind for kind, _ in conn.asked} == {"stream", "account", "usage", "rate_limit"}
+    assert fold.touched.reservations == {"r1"}
 
     without = tuple(k for k in cp.KINDS if k not in ("rate_limit", "reservation"))
     fold, conn = seeded_fold(without, state)
     assert {kind for kind, _ in conn.asked} == {"stream", "account", "usage"}
     assert fold.rebuilt.accounts[USER] == account
+    assert fold.touched.rate_limits and not fold.rebuilt.rate_limits
+    assert not fold.old  # only a fold collecting changes records the values it started from
+
+    fold, conn = seeded_fold(without, state, collect=True)
+    assert {kind for kind, _ in conn.asked} == {"stream", "account", "usage"}
     not_asked = [text for text in fold.old if text[0] in ("rate_limit", "reservation")]
     assert not_asked and all(fold.old[text] is None for text in not_asked)
-    assert fold.touched.rate_limits and not fold.rebuilt.rate_limits
+    assert fold.old[cp.account_item(account)[:2]] == cp.account_item(account)[2]
