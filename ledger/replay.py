@@ -124,8 +124,9 @@ class QuickProjection(Projection):
     evolve_reservation = staticmethod(quick_evolve_reservation)
 
     def seed(self, acc: Account) -> None:
-        """Start `acc`'s key from `acc`."""
-        self.accounts[acc.key] = acc
+        """Start `acc`'s key from `acc`; one whose buckets are out of hour order is folded by
+        evolve_account alone."""
+        super().seed(acc)
         if not (_in_hour_order(acc) and (acc.money is None or _in_hour_order(acc.money))):
             self.reference_only.add(acc.key)
 
