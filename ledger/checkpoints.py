@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from operator import itemgetter
 from typing import Any
@@ -69,7 +69,7 @@ def digests_of(items: Iterator[Item]) -> dict[str, Digest]:
 
 
 def _text(value: Any) -> str:
-    return codec.canonical_json(value).decode()
+    return codec.state_json(value).decode()
 
 
 def _key_text(parts: list[str]) -> str:
@@ -105,7 +105,9 @@ def reservation_item(res: Reservation) -> Item:
 
 
 def usage_item(key: UsageKey, counters: UsageCounters) -> Item:
-    return ("usage", usage_key_text(key), _text(asdict(counters)))
+    # The counters' fields by name (asdict would deep-copy each integer: most of what taking a
+    # checkpoint's digests cost); canonical JSON sorts them.
+    return ("usage", usage_key_text(key), _text(vars(counters)))
 
 
 def rate_limit_item(rl: RateLimit) -> Item:

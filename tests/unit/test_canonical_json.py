@@ -53,6 +53,33 @@ def test_any_value_is_written_as_json_dumps_writes_it(value: Any) -> None:
     assert codec.canonical_json(value) == _reference(value)
 
 
+_state_values = st.recursive(
+    st.text() | st.integers(min_value=-(2**70), max_value=2**70) | st.booleans() | st.none(),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.dictionaries(st.text(), inner, max_size=4)
+        | st.dictionaries(st.integers(), inner, max_size=2)
+    ),
+    max_leaves=12,
+)
+
+
+def _has_float(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(map(_has_float, value.values()))
+    if isinstance(value, list | tuple):
+        return any(map(_has_float, value))
+    return isinstance(value, float)
+
+
+@given(_state_values | _values.filter(lambda v: not _has_float(v)))
+def test_a_value_without_a_float_is_written_by_state_json_as_json_dumps_writes_it(
+    value: Any,
+) -> None:
+    assert codec.state_json(value) == _reference(value)
+
+
 def test_what_an_event_row_holds_goes_the_fast_way_and_is_written_alike() -> None:
     row = {
         "tenant_id": "t-é",
