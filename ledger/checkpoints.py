@@ -13,7 +13,8 @@ At 4096 bits, Wagner's generalized-birthday attack on such sums costs about 2^12
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from operator import itemgetter
@@ -61,11 +62,63 @@ class Digest:
         return cls(int(obj["rows"]), int.from_bytes(bytes.fromhex(obj["sum"]), "big"))
 
 
+_ABSENT = object()
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
 def digests_of(items: Iterator[Item]) -> dict[str, Digest]:
     out = {kind: Digest() for kind in KINDS}
     for item in items:
         out[item[0]].add(item)
     return out
+
+
+@dataclass(frozen=True)
+class Source:
+    """One kind of a fold's state as RunningDigests reads it: its values by key, each
+    value's item, and how a value is known unchanged (`same`) and kept for the next take
+    (`keep`): by identity for the immutable values a fold replaces, by a copy compared by
+    value for those it changes in place (usage counters)."""
+
+    kind: str
+    values: Mapping[Any, Any]
+    item_of: Callable[[Any, Any], Item]
+    same: Callable[[Any, Any], bool] = operator.is_
+    keep: Callable[[Any], Any] = _as_is
+
+
+class RunningDigests:
+    """The digests of a state that a fold keeps changing, taken again and again: a full
+    verification takes them at every checkpoint it passes. Each take hashes only the items
+    that changed since the last one (the sum takes their old hash out and their new one in),
+    so a log with many checkpoints costs its state once, not once a checkpoint."""
+
+    def __init__(self) -> None:
+        self._digests = {kind: Digest() for kind in KINDS}
+        self._kept: dict[str, dict[Any, Any]] = {kind: {} for kind in KINDS}
+
+    def take(self, sources: Iterable[Source]) -> dict[str, Digest]:
+        """The digests of every kind of the state now (a kind without a source: none)."""
+        for source in sources:
+            kept, digest = self._kept[source.kind], self._digests[source.kind]
+            same, keep, item_of = source.same, source.keep, source.item_of
+            seen, before = 0, len(kept)
+            for key, value in source.values.items():
+                was = kept.get(key, _ABSENT)
+                if was is not _ABSENT:
+                    seen += 1
+                    if same(was, value):
+                        continue
+                    digest.add(item_of(key, was), -1)
+                digest.add(item_of(key, value))
+                kept[key] = keep(value)
+            if seen < before:  # keys gone (no fold removes any)
+                for key in kept.keys() - source.values.keys():
+                    digest.add(item_of(key, kept.pop(key)), -1)
+        return {kind: Digest(d.rows, d.total) for kind, d in self._digests.items()}
 
 
 def _text(value: Any) -> str:

@@ -98,8 +98,8 @@ def state_json(value: Any) -> bytes:
     write of the state (integers, texts, booleans, null, lists and objects), which a
     checkpoint's digests and rows hold, hundreds of thousands at a time. orjson writes it
     without _plain's walk (which cost more than the writing); what it refuses (an integer
-    past 64 bits, a key not a string, a time, a dataclass) goes through canonical_json. A float it would
-    write, though not always as json.dumps does: the state holds none."""
+    past 64 bits, a key not a string, a time, a dataclass) goes through canonical_json. A
+    float it would write, though not always as json.dumps does: the state holds none."""
     try:
         return orjson.dumps(value, option=_STATE_OPTIONS)
     except orjson.JSONEncodeError:

@@ -21,6 +21,7 @@ prove both report the same use it.
 
 from __future__ import annotations
 
+import copy
 import gc
 import hashlib
 import signal
@@ -456,6 +457,8 @@ class _Fold:
         """From a checkpoint, collecting changes: each touched key's value there (None: none)."""
         self.passes = list(part.passes)
         self.sums: dict[int, dict[str, Digest]] = {}
+        self.running = cp.RunningDigests()
+        """The state's digests at each checkpoint passed, each hashing what changed since."""
         self.effects = Effects() if part.handoff and part.users else None
         """A user part's effects on the tenant's account, for the tenant part."""
         self.handed: EffectFold | None = None
@@ -598,7 +601,14 @@ class _Fold:
 
     def _pass(self) -> None:
         seq, _ = self.passes.pop(0)
-        self.sums[seq] = cp.digests_of(self.items())
+        rebuilt = self.rebuilt
+        self.sums[seq] = self.running.take((
+            cp.Source("stream", self.chains.heads, cp.stream_item),
+            cp.Source("account", rebuilt.accounts, lambda _, a: cp.account_item(a)),
+            cp.Source("reservation", rebuilt.reservations, lambda _, r: cp.reservation_item(r)),
+            cp.Source("usage", self.usage, cp.usage_item, _same_counters, copy.copy),
+            cp.Source("rate_limit", rebuilt.rate_limits, lambda _, rl: cp.rate_limit_item(rl)),
+        ))  # fmt: skip
 
     def finish(self) -> None:
         self._hand_until(None)
@@ -786,6 +796,10 @@ class _Live:
         for rl in map(rate_limit_from_row, rows(RATE_LIMIT_COLUMNS, "rate_limits", dict_row)):
             out.rate_limits[rl.key] = rl
         return out
+
+
+def _same_counters(a: UsageCounters, b: UsageCounters) -> bool:
+    return vars(a) == vars(b)
 
 
 @dataclass(frozen=True)

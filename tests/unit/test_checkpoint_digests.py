@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from copy import copy
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ledger import checkpoints as cp
 from ledger.codec import GENESIS_HASH
@@ -122,3 +127,44 @@ def test_a_checkpoints_rows_digest_as_by_the_reference_codec() -> None:
     except UnicodeEncodeError:
         found = UnicodeEncodeError
     assert found == expected
+
+
+_steps = st.lists(
+    st.tuples(st.sampled_from(["head", "counters", "drop", "take"]), st.integers(0, 5),
+              st.integers(0, 3)),
+    max_size=40,
+)  # fmt: skip
+
+
+@given(_steps)
+def test_running_digests_equal_the_digests_of_the_whole_state_at_every_take(steps: Any) -> None:
+    """RunningDigests hashes only what changed since its last take: replaced values (by
+    identity), counters changed in place (by value), and keys gone; each take equals the
+    digests of every item, taken afresh."""
+    heads: dict[AccountKey, tuple[int, bytes]] = {}
+    usage: dict[UsageKey, UsageCounters] = {}
+    running = cp.RunningDigests()
+    hour = datetime(2026, 12, 6, tzinfo=UTC)
+
+    def take() -> None:
+        got = running.take([
+            cp.Source("stream", heads, cp.stream_item),
+            cp.Source("usage", usage, cp.usage_item, lambda a, b: vars(a) == vars(b), copy),
+        ])  # fmt: skip
+        items = [cp.stream_item(k, h) for k, h in heads.items()]
+        items += [cp.usage_item(k, c) for k, c in usage.items()]
+        assert got == cp.digests_of(iter(items))
+
+    for what, n, value in steps:
+        key = AccountKey("t", f"u{n}")
+        if what == "head":
+            heads[key] = (value, bytes([value]) * 32)  # a new tuple, even of an equal value
+        elif what == "counters":
+            usage.setdefault(
+                UsageKey("t", hour, f"u{n}", "", "m"), UsageCounters()
+            ).commits += value
+        elif what == "drop":
+            heads.pop(key, None)
+        else:
+            take()
+    take()
