@@ -309,6 +309,20 @@ class LedgerProcess:
             self.proc.wait(30)
 
 
+def exits_within(pid: int, timeout_s: float) -> bool:
+    """Whether process `pid` is gone (or a zombie: it has exited) within the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):  # gone while being read
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def health_status(target: str, service: str = "") -> int | None:
     """The health of `service` ("" is the whole server); None when the server does not answer."""
     with grpc.insecure_channel(target) as channel:

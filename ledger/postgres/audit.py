@@ -4,6 +4,7 @@ follower feed. Nothing here writes."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -47,6 +48,13 @@ _WORKERS = get_context("forkserver")
 code once (spawning each afresh imported it again: about half a second a worker). The fork
 server is started clean, so forking from it is safe though this process runs threads."""
 _WORKERS.set_forkserver_preload(["ledger.postgres.verify"])
+
+
+def _start_all(executor: ProcessPoolExecutor, workers: int) -> None:
+    """Start the executor's `workers` processes: it starts one for each call submitted while
+    none is idle, so `workers` calls at once start them all."""
+    for started in [executor.submit(os.getpid) for _ in range(workers)]:
+        started.result()
 
 
 # group name (reads.GROUP_NAMES) -> the columns it selects and groups by
@@ -341,16 +349,29 @@ class LedgerAudit:
             )
         return int(row["p"]), (last.events if last else 0) + int(row["n"])
 
-    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """fn(*args) in a worker process: CPU-bound folds would stall this event loop."""
+    async def start_workers(self) -> list[int]:
+        """Start the worker processes now, not at the first verification, which would wait
+        for them (a second and a half on the bench: mostly the fork server importing the
+        verification code); returns their process ids. Starting one waits for the fork
+        server, so it is done on a thread, off this event loop."""
+        executor = self._executor_now()
+        await asyncio.to_thread(_start_all, executor, self._workers)
+        return sorted(p.pid for p in getattr(executor, "_processes", {}).values())
+
+    def _executor_now(self) -> ProcessPoolExecutor:
         if self._closed:
             raise StoreUnavailable("the server is stopping; retry on another")
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
                 self._workers, mp_context=_WORKERS, initializer=verify.worker_started
             )
+        return self._executor
+
+    async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """fn(*args) in a worker process: CPU-bound folds would stall this event loop."""
+        executor = self._executor_now()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except BrokenProcessPool:
             self._executor = None  # a worker died (killed, out of memory): start afresh
             raise StoreUnavailable("an audit worker process died; retry") from None

@@ -61,6 +61,7 @@ async def _serve(settings: Settings, url: str, meter_provider: MeterProvider | N
             settings.checkpoint_every_h * 3600,
             settings.checkpoint_check_s,
         ),
+        start_audit_workers=True,
     )
     await serve_until_signalled(
         server,

@@ -95,11 +95,14 @@ class LedgerServer:
         key_retention_s: int = limits.idempotency_retention_s_default,
         alert_webhook_url: str = "",
         checkpoints: CheckpointSchedule | None = None,
+        start_audit_workers: bool = False,
     ) -> None:
         """Metrics go to `meter_provider` (default: the global one); only with one given is the
         held-tokens gauge kept fresh (a database read every `held_refresh_s`). Audit and usage
         reads go to `read_pool` (a read replica's) when given. Budget alerts this process
-        appends are POSTed to `alert_webhook_url` when given (services/ledger/alerts.py)."""
+        appends are POSTed to `alert_webhook_url` when given (services/ledger/alerts.py).
+        With `start_audit_workers`, the audit's worker processes start with the server, not
+        at the first verification (`tokenledger serve` does)."""
         self.pool = pool
         self.metrics = LedgerMetrics(pool, meter_provider)
         self.held_refresh_s = held_refresh_s if meter_provider is not None else None
@@ -113,6 +116,8 @@ class LedgerServer:
         self.sweep_interval_s, self.clock = sweep_interval_s, clock
         self.checkpoints = checkpoints or CheckpointSchedule()
         self._checkpointer: asyncio.Task[None] | None = None
+        self.start_audit_workers = start_audit_workers
+        self._audit_starter: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(
@@ -163,6 +168,10 @@ class LedgerServer:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="expiry-sweeper")
         if self.checkpoints.on:
             self._checkpointer = asyncio.create_task(self._checkpoint_forever(), name="checkpoints")
+        if self.start_audit_workers:
+            self._audit_starter = asyncio.create_task(
+                self._start_audit_workers(), name="audit-workers"
+            )
         if self.alerts is not None:
             self.alerts.start()
         if self.held_refresh_s is not None:
@@ -176,7 +185,7 @@ class LedgerServer:
     async def stop(self, grace_s: float) -> None:
         """Report NOT_SERVING, refuse new calls with UNAVAILABLE, let calls in flight finish
         (up to `grace_s`; the rest are cancelled), then stop."""
-        for task in (self._sweeper, self._held_refresher, self._checkpointer):
+        for task in (self._sweeper, self._held_refresher, self._checkpointer, self._audit_starter):
             if task is not None:
                 await _end(task)
         await self._set_serving(False)
@@ -190,6 +199,16 @@ class LedgerServer:
         if self.alerts is not None:
             await self.alerts.close()
         log.info("stopped")
+
+    async def _start_audit_workers(self) -> None:
+        """Best effort: a worker that cannot start now is started (or its failure reported)
+        by the first verification."""
+        try:
+            pids = await self.audit.start_workers()
+        except (OSError, RuntimeError, StoreUnavailable) as exc:
+            log.warning("audit workers not started", error=str(exc))
+        else:
+            log.info("audit workers started", pids=pids)
 
     async def _set_serving(self, serving: bool) -> None:
         await set_ready(self.health, SERVICE_NAME, serving)

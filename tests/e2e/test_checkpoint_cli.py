@@ -14,7 +14,15 @@ import psycopg
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
 from services._gen.tokenledger.v1 import ledger_pb2_grpc as pb_grpc
-from tests.support import LedgerProcess, ServerThread, call_fails, cycle, new_id, run_cli
+from tests.support import (
+    LedgerProcess,
+    ServerThread,
+    call_fails,
+    cycle,
+    exits_within,
+    new_id,
+    run_cli,
+)
 
 Stub = pb_grpc.LedgerServiceStub
 
@@ -144,4 +152,9 @@ def test_the_server_takes_a_checkpoint_every_n_events(database_url: str, tmp_pat
             assert report.projections_match and report.chains_ok
     finally:
         server.stop()
-    assert "checkpoint taken" in (tmp_path / "ledger.log").read_text()
+    lines = [json.loads(x) for x in (tmp_path / "ledger.log").read_text().splitlines()
+             if x.startswith("{")]  # fmt: skip
+    assert any(line["event"] == "checkpoint taken" for line in lines)
+    # `serve` starts its audit worker with the server; it is gone with it.
+    (started,) = [line for line in lines if line["event"] == "audit workers started"]
+    assert len(started["pids"]) == 1 and exits_within(started["pids"][0], 30)

@@ -11,7 +11,6 @@ import pickle
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -23,7 +22,7 @@ from ledger.postgres.rows import scope_where
 from ledger.postgres.verify import Part
 from ledger.reads import Scope
 from services.platform import db
-from tests.support import ServerThread, cycle, verify_tenant
+from tests.support import ServerThread, cycle, exits_within, verify_tenant
 
 TABLES = ("events", "accounts", "reservations", "usage_hourly", "rate_limits")
 USERS = [f"user-{n}" for n in range(60)]
@@ -132,18 +131,25 @@ def test_a_worker_that_dies_is_a_retryable_error_and_is_replaced(
     asyncio.run(run())
 
 
-def _exits_within(pid: int, timeout_s: float) -> bool:
-    """Whether process `pid` is gone (or a zombie: it has exited) within the timeout."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-        except (FileNotFoundError, ProcessLookupError):  # gone while being read
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.05)
-    return False
+def test_workers_started_ahead_serve_the_verifications(database_url: str, busy_tenant: str) -> None:
+    """start_workers starts every worker process before any verification, which then runs
+    on them (none is started again); after close, none starts."""
+
+    async def run() -> None:
+        async with db.make_pool(database_url, 2) as pool:
+            audit = LedgerAudit(pool, workers=2)
+            pids = await audit.start_workers()
+            assert len(set(pids)) == 2 and os.getpid() not in pids
+            assert set(pids) <= {p.pid for p in multiprocessing.active_children()}
+            report = await audit.verify(Scope(busy_tenant))
+            assert report.events_checked > 10 and not report.differences
+            assert await audit.start_workers() == pids
+            audit.close()
+            assert all(exits_within(pid, 30) for pid in pids)
+            with pytest.raises(StoreUnavailable, match="stopping"):
+                await audit.start_workers()
+
+    asyncio.run(run())
 
 
 def test_closing_stops_workers_in_the_middle_of_a_part(database_url: str) -> None:
@@ -165,7 +171,7 @@ def test_closing_stops_workers_in_the_middle_of_a_part(database_url: str) -> Non
                 await asyncio.wait_for(part, 30)
             # Not worker.join(): the executor's own thread reaps the worker too, and whichever
             # waits second never learns the exit code. The process is what must be gone.
-            assert _exits_within(pid, 30)
+            assert exits_within(pid, 30)
             with pytest.raises(StoreUnavailable, match="stopping"):  # and none starts again
                 await audit.verify(Scope("t"))
 
