@@ -6,8 +6,9 @@ checkpoint is taken (a full verification plus the state it records), one more da
 (10,000 users x 2 cycles x 2 events = 40,000 events) and a second checkpoint taken from the
 first, one more day appended, and then, over gRPC on a `tokenledger serve` process:
 VerifyAudit from the second checkpoint, and the full VerifyAudit (which also checks both
-checkpoints). The machine's load is printed with the figures: other
-engineers' work shares it.
+checkpoints), once the server has started its audit workers (it starts them with itself: the
+figures are a routine audit's on a server that is up). The machine's load is printed with the
+figures: other engineers' work shares it.
 """
 
 from __future__ import annotations
@@ -97,6 +98,16 @@ async def verify_times(target: str, from_checkpoint: bool, repeats: int) -> tupl
         return samples, report
 
 
+def wait_for_audit_workers(log: Path, timeout_s: float = 60) -> None:
+    """Until the server says its audit workers have started (it starts them with itself):
+    the figures are a routine audit's on a server that is up, not its first one's."""
+    deadline = time.monotonic() + timeout_s
+    while '"audit workers started"' not in log.read_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not start its audit workers: see {log}")
+        time.sleep(0.1)
+
+
 def sizes(url: str) -> dict[str, int]:
     with psycopg.connect(url) as conn:
         out = {}
@@ -133,8 +144,10 @@ def run(url: str, args: argparse.Namespace) -> dict[str, Any]:
     out["second_checkpoint_rows"] = second.delta_rows
     out["appended_events"] = writer.append(url, everything)
     with tempfile.TemporaryDirectory() as tmp:
-        env = {"TOKENLEDGER_LOG_LEVEL": "warning", "TOKENLEDGER_AUDIT_WORKERS": str(WORKERS)}
-        with ledger_process(url, Path(tmp) / "server.log", **env) as target:
+        env = {"TOKENLEDGER_LOG_LEVEL": "info", "TOKENLEDGER_AUDIT_WORKERS": str(WORKERS)}
+        log = Path(tmp) / "server.log"
+        with ledger_process(url, log, **env) as target:
+            wait_for_audit_workers(log)
             out["load_before"] = machine()
             samples, report = asyncio.run(verify_times(target, True, args.repeats))
             assert report.events_checked == out["appended_events"], report.events_checked
