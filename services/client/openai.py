@@ -28,8 +28,9 @@ unless `Policy(fail_open=True)`. Every other attribute is the wrapped client's, 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Generic, Self, TypeVar
 
 from services._gen.tokenledger.v1 import ledger_pb2 as pb
@@ -192,8 +193,12 @@ class _Stream:
     """What both streams keep while they are read: the usage chunk, if one came, and the text
     delivered (counted when no usage came); `_settled` makes settling happen once."""
 
-    def __init__(self, inner: Any, api: _Api, the_plan: Plan, sent: int) -> None:
-        self._inner, self._api, self._plan, self._sent = inner, api, the_plan, sent
+    def __init__(
+        self, inner: Any, metered: _Metered, api: _Api, hold: Hold | AsyncHold, the_plan: Plan,
+        sent: int,
+    ) -> None:  # fmt: skip
+        self._inner, self._metered, self._api, self._hold = inner, metered, api, hold
+        self._plan, self._sent = the_plan, sent
         self._usage: pb.Usage | None = None
         self._text: list[str] = []
         self._settled = False
@@ -203,88 +208,149 @@ class _Stream:
         if text := self._api.chunk_text(chunk):
             self._text.append(text)
 
+    def _settling(self) -> _Steps[None]:
+        """Settle once: commit the usage chunk's usage, or, when none came, the counted
+        prompt and the counted text delivered (about a token a chunk when even counting is
+        away), marked estimated."""
+        if self._settled:
+            return
+        self._settled = True
+        usage, estimated = self._usage, False
+        if usage is None:
+            model, text = self._hold.fields["model"], "".join(self._text)
+            try:
+                output = yield partial(self._metered.count_text, model, text)
+            except LedgerError:
+                output = len(self._text)
+            usage = pb.Usage(input_tokens=self._plan.prompt_tokens, output_tokens=output)
+            estimated = True
+        yield from self._metered.committing(self._hold, self._plan, self._sent, usage, estimated)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
-# --- blocking ---------------------------------------------------------------------------------
+# --- the steps of a metered call, once for both kinds of client -------------------------------
+
+_T = TypeVar("_T")
+_Steps = Generator[Callable[[], Any], Any, _T]
+"""A metered call's logic as psycopg writes its protocol: a generator that yields each call
+to the ledger, the counter or the model (a function of no arguments) and is sent its result
+(or thrown its exception). `_run` makes the calls blocking, `_arun` awaits them: the logic is
+written once for both clients."""
 
 
-class _SyncMetered:
-    def __init__(self, ledger: LedgerClient, counter: Counter, meter: _Meter) -> None:
-        self.ledger = ledger
-        self.counter = counter
-        self.meter = meter
+def _run(steps: _Steps[_T]) -> _T:
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.send(result) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            result, error = step(), None
+        except BaseException as exc:
+            result, error = None, exc
 
-    def call(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> Any:
+
+async def _arun(steps: _Steps[_T]) -> _T:
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = steps.send(result) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        try:
+            result, error = await step(), None
+        except BaseException as exc:
+            result, error = None, exc
+
+
+class _Metered:
+    """A client's metered calls: the steps (_Steps) of each, which a blocking or an asyncio
+    subclass runs with its own ledger client, counter and kind of stream."""
+
+    stream: type[_Stream]
+
+    def __init__(
+        self, ledger: Any, count_chat: Callable[..., Any], count_text: Callable[..., Any],
+        meter: _Meter,
+    ) -> None:  # fmt: skip
+        self.ledger, self.meter = ledger, meter
+        self.count_chat, self.count_text = count_chat, count_text
+
+    def calling(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> _Steps[Any]:
         model = str(kwargs.get("model", ""))
         messages, tools = api.prompt(kwargs)
         try:
-            the_plan = plan(kwargs, self.counter.count_chat(model, messages, tools),
-                            self.meter.policy, api.max_key)  # fmt: skip
+            prompt = yield partial(self.count_chat, model, messages, tools)
+            the_plan = plan(kwargs, prompt, self.meter.policy, api.max_key)
             hold = self.ledger.hold(**self.meter.hold_fields(model, the_plan))
-            hold.reserve()
+            yield hold.reserve
         except LedgerUnavailable:
             if not self.meter.policy.fail_open:
                 raise
-            return self._unmetered(api, create, kwargs, model)
+            return (yield from self._unmetered(create, kwargs, model))
         bound(kwargs, the_plan, hold.granted)
         sent = int(kwargs[the_plan.max_key])
         if kwargs.get("stream"):
             api.ask_usage(kwargs)
         try:
-            result = create(**kwargs)
+            result = yield partial(create, **kwargs)
         except BaseException as exc:
-            self._rollback(hold, the_plan, sent, exc)
+            yield from self._rolling_back(hold, the_plan, sent, exc)
             raise
         if kwargs.get("stream"):
-            return MeteredStream(result, self, api, hold, the_plan, sent)
+            return self.stream(result, self, api, hold, the_plan, sent)
         usage = usage_from_openai(getattr(result, "usage", None))
-        self.commit(hold, the_plan, sent, usage or _fallback_usage(the_plan, sent), not usage)
+        yield from self.committing(
+            hold, the_plan, sent, usage or _fallback_usage(the_plan, sent), not usage
+        )
         return result
 
-    def commit(
-        self, hold: Hold, the_plan: Plan, sent: int, usage: pb.Usage, estimated: bool
-    ) -> None:
+    def committing(
+        self, hold: Hold | AsyncHold, the_plan: Plan, sent: int, usage: pb.Usage, estimated: bool
+    ) -> _Steps[None]:
         s = replace(self.meter.settlement(hold, the_plan, sent), usage=usage, estimated=estimated)
         try:
-            hold.commit(usage)
+            yield partial(hold.commit, usage)
             s.outcome = "committed"
         except LedgerError as exc:
             s.outcome, s.error = "unsettled", str(exc)
         self.meter.settled(s)
 
-    def _rollback(self, hold: Hold, the_plan: Plan, sent: int, exc: BaseException) -> None:
+    def _rolling_back(
+        self, hold: Hold | AsyncHold, the_plan: Plan, sent: int, exc: BaseException
+    ) -> _Steps[None]:
         s = self.meter.settlement(hold, the_plan, sent)
         try:
-            hold.rollback(f"the model call failed: {type(exc).__name__}")
+            yield partial(hold.rollback, f"the model call failed: {type(exc).__name__}")
             s.outcome, s.error = "rolled back", str(exc)
         except LedgerError as failed:
             s.outcome, s.error = "unsettled", str(failed)
         self.meter.settled(s)
 
-    def _unmetered(self, api: _Api, create: Any, kwargs: dict[str, Any], model: str) -> Any:
+    def _unmetered(self, create: Any, kwargs: dict[str, Any], model: str) -> _Steps[Any]:
         """fail_open: the call without a hold; its usage recorded if the ledger is back."""
-        result = create(**kwargs)
+        result = yield partial(create, **kwargs)
         usage = None if kwargs.get("stream") else usage_from_openai(getattr(result, "usage", None))
         s = Settlement("", 0, 0, 0, outcome="unmetered", usage=usage)
         if usage is not None:
             p = self.meter.payer
             try:
-                self.ledger.record_usage(tenant_id=p.tenant_id, user_id=p.user_id,
-                                         conversation_id=p.conversation_id, model=model,
-                                         usage=usage)  # fmt: skip
+                yield partial(
+                    self.ledger.record_usage, tenant_id=p.tenant_id, user_id=p.user_id,
+                    conversation_id=p.conversation_id, model=model, usage=usage,
+                )  # fmt: skip
             except LedgerError as exc:
                 s.error = str(exc)
         self.meter.settled(s)
         return result
 
-    def estimate(self, model: str, the_plan: Plan, text: str, chunks: int) -> pb.Usage:
-        try:
-            output = self.counter.count_text(model, text)
-        except LedgerError:
-            output = chunks  # about a token a chunk, when even counting is away
-        return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
+
+# --- blocking ---------------------------------------------------------------------------------
 
 
 class MeteredStream(_Stream):
@@ -293,8 +359,8 @@ class MeteredStream(_Stream):
     def __init__(
         self, inner: Any, metered: _SyncMetered, api: _Api, hold: Hold, the_plan: Plan, sent: int
     ) -> None:
-        super().__init__(inner, api, the_plan, sent)
-        self._iter, self._metered, self._hold = iter(inner), metered, hold
+        super().__init__(inner, metered, api, hold, the_plan, sent)
+        self._iter = iter(inner)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -303,7 +369,7 @@ class MeteredStream(_Stream):
         try:
             chunk = next(self._iter)
         except BaseException:
-            self._settle()
+            _run(self._settling())
             raise
         self._observe(chunk)
         return chunk
@@ -318,18 +384,17 @@ class MeteredStream(_Stream):
         try:
             self._inner.close()
         finally:
-            self._settle()
+            _run(self._settling())
 
-    def _settle(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        usage, estimated = self._usage, False
-        if usage is None:
-            model = self._hold.fields["model"]
-            usage = self._metered.estimate(model, self._plan, "".join(self._text), len(self._text))
-            estimated = True
-        self._metered.commit(self._hold, self._plan, self._sent, usage, estimated)
+
+class _SyncMetered(_Metered):
+    stream = MeteredStream
+
+    def __init__(self, ledger: LedgerClient, counter: Counter, meter: _Meter) -> None:
+        super().__init__(ledger, counter.count_chat, counter.count_text, meter)
+
+    def call(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> Any:
+        return _run(self.calling(api, create, kwargs))
 
 
 class LedgeredOpenAI(_Ledgered[LedgerClient, Counter]):
@@ -342,84 +407,6 @@ class LedgeredOpenAI(_Ledgered[LedgerClient, Counter]):
 # --- asyncio ----------------------------------------------------------------------------------
 
 
-class _AsyncMetered:
-    def __init__(self, ledger: AsyncLedgerClient, counter: AsyncCounter, meter: _Meter) -> None:
-        self.ledger = ledger
-        self.counter = counter
-        self.meter = meter
-
-    async def call(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> Any:
-        model = str(kwargs.get("model", ""))
-        messages, tools = api.prompt(kwargs)
-        try:
-            prompt = await self.counter.acount_chat(model, messages, tools)
-            the_plan = plan(kwargs, prompt, self.meter.policy, api.max_key)
-            hold = self.ledger.hold(**self.meter.hold_fields(model, the_plan))
-            await hold.reserve()
-        except LedgerUnavailable:
-            if not self.meter.policy.fail_open:
-                raise
-            return await self._unmetered(create, kwargs, model)
-        bound(kwargs, the_plan, hold.granted)
-        sent = int(kwargs[the_plan.max_key])
-        if kwargs.get("stream"):
-            api.ask_usage(kwargs)
-        try:
-            result = await create(**kwargs)
-        except BaseException as exc:
-            await self._rollback(hold, the_plan, sent, exc)
-            raise
-        if kwargs.get("stream"):
-            return AsyncMeteredStream(result, self, api, hold, the_plan, sent)
-        usage = usage_from_openai(getattr(result, "usage", None))
-        await self.commit(hold, the_plan, sent, usage or _fallback_usage(the_plan, sent), not usage)
-        return result
-
-    async def commit(
-        self, hold: AsyncHold, the_plan: Plan, sent: int, usage: pb.Usage, estimated: bool
-    ) -> None:
-        s = replace(self.meter.settlement(hold, the_plan, sent), usage=usage, estimated=estimated)
-        try:
-            await hold.commit(usage)
-            s.outcome = "committed"
-        except LedgerError as exc:
-            s.outcome, s.error = "unsettled", str(exc)
-        self.meter.settled(s)
-
-    async def _rollback(
-        self, hold: AsyncHold, the_plan: Plan, sent: int, exc: BaseException
-    ) -> None:
-        s = self.meter.settlement(hold, the_plan, sent)
-        try:
-            await hold.rollback(f"the model call failed: {type(exc).__name__}")
-            s.outcome, s.error = "rolled back", str(exc)
-        except LedgerError as failed:
-            s.outcome, s.error = "unsettled", str(failed)
-        self.meter.settled(s)
-
-    async def _unmetered(self, create: Any, kwargs: dict[str, Any], model: str) -> Any:
-        result = await create(**kwargs)
-        usage = None if kwargs.get("stream") else usage_from_openai(getattr(result, "usage", None))
-        s = Settlement("", 0, 0, 0, outcome="unmetered", usage=usage)
-        if usage is not None:
-            p = self.meter.payer
-            try:
-                await self.ledger.record_usage(tenant_id=p.tenant_id, user_id=p.user_id,
-                                               conversation_id=p.conversation_id, model=model,
-                                               usage=usage)  # fmt: skip
-            except LedgerError as exc:
-                s.error = str(exc)
-        self.meter.settled(s)
-        return result
-
-    async def estimate(self, model: str, the_plan: Plan, text: str, chunks: int) -> pb.Usage:
-        try:
-            output = await self.counter.acount_text(model, text)
-        except LedgerError:
-            output = chunks
-        return pb.Usage(input_tokens=the_plan.prompt_tokens, output_tokens=output)
-
-
 class AsyncMeteredStream(_Stream):
     """An async stream that settles its hold once: at its end, on `aclose`, or on failure."""
 
@@ -427,8 +414,8 @@ class AsyncMeteredStream(_Stream):
         self, inner: Any, metered: _AsyncMetered, api: _Api, hold: AsyncHold, the_plan: Plan,
         sent: int,
     ) -> None:  # fmt: skip
-        super().__init__(inner, api, the_plan, sent)
-        self._iter, self._metered, self._hold = inner.__aiter__(), metered, hold
+        super().__init__(inner, metered, api, hold, the_plan, sent)
+        self._iter = inner.__aiter__()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -437,7 +424,7 @@ class AsyncMeteredStream(_Stream):
         try:
             chunk = await self._iter.__anext__()
         except BaseException:
-            await self._settle()
+            await _arun(self._settling())
             raise
         self._observe(chunk)
         return chunk
@@ -452,21 +439,19 @@ class AsyncMeteredStream(_Stream):
         try:
             await self._inner.close()
         finally:
-            await self._settle()
+            await _arun(self._settling())
 
     close = aclose
 
-    async def _settle(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
-        usage, estimated = self._usage, False
-        if usage is None:
-            model = self._hold.fields["model"]
-            text = "".join(self._text)
-            usage = await self._metered.estimate(model, self._plan, text, len(self._text))
-            estimated = True
-        await self._metered.commit(self._hold, self._plan, self._sent, usage, estimated)
+
+class _AsyncMetered(_Metered):
+    stream = AsyncMeteredStream
+
+    def __init__(self, ledger: AsyncLedgerClient, counter: AsyncCounter, meter: _Meter) -> None:
+        super().__init__(ledger, counter.acount_chat, counter.acount_text, meter)
+
+    async def call(self, api: _Api, create: Any, kwargs: dict[str, Any]) -> Any:
+        return await _arun(self.calling(api, create, kwargs))
 
 
 class LedgeredAsyncOpenAI(_Ledgered[AsyncLedgerClient, AsyncCounter]):
