@@ -290,8 +290,9 @@ def _collector_paused() -> Iterator[None]:
     """Python's cycle collector off while a part runs. A part allocates an object or more
     an event and keeps most of them (the state it rebuilds), so the collector's passes kept
     walking ever more live objects: a quarter of a part's time on the bench, for nothing, as
-    what a part makes holds no reference cycle and reference counting frees it. The design
-    before the handoff (Part.before_handoff) ran with it on."""
+    what a part makes holds no reference cycle and reference counting frees it
+    (test_verify_parts.py: after a part, the collector finds nothing). The design before the
+    handoff (Part.before_handoff) ran with it on."""
     was = gc.isenabled()
     gc.disable()
     try:

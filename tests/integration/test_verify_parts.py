@@ -5,6 +5,7 @@ tampered or not, and a worker's failure reaches the caller as a clear, retryable
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
 import os
 import pickle
@@ -22,7 +23,7 @@ from ledger.postgres.rows import scope_where
 from ledger.postgres.verify import Part
 from ledger.reads import Scope
 from services.platform import db
-from tests.support import ServerThread, cycle, exits_within, verify_tenant
+from tests.support import ServerThread, cycle, exits_within, run_cli, verify_tenant
 
 TABLES = ("events", "accounts", "reservations", "usage_hourly", "rate_limits")
 USERS = [f"user-{n}" for n in range(60)]
@@ -112,6 +113,41 @@ def test_a_verification_in_parts_reports_exactly_what_one_part_does(
     )
     found = bool(whole.breaks or whole.differences)
     assert found == bool(TAMPERING[change]), (whole.breaks, whole.differences)
+
+
+@pytest.mark.parametrize("since_checkpoint", [False, True])
+def test_a_part_leaves_nothing_for_the_cycle_collector(
+    database_url: str, ledger: ServerThread, crowded_tenant: str, since_checkpoint: bool
+) -> None:
+    """Parts run with the cycle collector off (verify._collector_paused): what they make must
+    be freed by reference counting alone, or a long verification would hold on to it all."""
+    tenant = crowded_tenant
+    if since_checkpoint:
+        assert run_cli(["audit", "checkpoint", "--tenant", tenant],
+                       {"DATABASE_URL": database_url}).returncode == 0  # fmt: skip
+        with ledger.stub() as stub:
+            cycle(stub, tenant, USERS[0], "c-new", 100, 50)
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        row = conn.execute("SELECT pg_export_snapshot()").fetchone()
+        last = conn.execute(
+            "SELECT seq, position FROM audit_checkpoints WHERE tenant_id = %s "
+            "ORDER BY seq DESC LIMIT 1", (tenant,),
+        ).fetchone()  # fmt: skip
+        assert row is not None and (last is not None) == since_checkpoint
+        since = {"since_seq": last[0], "since": last[1]} if last else {}
+        tenant_part, *user_parts = verify.plan(Scope(tenant), 2, **since)
+        gc.collect()
+        gc.disable()
+        try:
+            handed = [verify.check_users(database_url, row[0], p) for p in user_parts]
+            last_part = verify.check(database_url, row[0], tenant_part, 100, [e for _, e in handed])
+            report = verify.merge([*(r for r, _ in handed), last_part])
+            assert report.events_checked > 0 and not report.differences and not report.breaks
+            del handed, last_part, report
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
 
 
 def test_a_worker_that_dies_is_a_retryable_error_and_is_replaced(
