@@ -270,9 +270,7 @@ def _check(
                 fold.feed(seeds, rows)
                 rows = []
         fold.feed(seeds, rows)
-        fold.finish()
-        if part.since_seq:
-            fold._seed_usage(seeds)
+        fold.finish(seeds)
         own_rows = {seq: _own_rows(conn, part.scope.tenant_id, seq) for seq in part.own_rows}
         if part.since_seq:
             live = _Live.read(conn, fold.touched.where(part.scope.tenant_id, fold.usage))
@@ -611,10 +609,14 @@ class _Fold:
             cp.Source("rate_limit", rebuilt.rate_limits, lambda _, rl: cp.rate_limit_item(rl)),
         ))  # fmt: skip
 
-    def finish(self) -> None:
+    def finish(self, conn: SyncConn) -> None:
+        """After the last event: the handed effects left, the checkpoints left to pass, and
+        from a checkpoint, the usage hours' counters there."""
         self._hand_until(None)
         while self.passes:
             self._pass()
+        if self.part.since_seq:
+            self._seed_usage(conn)
 
     def changes(self) -> list[cp.Change]:
         """The items that differ from the checkpoint's (all of them, from none)."""
