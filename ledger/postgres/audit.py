@@ -363,8 +363,9 @@ class LedgerAudit:
             raise StoreUnavailable("the server is stopping; retry on another")
         if self._executor is None:
             self._executor = ProcessPoolExecutor(
-                self._workers, mp_context=_WORKERS, initializer=verify.worker_started
-            )
+                self._workers, mp_context=_WORKERS, initializer=verify.worker_started,
+                initargs=(os.getpid(),),
+            )  # fmt: skip
         return self._executor
 
     async def _in_worker(self, fn: Callable[..., _T], *args: Any) -> _T:

@@ -24,7 +24,11 @@ from __future__ import annotations
 import copy
 import gc
 import hashlib
+import os
+import select
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -213,10 +217,35 @@ CHUNK_ROWS = 20_000
 """Rows decoded at a time: from a checkpoint, the keys they touch are read in one query."""
 
 
-def worker_started() -> None:
+def worker_started(server: int) -> None:
     """A worker ignores Ctrl-C: the terminal sends it to the whole process group, and the
-    server that owns the worker stops it (LedgerAudit.close)."""
+    `server` process that owns the worker stops it (LedgerAudit.close). A server killed
+    outright (SIGKILL, out of memory) stops nothing, and its workers, which are the fork
+    server's children and not its own, would wait for work for ever: a worker ends as soon
+    as its server is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_end_with, args=(server,), name="server-watch", daemon=True).start()
+
+
+def _end_with(server: int) -> None:
+    try:
+        gone = os.pidfd_open(server)  # readable once the process has ended
+    except ProcessLookupError:
+        os._exit(0)
+    except (AttributeError, OSError):  # no pidfd here (not Linux 5.3+): ask once a second
+        while _alive(server):
+            time.sleep(1)
+    else:
+        select.select([gone], [], [])
+    os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def check(

@@ -78,6 +78,8 @@ async def _end(task: asyncio.Task[None]) -> None:
 class LedgerServer:
     """A running ledger server bound to one address; `port` is the one actually bound."""
 
+    _audit_starter: asyncio.Task[None] | None = None
+
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
@@ -101,23 +103,17 @@ class LedgerServer:
         held-tokens gauge kept fresh (a database read every `held_refresh_s`). Audit and usage
         reads go to `read_pool` (a read replica's) when given. Budget alerts this process
         appends are POSTed to `alert_webhook_url` when given (services/ledger/alerts.py).
-        With `start_audit_workers`, the audit's worker processes start with the server, not
-        at the first verification (`tokenledger serve` does)."""
+        `start_audit_workers`: the audit's workers start with the server (`serve` does so)."""
         self.pool = pool
         self.metrics = LedgerMetrics(pool, meter_provider)
         self.held_refresh_s = held_refresh_s if meter_provider is not None else None
         self.alerts = AlertWebhook(alert_webhook_url) if alert_webhook_url else None
-        self.store = Ledger(
-            PostgresStore(pool),
-            clock=clock,
-            on_appended=self._appended,
-            key_retention_s=key_retention_s,
-        )
+        self.store = Ledger(PostgresStore(pool), clock=clock, on_appended=self._appended,
+                            key_retention_s=key_retention_s)  # fmt: skip
         self.sweep_interval_s, self.clock = sweep_interval_s, clock
         self.checkpoints = checkpoints or CheckpointSchedule()
         self._checkpointer: asyncio.Task[None] | None = None
         self.start_audit_workers = start_audit_workers
-        self._audit_starter: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.drain = DrainInterceptor(f"/{SERVICE_NAME}/")
         self.server = grpc.aio.server(

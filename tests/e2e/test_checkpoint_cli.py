@@ -158,3 +158,27 @@ def test_the_server_takes_a_checkpoint_every_n_events(database_url: str, tmp_pat
     # `serve` starts its audit worker with the server; it is gone with it.
     (started,) = [line for line in lines if line["event"] == "audit workers started"]
     assert len(started["pids"]) == 1 and exits_within(started["pids"][0], 30)
+
+
+def test_a_server_killed_outright_leaves_no_audit_worker_behind(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A server's audit workers are the fork server's children, not its own: killed with
+    SIGKILL, the server cannot stop them, and they end by themselves (and the fork server
+    with them) instead of waiting for work for ever."""
+    log = tmp_path / "ledger.log"
+    server = LedgerProcess(database_url, log, TOKENLEDGER_AUDIT_WORKERS="2")
+    server.start()
+    try:
+        deadline = time.monotonic() + 60
+        while '"audit workers started"' not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.kill()
+    (started,) = [json.loads(line) for line in log.read_text().splitlines()
+                  if '"audit workers started"' in line]  # fmt: skip
+    workers = started["pids"]
+    fork_server = {int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+                   for pid in workers if Path(f"/proc/{pid}").exists()}  # fmt: skip
+    assert len(workers) == 2
+    assert all(exits_within(pid, 30) for pid in [*workers, *fork_server])
