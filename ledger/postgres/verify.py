@@ -14,7 +14,8 @@ projections that a single transaction would.
 The design before the handoff, where the tenant part read and decoded every event of the
 tenant again, rows were hashed and their JSON read by the reference codec alone, and events
 folded by the domain's reference functions (not its quick path, which the parts of a handoff
-use: replay.QuickProjection), is kept as `Part.before_handoff` (LedgerAudit's
+use: replay.QuickProjection) with Python's cycle collector on (_collector_paused), is kept as
+`Part.before_handoff` (LedgerAudit's
 `before_handoff`): only the bench, which measures both side by side, and the tests that
 prove both report the same use it.
 """
