@@ -70,6 +70,7 @@ def _as_is(value: Any) -> Any:
 
 
 def digests_of(items: Iterator[Item]) -> dict[str, Digest]:
+    """The digests of a whole state, item by item: what RunningDigests takes by changes."""
     out = {kind: Digest() for kind in KINDS}
     for item in items:
         out[item[0]].add(item)

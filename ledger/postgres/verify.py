@@ -620,24 +620,25 @@ class _Fold:
         else:
             self.rebuilt.rate_limits[key] = cp.parse_rate_limit(key, value)
 
-    def items(self) -> Iterator[cp.Item]:
-        """Every item of this part's rebuilt state."""
-        yield from (cp.stream_item(k, head) for k, head in self.chains.heads.items())
-        yield from (cp.account_item(a) for a in self.rebuilt.accounts.values())
-        yield from (cp.reservation_item(r) for r in self.rebuilt.reservations.values())
-        yield from (cp.usage_item(k, c) for k, c in self.usage.items())
-        yield from (cp.rate_limit_item(rl) for rl in self.rebuilt.rate_limits.values())
-
-    def _pass(self) -> None:
-        seq, _ = self.passes.pop(0)
+    def _sources(self) -> tuple[cp.Source, ...]:
+        """This part's rebuilt state, kind by kind, as checkpoints reads it."""
         rebuilt = self.rebuilt
-        self.sums[seq] = self.running.take((
+        return (
             cp.Source("stream", self.chains.heads, cp.stream_item),
             cp.Source("account", rebuilt.accounts, lambda _, a: cp.account_item(a)),
             cp.Source("reservation", rebuilt.reservations, lambda _, r: cp.reservation_item(r)),
             cp.Source("usage", self.usage, cp.usage_item, _same_counters, copy.copy),
             cp.Source("rate_limit", rebuilt.rate_limits, lambda _, rl: cp.rate_limit_item(rl)),
-        ))  # fmt: skip
+        )  # fmt: skip
+
+    def items(self) -> Iterator[cp.Item]:
+        """Every item of this part's rebuilt state."""
+        for source in self._sources():
+            yield from (source.item_of(k, v) for k, v in source.values.items())
+
+    def _pass(self) -> None:
+        seq, _ = self.passes.pop(0)
+        self.sums[seq] = self.running.take(self._sources())
 
     def finish(self, conn: SyncConn) -> None:
         """After the last event: the handed effects left, the checkpoints left to pass, and
